@@ -1,0 +1,361 @@
+"""Checkpoints -> our model: presets, HF folders, timm weights, our own files and Hub ids.
+
+Only safetensors and ``torch.load(weights_only=True)`` are used: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitdeploy.config import ViTConfig, is_preset, preset
+from vitdeploy.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vitdeploy.model import ViTForImageClassification
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+_OWN_FORMAT = "vitdeploy"
+_TIMM_ARCH_RE = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(16|32)_224")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What a source resolved to: the model plus where it came from (for artifact metadata)."""
+
+    model: ViTForImageClassification
+    source: str
+    kind: str  # preset | hf | timm | vitdeploy
+    sha256: str | None
+
+
+# -- state-dict conversion (plain functions) -----------------------------------------------
+def timm_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``VisionTransformer`` keys -> HF ``ViTForImageClassification`` keys (fused qkv split)."""
+    out: dict[str, torch.Tensor] = {}
+    simple = {
+        "cls_token": "vit.embeddings.cls_token",
+        "pos_embed": "vit.embeddings.position_embeddings",
+        "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "vit.layernorm.weight",
+        "norm.bias": "vit.layernorm.bias",
+        "head.weight": "classifier.weight",
+        "head.bias": "classifier.bias",
+    }
+    block = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.proj": "attention.output.dense",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+    }
+    for key, value in state.items():
+        if key in simple:
+            out[simple[key]] = value
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not m:
+            out[key] = value  # left as is: reported as unexpected by the strict load
+            continue
+        i, name, kind = m.groups()
+        prefix = f"vit.encoder.layer.{i}."
+        if name == "attn.qkv":
+            q, k, v = value.chunk(3, dim=0)
+            for part, tensor in zip(("query", "key", "value"), (q, k, v), strict=True):
+                out[f"{prefix}attention.attention.{part}.{kind}"] = tensor
+        elif name in block:
+            out[f"{prefix}{block[name]}.{kind}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _unwrap(state: Any) -> dict[str, torch.Tensor]:
+    import torch
+
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model", "model_state_dict", "module"):
+            if wrapper in state and isinstance(state[wrapper], dict):
+                return _unwrap(state[wrapper])
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            prefix = "module."
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+            return tensors
+    raise CheckpointError("the file holds no state dict of tensors")
+
+
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith("vit.") for k in state):
+        return "hf"
+    if "cls_token" in state or any(k.startswith("blocks.") for k in state):
+        return "timm"
+    raise CheckpointError(
+        "unrecognised checkpoint layout: expected HF ViT keys (vit.embeddings...) or timm keys (blocks.N...)"
+    )
+
+
+# -- reading files ---------------------------------------------------------------------------
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (for safetensors) the header metadata of one weights file."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+    if path.suffix in (".pth", ".pt", ".bin"):
+        import pickle
+
+        import torch
+
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read as a weights-only torch file ({first})"
+            ) from None
+        return _unwrap(state), {}
+    raise CheckpointError(f"checkpoint {path} has an unknown suffix: use one of {', '.join(_WEIGHT_SUFFIXES)}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _config_from_arg(config: ViTConfig | str | Path | None) -> ViTConfig | None:
+    if config is None or isinstance(config, ViTConfig):
+        return config
+    text = str(config)
+    if is_preset(text):
+        return preset(text)
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return ViTConfig.from_json_file(path)
+    try:
+        return preset(text)
+    except ValueError:
+        raise CheckpointError(f"config {text!r} is neither a preset name nor a config.json file") from None
+
+
+def build_model(config: ViTConfig, state: dict[str, torch.Tensor] | None = None,
+                seed: int | None = None) -> ViTForImageClassification:
+    """Our model for ``config``; ``state`` (HF key names) loaded strictly, else seeded random init."""
+    import torch
+
+    from vitdeploy.model import ViTForImageClassification
+
+    if state is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if seed is None else seed)
+            model = ViTForImageClassification(config)
+    else:
+        with torch.device("meta"):
+            model = ViTForImageClassification(config)
+        load_state_dict_strict(model, state)
+    return model.eval()
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load with every missing key, unexpected key and shape mismatch listed in one error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+            problems.append(f"{label} ({len(items)}): {shown}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model config; " + "; ".join(problems))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# -- folders ----------------------------------------------------------------------------------
+def _weights_in(folder: Path) -> Path:
+    for name in _HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return index
+    raise CheckpointError(
+        f"model folder {folder} has no weights: expected model.safetensors or pytorch_model.bin"
+    )
+
+
+def _read_folder_weights(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if weights.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(read_state_dict(weights.parent / shard)[0])
+        return state, {}
+    return read_state_dict(weights)
+
+
+def _timm_config(d: dict[str, Any]) -> ViTConfig:
+    arch = d.get("architecture", "")
+    m = _TIMM_ARCH_RE.match(arch)
+    if not m:
+        raise CheckpointError(
+            f"timm architecture {arch!r} is not a plain ViT vitdeploy knows; pass --config or --preset"
+        )
+    pcfg = d.get("pretrained_cfg", {})
+    labels = d.get("label_names")
+    kwargs: dict[str, Any] = {"layer_norm_eps": 1e-6, "num_labels": int(d.get("num_classes", 1000))}
+    if labels and len(labels) == kwargs["num_labels"]:
+        kwargs["id2label"] = dict(enumerate(labels))
+    if "mean" in pcfg:
+        kwargs["image_mean"] = tuple(pcfg["mean"])
+    if "std" in pcfg:
+        kwargs["image_std"] = tuple(pcfg["std"])
+    if pcfg.get("crop_pct"):
+        kwargs["crop_pct"] = float(pcfg["crop_pct"])
+    if pcfg.get("interpolation") in ("bilinear", "bicubic", "nearest"):
+        kwargs["interpolation"] = pcfg["interpolation"]
+    return preset(f"vit-{m.group(1)}-patch{m.group(2)}-224", **kwargs)
+
+
+def _load_folder(folder: Path, config: ViTConfig | None) -> tuple[ViTForImageClassification, str, Path]:
+    cfg_file = folder / "config.json"
+    raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    weights = _weights_in(folder)
+    state, _ = _read_folder_weights(weights)
+    layout = detect_layout(state)
+    if config is None:
+        if not raw:
+            raise CheckpointError(f"model folder {folder} has no config.json: pass --config or --preset")
+        config = _timm_config(raw) if "architecture" in raw else ViTConfig.from_dict(raw)
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            config = config.apply_preprocessor_config(json.loads(pre.read_text()))
+    if layout == "timm":
+        state = timm_to_hf(state)
+        config = config.replace(layer_norm_eps=1e-6)
+    return build_model(config, state), layout, weights
+
+
+# -- public -----------------------------------------------------------------------------------
+def resolve(source: str | Path, config: ViTConfig | str | Path | None = None,
+            seed: int | None = None) -> LoadedCheckpoint:
+    """Resolve ``source`` to a model in eval mode; see :func:`load_model`."""
+    cfg = _config_from_arg(config)
+    text = str(source)
+    path = Path(text).expanduser()
+    if is_preset(text) and not path.exists():
+        base = preset(text)
+        if cfg is not None:
+            base = cfg
+        return LoadedCheckpoint(build_model(base, seed=seed), text, "preset", None)
+    if path.is_dir():
+        model, layout, weights = _load_folder(path, cfg)
+        return LoadedCheckpoint(model, text, layout, _sha256(weights))
+    if path.is_file():
+        state, meta = read_state_dict(path)
+        if meta.get("format") == _OWN_FORMAT and "config" in meta:
+            own = ViTConfig.from_dict(json.loads(meta["config"]))
+            return LoadedCheckpoint(build_model(cfg or own, state), text, "vitdeploy", _sha256(path))
+        layout = detect_layout(state)
+        if cfg is None:
+            sibling = path.parent / "config.json"
+            if sibling.is_file() and layout == "hf":
+                cfg = ViTConfig.from_json_file(sibling)
+            else:
+                raise CheckpointError(
+                    f"{path.name} holds {layout} weights without a config: pass --preset NAME or --config FILE"
+                )
+        if layout == "timm":
+            state = timm_to_hf(state)
+            cfg = cfg.replace(layer_norm_eps=1e-6)
+        return LoadedCheckpoint(build_model(cfg, state), text, layout, _sha256(path))
+    if path.suffix in _WEIGHT_SUFFIXES or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint {text} does not exist")
+    if re.match(r"^[\w.-]+/[\w.-]+$", text):
+        folder = _hub_snapshot(text)
+        model, layout, weights = _load_folder(folder, cfg)
+        return LoadedCheckpoint(model, text, layout, _sha256(weights))
+    from vitdeploy.config import PRESETS
+
+    raise CheckpointError(
+        f"unknown model {text!r}: give a preset ({', '.join(PRESETS[:4])}, ...), a model folder, "
+        "a weights file or a Hugging Face Hub id such as google/vit-base-patch16-224"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A Hub repo's files through huggingface_hub's cache (downloads when online)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CheckpointError("loading a Hub id needs huggingface_hub: pip install huggingface_hub") from None
+    patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        # the environment is read per call (huggingface_hub reads it once, at import)
+        cache_dir = os.environ.get("HF_HUB_CACHE") or None
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline, cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        raise CheckpointError(
+            f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "download it once online, or pass a local folder"
+        ) from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"cannot fetch {repo_id} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # network errors come in many types; all end the same way for a user
+        raise CheckpointError(f"cannot fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return Path(folder)
+
+
+def load_model(source: str | Path, config: ViTConfig | str | Path | None = None,
+               seed: int | None = None) -> ViTForImageClassification:
+    """A ViT in eval mode from a preset, HF folder, timm weights, our checkpoint or a Hub id.
+
+    ``config`` (a ViTConfig, preset name or config.json) is needed for bare timm/HF weight files
+    and overrides a preset's architecture; ``seed`` fixes a preset's random init.
+    """
+    return resolve(source, config, seed).model
+
+
+def save_model(model: ViTForImageClassification, path: str | Path) -> None:
+    """Weights and config in one safetensors file that :func:`load_model` reads back."""
+    from safetensors.torch import save_file
+
+    from vitdeploy.io import atomic_path
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": _OWN_FORMAT, "config": model.config.to_json()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata=meta)

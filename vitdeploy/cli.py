@@ -1,0 +1,159 @@
+"""The ``vitdeploy`` command line: thin click commands over the library.
+
+Nothing heavy is imported at module level, so ``vitdeploy --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vitdeploy import __version__
+from vitdeploy.errors import VitDeployError
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (VitDeployError, ValueError, FileNotFoundError, FileExistsError)
+
+
+class _Group(click.Group):
+    """Turns a user mistake raised by the library into one line and exit 1 (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USER_ERRORS as e:
+            if os.environ.get("VITDEPLOY_DEBUG"):
+                raise
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise click.ClickException(message) from None
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vitdeploy")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def main(debug: bool) -> None:
+    """Take a Vision Transformer from PyTorch to ONNX and TensorRT: export, build, verify, benchmark."""
+    if debug:
+        os.environ["VITDEPLOY_DEBUG"] = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+def info() -> None:
+    """Versions of the libraries vitdeploy uses, GPUs, and which backends work here."""
+    from vitdeploy.sysinfo import collect
+
+    data = collect()
+    con = _console()
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"vitdeploy {__version__}", show_header=True)
+    table.add_column("component")
+    table.add_column("status")
+    for key, value in data["libraries"].items():
+        table.add_row(key, value or "[dim]not installed[/dim]")
+    table.add_row("cpu", f"{data['machine']['cpu']} ({data['machine']['cores']} cores)")
+    gpus = data["machine"]["gpus"]
+    table.add_row("cuda devices", ", ".join(gpus) if gpus else "none")
+    for name, ok in data["backends"].items():
+        status = "[green]usable[/green]" if ok is True else f"[yellow]{escape(str(ok))}[/yellow]"
+        table.add_row(f"backend {name}", status)
+    con.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+def _model_options(f: Any) -> Any:
+    f = click.option("--seed", type=int, default=None, help="Random-init seed for a preset.")(f)
+    f = click.option("--config", "config", default=None,
+                     help="config.json (or preset name) for bare timm/HF weight files.")(f)
+    f = click.option("--preset", default=None, help="Architecture preset for bare weight files.")(f)
+    return f
+
+
+def _config_arg(preset: str | None, config: str | None) -> str | None:
+    if preset and config:
+        raise click.UsageError("give --preset or --config, not both")
+    return preset or config
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Preset, HF folder, weights file, Hub id.")
+@_model_options
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size.")
+@click.option("--dynamic-batch", is_flag=True, help="Symbolic batch axis (all other dims static).")
+@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32", show_default=True)
+@click.option("--fp16-io", is_flag=True, help="FP16: make the input and output float16 too.")
+@click.option("--calib-dir", type=click.Path(path_type=Path), default=None,
+              help="INT8/FP8: folder of calibration images (searched recursively).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Folder of real images to add to the verification inputs.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs torch check.")
+@click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT engine (see `vitdeploy build`).")
+@click.option("--compute-capability", default=None, help="With --engine: TensorRT-RTX targets, e.g. sm89,sm120.")
+def export(model: str, preset: str | None, config: str | None, seed: int | None, output: Path, batch: int,
+           dynamic_batch: bool, opset: int, precision: str, fp16_io: bool, calib_dir: Path | None,
+           calib_samples: int, calib_method: str, images: Path | None, no_verify: bool, engine: bool,
+           compute_capability: str | None) -> None:
+    """Export a checkpoint to ONNX (fixed image size) in FP32, FP16, INT8 or FP8, verified against torch."""
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    opts = ExportOptions(
+        batch=batch, dynamic_batch=dynamic_batch, opset=opset, precision=precision, fp16_io=fp16_io,
+        calib_dir=calib_dir, calib_samples=calib_samples, calib_method=calib_method, verify_images=images,
+        verify=not no_verify, seed=seed,
+    )
+    report = export_onnx(model, output, config=_config_arg(preset, config), options=opts, progress=True)
+    click.echo(report.render())
+    if engine:
+        from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+
+        engine_path = output.with_suffix(".engine")
+        bopts = BuildOptions(compute_capabilities=_split(compute_capability))
+        breport = build_engine(output, engine_path, bopts, progress=True)
+        click.echo(breport.render())
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command("eval")
+@click.option("--model", "-m", required=True, help="ONNX file, engine, or checkpoint (preset, folder, ...).")
+@_model_options
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="DIR/CLASS/image files.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(model: str, preset: str | None, config: str | None, seed: int | None, data: Path, batch: int,
+             backend: str, as_json: bool) -> None:
+    """Top-1 accuracy on an image folder with one sub-folder per class name."""
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.evaluate import evaluate_folder
+
+    runtime = open_runtime(model, backend=backend, config=_config_arg(preset, config), seed=seed)
+    result = evaluate_folder(runtime, data, batch_size=batch)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(f"top-1 accuracy {result.accuracy * 100:.2f}% ({result.correct}/{result.total}) "
+                   f"on {data} with {runtime.describe()}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

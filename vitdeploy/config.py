@@ -1,0 +1,221 @@
+"""ViTConfig: the seed's fields and defaults, HF config.json round-trip, and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IntOrPair = int | tuple[int, int]
+
+# HF's ViTImageProcessor: resample=2 (PIL bilinear) and 3 (bicubic)
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
+_RESAMPLE_PIL = {v: k for k, v in _PIL_RESAMPLE.items()}
+
+
+def to_2tuple(x: IntOrPair | list[int]) -> tuple[int, int]:
+    """An int or an (height, width) pair as a pair, as the seed's helper does."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a (height, width) pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+@dataclass
+class ViTConfig:
+    """Architecture plus the preprocessing that belongs with the weights.
+
+    The first block of fields and their defaults are the seed's (and HF ``ViTConfig``'s).
+    Preprocessing: resize the shorter side to ``image_size / crop_pct`` then centre-crop to
+    ``image_size`` (timm's recipe); ``crop_pct=None`` resizes straight to ``image_size``
+    (HF ``ViTImageProcessor``), then ``(x / 255 - mean) / std``.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    is_encoder_decoder: bool = False
+    image_size: IntOrPair = 224
+    patch_size: IntOrPair = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    num_labels: int = 1000
+    id2label: dict[int, str] | None = None
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_pct: float | None = None
+    interpolation: str = "bilinear"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)  # type: ignore[assignment]
+        if isinstance(self.patch_size, list):
+            self.patch_size = tuple(self.patch_size)  # type: ignore[assignment]
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if self.num_labels != len(self.id2label):
+                self.num_labels = len(self.id2label)
+        self.image_mean = tuple(float(v) for v in self.image_mean)  # type: ignore[assignment]
+        self.image_std = tuple(float(v) for v in self.image_std)  # type: ignore[assignment]
+        self.validate()
+
+    # -- checks -------------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "num_channels", "num_labels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("image_size", "patch_size"):
+            pair = to_2tuple(getattr(self, name))
+            if min(pair) <= 0:
+                raise ValueError(f"ViTConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"ViTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        (ih, iw), (ph, pw) = self.image_hw, self.patch_hw
+        if ih % ph or iw % pw:
+            raise ValueError(
+                f"ViTConfig.image_size {self.image_hw} must be divisible by patch_size {self.patch_hw}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"ViTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise ValueError(f"ViTConfig.hidden_act {self.hidden_act!r} is not supported (use 'gelu')")
+        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
+            raise ValueError("ViTConfig.image_mean and image_std need one value per channel")
+        if any(s <= 0 for s in self.image_std):
+            raise ValueError("ViTConfig.image_std values must be positive")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"ViTConfig.crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.interpolation not in _RESAMPLE_PIL:
+            raise ValueError(
+                f"ViTConfig.interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE_PIL)}"
+            )
+
+    # -- derived ------------------------------------------------------------------------
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return to_2tuple(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return to_2tuple(self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        (ih, iw), (ph, pw) = self.image_hw, self.patch_hw
+        return (ih // ph) * (iw // pw)
+
+    @property
+    def labels(self) -> list[str]:
+        """One label per class, ``LABEL_i`` where the config names none (as HF does)."""
+        names = self.id2label or {}
+        return [names.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- HF config.json -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """HF ``config.json`` fields, plus our preprocessing keys (HF ignores unknown keys)."""
+        d: dict[str, Any] = {
+            "architectures": ["ViTForImageClassification"],
+            "model_type": "vit",
+        }
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "id2label"):
+                continue
+            value = getattr(self, f.name)
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        labels = self.labels
+        d["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        d["label2id"] = {name: i for i, name in enumerate(labels)}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "id2label" in d and "num_labels" not in d:
+            kwargs["num_labels"] = len(d["id2label"])
+        if d.get("model_type", "vit") != "vit":
+            raise ValueError(f"config model_type is {d['model_type']!r}, vitdeploy reads 'vit' configs")
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ViTConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read config {path}: {e}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        from vitdeploy.io import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), self.to_json().encode())
+
+    def apply_preprocessor_config(self, d: dict[str, Any]) -> ViTConfig:
+        """Take mean/std/resample from an HF ``preprocessor_config.json``."""
+        changes: dict[str, Any] = {}
+        if "image_mean" in d:
+            changes["image_mean"] = tuple(d["image_mean"])
+        if "image_std" in d:
+            changes["image_std"] = tuple(d["image_std"])
+        if d.get("resample") in _PIL_RESAMPLE:
+            changes["interpolation"] = _PIL_RESAMPLE[d["resample"]]
+        if d.get("crop_pct"):
+            changes["crop_pct"] = float(d["crop_pct"])
+        return self.replace(**changes) if changes else self
+
+
+# name -> (hidden, layers, heads, mlp). timm/HF's published sizes.
+_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "huge": (1280, 32, 16, 5120),
+}
+_PRESET_RE = re.compile(r"^vit-(tiny|small|base|large|huge)-patch(16|32)-224$")
+PRESETS: tuple[str, ...] = tuple(
+    f"vit-{size}-patch{patch}-224" for size in _SIZES for patch in (16, 32)
+)
+
+
+def preset(name: str, **overrides: Any) -> ViTConfig:
+    """A named configuration such as ``vit-base-patch16-224`` (the seed's default)."""
+    m = _PRESET_RE.match(name)
+    if not m:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    hidden, layers, heads, mlp = _SIZES[m.group(1)]
+    return ViTConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=mlp, patch_size=int(m.group(2)), image_size=224, **overrides,
+    )
+
+
+def is_preset(name: str) -> bool:
+    return bool(_PRESET_RE.match(name))

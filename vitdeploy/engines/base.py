@@ -1,0 +1,122 @@
+"""One Runtime interface for every backend (ONNX Runtime, OpenVINO, TensorRT, torch).
+
+A backend implements ``_run(batch)`` for a batch its artifact accepts; the base class checks the
+input, splits batches larger than the artifact allows and pads smaller ones for a static batch,
+and returns exactly one row of logits per input row.
+
+Thread-safety: ``infer`` may be called from several threads on the ONNX Runtime, OpenVINO and torch
+backends (their sessions are re-entrant); the TensorRT backend serialises calls on its one
+execution context with a lock. For parallelism on one GPU, open one runtime per stream, or put a
+:class:`vitdeploy.serving.DynamicBatcher` in front.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.errors import VitDeployError
+from vitdeploy.exporters.metadata import ArtifactMetadata
+
+
+class InputError(VitDeployError):
+    """A batch of the wrong shape or dtype."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32 | float16
+    shape: tuple[int, ...]  # without the batch axis: (C, H, W)
+    min_batch: int
+    max_batch: int
+
+    @property
+    def static(self) -> bool:
+        return self.min_batch == self.max_batch
+
+
+class Runtime(abc.ABC):
+    """``infer(batch [N, C, H, W]) -> logits [N, num_labels]`` (float32 numpy)."""
+
+    backend: str = "?"
+    spec: InputSpec
+    metadata: ArtifactMetadata | None
+
+    @abc.abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch whose size lies in [spec.min_batch, spec.max_batch]."""
+
+    def describe(self) -> str:
+        return self.backend
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free what the backend holds (device buffers, sessions)."""
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def labels(self) -> list[str]:
+        return self.metadata.labels if self.metadata else []
+
+    def check_input(self, batch: Any) -> np.ndarray:
+        """A numpy (or torch) batch -> contiguous numpy in the artifact's dtype, or InputError."""
+        if hasattr(batch, "detach") and hasattr(batch, "cpu"):  # torch tensor
+            batch = batch.detach().cpu().numpy()
+        if not isinstance(batch, np.ndarray):
+            raise InputError(f"expected a numpy array or torch tensor, got {type(batch).__name__}")
+        if batch.ndim == len(self.spec.shape):
+            batch = batch[None]
+        if batch.ndim != len(self.spec.shape) + 1 or tuple(batch.shape[1:]) != self.spec.shape:
+            want = ", ".join(map(str, self.spec.shape))
+            raise InputError(f"input shape {tuple(batch.shape)} does not match the model's [N, {want}]")
+        if batch.shape[0] == 0:
+            raise InputError("empty batch")
+        if batch.dtype.kind != "f":
+            raise InputError(f"input dtype {batch.dtype} is not floating point: pass preprocessed float32 pixels")
+        return np.ascontiguousarray(batch, dtype=self.spec.dtype)
+
+    def infer(self, batch: Any) -> np.ndarray:
+        x = self.check_input(batch)
+        n = x.shape[0]
+        lo, hi = self.spec.min_batch, self.spec.max_batch
+        if lo <= n <= hi:
+            return np.asarray(self._run(x), dtype=np.float32)
+        outs = []
+        for start in range(0, n, hi):
+            chunk = x[start:start + hi]
+            k = chunk.shape[0]
+            if k < lo:  # pad a short chunk for a static (or min-bounded) batch
+                pad = np.repeat(chunk[-1:], lo - k, axis=0)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:k])
+        return np.concatenate(outs)
+
+    def predict_images(self, paths: list[Any], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Image files -> top-k (label, probability) per image, preprocessing from the metadata."""
+        from vitdeploy.preprocess import Preprocessing, load_images
+
+        if self.metadata is None:
+            raise VitDeployError("this artifact carries no preprocessing metadata: export it with vitdeploy")
+        prep = Preprocessing.from_dict(self.metadata.preprocessing)
+        logits = self.infer(load_images(paths, prep))
+        probs = softmax(logits)
+        labels = self.labels
+        out = []
+        for row in probs:
+            idx = np.argsort(-row)[:top_k]
+            out.append([(labels[i] if i < len(labels) else str(i), float(row[i])) for i in idx])
+        return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)

@@ -1,0 +1,313 @@
+"""Checkpoint -> ONNX at a fixed image size, in the chosen precision, verified against torch.
+
+The file is written under a temporary name in the output folder and renamed only once it has
+passed the graph checks and the ONNX Runtime comparison, so a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitdeploy import __version__
+from vitdeploy.errors import VitDeployError
+from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
+from vitdeploy.io import check_output_dir
+from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+# Ops left behind by tracing dynamic shapes or SDPA's masking; none may remain in our graph.
+FORBIDDEN_OPS = ("Shape", "ConstantOfShape", "IsNaN", "Where", "Expand", "If", "Loop", "Range", "Size")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: ViT-H goes to external data
+
+
+class ExportError(VitDeployError):
+    """An export that failed a check; nothing was written."""
+
+
+@dataclass
+class ExportOptions:
+    batch: int = 1
+    dynamic_batch: bool = False
+    opset: int = 18
+    precision: str = "fp32"  # fp32 | fp16 | int8 | fp8
+    fp16_io: bool = False
+    calib_dir: Path | None = None
+    calib_samples: int = 512
+    calib_method: str = "minmax"
+    verify: bool = True
+    verify_inputs: int = 8
+    verify_images: Path | None = None
+    seed: int | None = None
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    precision: str
+    opset: int
+    batch: str
+    node_count: int
+    op_histogram: dict[str, int]
+    file_bytes: int
+    export_seconds: float
+    verification: Comparison | None = None
+    tolerance: dict[str, float] | None = None
+    qdq: dict[str, int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "precision": self.precision, "opset": self.opset, "batch": self.batch,
+            "node_count": self.node_count, "op_histogram": self.op_histogram, "file_bytes": self.file_bytes,
+            "export_seconds": self.export_seconds,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "tolerance": self.tolerance, "qdq": self.qdq, "notes": self.notes,
+        }
+
+    def render(self) -> str:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.op_histogram.items(), key=lambda kv: -kv[1]))
+        lines = [
+            f"wrote {self.path} ({self.file_bytes / 1e6:.1f} MB, {self.precision}, opset {self.opset}, "
+            f"batch {self.batch}) in {self.export_seconds:.1f} s",
+            f"{self.node_count} nodes: {ops}",
+        ]
+        if self.qdq:
+            lines.append(f"Q/DQ: {self.qdq['quantized']}/{self.qdq['quantizable']} MatMul/Gemm/Conv quantized")
+        if self.verification:
+            lines.append(f"verified with ONNX Runtime against torch: {self.verification.summary()}")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+@cache
+def ort_max_opset() -> int:
+    """Highest default-domain opset the installed ONNX Runtime loads (probed with a one-node model)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    best = 0
+    for opset in range(17, onnx.defs.onnx_opset_version() + 1):
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            best = opset
+        except Exception:
+            break
+    return best
+
+
+def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int) -> Any:
+    """The dynamo exporter, then onnxscript's optimizer with folding limits raised so the
+    constant (cls + position) table and transposed weights fold into initializers."""
+    import logging
+
+    import onnxscript.optimizer
+    import torch
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
+
+    h, w = config.image_hw
+    example = torch.randn(batch if not dynamic else 2, config.num_channels, h, w)
+    kwargs: dict[str, Any] = {}
+    if dynamic:
+        kwargs["dynamic_shapes"] = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    sink = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, optimize=True, verbose=False, **kwargs,
+            )
+    proto = program.model_proto
+    proto = onnxscript.optimizer.optimize(proto, input_size_limit=1 << 34, output_size_limit=1 << 34)
+    if dynamic:
+        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    proto.producer_name, proto.producer_version = "vitdeploy", __version__
+    return proto
+
+
+def check_graph(proto: Any, dynamic: bool) -> None:
+    """Lean and fully shaped: no shape-computation chains, every non-batch dim static."""
+    import onnx
+
+    left = sorted({n.op_type for n in proto.graph.node if n.op_type in FORBIDDEN_OPS})
+    if left:
+        raise ExportError(f"exported graph still has {', '.join(left)} nodes; please report this model config")
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        rest = dims[1:] if dynamic else dims
+        if any(not d.HasField("dim_value") for d in rest):
+            raise ExportError(f"tensor {vi.name} has a symbolic non-batch dimension after shape inference")
+
+
+def histogram(proto: Any) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in proto.graph.node).most_common())
+
+
+def _save(proto: Any, path: Path) -> None:
+    import onnx
+
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _is_large(proto: Any) -> bool:
+    return proto.ByteSize() > EXTERNAL_DATA_BYTES
+
+
+def _verification_inputs(config: Any, opts: ExportOptions, batch: int | None) -> list[np.ndarray]:
+    """Random normal inputs (fixed seed), then the given real images, in the artifact's batch sizes."""
+    from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+    rng = np.random.default_rng(0)
+    h, w = config.image_hw
+    n = max(opts.verify_inputs, batch or 1)
+    inputs = rng.standard_normal((n, config.num_channels, h, w), dtype=np.float32)
+    if opts.verify_images is not None:
+        files = find_images(opts.verify_images)[:64]
+        inputs = np.concatenate([inputs, load_images(files, Preprocessing.from_config(config))])
+    if batch is None:  # dynamic: mixed batch sizes prove the symbolic axis
+        sizes, out, i = [1, 3, 4], [], 0
+        while i < len(inputs):
+            size = sizes[len(out) % len(sizes)]
+            out.append(inputs[i:i + size])
+            i += size
+        return out
+    usable = len(inputs) - len(inputs) % batch
+    return [inputs[i:i + batch] for i in range(0, usable, batch)]
+
+
+def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch: int | None) -> Comparison:
+    """Run the file with ONNX Runtime (CPU) and the torch model on the same inputs."""
+    import onnxruntime as ort
+    import torch
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {str(e).splitlines()[0]}") from None
+    in_type = session.get_inputs()[0].type
+    refs, outs = [], []
+    for x in _verification_inputs(config, opts, batch):
+        with torch.no_grad():
+            refs.append(model(torch.from_numpy(x)).numpy())
+        feed = x.astype(np.float16) if "float16" in in_type else x
+        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0].astype(np.float32))
+    return compare_logits(np.concatenate(refs), np.concatenate(outs))
+
+
+def export_onnx(source: Any, output: str | Path, config: Any = None, options: ExportOptions | None = None,
+                progress: bool = False) -> ExportReport:
+    """Export ``source`` (anything :func:`vitdeploy.load_model` takes) to ``output``; see ExportOptions."""
+    import onnx
+
+    from vitdeploy.checkpoints import resolve
+    from vitdeploy.exporters import precision as prec
+    from vitdeploy.preprocess import Preprocessing, find_images, open_image
+
+    opts = options or ExportOptions()
+    output = Path(output)
+    check_output_dir(output)
+    if opts.precision not in TOLERANCES:
+        raise ExportError(f"unknown precision {opts.precision!r}: choose fp32, fp16, int8 or fp8")
+    notes: list[str] = []
+    opset = opts.opset
+    if opts.precision == "fp8" and opset < 19:
+        opset = 19
+        notes.append("fp8 needs float8 Q/DQ (opset 19): exported at opset 19")
+    max_opset = ort_max_opset()
+    if opset > max_opset:
+        import onnxruntime
+
+        raise ExportError(f"ONNX Runtime {onnxruntime.__version__} runs opsets up to {max_opset}, "
+                          f"not {opset}: export with --opset {max_opset} or upgrade onnxruntime")
+    if opts.fp16_io and opts.precision != "fp16":
+        raise ExportError("--fp16-io applies to --precision fp16 only")
+    calib_files: list[Path] = []
+    if opts.precision in ("int8", "fp8"):
+        if opts.calib_dir is None:
+            raise ExportError(f"--precision {opts.precision} needs --calib-dir DIR with calibration images")
+        calib_files = find_images(opts.calib_dir)[: opts.calib_samples]
+    if opts.dynamic_batch and opts.batch != 1:
+        raise ExportError("give --batch N (static) or --dynamic-batch, not both")
+
+    t0 = time.perf_counter()
+    loaded = resolve(source, config, seed=opts.seed)
+    model, cfg = loaded.model, loaded.model.config
+    batch = None if opts.dynamic_batch else opts.batch
+    proto = _torch_export(model, cfg, opts.batch, opts.dynamic_batch, opset)
+    if not _is_large(proto):
+        check_graph(proto, opts.dynamic_batch)
+    prep = Preprocessing.from_config(cfg)
+    meta = ArtifactMetadata(
+        version=__version__, config=cfg.to_dict(), preprocessing=prep.to_dict(), labels=cfg.labels,
+        precision=opts.precision, batch="dynamic" if batch is None else str(batch),
+        source=str(loaded.source), source_sha256=loaded.sha256 or "",
+        extra={"source_kind": loaded.kind, "opset": str(opset)},
+    )
+    if opts.precision == "fp16":
+        proto = prec.to_fp16(proto, keep_io_types=not opts.fp16_io)
+    qdq = None
+    with tempfile.TemporaryDirectory(prefix=".vitdeploy-", dir=output.resolve().parent) as tmpdir:
+        tmp = Path(tmpdir) / output.name
+        if opts.precision in ("int8", "fp8"):
+            fp32_path = Path(tmpdir) / "fp32.onnx"
+            _save(proto, fp32_path)
+            batches = prec.calibration_batches(calib_files, lambda f: prep(open_image(f)), batch, progress)
+            prec.quantize(fp32_path, tmp, INPUT_NAME, batches, opts.precision, opts.calib_method,
+                          external_data=_is_large(proto))
+            proto = onnx.load(str(tmp))
+            qdq = prec.qdq_coverage(proto)
+            notes.append(f"calibrated on {len(calib_files)} images from {opts.calib_dir} ({opts.calib_method}"
+                         f"{', distribution for fp8' if opts.precision == 'fp8' else ''})")
+        set_metadata(proto, meta)
+        _save(proto, tmp)
+        if not _is_large(proto):
+            onnx.checker.check_model(str(tmp), full_check=True)
+        comparison = None
+        tolerance = TOLERANCES[opts.precision]
+        if opts.verify:
+            comparison = verify_onnx(tmp, model, cfg, opts, batch)
+            if not comparison.within(**tolerance):
+                raise ExportError(
+                    f"{opts.precision} ONNX disagrees with torch beyond tolerance "
+                    f"(max abs <= {tolerance['max_abs_rel']:g} x scale, cosine >= {tolerance['min_cosine']}): "
+                    f"{comparison.summary()}; nothing written"
+                )
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():
+            os.replace(data, output.with_name(output.name + ".data"))
+        os.replace(tmp, output)
+    return ExportReport(
+        path=output, precision=opts.precision, opset=opset, batch=meta.batch, node_count=len(proto.graph.node),
+        op_histogram=histogram(proto), file_bytes=output.stat().st_size, export_seconds=time.perf_counter() - t0,
+        verification=comparison, tolerance=tolerance, qdq=qdq, notes=notes,
+    )

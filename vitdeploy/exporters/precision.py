@@ -1,0 +1,120 @@
+"""ONNX -> ONNX precision passes with maintained tools.
+
+- FP16: onnxconverter-common's ``convert_float_to_float16`` (the converter ONNX Runtime's own
+  transformer tools use), LayerNormalization kept float32 (it overflows in FP16 in large
+  transformers; TensorRT issues 2564/3101) with Casts around it.
+- INT8 / FP8: onnxruntime.quantization ``quantize_static`` in QDQ format: symmetric per-channel
+  weights, symmetric per-tensor activations, only MatMul/Gemm/Conv quantized, biases left float
+  (an INT32 bias DequantizeLinear is refused by TensorRT's parser), one Q/DQ pair per consumer.
+  Chosen over NVIDIA ModelOpt because it is already a dependency (ONNX Runtime verifies every
+  artifact), runs on the CPU without pulling onnxruntime-gpu, and its output is the Q/DQ layout
+  TensorRT's explicit-quantization path consumes (checked by building it with TensorRT-RTX).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FP16_KEEP_FP32 = ("LayerNormalization",)
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def to_fp16(model: Any, keep_io_types: bool = True, keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32) -> Any:
+    """FP32 ``onnx.ModelProto`` -> FP16 weights and compute; ``keep_io_types`` leaves I/O float32."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one "truncated to 1e-07" warning per tiny weight
+        return float16.convert_float_to_float16(
+            model, keep_io_types=keep_io_types, op_block_list=list(keep_fp32_ops), disable_shape_infer=False
+        )
+
+
+def calibration_batches(files: list[Path], preprocess: Callable[[Path], np.ndarray], batch: int | None,
+                        progress: bool = False) -> Iterator[np.ndarray]:
+    """Preprocessed calibration inputs; ``batch`` None (dynamic axis) feeds one image at a time."""
+    size = batch or 1
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="calibrating", unit="img", leave=False)
+    chunk: list[np.ndarray] = []
+    for f in files:
+        chunk.append(preprocess(f))
+        if bar is not None:
+            bar.update(1)
+        if len(chunk) == size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:  # a static batch is topped up by repeating the last image
+        chunk += [chunk[-1]] * (size - len(chunk))
+        yield np.stack(chunk)
+    if bar is not None:
+        bar.close()
+
+
+def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iterator[np.ndarray],
+             precision: str = "int8", method: str = "minmax", external_data: bool = False) -> None:
+    """Static Q/DQ quantization of an FP32 ONNX file, calibrated on ``batches``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class _Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(batches, None)
+            return None if x is None else {input_name: x}
+
+    if precision == "fp8":
+        # ONNX Runtime calibrates float8 only from activation distributions
+        qtype, calib, per_channel = QuantType.QFLOAT8E4M3FN, CalibrationMethod.Distribution, False
+    else:
+        qtype, calib, per_channel = QuantType.QInt8, getattr(CalibrationMethod, CALIB_METHODS[method]), True
+    extra = {
+        "QuantizeBias": False,
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "DedicatedQDQPair": True,
+        "CalibMovingAverage": False,
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.99
+    quant_logger = logging.getLogger()
+    level = quant_logger.level
+    quant_logger.setLevel(logging.ERROR)  # "consider pre-processing" is advice for other graphs
+    try:
+        quantize_static(
+            str(model_path), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel, activation_type=qtype,
+            weight_type=qtype, calibrate_method=calib, use_external_data_format=external_data,
+            extra_options=extra, calibration_providers=["CPUExecutionProvider"],
+        )
+    finally:
+        quant_logger.setLevel(level)
+
+
+def qdq_coverage(model: Any) -> dict[str, int]:
+    """How many of the quantizable ops read a DequantizeLinear output (for reports and `inspect`)."""
+    producers = {out: n.op_type for n in model.graph.node for out in n.output}
+    total = quantized = 0
+    for n in model.graph.node:
+        if n.op_type in QUANTIZED_OPS:
+            total += 1
+            if producers.get(n.input[0]) == "DequantizeLinear":
+                quantized += 1
+    return {"quantizable": total, "quantized": quantized,
+            "q_nodes": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
+            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in model.graph.node)}

@@ -1,0 +1,137 @@
+"""Image files -> normalized NCHW float32 batches, with the config's resize, crop, mean and std.
+
+Uses Pillow and numpy only (no torch), so a serving install can preprocess.
+Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is left on.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vitdeploy.errors import VitDeployError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    from vitdeploy.config import ViTConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageError(VitDeployError):
+    """An image that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The numbers preprocessing needs; built from a ViTConfig or an artifact's metadata."""
+
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    crop_pct: float | None = None
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_config(cls, config: ViTConfig) -> Preprocessing:
+        return cls(config.image_hw, tuple(config.image_mean), tuple(config.image_std), config.crop_pct,
+                   config.interpolation)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(tuple(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("crop_pct"),
+                   d.get("interpolation", "bilinear"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation}
+
+    def __call__(self, image: PILImage.Image) -> np.ndarray:
+        """One PIL image -> [3, H, W] float32."""
+        from PIL import Image
+
+        resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[self.interpolation]
+        th, tw = self.image_size
+        if self.crop_pct is None:
+            image = image.resize((tw, th), resample)
+        else:
+            # shorter side to size / crop_pct, then a centre crop (timm's eval transform)
+            scale_h, scale_w = th / self.crop_pct, tw / self.crop_pct
+            w, h = image.size
+            ratio = max(scale_h / h, scale_w / w)
+            nw, nh = max(tw, round(w * ratio)), max(th, round(h * ratio))
+            image = image.resize((nw, nh), resample)
+            left, top = (nw - tw) // 2, (nh - th) // 2
+            image = image.crop((left, top, left + tw, top + th))
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def open_image(source: str | Path | bytes) -> PILImage.Image:
+    """Decode a file (or bytes) to RGB; grayscale, palette and RGBA are converted."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise ImageError(f"cannot open image {name}: {e.strerror or e}") from None
+    try:
+        with fp, Image.open(fp) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "P", "PA"):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image {name} is too large to decode safely: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def load_images(paths: Sequence[str | Path | bytes], prep: Preprocessing) -> np.ndarray:
+    """Image files -> [N, 3, H, W] float32."""
+    if not paths:
+        raise ImageError("no images given")
+    return np.stack([prep(open_image(p)) for p in paths])
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted; an error if the folder has none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def labelled_images(folder: str | Path) -> tuple[list[Path], list[str]]:
+    """An ImageFolder-style tree (one sub-folder per class) -> files and their class names."""
+    files = find_images(folder)
+    root = Path(folder)
+    classes = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in files]
+    if any(c == "" for c in classes):
+        raise ImageError(f"{root}: images must sit in one sub-folder per class (DIR/CLASS/image.png)")
+    return files, classes
+
+
+def batches(paths: Iterable[Path], prep: Preprocessing, batch_size: int) -> Iterator[np.ndarray]:
+    chunk: list[Path] = []
+    for p in paths:
+        chunk.append(p)
+        if len(chunk) == batch_size:
+            yield load_images(chunk, prep)
+            chunk = []
+    if chunk:
+        yield load_images(chunk, prep)
