@@ -128,3 +128,20 @@ def digits(tmp_path_factory) -> dict[str, Path]:
         cache.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ckpt, cache)
     return {"train": train, "test": test, "checkpoint": ckpt}
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits, tmp_path_factory) -> dict[str, Path]:
+    """The digits model exported (and verified) in each precision, static batch 1 and dynamic."""
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    root = tmp_path_factory.mktemp("digits_onnx")
+    out = {}
+    for name, opts in {
+        "fp32": ExportOptions(dynamic_batch=True),
+        "fp16": ExportOptions(dynamic_batch=True, precision="fp16"),
+        "int8": ExportOptions(dynamic_batch=True, precision="int8", calib_dir=digits["train"], calib_samples=200),
+        "fp32-b4": ExportOptions(batch=4),
+    }.items():
+        out[name] = export_onnx(digits["checkpoint"], root / f"digits-{name}.onnx", options=opts).path
+    return out

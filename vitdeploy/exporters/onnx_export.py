@@ -182,16 +182,23 @@ def _is_large(proto: Any) -> bool:
 
 
 def _verification_inputs(config: Any, opts: ExportOptions, batch: int | None) -> list[np.ndarray]:
-    """Random normal inputs (fixed seed), then the given real images, in the artifact's batch sizes."""
+    """Inputs in the artifact's batch sizes: random normal (fixed seed) for FP32/FP16; for INT8/FP8
+    images from the calibration folder instead, since a quantized model is only accurate on the
+    distribution it was calibrated on; then the ``--images`` given."""
     from vitdeploy.preprocess import Preprocessing, find_images, load_images
 
-    rng = np.random.default_rng(0)
+    prep = Preprocessing.from_config(config)
     h, w = config.image_hw
     n = max(opts.verify_inputs, batch or 1)
-    inputs = rng.standard_normal((n, config.num_channels, h, w), dtype=np.float32)
+    if opts.precision in ("int8", "fp8") and opts.calib_dir is not None:
+        files = find_images(opts.calib_dir)
+        picks = np.random.default_rng(0).choice(len(files), size=min(len(files), 4 * n), replace=False)
+        inputs = load_images([files[i] for i in sorted(picks)], prep)
+    else:
+        inputs = np.random.default_rng(0).standard_normal((n, config.num_channels, h, w), dtype=np.float32)
     if opts.verify_images is not None:
         files = find_images(opts.verify_images)[:64]
-        inputs = np.concatenate([inputs, load_images(files, Preprocessing.from_config(config))])
+        inputs = np.concatenate([inputs, load_images(files, prep)])
     if batch is None:  # dynamic: mixed batch sizes prove the symbolic axis
         sizes, out, i = [1, 3, 4], [], 0
         while i < len(inputs):

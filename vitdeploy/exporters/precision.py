@@ -62,9 +62,20 @@ def calibration_batches(files: list[Path], preprocess: Callable[[Path], np.ndarr
         bar.close()
 
 
+def attention_matmuls(model: Any) -> list[str]:
+    """Names of MatMuls between two activations (Q·Kᵀ and P·V): left unquantized, as ModelOpt's
+    ``--disable_mha_qdq`` does, so attention keeps its float path (TensorRT's fused MHA kernel) and
+    no Q/DQ lands on the Softmax input."""
+    weights = {i.name for i in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+
+
 def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iterator[np.ndarray],
              precision: str = "int8", method: str = "minmax", external_data: bool = False) -> None:
     """Static Q/DQ quantization of an FP32 ONNX file, calibrated on ``batches``."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -92,6 +103,8 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
     }
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
+    model = onnx.load(str(model_path), load_external_data=False)
+    exclude = attention_matmuls(model)
     quant_logger = logging.getLogger()
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)  # "consider pre-processing" is advice for other graphs
@@ -100,21 +113,31 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
             str(model_path), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel, activation_type=qtype,
             weight_type=qtype, calibrate_method=calib, use_external_data_format=external_data,
-            extra_options=extra, calibration_providers=["CPUExecutionProvider"],
+            extra_options=extra, calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude,
         )
     finally:
         quant_logger.setLevel(level)
 
 
 def qdq_coverage(model: Any) -> dict[str, int]:
-    """How many of the quantizable ops read a DequantizeLinear output (for reports and `inspect`)."""
-    producers = {out: n.op_type for n in model.graph.node for out in n.output}
+    """How many ops with weights (MatMul/Gemm/Conv) read quantized weights and activations."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    weights = {i.name for i in model.graph.initializer}
+
+    def is_weight(name: str) -> bool:
+        node = producers.get(name)
+        return name in weights or (node is not None and node.op_type == "DequantizeLinear"
+                                   and node.input[0] in weights)
+
+    def dq(name: str) -> bool:
+        node = producers.get(name)
+        return node is not None and node.op_type == "DequantizeLinear"
+
     total = quantized = 0
     for n in model.graph.node:
-        if n.op_type in QUANTIZED_OPS:
+        if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and is_weight(n.input[1]):
             total += 1
-            if producers.get(n.input[0]) == "DequantizeLinear":
-                quantized += 1
+            quantized += dq(n.input[0]) and dq(n.input[1])
     return {"quantizable": total, "quantized": quantized,
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
             "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in model.graph.node)}
