@@ -124,13 +124,98 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
         from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
 
         engine_path = output.with_suffix(".engine")
+        if not compute_capability and not _has_gpu():
+            raise click.UsageError("--engine on a machine without a GPU needs --compute-capability (e.g. sm89)")
         bopts = BuildOptions(compute_capabilities=_split(compute_capability))
         breport = build_engine(output, engine_path, bopts, progress=True)
         click.echo(breport.render())
 
 
+def _has_gpu() -> bool:
+    from vitdeploy.engines.tensorrt_build import current_gpu
+
+    return current_gpu() is not None
+
+
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command()
+@click.argument("model")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Engine file (default: MODEL with .engine). The JSON sidecar goes beside it.")
+@click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Static profile (min=opt=max).")
+@click.option("--min-batch", type=click.IntRange(min=1), default=None)
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None)
+@click.option("--compute-capability", default=None, help="TensorRT-RTX targets, e.g. sm89,sm120.")
+@click.option("--workspace", type=click.IntRange(min=1), default=None, help="Workspace limit in MiB.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--tf32/--no-tf32", default=True, show_default=True)
+@click.option("--hardware-compat", type=click.Choice(["ampere+", "same-cc"]), default=None)
+@click.option("--version-compatible", is_flag=True)
+@_model_options
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True,
+              help="When MODEL is a checkpoint: the precision to export first.")
+@click.option("--calib-dir", type=click.Path(path_type=Path), default=None)
+def build(model: str, output: Path | None, flavour: str, batch: int | None, min_batch: int | None,
+          opt_batch: int | None, max_batch: int | None, compute_capability: str | None, workspace: int | None,
+          opt_level: int, timing_cache: Path | None, tf32: bool, hardware_compat: str | None,
+          version_compatible: bool, preset: str | None, config: str | None, seed: int | None, precision: str,
+          calib_dir: Path | None) -> None:
+    """Build a TensorRT engine from an ONNX (or from a checkpoint: export, then build)."""
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+
+    source = Path(model)
+    if source.suffix != ".onnx":
+        from vitdeploy.exporters import ExportOptions, export_onnx
+
+        if output is None:
+            raise click.UsageError("building from a checkpoint needs --output model.engine")
+        onnx_path = output.with_suffix(".onnx")
+        eopts = ExportOptions(dynamic_batch=batch is None, batch=batch or 1, precision=precision,
+                              calib_dir=calib_dir, seed=seed)
+        click.echo(export_onnx(model, onnx_path, config=_config_arg(preset, config), options=eopts,
+                               progress=True).render())
+        source = onnx_path
+    opts = BuildOptions(
+        flavour=flavour, batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+        compute_capabilities=_split(compute_capability), workspace_mib=workspace, opt_level=opt_level,
+        timing_cache=timing_cache, tf32=tf32, hardware_compat=hardware_compat, version_compatible=version_compatible,
+    )
+    report = build_engine(source, output or source.with_suffix(".engine"), opts, progress=True)
+    click.echo(report.render())
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Show an ONNX's metadata, op histogram and Q/DQ coverage, or an engine's sidecar, I/O and layers."""
+    from vitdeploy.inspect import inspect_artifact
+
+    info = inspect_artifact(artifact)
+    click.echo(json.dumps(info, indent=2) if as_json else _render_inspect(info))
+
+
+def _render_inspect(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']} ({info['kind']}, {info['bytes'] / 1e6:.1f} MB)"]
+    for key, value in info.items():
+        if key in ("path", "kind", "bytes", "model"):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        lines.append(f"  {key}: {value}")
+    model = info.get("model") or {}
+    if model:
+        cfg = model.get("config", {})
+        lines.append(f"  model: {cfg.get('hidden_size')}x{cfg.get('num_hidden_layers')} layers, "
+                     f"{len(model.get('labels', []))} labels, precision {model.get('precision')}, "
+                     f"from {model.get('source')} (vitdeploy {model.get('version')})")
+    return "\n".join(lines)
 
 
 @main.command("eval")

@@ -1,0 +1,360 @@
+"""ONNX -> TensorRT engine, for full TensorRT (``tensorrt``) and TensorRT-RTX (``tensorrt_rtx``).
+
+Both share one API; the few names only one has are guarded. Networks are strongly typed, so the
+engine's precision is the ONNX's (FP32, FP16, INT8/FP8 Q/DQ): there are no precision flags here.
+TensorRT-RTX builds ahead of time without a GPU for named compute capabilities; full TensorRT
+builds for the GPU it runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitdeploy import __version__
+from vitdeploy.errors import VitDeployError
+from vitdeploy.io import atomic_path, atomic_write_bytes, check_output_dir, sha256_file
+
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+
+
+class BuildError(VitDeployError):
+    """A build that TensorRT refused, or options that cannot work; nothing was written."""
+
+
+class BuildCancelled(BuildError):
+    """The build was cancelled (Ctrl-C or a callback); nothing was written."""
+
+
+def import_tensorrt(flavour: str = "auto") -> tuple[Any, str]:
+    """(module, 'tensorrt' | 'tensorrt_rtx'); auto prefers full TensorRT."""
+    import importlib
+
+    wanted = {"auto": ("tensorrt", "tensorrt_rtx"), "tensorrt": ("tensorrt",), "rtx": ("tensorrt_rtx",),
+              "tensorrt_rtx": ("tensorrt_rtx",)}.get(flavour)
+    if wanted is None:
+        raise BuildError(f"--trt {flavour!r}: choose auto, tensorrt or rtx")
+    for name in wanted:
+        try:
+            return importlib.import_module(name), name
+        except ImportError:
+            continue
+        except OSError as e:  # the bindings are there but their libraries are not
+            raise BuildError(f"{name} is installed but cannot load its libraries: {e}") from None
+    hint = {
+        "tensorrt": "install full TensorRT: "
+                    "pip install --extra-index-url https://pypi.nvidia.com 'vitdeploy[tensorrt]'",
+        "tensorrt_rtx": "install TensorRT-RTX: pip install 'vitdeploy[tensorrt-rtx]'",
+    }
+    raise BuildError(f"no TensorRT found: {'; or '.join(hint[w] for w in wanted)}")
+
+
+@dataclass
+class BuildOptions:
+    flavour: str = "auto"  # auto | tensorrt | rtx
+    batch: int | None = None  # static profile (min = opt = max)
+    min_batch: int | None = None
+    opt_batch: int | None = None
+    max_batch: int | None = None
+    compute_capabilities: list[str] = field(default_factory=list)  # TensorRT-RTX targets: sm89, ...
+    workspace_mib: int | None = None
+    opt_level: int = 3
+    timing_cache: Path | None = None
+    tf32: bool = True
+    hardware_compat: str | None = None  # ampere+ | same-cc
+    version_compatible: bool = False
+    detailed_profile: bool = True
+
+
+@dataclass
+class BuildReport:
+    engine: Path
+    sidecar: Path
+    flavour: str
+    trt_version: str
+    precision: str
+    targets: list[str]
+    profile: dict[str, list[int]]
+    seconds: float
+    engine_bytes: int
+    phases: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["engine"], d["sidecar"] = str(self.engine), str(self.sidecar)
+        return d
+
+    def render(self) -> str:
+        return (f"built {self.engine} ({self.engine_bytes / 1e6:.1f} MB, {self.precision}) with {self.flavour} "
+                f"{self.trt_version} for {', '.join(self.targets)} in {self.seconds:.1f} s; "
+                f"batch profile min/opt/max {self.profile['min'][0]}/{self.profile['opt'][0]}/{self.profile['max'][0]}"
+                f"; sidecar {self.sidecar.name}")
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    """The engine's JSON sidecar: same folder, same stem."""
+    return Path(engine).with_suffix(".json")
+
+
+def parse_compute_capability(text: str) -> str:
+    m = re.fullmatch(r"(?:sm_?)?(\d{2,3})|(\d+)\.(\d)", text.strip().lower())
+    if not m:
+        raise BuildError(f"compute capability {text!r} is not like sm89 or 8.9")
+    value = m.group(1) or f"{m.group(2)}{m.group(3)}"
+    return f"sm{value}"
+
+
+def current_gpu() -> tuple[str, str] | None:
+    """(name, smXY) of CUDA device 0, via cuda-python or torch; None without a GPU."""
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) == 0 and count > 0:
+            err, prop = cudart.cudaGetDeviceProperties(0)
+            if int(err) == 0:
+                name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+                return name.strip("\x00"), f"sm{prop.major}{prop.minor}"
+        return None
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return torch.cuda.get_device_name(0), f"sm{major}{minor}"
+    except ImportError:
+        pass
+    return None
+
+
+def _make_monitor(trt: Any, phases: list[str], cancel: threading.Event, show: bool) -> Any:
+    """An IProgressMonitor (thread-safe, as TensorRT requires) that records phases and can cancel."""
+    lock = threading.Lock()
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.bars: dict[str, Any] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with lock:
+                phases.append(phase_name)
+                if show and parent_phase is None:
+                    from tqdm import tqdm
+
+                    self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, leave=False, unit="step")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with lock:
+                bar = self.bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            return not cancel.is_set()
+
+        def phase_finish(self, phase_name: str) -> None:
+            with lock:
+                bar = self.bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+
+    return Monitor()
+
+
+class _Logger:
+    """A trt.ILogger that keeps errors so a failed build can say why."""
+
+    def __init__(self, trt: Any) -> None:
+        outer = self
+        self.errors: list[str] = []
+
+        class L(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    outer.errors.append(msg)
+                elif os.environ.get("VITDEPLOY_TRT_VERBOSE") and severity == trt.ILogger.Severity.WARNING:
+                    print(f"[TensorRT] {msg}")
+
+        self.logger = L()
+
+
+def _first_reason(errors: list[str]) -> str:
+    """TensorRT's most telling error line (the one naming the cause), on one line."""
+    for keyword in ("Cannot compile", "because", "not supported", "Unsupported", "must have"):
+        for e in errors:
+            if keyword in e:
+                return " ".join(e.split())
+    return " ".join(errors[-1].split()) if errors else "no reason logged"
+
+
+def _onnx_metadata(onnx_path: Path) -> dict[str, Any]:
+    from vitdeploy.exporters.metadata import read_onnx_metadata
+
+    try:
+        return read_onnx_metadata(onnx_path).to_dict()
+    except VitDeployError:
+        return {}  # a foreign ONNX builds; predict/serve then need labels some other way
+
+
+def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions | None = None,
+                 progress: bool = False, cancel: threading.Event | None = None,
+                 on_phase: Callable[[str], None] | None = None) -> BuildReport:
+    """Parse ``onnx_path``, build a strongly typed engine, write it and its sidecar atomically.
+
+    ``cancel`` (set it from any thread) or Ctrl-C stops the build at the next step; nothing is written.
+    """
+    opts = options or BuildOptions()
+    onnx_path, output = Path(onnx_path), Path(output)
+    if not onnx_path.is_file():
+        raise BuildError(f"ONNX file {onnx_path} does not exist")
+    check_output_dir(output)
+    trt, flavour = import_tensorrt(opts.flavour)
+    is_rtx = flavour == "tensorrt_rtx"
+    cancel = cancel or threading.Event()
+    log = _Logger(trt)
+    builder = trt.Builder(log.logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, log.logger)
+    if not parser.parse_from_file(str(onnx_path.resolve())):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors
+        joined = "; ".join(" ".join(e.split()) for e in errors) or "no error reported"
+        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} errors): {joined}")
+
+    config = builder.create_builder_config()
+    if opts.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
+    if not 0 <= opts.opt_level <= 5:
+        raise BuildError(f"--opt-level {opts.opt_level}: use 0..5")
+    config.builder_optimization_level = opts.opt_level
+    if opts.detailed_profile:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if not opts.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if opts.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if opts.hardware_compat:
+        levels = {"ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY", "none": "NONE"}
+        if opts.hardware_compat not in levels:
+            raise BuildError(f"--hardware-compat {opts.hardware_compat!r}: choose {', '.join(levels)}")
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, levels[opts.hardware_compat])
+
+    # targets
+    gpu = current_gpu()
+    if is_rtx:
+        targets = [parse_compute_capability(t) for t in opts.compute_capabilities]
+        if not targets:
+            if gpu is None:
+                raise BuildError("no GPU here to build for: name the targets, e.g. --compute-capability sm89,sm120 "
+                                 f"(TensorRT-RTX supports {', '.join(RTX_TARGETS)})")
+            targets = [gpu[1]]
+        unknown = [t for t in targets if not hasattr(trt.ComputeCapability, t.upper())]
+        if unknown:
+            raise BuildError(f"compute capability {', '.join(unknown)} is not one TensorRT-RTX {trt.__version__} "
+                             f"builds for ({', '.join(RTX_TARGETS)}); Hopper/B200 need full TensorRT (--trt tensorrt)")
+        config.num_compute_capabilities = len(targets)
+        for i, t in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
+    else:
+        if gpu is None:
+            raise BuildError("full TensorRT builds on the GPU it targets and none is visible here; "
+                             "on a CPU machine use TensorRT-RTX (--trt rtx --compute-capability sm89)")
+        if opts.compute_capabilities:
+            raise BuildError("--compute-capability is a TensorRT-RTX option; full TensorRT builds for this GPU "
+                             "(use --hardware-compat ampere+ for portability)")
+        targets = [gpu[1]]
+    timing_cache = None
+    if opts.timing_cache is not None and not is_rtx:
+        data = opts.timing_cache.read_bytes() if opts.timing_cache.is_file() else b""
+        timing_cache = config.create_timing_cache(data)
+        config.set_timing_cache(timing_cache, False)
+
+    # optimization profile (one input)
+    inp = network.get_input(0)
+    shape = list(inp.shape)
+    dynamic = shape[0] == -1
+    if any(d == -1 for d in shape[1:]):
+        raise BuildError(f"input {inp.name} {shape} has dynamic non-batch dims: export with vitdeploy")
+    if dynamic:
+        lo = opts.min_batch or opts.batch or 1
+        hi = opts.max_batch or opts.batch or max(lo, 32)
+        mid = opts.opt_batch or opts.batch or min(max(lo, 8), hi)
+        if not 1 <= lo <= mid <= hi:
+            raise BuildError(f"batch profile needs 1 <= min <= opt <= max, got {lo}/{mid}/{hi}")
+    else:
+        static = shape[0]
+        asked = {v for v in (opts.batch, opts.min_batch, opts.opt_batch, opts.max_batch) if v is not None}
+        if asked - {static}:
+            raise BuildError(f"{onnx_path.name} has a static batch of {static}; a profile of "
+                             f"{sorted(asked)} cannot be satisfied: re-export with --dynamic-batch or --batch N")
+        lo = mid = hi = static
+    dims = shape[1:]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, [lo, *dims], [mid, *dims], [hi, *dims])
+    config.add_optimization_profile(profile)
+
+    phases: list[str] = []
+    config.progress_monitor = _make_monitor(trt, phases, cancel, progress)
+    t0 = time.perf_counter()
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise BuildCancelled("build cancelled; nothing written") from None
+    seconds = time.perf_counter() - t0
+    if on_phase:
+        for p in phases:
+            on_phase(p)
+    if cancel.is_set():
+        raise BuildCancelled("build cancelled; nothing written")
+    if serialized is None:
+        raise BuildError(f"TensorRT could not build {onnx_path.name} for {', '.join(targets)}: "
+                         f"{_first_reason(log.errors)}")
+
+    meta = _onnx_metadata(onnx_path)
+    io_tensors = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        io_tensors.append({"name": t.name, "mode": "input", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        io_tensors.append({"name": t.name, "mode": "output", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)})
+    sidecar = {
+        "format": "vitdeploy-engine/1",
+        "flavour": flavour,
+        "trt_version": trt.__version__,
+        "targets": targets,
+        "gpu": gpu[0] if gpu and not is_rtx else None,
+        "precision": meta.get("precision", "unknown"),
+        "io": io_tensors,
+        "profile": {"min": [lo, *dims], "opt": [mid, *dims], "max": [hi, *dims]},
+        "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "build_seconds": round(seconds, 3),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "vitdeploy_version": __version__,
+        "model": meta,
+    }
+    side = sidecar_path(output)
+    with atomic_path(output) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(serialized))
+        atomic_write_bytes(side, json.dumps(sidecar, indent=2).encode())
+    if timing_cache is not None and opts.timing_cache is not None:
+        atomic_write_bytes(opts.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return BuildReport(output, side, flavour, trt.__version__, sidecar["precision"], targets,
+                       sidecar["profile"], seconds, output.stat().st_size, phases)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1].lower()
