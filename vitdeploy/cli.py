@@ -33,9 +33,14 @@ class _Group(click.Group):
 
 
 def _console() -> Any:
+    import shutil
+
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False)
+    if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
+        console = Console(stderr=False, highlight=False, width=max(shutil.get_terminal_size().columns, 160))
+    return console
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -216,6 +221,141 @@ def _render_inspect(info: dict[str, Any]) -> str:
                      f"{len(model.get('labels', []))} labels, precision {model.get('precision')}, "
                      f"from {model.get('source')} (vitdeploy {model.get('version')})")
     return "\n".join(lines)
+
+
+def _open(artifact: str, backend: str, threads: int | None = None, dtype: str | None = None,
+          device: str = "auto") -> Any:
+    from vitdeploy.engines import artifact_kind, open_runtime
+
+    options: dict[str, Any] = {}
+    kind = artifact_kind(artifact)
+    if threads and backend in ("onnxruntime", "openvino", "torch", "auto") and kind != "engine":
+        options["threads"] = threads
+    if dtype and (backend == "torch" or (backend == "auto" and kind == "checkpoint")):
+        options["dtype"] = dtype
+    if dtype and backend == "openvino":
+        options["precision_hint"] = dtype
+    return open_runtime(artifact, backend=backend, device=device, **options)
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("batch sizes must be positive integers")
+    return out
+
+
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--backend", "backends", default="auto", show_default=True,
+              help="Comma-separated: auto, onnxruntime, openvino, torch, tensorrt (each runs every artifact it can).")
+@click.option("--dtype", "dtypes", default=None, help="torch: fp32,bf16,fp16; openvino: f32,bf16 hints.")
+@click.option("--batch", "batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--iters", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="Seconds per run instead of --iters.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
+          duration: float | None, threads: int | None, device: str, json_path: Path | None,
+          csv_path: Path | None, plot_path: Path | None) -> None:
+    """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch)."""
+    from vitdeploy.bench import run_bench
+    from vitdeploy.engines import BACKENDS, artifact_kind
+
+    batches = _ints(batch)
+    wanted = _split(backends) or ["auto"]
+    for b in wanted:
+        if b not in BACKENDS:
+            raise click.BadParameter(f"unknown backend {b!r}: choose from {', '.join(BACKENDS)}")
+    takes = {"onnx": ("onnxruntime", "openvino"), "engine": ("tensorrt",), "checkpoint": ("torch",)}
+    runtimes = []
+    for artifact in artifacts:
+        kind = artifact_kind(artifact)
+        chosen = [b for b in wanted if b == "auto" or b in takes[kind]] or ["auto"]
+        for b in chosen:
+            for d in (_split(dtypes) or [None]) if b in ("torch", "openvino") or (
+                    b == "auto" and kind == "checkpoint") else [None]:
+                rt = _open(artifact, b, threads, d, device)
+                runtimes.append((Path(artifact).name, rt))
+    report = run_bench(runtimes, batches, warmup, None if duration else iters, duration, progress=True)
+    _console().print(report.table())
+    m = report.machine
+    click.echo(f"machine: {m['cpu']} ({m['cores']} cores){'; GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}")
+    if json_path:
+        report.write_json(json_path)
+    if csv_path:
+        report.write_csv(csv_path)
+    if plot_path:
+        report.write_plot(plot_path)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True, help="ONNX, engine or checkpoint.")
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def predict(images: tuple[Path, ...], model: str, backend: str, top_k: int, as_json: bool) -> None:
+    """Classify image files; preprocessing and labels come from the artifact's metadata."""
+    from vitdeploy.engines import open_runtime
+
+    runtime = open_runtime(model, backend=backend)
+    results = runtime.predict_images(list(images), top_k=top_k)
+    if as_json:
+        payload = [{"image": str(p), "top_k": [{"label": lab, "probability": prob} for lab, prob in r]}
+                   for p, r in zip(images, results, strict=True)]
+        click.echo(json.dumps(payload, indent=2))
+        return
+    for path, r in zip(images, results, strict=True):
+        click.echo(f"{path}: " + ", ".join(f"{lab} {prob:.3f}" for lab, prob in r))
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--backend-a", default="auto", show_default=True)
+@click.option("--backend-b", default="auto", show_default=True)
+@click.option("--inputs", type=click.IntRange(min=1), default=8, show_default=True, help="Random inputs.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of real images to add.")
+@click.option("--atol", type=float, default=1e-3, show_default=True)
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Times the logits' scale.")
+@click.option("--json", "as_json", is_flag=True)
+def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images: Path | None, atol: float,
+            rtol: float, as_json: bool) -> None:
+    """Run the same inputs through two artifacts or backends (Polygraphy-style); fail past --atol/--rtol."""
+    import numpy as np
+
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.metrics import compare_logits
+
+    ra, rb = open_runtime(a, backend=backend_a), open_runtime(b, backend=backend_b)
+    if ra.spec.shape != rb.spec.shape:
+        raise click.ClickException(f"input shapes differ: {ra.spec.shape} vs {rb.spec.shape}")
+    x = np.random.default_rng(0).standard_normal((inputs, *ra.spec.shape), dtype=np.float32)
+    if images is not None:
+        from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+        if ra.metadata is None:
+            raise click.ClickException(f"{a} has no preprocessing metadata for --images")
+        x = np.concatenate([x, load_images(find_images(images), Preprocessing.from_dict(ra.metadata.preprocessing))])
+    result = compare_logits(ra.infer(x), rb.infer(x))
+    ok = result.max_abs <= atol + rtol * result.scale
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "a": ra.describe(), "b": rb.describe(), "pass": ok}, indent=2))
+    else:
+        click.echo(f"A: {ra.describe()}\nB: {rb.describe()}\n{result.summary()}")
+    if not ok:
+        raise click.ClickException(f"outputs differ beyond tolerance: max abs {result.max_abs:.3g} > "
+                                   f"atol {atol:g} + rtol {rtol:g} x scale {result.scale:.3g}")
+    if not as_json:
+        click.echo("PASSED")
 
 
 @main.command("eval")

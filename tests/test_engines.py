@@ -1,0 +1,202 @@
+"""The Runtime interface on ONNX Runtime, OpenVINO and torch; TensorRT's checks; predict/compare/bench."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vitdeploy.cli import main
+from vitdeploy.engines import InputError, open_runtime
+from vitdeploy.errors import VitDeployError
+
+
+def _x(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224), dtype=np.float32)
+
+
+def test_auto_backend_and_spec(digits, digits_onnx):
+    rt = open_runtime(digits_onnx["fp32"])
+    assert rt.backend == "onnxruntime" and rt.spec.shape == (3, 224, 224) and rt.spec.dtype == "float32"
+    assert rt.metadata.labels == [str(i) for i in range(10)]
+    assert open_runtime(digits["checkpoint"]).backend == "torch"
+
+
+def test_static_batch_is_padded_and_split(digits, digits_onnx):
+    ref = open_runtime(digits["checkpoint"])
+    rt = open_runtime(digits_onnx["fp32-b4"])
+    assert (rt.spec.min_batch, rt.spec.max_batch) == (4, 4)
+    for n in (1, 3, 4, 9):
+        x = _x(n, seed=n)
+        out = rt.infer(x)
+        assert out.shape == (n, 10)
+        assert np.abs(out - ref.infer(x)).max() < 1e-4
+
+
+def test_torch_tensor_input_and_single_image(digits_onnx):
+    rt = open_runtime(digits_onnx["fp32"])
+    x = _x(2)
+    assert np.allclose(rt.infer(torch.from_numpy(x)), rt.infer(x), atol=1e-6)
+    assert rt.infer(x[0]).shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [(np.zeros((2, 3, 32, 32), np.float32), r"input shape \(2, 3, 32, 32\) does not match the model's \[N, 3, 224"),
+     (np.zeros((1, 3, 224, 224), np.uint8), "not floating point"),
+     ([1, 2, 3], "expected a numpy array")],
+)
+def test_bad_batches(digits_onnx, batch, message):
+    with pytest.raises(InputError, match=message):
+        open_runtime(digits_onnx["fp32"]).infer(batch)
+
+
+def test_torch_bf16_and_compile_paths(digits):
+    fp32 = open_runtime(digits["checkpoint"])
+    bf16 = open_runtime(digits["checkpoint"], dtype="bf16")
+    x = _x(4)
+    a, b = fp32.infer(x), bf16.infer(x)
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.75 and np.abs(a - b).max() < 0.5 * np.abs(a).max()
+
+
+def test_openvino_runs_the_same_files(digits, digits_onnx):
+    pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'vitdeploy[openvino]'")
+    ref = open_runtime(digits_onnx["fp32"]).infer(_x(3))
+    ov = open_runtime(digits_onnx["fp32"], backend="openvino")
+    assert ov.backend == "openvino" and np.abs(ov.infer(_x(3)) - ref).max() < 1e-3
+    ov8 = open_runtime(digits_onnx["int8"], backend="openvino")
+    assert ov8.infer(_x(2)).shape == (2, 10)
+
+
+def test_not_an_artifact(tmp_path):
+    junk = tmp_path / "model.txt"
+    junk.write_text("hello")
+    with pytest.raises(VitDeployError, match="is not an ONNX file"):
+        open_runtime(junk)
+    r = CliRunner().invoke(main, ["predict", "x.png", "--model", str(junk)])
+    assert r.exit_code == 1 and "is not an ONNX file" in r.output
+
+
+# -- TensorRT runtime: the checks that run before any GPU is touched -------------------------------
+def _side(**over):
+    side = {"format": "vitdeploy-engine/1", "flavour": "tensorrt_rtx", "trt_version": "1.7.1.116",
+            "targets": ["sm89"], "options": {}, "onnx": {"path": "m.onnx"}}
+    side.update(over)
+    return side
+
+
+def test_engine_compatibility_checks():
+    from vitdeploy.engines.tensorrt_runtime import check_compatible
+
+    check_compatible(_side(), "tensorrt_rtx", "1.7.1.116", ("RTX 4090", "sm89"))
+    with pytest.raises(VitDeployError, match=r"built for sm89; this GPU is H100 \(sm90\): rebuild with"):
+        check_compatible(_side(), "tensorrt_rtx", "1.7.1.116", ("H100", "sm90"))
+    with pytest.raises(VitDeployError, match=r"built with tensorrt_rtx 1\.7\.1\.116; this is 1\.8\.0\.1: rebuild"):
+        check_compatible(_side(), "tensorrt_rtx", "1.8.0.1", ("RTX 4090", "sm89"))
+    with pytest.raises(VitDeployError, match=r"this machine has tensorrt 10\.16"):
+        check_compatible(_side(), "tensorrt", "10.16.1.11", ("L4", "sm89"))
+    with pytest.raises(VitDeployError, match="needs an NVIDIA GPU"):
+        check_compatible(_side(), "tensorrt_rtx", "1.7.1.116", None)
+    check_compatible(_side(flavour="tensorrt", trt_version="10.16.1.11", options={"version_compatible": True}),
+                     "tensorrt", "11.4.0.106", ("L4", "sm89"))
+
+
+def test_corrupt_or_missing_sidecar(tmp_path):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(VitDeployError, match=r"has no sidecar m\.json"):
+        open_runtime(engine)
+    (tmp_path / "m.json").write_text("{broken")
+    with pytest.raises(VitDeployError, match=r"sidecar .*m\.json is corrupt"):
+        open_runtime(engine)
+
+
+def test_engine_on_a_machine_without_gpu_is_refused(digits_onnx, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, current_gpu
+
+    if current_gpu() is not None:
+        pytest.skip("a GPU is present")
+    build_engine(digits_onnx["fp16"], tmp_path / "m.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"]))
+    with pytest.raises(VitDeployError, match="needs an NVIDIA GPU"):
+        open_runtime(tmp_path / "m.engine")
+
+
+def test_cuda_python_layer_fails_cleanly_without_a_driver():
+    pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
+    from vitdeploy.engines.cuda_memory import CudaError, device_memory
+    from vitdeploy.engines.tensorrt_build import current_gpu
+
+    if current_gpu() is not None:
+        mem = device_memory("cuda-python")
+        ptr = mem.malloc(1024)
+        host = mem.pinned((256,), np.float32)
+        host[:] = np.arange(256)
+        back = mem.pinned((256,), np.float32)
+        s = mem.stream()
+        mem.htod(ptr, host, s)
+        mem.dtoh(back, ptr, s)
+        mem.sync(s)
+        assert np.array_equal(host, back)
+        return
+    with pytest.raises(CudaError, match="cudaGetDeviceCount failed: cudaError"):
+        device_memory("cuda-python")
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_onnxruntime_on_gpu(digits_onnx, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, current_gpu
+
+    gpu = current_gpu()
+    if gpu is None:
+        pytest.skip("needs an NVIDIA GPU to run an engine")
+    build_engine(digits_onnx["fp16"], tmp_path / "m.engine", BuildOptions(flavour="rtx", max_batch=8))
+    ref = open_runtime(digits_onnx["fp16"]).infer(_x(11))
+    for graph in (False, True):
+        with open_runtime(tmp_path / "m.engine", cuda_graph=graph) as rt:
+            assert np.abs(rt.infer(_x(11)) - ref).max() < 5e-2
+            out = rt.infer_torch(torch.from_numpy(_x(4)).cuda())
+            assert out.is_cuda and out.shape == (4, 10)
+    assert (tmp_path / "m.rtcache").is_file()
+
+
+# -- CLI: predict, compare, bench -------------------------------------------------------------------
+def test_predict_from_artifact_alone(digits, digits_onnx):
+    files = sorted((digits["test"] / "7").iterdir())[:2]
+    r = CliRunner().invoke(main, ["predict", *map(str, files), "--model", str(digits_onnx["int8"]), "--json",
+                                  "--top-k", "3"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out) == 2 and len(out[0]["top_k"]) == 3
+    assert out[0]["top_k"][0]["label"] == "7" and 0 < out[0]["top_k"][0]["probability"] <= 1
+    r = CliRunner().invoke(main, ["predict", "missing.png", "--model", str(digits_onnx["fp32"])])
+    assert r.exit_code == 1 and "cannot open image missing.png" in r.output
+
+
+def test_compare_passes_and_fails(digits, digits_onnx):
+    r = CliRunner().invoke(main, ["compare", str(digits_onnx["fp32"]), str(digits["checkpoint"]), "--inputs", "4"])
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    r = CliRunner().invoke(main, ["compare", str(digits_onnx["fp32"]), str(digits_onnx["int8"]),
+                                  "--images", str(digits["test"] / "3"), "--atol", "1e-6", "--rtol", "0"])
+    assert r.exit_code == 1 and "outputs differ beyond tolerance" in r.output
+
+
+def test_bench_side_by_side(digits, digits_onnx, tmp_path):
+    r = CliRunner().invoke(main, [
+        "bench", str(digits_onnx["fp32"]), str(digits_onnx["int8"]), str(digits["checkpoint"]),
+        "--backend", "onnxruntime,torch", "--batch", "1,2", "--warmup", "1", "--iters", "3",
+        "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    rows = data["results"]
+    assert len(rows) == 6 and {row["batch"] for row in rows} == {1, 2}
+    assert {row["precision"] for row in rows} == {"fp32", "int8"}
+    assert rows[0]["speedup"] == 1.0 and all(row["iterations"] == 3 for row in rows)
+    lat = rows[0]["latency_ms"]
+    assert lat["min"] <= lat["median"] <= lat["p99"] <= lat["max"] and lat["mean"] > 0
+    assert data["machine"]["cpu"] and data["libraries"]["onnxruntime"]
+    assert (tmp_path / "b.csv").read_text().count("\n") == 7
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "speed-up" in r.output
