@@ -358,6 +358,61 @@ def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images:
         click.echo("PASSED")
 
 
+@main.command()
+@click.option("--model", "-m", required=True, help="ONNX file or TensorRT engine.")
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback by default.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
+          workers: int) -> None:
+    """Serve an ONNX or engine over HTTP with dynamic batching (/v1/classify, /v1/logits, /metrics)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("serving needs the serve extra: pip install 'vitdeploy[serve]'") from None
+    from vitdeploy.engines import artifact_kind
+
+    if artifact_kind(model) == "checkpoint":
+        raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
+                                   f"vitdeploy export --model {model} --output model.onnx")
+    if workers > 1:
+        os.environ.update({"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
+                           "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch),
+                           "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
+                           "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue)})
+        uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers)
+        return
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.serving.server import create_app
+
+    runtime = open_runtime(model, backend=backend)
+    click.echo(f"serving {runtime.describe()} on http://{host}:{port}")
+    uvicorn.run(create_app(runtime, max_batch, max_delay_ms, max_queue), host=host, port=port,
+                timeout_graceful_shutdown=30)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default=None)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True)
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True)
+def triton(artifact: Path, repo: Path, name: str | None, max_batch: int | None, instances: int, kind: str,
+           max_queue_delay_us: int) -> None:
+    """Write a Triton Inference Server model repository for an engine or an ONNX."""
+    from vitdeploy.serving.triton import write_triton_repo
+
+    out = write_triton_repo(artifact, repo, name, max_batch, instances, kind, max_queue_delay_us)
+    click.echo(f"wrote {out.config} and {out.model_file}; serve with: "
+               f"tritonserver --model-repository {repo.resolve()}")
+
+
 @main.command("eval")
 @click.option("--model", "-m", required=True, help="ONNX file, engine, or checkpoint (preset, folder, ...).")
 @_model_options

@@ -1,0 +1,323 @@
+"""The batcher's guarantees under concurrency, the HTTP server over loopback, the Triton repository."""
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from vitdeploy.engines import open_runtime
+from vitdeploy.engines.base import Runtime
+from vitdeploy.serving import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout
+
+SHAPE = (3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def small_onnx(hf_folders, tmp_path_factory):
+    """A real dynamic-batch ONNX of a small ViT (64x64 input) for many fast inferences."""
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("serve") / "small.onnx"
+    return export_onnx(hf_folders["p16-w48"], out, options=ExportOptions(dynamic_batch=True)).path
+
+
+@pytest.fixture(scope="module")
+def runtime(small_onnx):
+    return open_runtime(small_onnx, threads=1)
+
+
+class Gate(Runtime):
+    """Wraps a real runtime: can hold inference until released, and fails batches holding a marker."""
+
+    MARK = 1234.0
+
+    def __init__(self, inner):
+        self.inner, self.spec, self.metadata = inner, inner.spec, inner.metadata
+        self.open = threading.Event()
+        self.open.set()
+        self.rows_run = 0
+
+    def _run(self, batch):
+        self.open.wait(10)
+        if np.any(batch[:, 0, 0, 0] == self.MARK):
+            raise ArithmeticError("injected failure")
+        self.rows_run += batch.shape[0]
+        return self.inner.infer(batch)
+
+
+def _inputs(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, *SHAPE), dtype=np.float32)
+
+
+def test_thousands_of_requests_from_many_threads_get_their_own_rows(runtime):
+    x = _inputs(2400)
+    expected = runtime.infer(x)
+    # requests: singles and small batches, 3000 rows in all over 16 threads
+    spans, i, k = [], 0, 0
+    while i < len(x):
+        size = 1 if k % 3 else 1 + k % 4
+        spans.append((i, min(len(x), i + size)))
+        i, k = i + size, k + 1
+    with DynamicBatcher(runtime, max_batch_size=16, max_delay_ms=2, max_queue=10_000) as batcher:
+        def call(span):
+            a, b = span
+            return span, batcher.submit(x[a] if b - a == 1 else x[a:b]).result(30)
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(call, spans))
+        stats = batcher.stats
+    assert len(results) == len(spans) > 1000
+    for (a, b), out in results:
+        want = expected[a] if b - a == 1 else expected[a:b]
+        assert out.shape == want.shape and np.abs(out - want).max() < 1e-4
+    assert stats.rows == len(x) and stats.requests == len(spans)
+    assert max(stats.batch_sizes) <= 16 and stats.mean_batch > 1.5  # batching happened
+
+
+def test_asyncio_callers(runtime):
+    x = _inputs(200, seed=1)
+    expected = runtime.infer(x)
+
+    async def main(batcher):
+        return await asyncio.gather(*(batcher.submit_async(x[i]) for i in range(len(x))))
+
+    with DynamicBatcher(runtime, max_batch_size=32, max_delay_ms=5) as batcher:
+        outs = asyncio.run(main(batcher))
+    assert np.abs(np.stack(outs) - expected).max() < 1e-4
+
+
+def test_full_queue_rejects_at_once_and_timeouts_never_run(runtime):
+    gate = Gate(runtime)
+    gate.open.clear()
+    batcher = DynamicBatcher(gate, max_batch_size=2, max_delay_ms=0, max_queue=4)
+    first = batcher.submit(_inputs(1)[0])
+    time.sleep(0.1)  # the worker holds the first batch at the gate
+    waiting = [batcher.submit(_inputs(1, seed=s)[0], timeout=0.2 if s < 2 else None) for s in range(4)]
+    t0 = time.perf_counter()
+    with pytest.raises(QueueFull):
+        batcher.submit(_inputs(1)[0])
+    assert time.perf_counter() - t0 < 0.05 and batcher.stats.rejected == 1
+    time.sleep(0.4)
+    gate.open.set()
+    assert first.result(10).shape == (7,)
+    for f in waiting[:2]:
+        with pytest.raises(RequestTimeout):
+            f.result(10)
+    assert all(f.result(10).shape == (7,) for f in waiting[2:])
+    assert gate.rows_run == 3  # the two timed-out requests never ran
+    batcher.shutdown()
+
+
+def test_failure_fails_only_its_batch(runtime):
+    gate = Gate(runtime)
+    x = _inputs(600, seed=2)
+    x[::50, 0, 0, 0] = Gate.MARK
+    expected = runtime.infer(np.where(x == Gate.MARK, 0, x))
+    with DynamicBatcher(gate, max_batch_size=8, max_delay_ms=1, max_queue=10_000) as batcher:
+        with ThreadPoolExecutor(8) as pool:
+            futures = list(pool.map(batcher.submit, x))
+        failed = ok = 0
+        for i, f in enumerate(futures):
+            err = f.exception(30)
+            if err is None:
+                ok += 1
+                assert x[i, 0, 0, 0] != Gate.MARK and np.abs(f.result() - expected[i]).max() < 1e-4
+            else:
+                failed += 1
+                assert isinstance(err, ArithmeticError)
+    assert failed >= 12 and ok > 400 and batcher.stats.failed == failed
+    assert batcher._worker.is_alive() is False  # shut down cleanly after the failures
+
+
+def test_shutdown_drains_or_fails_pending(runtime):
+    for drain in (True, False):
+        gate = Gate(runtime)
+        gate.open.clear()
+        batcher = DynamicBatcher(gate, max_batch_size=4, max_delay_ms=0, max_queue=100)
+        futures = [batcher.submit(_inputs(1, seed=s)[0]) for s in range(10)]
+        time.sleep(0.05)
+        threading.Timer(0.1, gate.open.set).start()
+        batcher.shutdown(drain=drain)
+        done = [f.exception(5) is None for f in futures]
+        if drain:
+            assert all(done)
+        else:
+            assert done[0] and not all(done)
+            assert all(isinstance(f.exception(), BatcherClosed) for f, d in zip(futures, done) if not d)
+        with pytest.raises(BatcherClosed):
+            batcher.submit(_inputs(1)[0])
+
+
+def test_bad_request_shapes(runtime):
+    with DynamicBatcher(runtime, max_batch_size=4) as batcher:
+        with pytest.raises(ValueError, match="does not match"):
+            batcher.submit(np.zeros((3, 32, 32), np.float32))
+        with pytest.raises(ValueError, match="1..4 images"):
+            batcher.submit(np.zeros((5, *SHAPE), np.float32))
+
+
+# -- HTTP over loopback -------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, runtime, **kw):
+        import uvicorn
+
+        from vitdeploy.serving.server import create_app
+
+        self.port = _free_port()
+        self.app = create_app(runtime, **kw)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _png(size=(40, 30)):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_http_endpoints(runtime):
+    import httpx
+
+    with Server(runtime, max_body_bytes=2_000_000) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").json()["status"] == "ready"
+        r = c.post("/v1/classify?top_k=3", content=_png(), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        top = r.json()["top_k"]
+        assert len(top) == 3 and top[0]["label"].startswith("LABEL_") and top[0]["score"] >= top[1]["score"]
+        r2 = c.post("/v1/classify?top_k=3", files={"file": ("x.png", _png(), "image/png")})
+        assert r2.json() == r.json()
+        bad = c.post("/v1/classify", content=b"definitely not an image")
+        assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
+        big = c.post("/v1/classify", content=b"\0" * 2_100_000)
+        assert big.status_code == 413
+        x = _inputs(3, seed=9)
+        r = c.post("/v1/logits", json={"inputs": x.tolist()})
+        assert np.abs(np.array(r.json()["logits"]) - runtime.infer(x)).max() < 1e-4
+        r = c.post("/v1/logits", content=x.tobytes(), headers={"content-type": "application/octet-stream",
+                                                               "x-shape": "3,3,64,64", "accept": "application/octet-stream"})
+        out = np.frombuffer(r.content, np.float32).reshape(3, 7)
+        assert np.abs(out - runtime.infer(x)).max() < 1e-4
+        assert c.post("/v1/logits", json={"inputs": [[1, 2]]}).status_code == 400
+        metrics = c.get("/metrics").text
+        assert 'vitdeploy_requests_total{code="200",endpoint="classify"} 2.0' in metrics
+        assert "vitdeploy_batch_size_bucket" in metrics and "vitdeploy_queue_depth" in metrics
+        assert 'vitdeploy_errors_total{endpoint="classify",reason="too_large"} 1.0' in metrics
+
+
+def test_overload_is_503_and_ctrl_c_drains(runtime):
+    import httpx
+
+    gate = Gate(runtime)
+    gate.open.clear()
+    with Server(gate, max_batch=1, max_delay_ms=0, max_queue=1) as srv:
+        x = _inputs(1)
+        with ThreadPoolExecutor(4) as pool:
+            def post():
+                return httpx.post(srv.url + "/v1/logits", json={"inputs": x.tolist()}, timeout=20)
+
+            first = pool.submit(post)  # held at the gate
+            time.sleep(0.3)
+            second = pool.submit(post)  # queued
+            time.sleep(0.3)
+            third = httpx.post(srv.url + "/v1/logits", json={"inputs": x.tolist()}, timeout=5)
+            assert third.status_code == 503 and third.headers["retry-after"] == "1"
+            stopper = threading.Thread(target=srv.stop)  # what Ctrl-C does: stop accepting, finish in-flight
+            stopper.start()
+            time.sleep(0.3)
+            gate.open.set()
+            assert first.result(15).status_code == 200 and second.result(15).status_code == 200
+            stopper.join(15)
+    assert not srv.thread.is_alive()
+
+
+def test_serving_imports_no_torch(small_onnx):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "from fastapi.testclient import TestClient\n"
+        "from vitdeploy.engines import open_runtime\n"
+        "from vitdeploy.serving.server import create_app\n"
+        f"app = create_app(open_runtime({str(small_onnx)!r}))\n"
+        "with TestClient(app) as c:\n"
+        "    r = c.post('/v1/logits', json={'inputs': [[[[0.0] * 64] * 64] * 3]})\n"
+        "    assert r.status_code == 200, r.text\n"
+        "print('ok', 'torch' in sys.modules and sys.modules['torch'] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok False"
+
+
+# -- Triton ----------------------------------------------------------------------------------------------
+def _parse_pbtxt(path):
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed: pip install 'vitdeploy[triton]'")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_triton_repo_for_onnx_and_engine(digits_onnx, tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    r = CliRunner().invoke(main, ["triton", str(digits_onnx["fp16"]), "--repo", str(tmp_path / "repo"),
+                                  "--name", "digits", "--max-batch", "16", "--instances", "2"])
+    assert r.exit_code == 0, r.output
+    cfg = _parse_pbtxt(tmp_path / "repo" / "digits" / "config.pbtxt")
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
+    assert list(cfg.input[0].dims) == [3, 224, 224] and cfg.input[0].name == "pixel_values"
+    assert list(cfg.output[0].dims) == [10] and cfg.output[0].label_filename == "labels.txt"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert cfg.instance_group[0].count == 2
+    assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()
+    assert (tmp_path / "repo" / "digits" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+
+    static = __import__("vitdeploy.serving.triton", fromlist=["x"]).write_triton_repo(
+        digits_onnx["fp32-b4"], tmp_path / "repo", name="static")
+    cfg = _parse_pbtxt(static.config)
+    assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [4, 3, 224, 224]
+
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+
+    build_engine(digits_onnx["fp16"], tmp_path / "d.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"],
+                                                                        max_batch=8))
+    plan = __import__("vitdeploy.serving.triton", fromlist=["x"]).write_triton_repo(
+        tmp_path / "d.engine", tmp_path / "repo", name="plan")
+    cfg = _parse_pbtxt(plan.config)
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8 and plan.model_file.name == "model.plan"

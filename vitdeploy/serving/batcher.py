@@ -1,0 +1,220 @@
+"""DynamicBatcher: many callers, one model, batches formed on the fly.
+
+Callers submit single images ([C, H, W]) or small batches ([n, C, H, W]) from any thread (or
+``await submit_async`` from asyncio) and get futures. One worker thread forms a batch of up to
+``max_batch_size`` rows, or whatever has arrived ``max_delay_ms`` after the batch's first request,
+runs one inference, and hands each caller exactly its own rows.
+
+Guarantees: a full queue rejects at once (:class:`QueueFull`); a request whose timeout passes
+before it is batched fails with :class:`RequestTimeout` and is never run; an exception in inference
+fails only that batch's requests; :meth:`shutdown` drains (or fails) what is pending. Each future
+is resolved exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.errors import VitDeployError
+
+
+class QueueFull(VitDeployError):
+    """The batcher's queue is full: back off and retry (HTTP 503)."""
+
+
+class RequestTimeout(VitDeployError, TimeoutError):
+    """The request waited longer than its timeout and was not run."""
+
+
+class BatcherClosed(VitDeployError):
+    """The batcher is shut down (or shutting down) and takes no new requests."""
+
+
+@dataclass
+class _Request:
+    x: np.ndarray
+    rows: int
+    single: bool
+    future: Future
+    deadline: float | None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatcherStats:
+    requests: int = 0
+    batches: int = 0
+    rows: int = 0
+    rejected: int = 0
+    timed_out: int = 0
+    failed: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+class DynamicBatcher:
+    def __init__(self, runtime: Any, max_batch_size: int = 32, max_delay_ms: float = 2.0, max_queue: int = 1024,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and max_delay_ms >= 0")
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1e3
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.stats = BatcherStats()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._drain = True
+        self._worker = threading.Thread(target=self._loop, name="vitdeploy-batcher", daemon=True)
+        self._worker.start()
+
+    # -- submitting ------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, x: Any, timeout: float | None = None) -> Future:
+        """Queue one image [C, H, W] or a batch [n, C, H, W]; the future gives [num_labels] or [n, num_labels]."""
+        arr = np.asarray(x)
+        single = arr.ndim == len(self.runtime.spec.shape)
+        if single:
+            arr = arr[None]
+        rows = arr.shape[0]
+        if rows < 1 or rows > self.max_batch_size:
+            raise ValueError(f"a request holds 1..{self.max_batch_size} images, got {rows}")
+        if tuple(arr.shape[1:]) != tuple(self.runtime.spec.shape):
+            raise ValueError(f"image shape {tuple(arr.shape[1:])} does not match the model's {self.runtime.spec.shape}")
+        future: Future = Future()
+        deadline = time.perf_counter() + timeout if timeout is not None else None
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("the batcher is shut down")
+            if len(self._queue) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"queue full ({self.max_queue} requests waiting): retry later")
+            self._queue.append(_Request(arr, rows, single, future, deadline))
+            self._queued_rows += rows
+            self.stats.requests += 1
+            self._cond.notify()
+        return future
+
+    async def submit_async(self, x: Any, timeout: float | None = None) -> np.ndarray:
+        return await asyncio.wrap_future(self.submit(x, timeout))
+
+    def infer(self, x: Any, timeout: float | None = None) -> np.ndarray:
+        """Submit and wait (the blocking convenience)."""
+        return self.submit(x, timeout).result()
+
+    # -- the worker ------------------------------------------------------------------------
+    def _expire(self, now: float) -> None:
+        """Fail requests whose deadline passed, wherever they sit in the queue (lock held)."""
+        if not any(r.deadline is not None and r.deadline <= now for r in self._queue):
+            return
+        keep: collections.deque[_Request] = collections.deque()
+        for r in self._queue:
+            if r.deadline is not None and r.deadline <= now:
+                self._queued_rows -= r.rows
+                self.stats.timed_out += 1
+                if r.future.set_running_or_notify_cancel():
+                    r.future.set_exception(RequestTimeout(f"request not served within its timeout "
+                                                          f"({(now - r.enqueued) * 1e3:.0f} ms waited)"))
+            else:
+                keep.append(r)
+        self._queue = keep
+
+    def _take(self) -> list[_Request] | None:
+        """Wait for a batch: full, or max_delay after its first request, or shutdown."""
+        with self._cond:
+            while True:
+                self._expire(time.perf_counter())
+                if self._queue:
+                    break
+                if self._closed:
+                    return None
+                nearest = min((r.deadline for r in self._queue if r.deadline), default=None)
+                self._cond.wait(timeout=None if nearest is None else max(0.0, nearest - time.perf_counter()))
+            first = self._queue[0].enqueued
+            while self._queued_rows < self.max_batch_size and not self._closed:
+                remaining = first + self.max_delay - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(timeout=remaining)
+                self._expire(time.perf_counter())
+                if not self._queue:
+                    return []
+            if self._closed and not self._drain:
+                return []
+            batch: list[_Request] = []
+            rows = 0
+            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                r = self._queue.popleft()
+                self._queued_rows -= r.rows
+                if r.future.set_running_or_notify_cancel():  # False: the caller cancelled it
+                    batch.append(r)
+                    rows += r.rows
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            x = np.concatenate([r.x for r in batch]) if len(batch) > 1 else batch[0].x
+            t0 = time.perf_counter()
+            try:
+                out = self.runtime.infer(x)
+                if out.shape[0] != x.shape[0]:
+                    raise RuntimeError(f"runtime returned {out.shape[0]} rows for {x.shape[0]} inputs")
+            except BaseException as e:  # only this batch's requests fail
+                self.stats.failed += len(batch)
+                for r in batch:
+                    r.future.set_exception(e)
+                continue
+            self.stats.batches += 1
+            self.stats.rows += x.shape[0]
+            self.stats.batch_sizes[x.shape[0]] += 1
+            if self.on_batch is not None:
+                self.on_batch(x.shape[0], time.perf_counter() - t0)
+            start = 0
+            for r in batch:
+                rows = out[start:start + r.rows]
+                start += r.rows
+                r.future.set_result(rows[0] if r.single else rows)
+
+    # -- shutdown --------------------------------------------------------------------------
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; ``drain`` runs what is queued, otherwise it fails with BatcherClosed."""
+        with self._cond:
+            self._closed = True
+            self._drain = drain
+            if not drain:
+                while self._queue:
+                    r = self._queue.popleft()
+                    self._queued_rows -= r.rows
+                    if r.future.set_running_or_notify_cancel():
+                        r.future.set_exception(BatcherClosed("the batcher shut down before this request ran"))
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
