@@ -149,7 +149,7 @@ def test_shutdown_drains_or_fails_pending(runtime):
             assert all(done)
         else:
             assert done[0] and not all(done)
-            assert all(isinstance(f.exception(), BatcherClosed) for f, d in zip(futures, done) if not d)
+            assert all(isinstance(f.exception(), BatcherClosed) for f, d in zip(futures, done, strict=True) if not d)
         with pytest.raises(BatcherClosed):
             batcher.submit(_inputs(1)[0])
 
@@ -158,7 +158,7 @@ def test_bad_request_shapes(runtime):
     with DynamicBatcher(runtime, max_batch_size=4) as batcher:
         with pytest.raises(ValueError, match="does not match"):
             batcher.submit(np.zeros((3, 32, 32), np.float32))
-        with pytest.raises(ValueError, match="1..4 images"):
+        with pytest.raises(ValueError, match=r"1\.\.4 images"):
             batcher.submit(np.zeros((5, *SHAPE), np.float32))
 
 
@@ -227,8 +227,9 @@ def test_http_endpoints(runtime):
         x = _inputs(3, seed=9)
         r = c.post("/v1/logits", json={"inputs": x.tolist()})
         assert np.abs(np.array(r.json()["logits"]) - runtime.infer(x)).max() < 1e-4
-        r = c.post("/v1/logits", content=x.tobytes(), headers={"content-type": "application/octet-stream",
-                                                               "x-shape": "3,3,64,64", "accept": "application/octet-stream"})
+        binary = {"content-type": "application/octet-stream", "x-shape": "3,3,64,64",
+                  "accept": "application/octet-stream"}
+        r = c.post("/v1/logits", content=x.tobytes(), headers=binary)
         out = np.frombuffer(r.content, np.float32).reshape(3, 7)
         assert np.abs(out - runtime.infer(x)).max() < 1e-4
         assert c.post("/v1/logits", json={"inputs": [[1, 2]]}).status_code == 400
