@@ -322,3 +322,11 @@ def test_triton_repo_for_onnx_and_engine(digits_onnx, tmp_path):
         tmp_path / "d.engine", tmp_path / "repo", name="plan")
     cfg = _parse_pbtxt(plan.config)
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8 and plan.model_file.name == "model.plan"
+
+
+def test_load_test_small(runtime):
+    from vitdeploy.serving.loadtest import run_load
+
+    result = run_load(runtime, clients=8, requests_per_client=15, max_batch=8, time_limit=60)
+    assert result["requests"] == 120 and result["mismatches"] == 0
+    assert result["mean_batch"] >= 1.0 and result["p99_ms"] >= result["p50_ms"] > 0
