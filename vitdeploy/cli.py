@@ -306,8 +306,8 @@ def predict(images: tuple[Path, ...], model: str, backend: str, top_k: int, as_j
     """Classify image files; preprocessing and labels come from the artifact's metadata."""
     from vitdeploy.engines import open_runtime
 
-    runtime = open_runtime(model, backend=backend)
-    results = runtime.predict_images(list(images), top_k=top_k)
+    rt = open_runtime(model, backend=backend)
+    results = rt.predict_images(list(images), top_k=top_k)
     if as_json:
         payload = [{"image": str(p), "top_k": [{"label": lab, "probability": prob} for lab, prob in r]}
                    for p, r in zip(images, results, strict=True)]
@@ -389,9 +389,9 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     from vitdeploy.engines import open_runtime
     from vitdeploy.serving.server import create_app
 
-    runtime = open_runtime(model, backend=backend)
-    click.echo(f"serving {runtime.describe()} on http://{host}:{port}")
-    uvicorn.run(create_app(runtime, max_batch, max_delay_ms, max_queue), host=host, port=port,
+    rt = open_runtime(model, backend=backend)
+    click.echo(f"serving {rt.describe()} on http://{host}:{port}")
+    uvicorn.run(create_app(rt, max_batch, max_delay_ms, max_queue), host=host, port=port,
                 timeout_graceful_shutdown=30)
 
 
@@ -426,13 +426,13 @@ def evaluate(model: str, preset: str | None, config: str | None, seed: int | Non
     from vitdeploy.engines import open_runtime
     from vitdeploy.evaluate import evaluate_folder
 
-    runtime = open_runtime(model, backend=backend, config=_config_arg(preset, config), seed=seed)
-    result = evaluate_folder(runtime, data, batch_size=batch)
+    rt = open_runtime(model, backend=backend, config=_config_arg(preset, config), seed=seed)
+    result = evaluate_folder(rt, data, batch_size=batch)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(f"top-1 accuracy {result.accuracy * 100:.2f}% ({result.correct}/{result.total}) "
-                   f"on {data} with {runtime.describe()}")
+                   f"on {data} with {rt.describe()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

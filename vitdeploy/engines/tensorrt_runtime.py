@@ -24,6 +24,11 @@ _NP = {"float": np.float32, "float32": np.float32, "half": np.float16, "float16"
        "int8": np.int8, "int32": np.int32, "int64": np.int64, "bf16": np.float32}
 
 
+def _enum_name(value: Any) -> str:
+    """'TensorIOMode.INPUT' -> 'input', 'DataType.HALF' -> 'half' (pybind enums print as Type.NAME)."""
+    return str(value).rsplit(".", 1)[-1].lower()
+
+
 def check_compatible(side: dict[str, Any], trt_module: str, trt_version: str, gpu: tuple[str, str] | None) -> None:
     """Refuse an engine built by another TensorRT or for another GPU, saying how to rebuild."""
     rebuild = f"rebuild with `vitdeploy build {side.get('onnx', {}).get('path', 'MODEL.onnx')}`"
@@ -82,11 +87,12 @@ class TensorRTRuntime(Runtime):
         else:
             self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        modes = {n: _enum_name(engine.get_tensor_mode(n)) for n in names}
+        self.input_name = next(n for n in names if modes[n] == "input")
+        self.output_name = next(n for n in names if modes[n] == "output")
         lo, _, hi = (list(s) for s in engine.get_tensor_profile_shape(self.input_name, 0))
-        in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
-        out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.output_name)))
+        in_dtype = np.dtype(_NP[_enum_name(engine.get_tensor_dtype(self.input_name))])
+        out_dtype = np.dtype(_NP[_enum_name(engine.get_tensor_dtype(self.output_name))])
         out_shape = list(engine.get_tensor_shape(self.output_name))
         self.num_labels = out_shape[-1]
         self.spec = InputSpec(self.input_name, in_dtype.name, tuple(hi[1:]), lo[0], hi[0])
