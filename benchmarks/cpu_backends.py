@@ -138,7 +138,7 @@ def main() -> None:
         ratios[f"batch {batch}"] = {
             "onnx_fp32_vs_hf": hf / ort32, "best": f"{best.name} {best.backend}",
             "best_vs_hf": hf / best.latency_ms.mean, "best_vs_onnx_fp32": ort32 / best.latency_ms.mean,
-            "ms_per_image": {f"{r.name} {r.backend}": r.latency_ms.mean / batch for r in rows},
+            "ms_per_image": {f"{r.name} {r.backend} {r.precision}": r.latency_ms.mean / batch for r in rows},
         }
     summary = {"machine": report.machine, "ratios": ratios, "digits_agreement": agreement,
                "digits_fp32_accuracy": e32.accuracy}

@@ -128,12 +128,13 @@ class BenchReport:
 
         t = Table(title="vitdeploy bench: latency per batch (ms), throughput (images/s)")
         for col in ("artifact", "backend", "precision", "batch", "mean", "median", "p90", "p99", "min", "max",
-                    "img/s", "speed-up", "status"):
+                    "gpu compute", "img/s", "speed-up", "status"):
             t.add_column(col, justify="right" if col not in ("artifact", "backend", "status") else "left")
         for r in self.results:
             s = r.latency_ms
             t.add_row(r.name, r.backend, r.precision, str(r.batch), f"{s.mean:.2f}", f"{s.median:.2f}",
-                      f"{s.p90:.2f}", f"{s.p99:.2f}", f"{s.min:.2f}", f"{s.max:.2f}", f"{r.throughput:.1f}",
+                      f"{s.p90:.2f}", f"{s.p99:.2f}", f"{s.min:.2f}", f"{s.max:.2f}",
+                      f"{r.compute_ms.median:.2f}" if r.compute_ms else "-", f"{r.throughput:.1f}",
                       f"{r.speedup:.2f}x" if r.speedup else "-", r.status)
         return t
 

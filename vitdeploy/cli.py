@@ -224,10 +224,9 @@ def _render_inspect(info: dict[str, Any]) -> str:
 
 
 def _open(artifact: str, backend: str, threads: int | None = None, dtype: str | None = None,
-          device: str = "auto") -> Any:
+          device: str = "auto", **options: Any) -> Any:
     from vitdeploy.engines import artifact_kind, open_runtime
 
-    options: dict[str, Any] = {}
     kind = artifact_kind(artifact)
     if threads and backend in ("onnxruntime", "openvino", "torch", "auto") and kind != "engine":
         options["threads"] = threads
@@ -259,11 +258,14 @@ def _ints(value: str) -> list[int]:
 @click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="Seconds per run instead of --iters.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--cuda-graph", is_flag=True, help="TensorRT: capture one CUDA graph per batch size.")
+@click.option("--torch-compile", is_flag=True, help="torch: run through torch.compile.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
-          duration: float | None, threads: int | None, device: str, json_path: Path | None,
+          duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
+          json_path: Path | None,
           csv_path: Path | None, plot_path: Path | None) -> None:
     """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch)."""
     from vitdeploy.bench import run_bench
@@ -282,7 +284,10 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
         for b in chosen:
             for d in (_split(dtypes) or [None]) if b in ("torch", "openvino") or (
                     b == "auto" and kind == "checkpoint") else [None]:
-                rt = _open(artifact, b, threads, d, device)
+                extra = {"cuda_graph": cuda_graph} if kind == "engine" and cuda_graph else {}
+                if kind == "checkpoint" and torch_compile:
+                    extra["compile"] = True
+                rt = _open(artifact, b, threads, d, device, **extra)
                 runtimes.append((Path(artifact).name, rt))
     report = run_bench(runtimes, batches, warmup, None if duration else iters, duration, progress=True)
     _console().print(report.table())

@@ -6,6 +6,7 @@ Q/DQ pairs into low-precision kernels).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ class OpenVinoRuntime(Runtime):
         config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
                                   "INFERENCE_PRECISION_HINT": precision_hint}
         self.compiled = core.compile_model(model, device, config)
-        self.request = self.compiled.create_infer_request()
+        self._local = threading.local()
         port = self.compiled.input(0)
         pshape = port.get_partial_shape()
         dims = [d.get_length() if d.is_static else -1 for d in pshape]
@@ -54,7 +55,9 @@ class OpenVinoRuntime(Runtime):
         return f"openvino[CPU, {self.precision_hint}, {self.threads} threads] {self.path.name} ({precision})"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        # one request per call keeps infer() safe from several threads
-        request = self.compiled.create_infer_request()
+        # one infer request per thread keeps infer() safe from several threads
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
         request.infer({0: batch})
         return np.array(request.get_output_tensor(0).data)

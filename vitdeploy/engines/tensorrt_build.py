@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -306,11 +307,15 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     phases: list[str] = []
     config.progress_monitor = _make_monitor(trt, phases, cancel, progress)
     t0 = time.perf_counter()
+    # Ctrl-C sets the cancel flag; the monitor's next step_complete returns False and TensorRT stops
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
         serialized = builder.build_serialized_network(network, config)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise BuildCancelled("build cancelled; nothing written") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     seconds = time.perf_counter() - t0
     if on_phase:
         for p in phases:

@@ -4,7 +4,8 @@
   transformer tools use), LayerNormalization kept float32 (it overflows in FP16 in large
   transformers; TensorRT issues 2564/3101) with Casts around it.
 - INT8 / FP8: onnxruntime.quantization ``quantize_static`` in QDQ format: symmetric per-channel
-  weights, symmetric per-tensor activations, only MatMul/Gemm/Conv quantized, biases left float
+  weights, symmetric per-tensor activations, the linear MatMul/Gemm layers quantized (see
+  :func:`float_nodes` for what stays float), biases left float
   (an INT32 bias DequantizeLinear is refused by TensorRT's parser), one Q/DQ pair per consumer.
   Chosen over NVIDIA ModelOpt because it is already a dependency (ONNX Runtime verifies every
   artifact), runs on the CPU without pulling onnxruntime-gpu, and its output is the Q/DQ layout
@@ -13,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,14 +65,19 @@ def calibration_batches(files: list[Path], preprocess: Callable[[Path], np.ndarr
         bar.close()
 
 
-def attention_matmuls(model: Any) -> list[str]:
-    """Names of MatMuls between two activations (Q·Kᵀ and P·V): left unquantized, as ModelOpt's
-    ``--disable_mha_qdq`` does, so attention keeps its float path (TensorRT's fused MHA kernel) and
-    no Q/DQ lands on the Softmax input."""
+def float_nodes(model: Any) -> list[str]:
+    """Nodes left unquantized:
+
+    - MatMuls between two activations (Q·Kᵀ and P·V), as ModelOpt's ``--disable_mha_qdq`` does, so
+      attention keeps its float path (TensorRT's fused MHA kernel) and no Q/DQ lands on Softmax;
+    - the patch-embedding Conv on raw pixels: on the digits model, quantizing it cut top-1
+      agreement with FP32 from 99.8% to 96.9% (the other 13 layers cost 0.2 points).
+    """
     weights = {i.name for i in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+    attention = [n.name for n in model.graph.node
+                 if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+    return attention + [n.name for n in model.graph.node if n.op_type == "Conv"]
 
 
 def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iterator[np.ndarray],
@@ -104,17 +112,18 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     model = onnx.load(str(model_path), load_external_data=False)
-    exclude = attention_matmuls(model)
+    exclude = float_nodes(model)
     quant_logger = logging.getLogger()
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)  # "consider pre-processing" is advice for other graphs
     try:
-        quantize_static(
-            str(model_path), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel, activation_type=qtype,
-            weight_type=qtype, calibrate_method=calib, use_external_data_format=external_data,
-            extra_options=extra, calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print their progress
+            quantize_static(
+                str(model_path), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel, activation_type=qtype,
+                weight_type=qtype, calibrate_method=calib, use_external_data_format=external_data,
+                extra_options=extra, calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude,
+            )
     finally:
         quant_logger.setLevel(level)
 
