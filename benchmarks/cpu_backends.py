@@ -92,7 +92,7 @@ def main() -> None:
     if importlib.util.find_spec("openvino"):
         runtimes.append(("onnx fp32", open_runtime(onnx["fp32"], backend="openvino", precision_hint="f32")))
         runtimes.append(("onnx fp32", open_runtime(onnx["fp32"], backend="openvino", precision_hint="bf16")))
-        runtimes.append(("onnx int8", open_runtime(onnx["int8"], backend="openvino", precision_hint="bf16")))
+        runtimes.append(("onnx int8", open_runtime(onnx["int8"], backend="openvino", precision_hint="f32")))
 
     results = []
     for batch in batches:
@@ -116,7 +116,7 @@ def main() -> None:
     e32 = evaluate_folder(open_runtime(d32), test)
     agreement = {}
     for label, rt in [("onnxruntime int8", open_runtime(d8))] + (
-            [("openvino int8", open_runtime(d8, backend="openvino", precision_hint="bf16"))]
+            [("openvino int8", open_runtime(d8, backend="openvino", precision_hint="f32"))]
             if importlib.util.find_spec("openvino") else []):
         e = evaluate_folder(rt, test)
         agreement[label] = {"accuracy": e.accuracy, "agreement_with_fp32": float(

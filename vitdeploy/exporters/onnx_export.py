@@ -139,13 +139,14 @@ def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int
                 model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 opset_version=opset, optimize=True, verbose=False, **kwargs,
             )
-    proto = program.model_proto
-    proto = onnxscript.optimizer.optimize(proto, input_size_limit=1 << 34, output_size_limit=1 << 34)
-    if dynamic:
-        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    proto.producer_name, proto.producer_version = "vitdeploy", __version__
-    return proto
+    # stays an onnx-ir model (no 2 GB protobuf limit) until it is known to be small
+    model_ir = onnxscript.optimizer.optimize(program.model, input_size_limit=1 << 34, output_size_limit=1 << 34)
+    model_ir.producer_name, model_ir.producer_version = "vitdeploy", __version__
+    return model_ir
+
+
+def _weight_bytes(model_ir: Any) -> int:
+    return sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
 
 
 def check_graph(proto: Any, dynamic: bool) -> None:
@@ -167,18 +168,16 @@ def histogram(proto: Any) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in proto.graph.node).most_common())
 
 
-def _save(proto: Any, path: Path) -> None:
+def _save(proto: Any, path: Path, large: bool) -> None:
+    """Write a ModelProto; a large one keeps (or gets) its weights in ``<name>.data`` beside it."""
     import onnx
+    from onnx.external_data_helper import uses_external_data
 
-    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+    if large and not any(uses_external_data(t) for t in proto.graph.initializer):
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
-
-
-def _is_large(proto: Any) -> bool:
-    return proto.ByteSize() > EXTERNAL_DATA_BYTES
 
 
 def _verification_inputs(config: Any, opts: ExportOptions, batch: int | None) -> list[np.ndarray]:
@@ -270,8 +269,17 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     loaded = resolve(source, config, seed=opts.seed)
     model, cfg = loaded.model, loaded.model.config
     batch = None if opts.dynamic_batch else opts.batch
-    proto = _torch_export(model, cfg, opts.batch, opts.dynamic_batch, opset)
-    if not _is_large(proto):
+    import onnx_ir as ir
+
+    model_ir = _torch_export(model, cfg, opts.batch, opts.dynamic_batch, opset)
+    large = _weight_bytes(model_ir) > EXTERNAL_DATA_BYTES
+    if large:  # ViT-H: the graph is checked on the IR; shape inference needs the 2 GB-limited proto
+        left = sorted({n.op_type for n in model_ir.graph if n.op_type in FORBIDDEN_OPS})
+        if left:
+            raise ExportError(f"exported graph still has {', '.join(left)} nodes")
+        proto = None
+    else:
+        proto = ir.serde.serialize_model(model_ir)
         check_graph(proto, opts.dynamic_batch)
     prep = Preprocessing.from_config(cfg)
     meta = ArtifactMetadata(
@@ -280,25 +288,34 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         source=str(loaded.source), source_sha256=loaded.sha256 or "",
         extra={"source_kind": loaded.kind, "opset": str(opset)},
     )
-    if opts.precision == "fp16":
-        proto = prec.to_fp16(proto, keep_io_types=not opts.fp16_io)
     qdq = None
     with tempfile.TemporaryDirectory(prefix=".vitdeploy-", dir=output.resolve().parent) as tmpdir:
-        tmp = Path(tmpdir) / output.name
-        if opts.precision in ("int8", "fp8"):
-            fp32_path = Path(tmpdir) / "fp32.onnx"
-            _save(proto, fp32_path)
+        (Path(tmpdir) / "out").mkdir()
+        tmp = Path(tmpdir) / "out" / output.name
+        fp32_path = Path(tmpdir) / "fp32.onnx"
+        if large:
+            ir.save(model_ir, fp32_path, external_data=fp32_path.name + ".data")
+        del model_ir
+        if opts.precision == "fp16":
+            # FP16 halves the weights: ViT-H's proto fits under 2 GB again
+            proto = prec.to_fp16(proto if proto is not None else onnx.load(str(fp32_path)),
+                                 keep_io_types=not opts.fp16_io)
+            large = proto.ByteSize() > EXTERNAL_DATA_BYTES
+        elif opts.precision in ("int8", "fp8"):
+            if proto is not None:
+                _save(proto, fp32_path, large=False)
             batches = prec.calibration_batches(calib_files, lambda f: prep(open_image(f)), batch, progress)
             prec.quantize(fp32_path, tmp, INPUT_NAME, batches, opts.precision, opts.calib_method,
-                          external_data=_is_large(proto))
-            proto = onnx.load(str(tmp))
+                          external_data=large)
+            proto = onnx.load(str(tmp), load_external_data=not large)
             qdq = prec.qdq_coverage(proto)
             notes.append(f"calibrated on {len(calib_files)} images from {opts.calib_dir} ({opts.calib_method}"
                          f"{', distribution for fp8' if opts.precision == 'fp8' else ''})")
+        elif proto is None:
+            proto = onnx.load(str(fp32_path), load_external_data=True)
         set_metadata(proto, meta)
-        _save(proto, tmp)
-        if not _is_large(proto):
-            onnx.checker.check_model(str(tmp), full_check=True)
+        _save(proto, tmp, large)
+        onnx.checker.check_model(str(tmp), full_check=not large)
         comparison = None
         tolerance = TOLERANCES[opts.precision]
         if opts.verify:
@@ -313,6 +330,8 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         if data.exists():
             os.replace(data, output.with_name(output.name + ".data"))
         os.replace(tmp, output)
+        if large:
+            notes.append(f"weights in {output.name}.data (ONNX external data: the model is over 2 GB)")
     return ExportReport(
         path=output, precision=opts.precision, opset=opset, batch=meta.batch, node_count=len(proto.graph.node),
         op_histogram=histogram(proto), file_bytes=output.stat().st_size, export_seconds=time.perf_counter() - t0,
