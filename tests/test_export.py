@@ -182,3 +182,4 @@ def test_failed_verification_removes_the_file(tiny_checkpoint, tmp_path, monkeyp
     with pytest.raises(ExportError, match="disagrees with torch beyond tolerance"):
         export_onnx(tiny_checkpoint, tmp_path / "m.onnx")
     assert _no_leftovers(tmp_path)
+

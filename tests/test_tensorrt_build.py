@@ -1,6 +1,8 @@
 """Real TensorRT-RTX engine builds on the CPU (ahead of time for named GPU targets)."""
 
 import json
+import os
+import stat
 import sys
 import threading
 
@@ -30,6 +32,10 @@ def test_every_precision_builds_for_sm89(digits_onnx, tmp_path, precision):
     assert side["io"][1]["name"] == "logits" and side["io"][1]["shape"] == [-1, 10]
     assert side["model"]["labels"] == [str(i) for i in range(10)] and side["model"]["precision"] == precision
     assert side["options"]["opt_level"] == 3 and side["vitdeploy_version"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (tmp_path / "m.engine", tmp_path / "m.json"):  # not mkstemp's 0600
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask
 
 
 def test_static_batch_engine_and_refused_profile(digits_onnx, tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 from vitdeploy import __version__
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
-from vitdeploy.io import check_output_dir
+from vitdeploy.io import check_output_dir, make_readable
 from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
 
 INPUT_NAME = "pixel_values"
@@ -328,6 +328,7 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
                 )
         data = tmp.with_name(tmp.name + ".data")
         if data.exists():
+            make_readable(data)
             os.replace(data, output.with_name(output.name + ".data"))
         os.replace(tmp, output)
         if large:
