@@ -183,3 +183,11 @@ def test_failed_verification_removes_the_file(tiny_checkpoint, tmp_path, monkeyp
         export_onnx(tiny_checkpoint, tmp_path / "m.onnx")
     assert _no_leftovers(tmp_path)
 
+
+
+def test_fp16_has_no_runtime_casts_of_weights(digits_onnx):
+    model = onnx.load(str(digits_onnx["fp16"]))
+    inits = {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits]
+    ln_weights = {n.input[1] for n in model.graph.node if n.op_type == "LayerNormalization"}
+    assert all(i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer if i.name in ln_weights)

@@ -32,13 +32,16 @@ def to_fp16(model: Any, keep_io_types: bool = True, keep_fp32_ops: tuple[str, ..
     """FP32 ``onnx.ModelProto`` -> FP16 weights and compute; ``keep_io_types`` leaves I/O float32."""
     import warnings
 
+    import onnxscript.optimizer
     from onnxconverter_common import float16
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one "truncated to 1e-07" warning per tiny weight
-        return float16.convert_float_to_float16(
+        converted = float16.convert_float_to_float16(
             model, keep_io_types=keep_io_types, op_block_list=list(keep_fp32_ops), disable_shape_infer=False
         )
+    # the converter casts the kept ops' FP16 weights back to FP32 at run time: fold those Casts
+    return onnxscript.optimizer.optimize(converted, input_size_limit=1 << 34, output_size_limit=1 << 34)
 
 
 def calibration_batches(files: list[Path], preprocess: Callable[[Path], np.ndarray], batch: int | None,
