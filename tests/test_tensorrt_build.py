@@ -125,3 +125,18 @@ def test_inspect_onnx_reports_qdq(digits_onnx):
     info = json.loads(r.output)
     assert info["qdq"]["quantizable"] == 14 and info["qdq"]["quantized"] == 13
     assert info["model"]["precision"] == "int8" and info["ops"]["DequantizeLinear"] > 0
+
+
+def test_export_with_engine_in_one_command(tiny_checkpoint, tmp_path):
+    from vitdeploy.engines.tensorrt_build import current_gpu
+
+    out = tmp_path / "m.onnx"
+    if current_gpu() is None:
+        r = CliRunner().invoke(main, ["export", "-m", str(tiny_checkpoint), "-o", str(out), "--engine"])
+        assert r.exit_code == 2 and "needs --compute-capability" in r.output and not out.exists()
+    r = CliRunner().invoke(main, ["export", "-m", str(tiny_checkpoint), "-o", str(out), "--precision", "fp16",
+                                  "--dynamic-batch", "--engine", "--compute-capability", "sm89,sm120"])
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["precision"] == "fp16" and side["targets"] == ["sm89", "sm120"]
+    assert (tmp_path / "m.engine").stat().st_size > 0

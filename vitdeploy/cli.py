@@ -118,6 +118,8 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
     """Export a checkpoint to ONNX (fixed image size) in FP32, FP16, INT8 or FP8, verified against torch."""
     from vitdeploy.exporters import ExportOptions, export_onnx
 
+    if engine and not compute_capability and not _has_gpu():
+        raise click.UsageError("--engine on a machine without a GPU needs --compute-capability (e.g. sm89)")
     opts = ExportOptions(
         batch=batch, dynamic_batch=dynamic_batch, opset=opset, precision=precision, fp16_io=fp16_io,
         calib_dir=calib_dir, calib_samples=calib_samples, calib_method=calib_method, verify_images=images,
@@ -129,8 +131,6 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
         from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
 
         engine_path = output.with_suffix(".engine")
-        if not compute_capability and not _has_gpu():
-            raise click.UsageError("--engine on a machine without a GPU needs --compute-capability (e.g. sm89)")
         bopts = BuildOptions(compute_capabilities=_split(compute_capability))
         breport = build_engine(output, engine_path, bopts, progress=True)
         click.echo(breport.render())
