@@ -34,7 +34,6 @@ def evaluate_folder(runtime: Any, folder: str | Path, batch_size: int = 32) -> E
     files, classes = labelled_images(folder)
     labels = runtime.labels
     index = {name: i for i, name in enumerate(labels)}
-    targets = []
     for c in sorted(set(classes)):
         if c not in index and not (c.isdigit() and int(c) < len(labels)):
             raise VitDeployError(f"class folder {c!r} names no label of the model ({', '.join(labels[:5])}, ...)")
