@@ -1,6 +1,7 @@
 """The Runtime interface on ONNX Runtime, OpenVINO and torch; TensorRT's checks; predict/compare/bench."""
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -67,6 +68,50 @@ def test_openvino_runs_the_same_files(digits, digits_onnx):
     assert ov.backend == "openvino" and np.abs(ov.infer(_x(3)) - ref).max() < 1e-3
     ov8 = open_runtime(digits_onnx["int8"], backend="openvino")
     assert ov8.infer(_x(2)).shape == (2, 10)
+
+
+def test_int8_qdq_as_uint8_is_exact(digits_onnx):
+    """Run literally (no graph optimization), the uint8 form gives the same floats as the int8 file."""
+    x = _x(3)
+    as_written = open_runtime(digits_onnx["int8"], optimization="disable", qdq_activations="int8")
+    as_uint8 = open_runtime(digits_onnx["int8"], optimization="disable", qdq_activations="uint8")
+    assert as_written.qdq_rewritten == 0 and as_uint8.qdq_rewritten >= 20
+    assert "Q/DQ as uint8]" in as_uint8.describe()
+    np.testing.assert_array_equal(as_uint8.infer(x), as_written.infer(x))
+    assert open_runtime(digits_onnx["fp32"], qdq_activations="uint8").qdq_rewritten == 0
+
+
+def test_int8_qdq_as_uint8_fuses_every_quantized_linear(digits_onnx, tmp_path):
+    """With uint8 activations ONNX Runtime runs every quantized MatMul as an integer kernel."""
+    import onnx
+    import onnxruntime as ort
+
+    from vitdeploy.engines.onnxruntime_backend import qdq_activations_to_uint8
+    from vitdeploy.exporters.precision import qdq_coverage
+
+    model = onnx.load(str(digits_onnx["int8"]))
+    quantized = qdq_coverage(model)["quantized"]
+    assert qdq_activations_to_uint8(model) > 0
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(so.optimized_model_filepath).graph.node
+    producers = {o: n.op_type for n in nodes for o in n.output}
+    assert sum(n.op_type in ("QLinearMatMul", "QGemm", "MatMulIntegerToFloat") for n in nodes) == quantized
+    assert not [n.name for n in nodes
+                if n.op_type == "MatMul" and any(producers.get(i) == "DequantizeLinear" for i in n.input)]
+
+
+def test_int8_qdq_as_uint8_keeps_accuracy(digits, digits_onnx):
+    from vitdeploy.evaluate import evaluate_folder
+
+    fp32 = evaluate_folder(open_runtime(digits_onnx["fp32"]), digits["test"])
+    u8 = evaluate_folder(open_runtime(digits_onnx["int8"], qdq_activations="uint8"), digits["test"])
+    assert np.mean(np.array(u8.predictions) == np.array(fp32.predictions)) >= 0.97
+    assert abs(u8.accuracy - fp32.accuracy) <= 0.015
+    with pytest.raises(VitDeployError, match="qdq_activations must be one of auto, int8, uint8"):
+        open_runtime(digits_onnx["int8"], qdq_activations="s8")
 
 
 def test_not_an_artifact(tmp_path):
@@ -193,6 +238,8 @@ def test_bench_side_by_side(digits, digits_onnx, tmp_path):
     rows = data["results"]
     assert len(rows) == 6 and {row["batch"] for row in rows} == {1, 2}
     assert {row["precision"] for row in rows} == {"fp32", "int8"}
+    if platform.machine().lower() in ("x86_64", "amd64"):  # auto: ONNX Runtime's fast integer path on x86
+        assert [row["precision"] for row in rows if "Q/DQ as uint8" in row["backend"]] == ["int8", "int8"]
     assert rows[0]["speedup"] == 1.0 and all(row["iterations"] == 3 for row in rows)
     lat = rows[0]["latency_ms"]
     assert lat["min"] <= lat["median"] <= lat["p99"] <= lat["max"] and lat["mean"] > 0

@@ -260,12 +260,16 @@ def _ints(value: str) -> list[int]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: capture one CUDA graph per batch size.")
 @click.option("--torch-compile", is_flag=True, help="torch: run through torch.compile.")
+@click.option("--qdq-activations", default="auto", show_default=True,
+              type=click.Choice(["auto", "int8", "uint8"]),
+              help="ONNX Runtime, INT8 files: run activation Q/DQ as written (int8) or as the equivalent "
+                   "uint8 (auto: uint8 on x86 CPUs, where it is the fast integer path).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
-          json_path: Path | None,
+          qdq_activations: str, json_path: Path | None,
           csv_path: Path | None, plot_path: Path | None) -> None:
     """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch)."""
     from vitdeploy.bench import run_bench
@@ -287,6 +291,8 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
                 extra = {"cuda_graph": cuda_graph} if kind == "engine" and cuda_graph else {}
                 if kind == "checkpoint" and torch_compile:
                     extra["compile"] = True
+                if kind == "onnx" and b in ("auto", "onnxruntime"):
+                    extra["qdq_activations"] = qdq_activations
                 rt = _open(artifact, b, threads, d, device, **extra)
                 runtimes.append((Path(artifact).name, rt))
     report = run_bench(runtimes, batches, warmup, None if duration else iters, duration, progress=True)
