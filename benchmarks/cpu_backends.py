@@ -3,7 +3,8 @@
     python benchmarks/cpu_backends.py [--out bench-results] [--iters 20] [--batches 1,8]
 
 Measures HF transformers torch eager FP32 (the baseline a user has today), our torch model
-(FP32, bf16), our ONNX FP32 / FP16 / INT8 Q/DQ through ONNX Runtime and OpenVINO (FP32 and its
+(FP32, bf16), our ONNX FP32 / FP16 / INT8 Q/DQ through ONNX Runtime (the INT8 file both with its
+activation Q/DQ run as uint8, the default on x86, and as written) and OpenVINO (FP32 and its
 bf16 hint). Prints the table, the machine, and the target ratios; top-1 agreement of the INT8 path
 is measured on the trained digits model (random ViT-B weights have no meaningful top-1).
 Needs the dev extra (transformers, scikit-learn) and optionally openvino.
@@ -89,6 +90,8 @@ def main() -> None:
                                            ("ours torch", open_runtime(ckpt, dtype="bf16"))]
     for prec in ("fp32", "fp16", "int8"):
         runtimes.append((f"onnx {prec}", open_runtime(onnx[prec], backend="onnxruntime")))
+    # the int8 Q/DQ file as written (int8 activations), beside the default (uint8 on x86, see the backend)
+    runtimes.append(("onnx int8", open_runtime(onnx["int8"], backend="onnxruntime", qdq_activations="int8")))
     if importlib.util.find_spec("openvino"):
         runtimes.append(("onnx fp32", open_runtime(onnx["fp32"], backend="openvino", precision_hint="f32")))
         runtimes.append(("onnx fp32", open_runtime(onnx["fp32"], backend="openvino", precision_hint="bf16")))
@@ -115,7 +118,8 @@ def main() -> None:
         dynamic_batch=True, precision="int8", calib_dir=train, calib_samples=256)).path
     e32 = evaluate_folder(open_runtime(d32), test)
     agreement = {}
-    for label, rt in [("onnxruntime int8", open_runtime(d8))] + (
+    for label, rt in [("onnxruntime int8", open_runtime(d8)),
+                      ("onnxruntime int8 as written", open_runtime(d8, qdq_activations="int8"))] + (
             [("openvino int8", open_runtime(d8, backend="openvino", precision_hint="f32"))]
             if importlib.util.find_spec("openvino") else []):
         e = evaluate_folder(rt, test)

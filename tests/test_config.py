@@ -58,3 +58,21 @@ def test_presets():
     assert sizes == (1024, 24, 16, 32)
     with pytest.raises(ValueError, match="unknown preset 'vit-giant"):
         preset("vit-giant-patch16-224")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"patch_size": (8, 16), "image_size": (64, 96), "num_labels": 7}])
+def test_flops_match_torch_flop_counter(kwargs):
+    """The analytic count equals what torch's FlopCounterMode sees in a forward pass of our model."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitdeploy.model import ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                    **{"image_size": 32, "patch_size": 8, "num_labels": 10, **kwargs})
+    model = ViTForImageClassification(cfg).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(2, 3, *cfg.image_hw))
+    assert counter.get_total_flops() == cfg.flops(batch=2)
+    assert preset("vit-base-patch16-224").flops() == 35_127_656_448  # 17.6 GMAC, as usually quoted

@@ -129,6 +129,14 @@ class ViTConfig:
         names = self.id2label or {}
         return [names.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
 
+    def flops(self, batch: int = 1) -> int:
+        """Floating-point operations of one forward pass (2 per multiply-add of every matrix product:
+        patch projection, Q/K/V, Q·Kᵀ, P·V, attention output, MLP, classifier on [CLS])."""
+        (ph, pw), h, s = self.patch_hw, self.hidden_size, self.num_patches + 1
+        patch = self.num_patches * self.num_channels * ph * pw * h
+        layer = 4 * s * h * h + 2 * s * s * h + 2 * s * h * self.intermediate_size
+        return 2 * batch * (patch + self.num_hidden_layers * layer + h * self.num_labels)
+
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 

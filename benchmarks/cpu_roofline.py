@@ -1,0 +1,179 @@
+"""How fast can this CPU run ViT-B at all? Matrix-multiply throughput per number format, as ratios.
+
+    python benchmarks/cpu_roofline.py [--batches 1,8] [--skip-model]
+
+A ViT is almost all matrix products (``ViTConfig.flops``: 35.1 GFLOP per vit-base-patch16-224
+image). This script measures, on this CPU, in one run, the throughput of the products ViT-B is
+made of (the MLP's 197*batch x 768 x 3072) in each number format the CPU backends can use:
+
+- FP32 through ONNX Runtime (MLAS) and torch (oneDNN);
+- INT8 through ONNX Runtime: uint8 x int8 (the kernels MLAS has for AVX2, AVX-512 VNNI, AMX)
+  and int8 x int8 (what an int8 Q/DQ file asks for; x86 kernels only with AVX-VNNI-INT8);
+- bf16 through torch (native with AVX-512 BF16 or AMX, emulated otherwise).
+
+From these it prints the fastest any backend could run ViT-B per format (FLOPs / throughput),
+then measures HF transformers eager FP32 and our ONNX FP32 through ONNX Runtime, and shows how
+far the speed targets (best path 5x HF eager and 2x ONNX FP32) lie from what the silicon allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WANTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx_vnni_int8", "amx_int8",
+                "amx_bf16")
+
+
+def _time(fn: Any, min_seconds: float = 2.0) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _ort_session(nodes: list[Any], inputs: list[Any], output: Any, inits: list[Any], threads: int) -> Any:
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "gemm", inputs, [output], inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def gemm_throughput(m: int, k: int, n: int, threads: int) -> dict[str, float]:
+    """GFLOP/s (GOP/s for integers; 2 per multiply-add) of an (m, k) x (k, n) product per format."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ops = 2 * m * k * n
+    out: dict[str, float] = {}
+
+    s = _ort_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                     helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n]), [numpy_helper.from_array(w, "w")],
+                     threads)
+    out["onnxruntime fp32"] = ops / _time(lambda: s.run(None, {"x": x})) / 1e9
+
+    wq = np.clip(np.round(w / 0.03), -127, 127).astype(np.int8)
+    for name, dtype, proto in (("uint8 x int8", np.uint8, TensorProto.UINT8),
+                               ("int8 x int8", np.int8, TensorProto.INT8)):
+        info = np.iinfo(dtype)
+        xq = rng.integers(info.min, info.max, (m, k)).astype(dtype)
+        inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.array(0.03, np.float32), "ws"),
+                 numpy_helper.from_array(np.array(0, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(0.1, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(0, dtype), "xz")]
+        node = helper.make_node("MatMulIntegerToFloat", ["x", "wq", "xs", "ws", "xz", "wz"], ["y"],
+                                domain="com.microsoft")
+        s8 = _ort_session([node], [helper.make_tensor_value_info("x", proto, [m, k])],
+                          helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n]), inits, threads)
+        out[f"onnxruntime {name}"] = ops / _time(lambda s8=s8, xq=xq: s8.run(None, {"x": xq})) / 1e9
+
+    torch.set_num_threads(threads)
+    for name, dtype in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
+        a, b = torch.from_numpy(x).to(dtype), torch.from_numpy(w).to(dtype)
+        with torch.inference_mode():
+            out[name] = ops / _time(lambda a=a, b=b: a @ b) / 1e9
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-model", action="store_true", help="Only the matrix products, not ViT-B itself.")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from vitdeploy import sysinfo
+    from vitdeploy.config import preset
+    from vitdeploy.engines.onnxruntime_backend import default_threads
+
+    threads = args.threads or default_threads()
+    cfg = preset("vit-base-patch16-224")
+    flags = set(sysinfo.cpu_flags())
+    summary: dict[str, Any] = {
+        "cpu": sysinfo.cpu_model(), "threads": threads,
+        "flags": {f: f in flags for f in WANTED_FLAGS}, "gflop_per_image": cfg.flops() / 1e9, "batches": {},
+    }
+    print(f"cpu: {summary['cpu']}, {threads} threads; "
+          f"flags: {' '.join(f for f in WANTED_FLAGS if f in flags) or 'none of ' + ', '.join(WANTED_FLAGS)}")
+    print(f"vit-base-patch16-224: {cfg.flops() / 1e9:.1f} GFLOP per image")
+
+    model_ms: dict[int, dict[str, float]] = {}
+    if not args.skip_model:
+        model_ms = measure_models([int(b) for b in args.batches.split(",")], threads)
+
+    for batch in (int(b) for b in args.batches.split(",")):
+        m = (cfg.num_patches + 1) * batch
+        rates = gemm_throughput(m, cfg.hidden_size, cfg.intermediate_size, threads)
+        floor = {k: cfg.flops() / (v * 1e9) * 1e3 for k, v in rates.items()}
+        best = max(rates, key=rates.__getitem__)
+        entry: dict[str, Any] = {"gemm_shape": [m, cfg.hidden_size, cfg.intermediate_size],
+                                 "gop_per_s": rates, "floor_ms_per_image": floor, "fastest_format": best}
+        print(f"\nbatch {batch}: ({m} x {cfg.hidden_size}) x ({cfg.hidden_size} x {cfg.intermediate_size})")
+        print(f"  {'format':28s} {'GOP/s':>8s} {'vs fp32':>8s} {'ViT-B floor ms/img':>19s}")
+        for k, v in rates.items():
+            print(f"  {k:28s} {v:8.1f} {v / rates['onnxruntime fp32']:7.2f}x {floor[k]:19.0f}")
+        if batch in model_ms:
+            hf, ort32 = model_ms[batch]["hf_eager_fp32"], model_ms[batch]["onnxruntime_fp32"]
+            target = min(hf / 5, ort32 / 2)
+            need = cfg.flops() / (target / 1e3) / 1e9
+            entry.update(measured_ms_per_image=model_ms[batch], target_ms_per_image=target,
+                         needed_gop_per_s=need, needed_vs_fastest=need / rates[best],
+                         onnxruntime_fp32_share_of_fp32_peak=floor["onnxruntime fp32"] / ort32)
+            print(f"  measured: HF eager FP32 {hf:.0f} ms/img, our ONNX FP32 on ONNX Runtime {ort32:.0f} ms/img "
+                  f"({floor['onnxruntime fp32'] / ort32:.0%} of the FP32 product rate)")
+            print(f"  targets (5x HF eager, 2x ONNX FP32): {target:.0f} ms/img, i.e. {need:.0f} GOP/s sustained: "
+                  f"{need / rates[best]:.1f}x the fastest format here ({best}, {rates[best]:.0f} GOP/s)")
+        summary["batches"][batch] = entry
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+def measure_models(batches: list[int], threads: int) -> dict[int, dict[str, float]]:
+    """HF transformers eager FP32 and our ONNX FP32 on ONNX Runtime, ms per image (median)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cpu_backends import HFRuntime
+    from safetensors.torch import save_file
+
+    from vitdeploy.checkpoints import resolve
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    work = Path(tempfile.mkdtemp(prefix="vitdeploy-roofline-"))
+    model = resolve("vit-base-patch16-224", seed=0).model
+    (work / "hf").mkdir()
+    (work / "hf" / "config.json").write_text(model.config.to_json())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "hf" / "model.safetensors")
+    onnx_path = export_onnx(work / "hf", work / "vit-b16.onnx", options=ExportOptions(dynamic_batch=True)).path
+    runtimes = {"hf_eager_fp32": HFRuntime(work / "hf"), "onnxruntime_fp32": open_runtime(onnx_path, threads=threads)}
+    out: dict[int, dict[str, float]] = {}
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+        out[batch] = {k: _time(lambda rt=rt, x=x: rt.infer(x), 5.0) * 1e3 / batch for k, rt in runtimes.items()}
+    return out
+
+
+if __name__ == "__main__":
+    main()
