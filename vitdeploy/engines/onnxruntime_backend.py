@@ -52,6 +52,8 @@ def qdq_activations_to_uint8(model: Any) -> int:
     for q in graph.node:
         if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or q.input[0] in inits:
             continue
+        if any(a.name == "output_dtype" for a in q.attribute):  # opset 21: the type named twice
+            continue
         z = int8_zero_point(q)
         users = consumers.get(q.output[0], [])
         if z is None or not users or q.output[0] in outputs:
