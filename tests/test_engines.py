@@ -247,3 +247,13 @@ def test_bench_side_by_side(digits, digits_onnx, tmp_path):
     assert (tmp_path / "b.csv").read_text().count("\n") == 7
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "speed-up" in r.output
+
+
+def test_bench_runs_int8_qdq_as_written_on_request(digits_onnx, tmp_path):
+    r = CliRunner().invoke(main, ["bench", str(digits_onnx["int8"]), "--batch", "1", "--warmup", "0", "--iters", "2",
+                                  "--qdq-activations", "int8", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["precision"] == "int8" and "uint8" not in row["backend"]
+    r = CliRunner().invoke(main, ["bench", str(digits_onnx["int8"]), "--qdq-activations", "s8"])
+    assert r.exit_code != 0 and "'s8' is not one of 'auto', 'int8', 'uint8'" in r.output
