@@ -37,6 +37,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
     props = {p.key: p.value for p in model.metadata_props}
+    qdq = qdq_coverage(model)
+    ort_cpu = _onnxruntime_cpu(path, model) if qdq["q_nodes"] else None
     try:
         meta: dict[str, Any] | None = ArtifactMetadata.from_props(props).to_dict()
     except VitDeployError:
@@ -47,8 +49,32 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         "inputs": [{"name": i.name, "shape": shape(i), "dtype": onnx.helper.tensor_dtype_to_np_dtype(
             i.type.tensor_type.elem_type).name} for i in model.graph.input],
         "outputs": [{"name": o.name, "shape": shape(o)} for o in model.graph.output],
-        "nodes": len(model.graph.node), "ops": histogram(model), "qdq": qdq_coverage(model), "model": meta,
+        "nodes": len(model.graph.node), "ops": histogram(model), "qdq": qdq,
+        **({"onnxruntime_cpu": ort_cpu} if ort_cpu else {}), "model": meta,
     }
+
+
+def _onnxruntime_cpu(path: Path, model: Any) -> dict[str, Any] | None:
+    """Weighted ops ONNX Runtime's CPU provider runs as integer kernels, as written and as uint8."""
+    import copy
+    import importlib.util
+
+    import onnx
+
+    if importlib.util.find_spec("onnxruntime") is None or path.stat().st_size > 2**31 - 1:
+        return None
+    from vitdeploy.engines.onnxruntime_backend import cpu_kernel_report, qdq_activations_to_uint8
+
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
+        return None
+    try:
+        report: dict[str, Any] = {"as_written": cpu_kernel_report(model)}
+        as_uint8 = copy.deepcopy(model)
+        if qdq_activations_to_uint8(as_uint8):
+            report["qdq_as_uint8"] = cpu_kernel_report(as_uint8)
+    except Exception:  # a model ONNX Runtime cannot load: the runtime commands say why
+        return None
+    return report
 
 
 def read_sidecar(engine: Path) -> dict[str, Any]:

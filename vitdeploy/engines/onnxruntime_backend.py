@@ -81,6 +81,37 @@ def qdq_activations_to_uint8(model: Any) -> int:
     return len(retyped)
 
 
+INTEGER_KERNELS = ("QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "QLinearConv", "ConvInteger",
+                   "DynamicQuantizeMatMul")
+
+
+def cpu_kernel_report(model: Any) -> dict[str, int]:
+    """How ONNX Runtime's CPU provider runs a Q/DQ model's weighted ops after its graph optimizations.
+
+    ``integer``: ops fused into integer kernels (QLinearMatMul, QGemm, ...). ``float_on_dequantized``:
+    MatMul/Gemm/Conv left in float with a DequantizeLinear input (Q/DQ that buys no speed).
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="vitdeploy-ort-") as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(so.optimized_model_filepath).graph.node
+    producers = {o: n.op_type for n in nodes for o in n.output}
+    return {
+        "integer": sum(n.op_type in INTEGER_KERNELS for n in nodes),
+        "float_on_dequantized": sum(n.op_type in ("MatMul", "Gemm", "Conv", "FusedMatMul")
+                                    and any(producers.get(i) == "DequantizeLinear" for i in n.input)
+                                    for n in nodes),
+    }
+
+
 def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
