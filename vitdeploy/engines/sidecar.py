@@ -1,0 +1,199 @@
+"""The engine sidecar: one typed home for the JSON file that travels with every TensorRT engine.
+
+``m.engine`` -> ``m.json`` (same folder, same stem). It records what the engine needs to be run
+and checked without deserializing it: flavour and version of TensorRT, GPU targets, I/O tensors,
+the batch profile, build options, the model's metadata, and the engine's own size and SHA-256 so
+that a reader never pairs an engine with another build's sidecar. The runtime, inspect, Triton and
+the CLI read engines through :meth:`EngineSidecar.read`; nothing else reads the JSON by key.
+
+Flavour names live here too: ``tensorrt`` (full TensorRT, the ``tensorrt`` module) and
+``tensorrt_rtx`` (TensorRT-RTX, ``tensorrt_rtx``), and the compute capabilities each runs on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.errors import VitDeployError
+
+FORMAT = "vitdeploy-engine/1"
+
+TENSORRT = "tensorrt"
+TENSORRT_RTX = "tensorrt_rtx"
+FLAVOURS = (TENSORRT, TENSORRT_RTX)
+FLAVOUR_TITLES = {TENSORRT: "full TensorRT", TENSORRT_RTX: "TensorRT-RTX"}
+# what users type (--trt) -> flavour (= the Python module's name)
+_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "full": TENSORRT,
+            "rtx": TENSORRT_RTX, "tensorrt_rtx": TENSORRT_RTX, "tensorrt-rtx": TENSORRT_RTX}
+# TensorRT-RTX runs RTX-class GPUs only (its ComputeCapability enum); Hopper (sm90), Blackwell
+# datacenter (sm100, sm103), Thor (sm110) and the rest need full TensorRT.
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+
+
+def flavour_name(text: str) -> str:
+    """'rtx' | 'tensorrt_rtx' | 'tensorrt' ... -> the flavour ('tensorrt' or 'tensorrt_rtx')."""
+    try:
+        return _ALIASES[text.strip().lower()]
+    except KeyError:
+        raise VitDeployError(f"TensorRT flavour {text!r}: choose tensorrt (full TensorRT) or rtx (TensorRT-RTX)"
+                             ) from None
+
+
+def flavours_for(compute_capability: str) -> list[str]:
+    """The flavours whose engines run on a GPU of ``compute_capability`` (smXY), best first."""
+    if compute_capability in RTX_TARGETS:
+        return [TENSORRT, TENSORRT_RTX]
+    return [TENSORRT]
+
+
+def runs_on(flavour: str, compute_capability: str) -> bool:
+    return flavour in flavours_for(compute_capability)
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    """The engine's JSON sidecar: same folder, same stem."""
+    return Path(engine).with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    name: str
+    mode: str  # input | output
+    shape: list[int]  # -1 for a dynamic axis
+    dtype: str  # TensorRT's name, lower case: float | half | int8 | bf16 ...
+
+
+@dataclass
+class EngineSidecar:
+    flavour: str  # tensorrt | tensorrt_rtx
+    trt_version: str
+    targets: list[str]  # smXY the engine was built for
+    precision: str
+    io: list[TensorIO]
+    profile: dict[str, list[int]]  # min / opt / max input shapes
+    onnx_path: str = ""
+    onnx_sha256: str = ""
+    gpu: str | None = None  # the GPU a full-TensorRT build ran on
+    options: dict[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    built_at: str = ""
+    vitdeploy_version: str = ""
+    model: dict[str, Any] | None = None
+    engine_bytes: int | None = None
+    engine_sha256: str | None = None
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def input(self) -> TensorIO:
+        return next(t for t in self.io if t.mode == "input")
+
+    @property
+    def output(self) -> TensorIO:
+        return next(t for t in self.io if t.mode == "output")
+
+    @property
+    def title(self) -> str:
+        return FLAVOUR_TITLES[self.flavour]
+
+    @property
+    def version_compatible(self) -> bool:
+        return bool(self.options.get("version_compatible"))
+
+    @property
+    def hardware_compat(self) -> str | None:
+        return self.options.get("hardware_compat")
+
+    # -- (de)serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {
+            "format": FORMAT, "flavour": self.flavour, "trt_version": self.trt_version, "targets": self.targets,
+            "gpu": self.gpu, "precision": self.precision, "io": d["io"], "profile": self.profile,
+            "onnx": {"path": self.onnx_path, "sha256": self.onnx_sha256},
+            "engine": {"bytes": self.engine_bytes, "sha256": self.engine_sha256},
+            "options": self.options, "build_seconds": self.build_seconds, "built_at": self.built_at,
+            "vitdeploy_version": self.vitdeploy_version, "model": self.model,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "sidecar") -> EngineSidecar:
+        """Validate and type a sidecar's JSON; VitDeployError naming the problem and the fix."""
+        fix = "rebuild the engine with `vitdeploy build`"
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise VitDeployError(f"{where} is not a vitdeploy engine sidecar ({FORMAT}): {fix}")
+        try:
+            flavour = data["flavour"]
+            if flavour not in FLAVOURS:
+                raise ValueError(f"flavour {flavour!r}")
+            io = [TensorIO(str(t["name"]), str(t["mode"]), [int(d) for d in t["shape"]], str(t["dtype"]))
+                  for t in data["io"]]
+            if sorted({t.mode for t in io}) != ["input", "output"]:
+                raise ValueError("io needs an input and an output")
+            profile = {k: [int(d) for d in data["profile"][k]] for k in ("min", "opt", "max")}
+            engine = data.get("engine") or {}
+            onnx = data.get("onnx") or {}
+            options = data.get("options") or {}
+            model = data.get("model")
+            if not isinstance(options, dict) or not (model is None or isinstance(model, dict)):
+                raise ValueError("options/model")
+            return cls(
+                flavour=flavour, trt_version=str(data["trt_version"]), targets=[str(t) for t in data["targets"]],
+                precision=str(data.get("precision", "unknown")), io=io, profile=profile,
+                onnx_path=str(onnx.get("path", "")), onnx_sha256=str(onnx.get("sha256", "")), gpu=data.get("gpu"),
+                options=options, build_seconds=float(data.get("build_seconds", 0.0)),
+                built_at=str(data.get("built_at", "")), vitdeploy_version=str(data.get("vitdeploy_version", "")),
+                model=model, engine_bytes=engine.get("bytes"), engine_sha256=engine.get("sha256"),
+            )
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            raise VitDeployError(f"{where} is malformed ({type(e).__name__}: {e}): {fix}") from None
+
+    @classmethod
+    def read(cls, engine: str | Path, verify: bool = True) -> EngineSidecar:
+        """The sidecar of ``engine``; with ``verify``, also check it describes this engine file."""
+        engine = Path(engine)
+        side = sidecar_path(engine)
+        if not side.is_file():
+            raise VitDeployError(f"{engine} has no sidecar {side.name}: rebuild it with `vitdeploy build`")
+        try:
+            data = json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VitDeployError(
+                f"sidecar {side} is corrupt ({e.__class__.__name__}): rebuild with `vitdeploy build`"
+            ) from None
+        out = cls.from_dict(data, where=f"sidecar {side}")
+        if verify and engine.is_file():
+            out.check_engine_file(engine)
+        return out
+
+    def check_engine_file(self, engine: str | Path, data: bytes | None = None) -> None:
+        """Refuse an engine file this sidecar does not describe (another build's engine, a torn copy)."""
+        from vitdeploy.io import sha256_file
+
+        engine = Path(engine)
+        if self.engine_bytes is None and self.engine_sha256 is None:
+            return  # sidecars written before the engine's hash was recorded
+        size = len(data) if data is not None else engine.stat().st_size
+        if self.engine_bytes is not None and size != self.engine_bytes:
+            mismatch = f"{size} bytes, the sidecar says {self.engine_bytes}"
+        elif self.engine_sha256 is not None:
+            import hashlib
+
+            digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(engine)
+            if digest == self.engine_sha256:
+                return
+            mismatch = "its SHA-256 is not the one the sidecar records"
+        else:
+            return
+        raise VitDeployError(f"{engine} does not match its sidecar {sidecar_path(engine).name} ({mismatch}): "
+                             "they come from different builds; rebuild with `vitdeploy build`")
+
+
+def read_sidecar(engine: str | Path, verify: bool = True) -> EngineSidecar:
+    """Shorthand for :meth:`EngineSidecar.read`."""
+    return EngineSidecar.read(engine, verify=verify)
