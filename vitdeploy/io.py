@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def check_output_dir(path: Path) -> None:
@@ -52,3 +54,132 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --- multi-file outputs -------------------------------------------------------------------------------
+# A set of files (ONNX + its external weights; an engine + its sidecar + runtime cache) is published so
+# that a reader sees the old set or the new set, never a mix. The recipe:
+#   1. write every file into ``staging_dir(target)``, a temporary folder beside the target (same file
+#      system, so renames are atomic);
+#   2. give each companion file a name that no older set uses (``content_name``: its content hash), and
+#      make the entry file refer to it;
+#   3. ``publish_file_set``: rename the companions into place first, the entry file last, then remove
+#      the previous set's companions (``stale``).
+# A reader opens the entry file and follows its references, so before step 3's last rename it gets the
+# old set (whose companions still exist), after it the new one. A SIGKILL at any point leaves at most a
+# ``.vitdeploy-*`` staging folder or an unreferenced companion, never a target that loads wrongly.
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` (removed with whatever is left in it when the block ends)."""
+    target = Path(target)
+    check_output_dir(target)
+    with tempfile.TemporaryDirectory(prefix=f".vitdeploy-{target.name}.", dir=target.resolve().parent) as d:
+        yield Path(d)
+
+
+def content_name(path: str | Path, stem: str, suffix: str = ".data", digits: int = 16) -> str:
+    """``<stem>.<sha256 prefix><suffix>``: a name that changes whenever the content does."""
+    return f"{stem}.{sha256_file(path)[:digits]}{suffix}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_file_set(files: dict[Path, Path], last: Path, stale: list[Path] | tuple[Path, ...] = (),
+                     durable: bool = True) -> None:
+    """Rename staged files onto their targets (``{target: staged}``): every other file first, ``last``
+    (the entry file a reader opens) last; then delete ``stale`` (the old set's companions that the new
+    entry file no longer references). ``durable`` fsyncs the files and the folder so the set also
+    survives a power cut, not only a killed process."""
+    if last not in files:
+        raise ValueError(f"{last} is not one of the files to publish")
+    order = [t for t in files if t != last] + [last]
+    folders = {t.resolve().parent for t in order}
+    for target in order:
+        staged = files[target]
+        make_readable(staged)
+        if durable:
+            _fsync(staged)
+    for target in order:
+        os.replace(files[target], target)
+    if durable:
+        for folder in folders:
+            _fsync(folder)
+    keep = {t.resolve() for t in order}
+    for old in stale:
+        if old.resolve() not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
+
+def _onnx_tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of a ModelProto: initializers and tensor attributes, subgraphs included."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _external_locations(model: Any) -> list[str]:
+    names: list[str] = []
+    for tensor in _onnx_tensors(model):
+        if tensor.data_location == 1:  # TensorProto.EXTERNAL
+            loc = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if loc and loc not in names:
+                names.append(loc)
+    return names
+
+
+def onnx_external_files(path: str | Path) -> list[Path]:
+    """The external-data files an ONNX file references (its ``location`` entries), beside it; only the
+    graph is read. A copier (``vitdeploy triton``) copies exactly these, never a stale ``*.data``."""
+    import onnx
+
+    path = Path(path)
+    return [path.parent / n for n in _external_locations(onnx.load(str(path), load_external_data=False))]
+
+
+def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list[Path]:
+    """Publish an ONNX file written at ``staged`` (inside ``staging_dir(target)``), with its external
+    data if any, onto ``target``: each data file is renamed ``<target name>.<content hash>.data`` and the
+    graph's references rewritten, the data goes in first, the graph last, and the data files of the
+    previous export (and any left by a killed one) are removed. Returns the data files now in use."""
+    import onnx
+
+    target = Path(target)
+    model = onnx.load(str(staged), load_external_data=False)
+    files: dict[Path, Path] = {}
+    renamed: dict[str, str] = {}
+    for loc in _external_locations(model):
+        new = content_name(staged.parent / loc, target.name)
+        os.replace(staged.parent / loc, staged.parent / new)
+        renamed[loc] = new
+        files[target.parent / new] = staged.parent / new
+    if renamed:
+        for tensor in _onnx_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value in renamed:
+                    entry.value = renamed[entry.value]
+        onnx.save_model(model, str(staged))
+    stale = [target.with_name(target.name + ".data"), *target.parent.glob(glob.escape(target.name) + ".*.data")]
+    if target.is_file():
+        with contextlib.suppress(Exception):  # an unreadable old file has no references to keep
+            stale += onnx_external_files(target)
+    files[target] = staged
+    publish_file_set(files, last=target, stale=stale, durable=durable)
+    return [t for t in files if t != target]

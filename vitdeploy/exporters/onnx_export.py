@@ -9,8 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -22,7 +20,7 @@ import numpy as np
 from vitdeploy import __version__
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
-from vitdeploy.io import check_output_dir, make_readable
+from vitdeploy.io import check_output_dir, publish_onnx, staging_dir
 from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
 
 INPUT_NAME = "pixel_values"
@@ -289,7 +287,7 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         extra={"source_kind": loaded.kind, "opset": str(opset)},
     )
     qdq = None
-    with tempfile.TemporaryDirectory(prefix=".vitdeploy-", dir=output.resolve().parent) as tmpdir:
+    with staging_dir(output) as tmpdir:
         (Path(tmpdir) / "out").mkdir()
         tmp = Path(tmpdir) / "out" / output.name
         fp32_path = Path(tmpdir) / "fp32.onnx"
@@ -326,13 +324,10 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
                     f"(max abs <= {tolerance['max_abs_rel']:g} x scale, cosine >= {tolerance['min_cosine']}): "
                     f"{comparison.summary()}; nothing written"
                 )
-        data = tmp.with_name(tmp.name + ".data")
-        if data.exists():
-            make_readable(data)
-            os.replace(data, output.with_name(output.name + ".data"))
-        os.replace(tmp, output)
+        data_files = publish_onnx(tmp, output)
         if large:
-            notes.append(f"weights in {output.name}.data (ONNX external data: the model is over 2 GB)")
+            notes.append(f"weights in {', '.join(f.name for f in data_files)} (ONNX external data: the model "
+                         "is over 2 GB; the name carries a content hash, so graph and weights always match)")
     return ExportReport(
         path=output, precision=opts.precision, opset=opset, batch=meta.batch, node_count=len(proto.graph.node),
         op_histogram=histogram(proto), file_bytes=output.stat().st_size, export_seconds=time.perf_counter() - t0,
