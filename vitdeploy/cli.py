@@ -86,6 +86,17 @@ def _model_options(f: Any) -> Any:
     return f
 
 
+def _quiet_exporter_logs() -> None:
+    """The library leaves logging and warnings alone; this process (the CLI) hides torch.onnx's notices
+    ("torchvision is not installed") and the FP16 converter's per-weight clamping warnings unless --debug."""
+    import logging
+    import warnings
+
+    if not os.environ.get("VITDEPLOY_DEBUG"):
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="onnxconverter_common")
+
+
 def _config_arg(preset: str | None, config: str | None) -> str | None:
     if preset and config:
         raise click.UsageError("give --preset or --config, not both")
@@ -109,21 +120,24 @@ def _config_arg(preset: str | None, config: str | None) -> str | None:
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to add to the verification inputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs torch check.")
+@click.option("--uint8-input", is_flag=True,
+              help="Put preprocessing in the graph: the model takes uint8 NHWC pixels (resized, not normalized).")
 @click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT engine (see `vitdeploy build`).")
 @click.option("--compute-capability", default=None, help="With --engine: TensorRT-RTX targets, e.g. sm89,sm120.")
 def export(model: str, preset: str | None, config: str | None, seed: int | None, output: Path, batch: int,
            dynamic_batch: bool, opset: int, precision: str, fp16_io: bool, calib_dir: Path | None,
-           calib_samples: int, calib_method: str, images: Path | None, no_verify: bool, engine: bool,
-           compute_capability: str | None) -> None:
+           calib_samples: int, calib_method: str, images: Path | None, no_verify: bool, uint8_input: bool,
+           engine: bool, compute_capability: str | None) -> None:
     """Export a checkpoint to ONNX (fixed image size) in FP32, FP16, INT8 or FP8, verified against torch."""
     from vitdeploy.exporters import ExportOptions, export_onnx
 
+    _quiet_exporter_logs()
     if engine and not compute_capability and not _has_gpu():
         raise click.UsageError("--engine on a machine without a GPU needs --compute-capability (e.g. sm89)")
     opts = ExportOptions(
         batch=batch, dynamic_batch=dynamic_batch, opset=opset, precision=precision, fp16_io=fp16_io,
         calib_dir=calib_dir, calib_samples=calib_samples, calib_method=calib_method, verify_images=images,
-        verify=not no_verify, seed=seed,
+        verify=not no_verify, seed=seed, uint8_input=uint8_input,
     )
     report = export_onnx(model, output, config=_config_arg(preset, config), options=opts, progress=True)
     click.echo(report.render())

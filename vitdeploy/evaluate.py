@@ -40,7 +40,7 @@ def evaluate_folder(runtime: Any, folder: str | Path, batch_size: int = 32) -> E
     targets = [index[c] if c in index else int(c) for c in classes]
     prep = Preprocessing.from_dict(runtime.metadata.preprocessing)
     preds: list[int] = []
-    for x in batches(files, prep, batch_size):
+    for x in batches(files, prep, batch_size, uint8=runtime.spec.pixels):  # the artifact's input form
         preds.extend(np.asarray(runtime.infer(x)).argmax(-1).tolist())
     correct = int(sum(p == t for p, t in zip(preds, targets, strict=True)))
     return EvalResult(correct / len(files), correct, len(files), preds, targets)

@@ -1,4 +1,5 @@
-"""Image files -> normalized NCHW float32 batches, with the config's resize, crop, mean and std.
+"""Image files -> normalized NCHW float32 batches, with the config's resize, crop, mean and std
+(or, for a model with its preprocessing in the graph, the resized uint8 NHWC pixels).
 
 Uses Pillow and numpy only (no torch), so a serving install can preprocess.
 Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is left on.
@@ -53,7 +54,13 @@ class Preprocessing:
                 "crop_pct": self.crop_pct, "interpolation": self.interpolation}
 
     def __call__(self, image: PILImage.Image) -> np.ndarray:
-        """One PIL image -> [3, H, W] float32."""
+        """One PIL image -> [3, H, W] float32: :meth:`pixels`, then :meth:`normalize`."""
+        return self.normalize(self.pixels(image)[None])[0]
+
+    def pixels(self, image: PILImage.Image) -> np.ndarray:
+        """One PIL image -> [H, W, 3] uint8, resized (and centre-cropped) as HF's ViT image processor
+        documents it: PIL resize of the 8-bit image, so each pixel is rounded to 8 bits here, before
+        any rescaling. This is also the input of a model exported with its preprocessing in the graph."""
         from PIL import Image
 
         resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -70,9 +77,13 @@ class Preprocessing:
             image = image.resize((nw, nh), resample)
             left, top = (nw - tw) // 2, (nh - th) // 2
             image = image.crop((left, top, left + tw, top + th))
-        arr = np.asarray(image, dtype=np.float32) / 255.0
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """[N, H, W, 3] uint8 -> [N, 3, H, W] float32: rescale by 1/255, then (x - mean) / std."""
+        arr = np.asarray(pixels, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
 
 
 def open_image(source: str | Path | bytes) -> PILImage.Image:
@@ -98,10 +109,12 @@ def open_image(source: str | Path | bytes) -> PILImage.Image:
         raise ImageError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
 
 
-def load_images(paths: Sequence[str | Path | bytes], prep: Preprocessing) -> np.ndarray:
-    """Image files -> [N, 3, H, W] float32."""
+def load_images(paths: Sequence[str | Path | bytes], prep: Preprocessing, uint8: bool = False) -> np.ndarray:
+    """Image files -> [N, 3, H, W] float32 (``uint8``: [N, H, W, 3] uint8 pixels, not normalized)."""
     if not paths:
         raise ImageError("no images given")
+    if uint8:
+        return np.stack([prep.pixels(open_image(p)) for p in paths])
     return np.stack([prep(open_image(p)) for p in paths])
 
 
@@ -126,12 +139,12 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], list[str]]:
     return files, classes
 
 
-def batches(paths: Iterable[Path], prep: Preprocessing, batch_size: int) -> Iterator[np.ndarray]:
+def batches(paths: Iterable[Path], prep: Preprocessing, batch_size: int, uint8: bool = False) -> Iterator[np.ndarray]:
     chunk: list[Path] = []
     for p in paths:
         chunk.append(p)
         if len(chunk) == batch_size:
-            yield load_images(chunk, prep)
+            yield load_images(chunk, prep, uint8)
             chunk = []
     if chunk:
-        yield load_images(chunk, prep)
+        yield load_images(chunk, prep, uint8)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 
 class InputError(VitDeployError):
@@ -29,8 +32,8 @@ class InputError(VitDeployError):
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    dtype: str  # numpy dtype name: float32 | float16
-    shape: tuple[int, ...]  # without the batch axis: (C, H, W)
+    dtype: str  # numpy dtype name: float32 | float16, or uint8 (preprocessing in the graph)
+    shape: tuple[int, ...]  # without the batch axis: (C, H, W); (H, W, C) for uint8 pixels
     min_batch: int
     max_batch: int
 
@@ -38,9 +41,15 @@ class InputSpec:
     def static(self) -> bool:
         return self.min_batch == self.max_batch
 
+    @property
+    def pixels(self) -> bool:
+        """True when the model takes uint8 NHWC pixels and normalizes them itself."""
+        return self.dtype == "uint8"
+
 
 class Runtime(abc.ABC):
-    """``infer(batch [N, C, H, W]) -> logits [N, num_labels]`` (float32 numpy)."""
+    """``infer(batch [N, C, H, W]) -> logits [N, num_labels]`` (float32 numpy); a model exported with
+    ``--uint8-input`` takes ``[N, H, W, C]`` uint8 pixels instead. ``preprocess(images)`` gives either."""
 
     backend: str = "?"
     spec: InputSpec
@@ -79,6 +88,11 @@ class Runtime(abc.ABC):
             raise InputError(f"input shape {tuple(batch.shape)} does not match the model's [N, {want}]")
         if batch.shape[0] == 0:
             raise InputError("empty batch")
+        if self.spec.pixels:
+            if batch.dtype != np.uint8:
+                raise InputError(f"input dtype {batch.dtype}: this model normalizes in its graph and takes uint8 "
+                                 "NHWC pixels (resized, not normalized): use runtime.preprocess(images)")
+            return np.ascontiguousarray(batch)
         if batch.dtype.kind != "f":
             raise InputError(f"input dtype {batch.dtype} is not floating point: pass preprocessed float32 pixels")
         return np.ascontiguousarray(batch, dtype=self.spec.dtype)
@@ -99,14 +113,25 @@ class Runtime(abc.ABC):
             outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:k])
         return np.concatenate(outs)
 
-    def predict_images(self, paths: list[Any], top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Image files -> top-k (label, probability) per image, preprocessing from the metadata."""
-        from vitdeploy.preprocess import Preprocessing, load_images
+    def preprocess(self, images: list[PILImage.Image]) -> np.ndarray:
+        """Decoded RGB images -> the batch this artifact takes: normalized float32 [N, C, H, W], or the
+        resized uint8 [N, H, W, C] pixels for a model with its preprocessing in the graph."""
+        from vitdeploy.preprocess import ImageError, Preprocessing
 
         if self.metadata is None:
             raise VitDeployError("this artifact carries no preprocessing metadata: export it with vitdeploy")
+        if not images:
+            raise ImageError("no images given")
         prep = Preprocessing.from_dict(self.metadata.preprocessing)
-        logits = self.infer(load_images(paths, prep))
+        if self.spec.pixels:
+            return np.stack([prep.pixels(im) for im in images])
+        return np.stack([prep(im) for im in images]).astype(self.spec.dtype, copy=False)
+
+    def predict_images(self, paths: list[Any], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Image files -> top-k (label, probability) per image, preprocessing from the metadata."""
+        from vitdeploy.preprocess import open_image
+
+        logits = self.infer(self.preprocess([open_image(p) for p in paths]))
         probs = softmax(logits)
         labels = self.labels
         out = []

@@ -13,7 +13,7 @@ from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
 
-_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
 DYNAMIC_MAX_BATCH = 256  # larger requests to a dynamic-batch artifact are split to bound memory
 QDQ_ACTIVATIONS = ("auto", "int8", "uint8")
 _PROTOBUF_LIMIT = 2**31 - 1

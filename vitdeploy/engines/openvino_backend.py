@@ -43,7 +43,7 @@ class OpenVinoRuntime(Runtime):
         pshape = port.get_partial_shape()
         dims = [d.get_length() if d.is_static else -1 for d in pshape]
         lo, hi = (dims[0], dims[0]) if dims[0] > 0 else (1, DYNAMIC_MAX_BATCH)
-        dtype = "float16" if port.get_element_type() == ov.Type.f16 else "float32"
+        dtype = {ov.Type.f16: "float16", ov.Type.u8: "uint8"}.get(port.get_element_type(), "float32")
         self.spec = InputSpec(port.get_any_name(), dtype, tuple(dims[1:]), lo, hi)
         try:
             self.metadata: ArtifactMetadata | None = read_onnx_metadata(self.path)

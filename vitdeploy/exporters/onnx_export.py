@@ -1,14 +1,14 @@
 """Checkpoint -> ONNX at a fixed image size, in the chosen precision, verified against torch.
 
-The file is written under a temporary name in the output folder and renamed only once it has
-passed the graph checks and the ONNX Runtime comparison, so a failed export leaves nothing.
+Everything is written in a staging folder beside the output and published (``vitdeploy.io.publish_onnx``)
+only once it has passed the graph checks and the ONNX Runtime comparison: a failed or killed export
+leaves the previous file set as it was. The exporter never touches global logging, warning filters or
+the process's stdout/stderr (the CLI decides what its own process shows).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -28,6 +28,7 @@ OUTPUT_NAME = "logits"
 # Ops left behind by tracing dynamic shapes or SDPA's masking; none may remain in our graph.
 FORBIDDEN_OPS = ("Shape", "ConstantOfShape", "IsNaN", "Where", "Expand", "If", "Loop", "Range", "Size")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: ViT-H goes to external data
+UINT8_NHWC = "uint8_nhwc"  # metadata "input" of a model with its preprocessing in the graph
 
 
 class ExportError(VitDeployError):
@@ -48,6 +49,8 @@ class ExportOptions:
     verify_inputs: int = 8
     verify_images: Path | None = None
     seed: int | None = None
+    uint8_input: bool = False  # preprocessing in the graph: uint8 NHWC pixels in, see UInt8Input
+    external_data_bytes: int = EXTERNAL_DATA_BYTES  # weights above this go to a .data file beside the ONNX
 
 
 @dataclass
@@ -112,31 +115,72 @@ def ort_max_opset() -> int:
     return best
 
 
-def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int) -> Any:
-    """The dynamo exporter, then onnxscript's optimizer with folding limits raised so the
-    constant (cls + position) table and transposed weights fold into initializers."""
-    import logging
+class UInt8Input:
+    """Wraps a model so its graph starts from uint8 NHWC pixels (already resized and cropped):
+    Cast, then one multiply-add that is ``(x / 255 - mean) / std`` per channel, then the Transpose
+    to NCHW. Built lazily as a torch module (see :func:`uint8_input_module`)."""
 
+    @staticmethod
+    def coefficients(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """``scale``, ``shift`` with ``x * scale + shift == (x / 255 - mean) / std`` (float32, per channel)."""
+        m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        return (1.0 / (255.0 * s)).astype(np.float32), (-m / s).astype(np.float32)
+
+
+def uint8_input_module(model: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """``model`` behind :class:`UInt8Input`'s preprocessing, as a ``torch.nn.Module``."""
+    import torch
+
+    scale, shift = UInt8Input.coefficients(mean, std)
+
+    class _Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("scale", torch.from_numpy(scale))
+            self.register_buffer("shift", torch.from_numpy(shift))
+            self.config = model.config
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            x = pixel_values.to(torch.float32) * self.scale + self.shift  # NHWC: channels last, broadcast
+            return self.model(x.permute(0, 3, 1, 2))
+
+    return _Wrapped().eval()
+
+
+def _example_input(config: Any, n: int, uint8: bool) -> Any:
+    import torch
+
+    h, w = config.image_hw
+    if uint8:
+        return torch.randint(0, 256, (n, h, w, config.num_channels), dtype=torch.uint8)
+    return torch.randn(n, config.num_channels, h, w)
+
+
+def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int, uint8: bool = False) -> Any:
+    """The dynamo exporter, then onnxscript's optimizer with folding limits raised so the
+    constant (cls + position) table and transposed weights fold into initializers.
+
+    Nothing is silenced here: what torch.onnx logs or warns goes where the caller's logging sends it,
+    and a failure raises ExportError with the exporter's own message (the traceback chained to it)."""
     import onnxscript.optimizer
     import torch
 
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
-
-    h, w = config.image_hw
-    example = torch.randn(batch if not dynamic else 2, config.num_channels, h, w)
+    example = _example_input(config, batch if not dynamic else 2, uint8)
     kwargs: dict[str, Any] = {}
     if dynamic:
         kwargs["dynamic_shapes"] = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=4096)}}
-    sink = io.StringIO()
-    with torch.no_grad(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    try:
+        with torch.no_grad():
             program = torch.onnx.export(
                 model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 opset_version=opset, optimize=True, verbose=False, **kwargs,
             )
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[-1] if lines else type(e).__name__
+        raise ExportError(f"torch.onnx could not export this model ({type(e).__name__}): {detail}; "
+                          "rerun with --debug for the exporter's full diagnostics") from e
     # stays an onnx-ir model (no 2 GB protobuf limit) until it is known to be small
     model_ir = onnxscript.optimizer.optimize(program.model, input_size_limit=1 << 34, output_size_limit=1 << 34)
     model_ir.producer_name, model_ir.producer_version = "vitdeploy", __version__
@@ -179,23 +223,28 @@ def _save(proto: Any, path: Path, large: bool) -> None:
 
 
 def _verification_inputs(config: Any, opts: ExportOptions, batch: int | None) -> list[np.ndarray]:
-    """Inputs in the artifact's batch sizes: random normal (fixed seed) for FP32/FP16; for INT8/FP8
+    """Inputs in the artifact's form and batch sizes: random (fixed seed) for FP32/FP16; for INT8/FP8
     images from the calibration folder instead, since a quantized model is only accurate on the
-    distribution it was calibrated on; then the ``--images`` given."""
+    distribution it was calibrated on; then the ``--images`` given. With ``uint8_input`` these are
+    uint8 NHWC pixels (random noise images, or the images resized), else normalized float32 NCHW.
+    Fewer images than one static batch are repeated to fill it: verified on what there is."""
     from vitdeploy.preprocess import Preprocessing, find_images, load_images
 
     prep = Preprocessing.from_config(config)
     h, w = config.image_hw
     n = max(opts.verify_inputs, batch or 1)
+    rng = np.random.default_rng(0)
     if opts.precision in ("int8", "fp8") and opts.calib_dir is not None:
         files = find_images(opts.calib_dir)
-        picks = np.random.default_rng(0).choice(len(files), size=min(len(files), 4 * n), replace=False)
-        inputs = load_images([files[i] for i in sorted(picks)], prep)
+        picks = rng.choice(len(files), size=min(len(files), 4 * n), replace=False)
+        inputs = load_images([files[i] for i in sorted(picks)], prep, opts.uint8_input)
+    elif opts.uint8_input:
+        inputs = rng.integers(0, 256, (n, h, w, config.num_channels), dtype=np.uint8)
     else:
-        inputs = np.random.default_rng(0).standard_normal((n, config.num_channels, h, w), dtype=np.float32)
+        inputs = rng.standard_normal((n, config.num_channels, h, w), dtype=np.float32)
     if opts.verify_images is not None:
         files = find_images(opts.verify_images)[:64]
-        inputs = np.concatenate([inputs, load_images(files, prep)])
+        inputs = np.concatenate([inputs, load_images(files, prep, opts.uint8_input)])
     if batch is None:  # dynamic: mixed batch sizes prove the symbolic axis
         sizes, out, i = [1, 3, 4], [], 0
         while i < len(inputs):
@@ -203,26 +252,46 @@ def _verification_inputs(config: Any, opts: ExportOptions, batch: int | None) ->
             out.append(inputs[i:i + size])
             i += size
         return out
+    if len(inputs) < batch:
+        inputs = np.concatenate([inputs, np.repeat(inputs[-1:], batch - len(inputs), axis=0)])
     usable = len(inputs) - len(inputs) % batch
     return [inputs[i:i + batch] for i in range(0, usable, batch)]
 
 
-def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch: int | None) -> Comparison:
-    """Run the file with ONNX Runtime (CPU) and the torch model on the same inputs."""
+def verification_session_options(precision: str) -> Any:
+    """ONNX Runtime session options for verification. FP8: ORT's QDQ fusions are turned off
+    (``session.disable_quant_qdq``): onnxruntime 1.30 fuses float8 DequantizeLinear -> MatMul ->
+    QuantizeLinear into a QLinearMatMul that its CPU provider then refuses, so the file is checked
+    as the Q/DQ graph it is (float math on dequantized values), which is what TensorRT implements."""
     import onnxruntime as ort
-    import torch
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if precision == "fp8":
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
+def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch: int | None) -> Comparison:
+    """Run the file with ONNX Runtime (CPU) and the float torch model on the same inputs (for a uint8
+    input, torch gets the same pixels through :meth:`Preprocessing.normalize`, the float path)."""
+    import onnxruntime as ort
+    import torch
+
+    from vitdeploy.preprocess import Preprocessing
+
     try:
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), verification_session_options(opts.precision),
+                                       providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ExportError(f"ONNX Runtime cannot load the exported model: {str(e).splitlines()[0]}") from None
     in_type = session.get_inputs()[0].type
+    prep = Preprocessing.from_config(config)
     refs, outs = [], []
     for x in _verification_inputs(config, opts, batch):
+        as_float = prep.normalize(x) if opts.uint8_input else x
         with torch.no_grad():
-            refs.append(model(torch.from_numpy(x)).numpy())
+            refs.append(model(torch.from_numpy(as_float)).numpy())
         feed = x.astype(np.float16) if "float16" in in_type else x
         outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0].astype(np.float32))
     return compare_logits(np.concatenate(refs), np.concatenate(outs))
@@ -255,6 +324,8 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
                           f"not {opset}: export with --opset {max_opset} or upgrade onnxruntime")
     if opts.fp16_io and opts.precision != "fp16":
         raise ExportError("--fp16-io applies to --precision fp16 only")
+    if opts.fp16_io and opts.uint8_input:
+        raise ExportError("give --fp16-io or --uint8-input, not both: a uint8-input model takes uint8 pixels")
     calib_files: list[Path] = []
     if opts.precision in ("int8", "fp8"):
         if opts.calib_dir is None:
@@ -269,8 +340,10 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     batch = None if opts.dynamic_batch else opts.batch
     import onnx_ir as ir
 
-    model_ir = _torch_export(model, cfg, opts.batch, opts.dynamic_batch, opset)
-    large = _weight_bytes(model_ir) > EXTERNAL_DATA_BYTES
+    prep = Preprocessing.from_config(cfg)
+    exported = uint8_input_module(model, prep.mean, prep.std) if opts.uint8_input else model
+    model_ir = _torch_export(exported, cfg, opts.batch, opts.dynamic_batch, opset, uint8=opts.uint8_input)
+    large = _weight_bytes(model_ir) > opts.external_data_bytes
     if large:  # ViT-H: the graph is checked on the IR; shape inference needs the 2 GB-limited proto
         left = sorted({n.op_type for n in model_ir.graph if n.op_type in FORBIDDEN_OPS})
         if left:
@@ -279,12 +352,14 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     else:
         proto = ir.serde.serialize_model(model_ir)
         check_graph(proto, opts.dynamic_batch)
-    prep = Preprocessing.from_config(cfg)
+    extra = {"source_kind": loaded.kind, "opset": str(opset)}
+    if opts.uint8_input:
+        extra["input"] = UINT8_NHWC
     meta = ArtifactMetadata(
         version=__version__, config=cfg.to_dict(), preprocessing=prep.to_dict(), labels=cfg.labels,
         precision=opts.precision, batch="dynamic" if batch is None else str(batch),
         source=str(loaded.source), source_sha256=loaded.sha256 or "",
-        extra={"source_kind": loaded.kind, "opset": str(opset)},
+        extra=extra,
     )
     qdq = None
     with staging_dir(output) as tmpdir:
@@ -298,11 +373,12 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
             # FP16 halves the weights: ViT-H's proto fits under 2 GB again
             proto = prec.to_fp16(proto if proto is not None else onnx.load(str(fp32_path)),
                                  keep_io_types=not opts.fp16_io)
-            large = proto.ByteSize() > EXTERNAL_DATA_BYTES
+            large = proto.ByteSize() > opts.external_data_bytes
         elif opts.precision in ("int8", "fp8"):
             if proto is not None:
                 _save(proto, fp32_path, large=False)
-            batches = prec.calibration_batches(calib_files, lambda f: prep(open_image(f)), batch, progress)
+            to_input = prep.pixels if opts.uint8_input else prep  # calibrate on what the graph takes
+            batches = prec.calibration_batches(calib_files, lambda f: to_input(open_image(f)), batch, progress)
             prec.quantize(fp32_path, tmp, INPUT_NAME, batches, opts.precision, opts.calib_method,
                           external_data=large)
             proto = onnx.load(str(tmp), load_external_data=not large)

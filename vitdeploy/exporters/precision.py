@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vitdeploy.errors import VitDeployError
 
 FP16_KEEP_FP32 = ("LayerNormalization",)
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
@@ -29,19 +28,36 @@ CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percen
 
 
 def to_fp16(model: Any, keep_io_types: bool = True, keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32) -> Any:
-    """FP32 ``onnx.ModelProto`` -> FP16 weights and compute; ``keep_io_types`` leaves I/O float32."""
-    import warnings
-
+    """FP32 ``onnx.ModelProto`` -> FP16 weights and compute; ``keep_io_types`` leaves I/O float32.
+    A uint8 input's preprocessing (Cast, scale, shift, Transpose) stays float32: see :func:`input_prefix`."""
     import onnxscript.optimizer
     from onnxconverter_common import float16
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one "truncated to 1e-07" warning per tiny weight
-        converted = float16.convert_float_to_float16(
-            model, keep_io_types=keep_io_types, op_block_list=list(keep_fp32_ops), disable_shape_infer=False
-        )
+    # the converter warns once per weight it clamps to 1e-07; the caller's warning filters decide
+    converted = float16.convert_float_to_float16(
+        model, keep_io_types=keep_io_types, op_block_list=list(keep_fp32_ops), node_block_list=input_prefix(model),
+        disable_shape_infer=False,
+    )
     # the converter casts the kept ops' FP16 weights back to FP32 at run time: fold those Casts
     return onnxscript.optimizer.optimize(converted, input_size_limit=1 << 34, output_size_limit=1 << 34)
+
+
+def input_prefix(model: Any) -> list[str]:
+    """Names of the nodes between a non-float graph input and the first Conv/MatMul: the in-graph
+    preprocessing of a ``--uint8-input`` model (empty for a float input)."""
+    import onnx
+
+    graph_in = model.graph.input[0]
+    if graph_in.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        return []
+    reached, names = {graph_in.name}, []
+    for node in model.graph.node:  # topologically sorted
+        if node.op_type in ("Conv", "MatMul", "Gemm"):
+            break
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
 
 
 def calibration_batches(files: list[Path], preprocess: Callable[[Path], np.ndarray], batch: int | None,
@@ -116,19 +132,30 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
         extra["CalibPercentile"] = 99.99
     model = onnx.load(str(model_path), load_external_data=False)
     exclude = float_nodes(model)
-    quant_logger = logging.getLogger()
-    level = quant_logger.level
-    quant_logger.setLevel(logging.ERROR)  # "consider pre-processing" is advice for other graphs
+    # what the quantizer logs or prints goes where the caller's logging and stdout send it
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print their progress
-            quantize_static(
-                str(model_path), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel, activation_type=qtype,
-                weight_type=qtype, calibrate_method=calib, use_external_data_format=external_data,
-                extra_options=extra, calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude,
-            )
-    finally:
-        quant_logger.setLevel(level)
+        quantize_static(
+            str(model_path), str(output_path), _Reader(), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel, activation_type=qtype,
+            weight_type=qtype, calibrate_method=calib, use_external_data_format=external_data,
+            extra_options=extra, calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude,
+        )
+    except ImportError as e:
+        raise VitDeployError(mismatched_quantizer(e)) from e
+
+
+def mismatched_quantizer(error: ImportError) -> str:
+    """One line for an ONNX Runtime quantizer that imports from an onnx that no longer has it
+    (onnxruntime 1.23's FP8 path imports ``float8e4m3_to_float32``, which onnx 1.23 removed)."""
+    import onnx
+    import onnxruntime
+
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    quoted = text.split("'")
+    name = quoted[1] if text.startswith("cannot import name") and len(quoted) > 1 else text
+    return (f"onnxruntime {onnxruntime.__version__}'s quantizer cannot import {name} from onnx {onnx.__version__} "
+            "(removed there): install the onnx/onnxruntime pair that pyproject declares, e.g. a newer onnxruntime "
+            "or an older onnx")
 
 
 def qdq_coverage(model: Any) -> dict[str, int]:
