@@ -1,15 +1,22 @@
 """Measurement like trtexec: warm-up excluded, many iterations (or a duration), percentiles,
 throughput, end-to-end vs compute-only where a backend reports both, and every figure in JSON
-with the machine and library versions that produced it."""
+with the machine and library versions that produced it.
+
+Each row says where it ran (cpu/cuda) and on how many CPU threads, carries its own peak memory
+(host RSS sampled during the row, above the RSS before its runtime was opened; the CUDA peak reset
+per row), and is flagged when a static-batch artifact had to pad or split to run the batch asked."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import resource
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +57,13 @@ class BenchResult:
     compute_ms: Stats | None = None  # device compute only (TensorRT: CUDA events)
     h2d_ms: Stats | None = None
     d2h_ms: Stats | None = None
-    peak_host_mb: float = 0.0
-    peak_gpu_mb: float | None = None
+    peak_host_mb: float = 0.0  # this row's peak RSS above the RSS before its runtime was opened
+    peak_gpu_mb: float | None = None  # torch's CUDA peak during this row (reset per row)
     speedup: float | None = None
     status: str = "ok"
+    where: str = "?"  # cpu | cuda
+    threads: int | None = None  # CPU threads the backend ran with
+    batching: str = "native"  # or "padded to N" / "split into K x N": a static-batch artifact
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,13 +92,14 @@ class BenchReport:
         w = csv.writer(buf)
         stats = ["mean", "median", "p90", "p95", "p99", "min", "max", "stddev"]
         w.writerow(["name", "backend", "precision", "batch", "iterations", *[f"latency_{s}_ms" for s in stats],
-                    "throughput_img_s", "compute_median_ms", "peak_host_mb", "peak_gpu_mb", "speedup", "status"])
+                    "throughput_img_s", "compute_median_ms", "peak_host_mb", "peak_gpu_mb", "speedup", "status",
+                    "where", "threads", "batching"])
         for r in self.results:
             lat = asdict(r.latency_ms)
             w.writerow([r.name, r.backend, r.precision, r.batch, r.iterations, *[f"{lat[s]:.4f}" for s in stats],
                         f"{r.throughput:.2f}", f"{r.compute_ms.median:.4f}" if r.compute_ms else "",
                         f"{r.peak_host_mb:.0f}", r.peak_gpu_mb or "", f"{r.speedup:.2f}" if r.speedup else "",
-                        r.status])
+                        r.status, r.where, r.threads or "", r.batching])
         atomic_write_bytes(path, buf.getvalue().encode())
 
     def write_plot(self, path: Path) -> None:
@@ -127,34 +138,97 @@ class BenchReport:
         from rich.table import Table
 
         t = Table(title="vitdeploy bench: latency per batch (ms), throughput (images/s)")
-        for col in ("artifact", "backend", "precision", "batch", "mean", "median", "p90", "p99", "min", "max",
-                    "gpu compute", "img/s", "speed-up", "status"):
-            t.add_column(col, justify="right" if col not in ("artifact", "backend", "status") else "left")
+        for col in ("artifact", "backend", "ran on", "precision", "batch", "mean", "median", "p99", "min", "max",
+                    "gpu compute", "img/s", "peak MB", "speed-up", "status"):
+            t.add_column(col, justify="left" if col in ("artifact", "backend", "ran on", "status") else "right")
         for r in self.results:
             s = r.latency_ms
-            t.add_row(r.name, r.backend, r.precision, str(r.batch), f"{s.mean:.2f}", f"{s.median:.2f}",
-                      f"{s.p90:.2f}", f"{s.p99:.2f}", f"{s.min:.2f}", f"{s.max:.2f}",
+            batch = str(r.batch) if r.batching == "native" else f"{r.batch} ({r.batching})"
+            ran_on = r.where + (f", {r.threads} threads" if r.threads and r.where == "cpu" else "")
+            t.add_row(r.name, r.backend, ran_on, r.precision, batch, f"{s.mean:.2f}", f"{s.median:.2f}",
+                      f"{s.p99:.2f}", f"{s.min:.2f}", f"{s.max:.2f}",
                       f"{r.compute_ms.median:.2f}" if r.compute_ms else "-", f"{r.throughput:.1f}",
+                      f"{r.peak_host_mb:.0f}" + (f" / {r.peak_gpu_mb:.0f} GPU" if r.peak_gpu_mb else ""),
                       f"{r.speedup:.2f}x" if r.speedup else "-", r.status)
         return t
 
 
-def _peak_host_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def rss_mb() -> float:
+    """This process's resident set now (Linux /proc; elsewhere the lifetime peak, the best there is)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _gpu_peak_mb(runtime: Runtime) -> float | None:
-    if getattr(runtime, "device", None) is not None and getattr(runtime.device, "type", "") == "cuda":
+class PeakRSS:
+    """Samples RSS in a thread while the block runs; ``peak_mb`` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="vitdeploy-rss")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_mb = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def _torch_cuda(runtime: Runtime) -> Any:
+    if getattr(getattr(runtime, "device", None), "type", "") == "cuda":
         import torch
 
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda
     return None
 
 
+def where(runtime: Runtime) -> str:
+    return getattr(runtime, "where", None) or ("cuda" if runtime.backend.startswith("tensorrt") else "?")
+
+
+def batching(runtime: Runtime, batch: int) -> str:
+    """How the runtime runs ``batch``: natively, or padded/split to the artifact's batch range."""
+    lo, hi = runtime.spec.min_batch, runtime.spec.max_batch
+    if lo <= batch <= hi:
+        return "native"
+    if batch < lo:
+        return f"padded to {lo}"
+    runs, rest = divmod(batch, hi)
+    return f"split into {runs + (rest > 0)} x {hi}" + (f", last padded to {lo}" if 0 < rest < lo else "")
+
+
 def measure(runtime: Runtime, batch: int, warmup: int = 10, iters: int | None = 50,
-            duration: float | None = None, name: str = "", progress: Any = None) -> BenchResult:
+            duration: float | None = None, name: str = "", progress: Any = None,
+            base_rss_mb: float | None = None) -> BenchResult:
     """Time ``runtime.infer`` on one random batch: ``warmup`` runs excluded, then ``iters`` runs or
-    as many as fit in ``duration`` seconds. Host-synchronous: every backend returns host logits."""
+    as many as fit in ``duration`` seconds. Host-synchronous: every backend returns host logits.
+    Peak host memory is this row's, above ``base_rss_mb`` (default: the RSS when the row starts)."""
+    base = rss_mb() if base_rss_mb is None else base_rss_mb
+    cuda = _torch_cuda(runtime)
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+    with PeakRSS() as peak:
+        result = _measure(runtime, batch, warmup, iters, duration, name, progress)
+    result.peak_host_mb = max(0.0, peak.peak_mb - base)
+    result.peak_gpu_mb = cuda.max_memory_allocated() / 2**20 if cuda is not None else None
+    return result
+
+
+def _measure(runtime: Runtime, batch: int, warmup: int, iters: int | None, duration: float | None, name: str,
+             progress: Any) -> BenchResult:
     spec = runtime.spec
     x = np.random.default_rng(0).standard_normal((batch, *spec.shape), dtype=np.float32).astype(spec.dtype)
     for _ in range(warmup):
@@ -182,11 +256,15 @@ def measure(runtime: Runtime, batch: int, warmup: int = 10, iters: int | None = 
             break
     stats = Stats.of(lat)
     precision = runtime.metadata.precision if runtime.metadata else "?"
+    # a tuned runtime: report the path this batch size took
+    inner = runtime.runtime_for(batch) if hasattr(runtime, "runtime_for") else runtime
+    backend = ("tuned: " if inner is not runtime else "") + inner.describe().split("]")[0] + "]"
     return BenchResult(
-        name=name or runtime.describe(), backend=runtime.describe().split("]")[0] + "]", precision=precision,
+        name=name or runtime.describe(), backend=backend, precision=precision,
         batch=batch, iterations=len(lat), latency_ms=stats, throughput=batch * 1e3 / statistics.fmean(lat),
         compute_ms=Stats.of(compute) if compute else None, h2d_ms=Stats.of(h2d) if h2d else None,
-        d2h_ms=Stats.of(d2h) if d2h else None, peak_host_mb=_peak_host_mb(), peak_gpu_mb=_gpu_peak_mb(runtime),
+        d2h_ms=Stats.of(d2h) if d2h else None, where=where(inner), threads=getattr(inner, "threads", None),
+        batching=batching(runtime, batch),
     )
 
 
@@ -198,8 +276,13 @@ def add_speedups(results: list[BenchResult]) -> None:
         r.speedup = base.latency_ms.mean / r.latency_ms.mean
 
 
-def run_bench(runtimes: list[tuple[str, Runtime]], batches: list[int], warmup: int = 10,
+RuntimeSource = Runtime | Callable[[], Runtime]
+
+
+def run_bench(runtimes: list[tuple[str, RuntimeSource]], batches: list[int], warmup: int = 10,
               iters: int | None = 50, duration: float | None = None, progress: bool = False) -> BenchReport:
+    """Each runtime in turn, at every batch size. A runtime given as a factory is opened just before
+    its rows and closed after them, so each row's memory is its own runtime's, not every one's so far."""
     from vitdeploy import sysinfo
 
     results = []
@@ -209,13 +292,22 @@ def run_bench(runtimes: list[tuple[str, Runtime]], batches: list[int], warmup: i
         from tqdm import tqdm
 
         bar = tqdm(total=total or None, desc="benchmarking", unit="run", leave=False)
-    for batch in batches:
-        for name, rt in runtimes:
-            results.append(measure(rt, batch, warmup, iters, duration, name,
-                                   progress=(lambda: bar.update(1)) if bar is not None else None))
+    for name, source in runtimes:
+        base = rss_mb()
+        rt = source if isinstance(source, Runtime) else source()
+        try:
+            for batch in batches:
+                results.append(measure(rt, batch, warmup, iters, duration, name, base_rss_mb=base,
+                                       progress=(lambda: bar.update(1)) if bar is not None else None))
+        finally:
+            if not isinstance(source, Runtime):
+                rt.close()
     if bar is not None:
         bar.close()
-    results.sort(key=lambda r: r.batch)
+    results.sort(key=lambda r: r.batch)  # stable: within a batch, in the order given
     add_speedups(results)
+    threads = sorted({r.threads for r in results if r.threads and r.where == "cpu"})
     return BenchReport(results, sysinfo.machine(), sysinfo.library_versions(),
-                       {"batches": batches, "warmup": warmup, "iters": iters, "duration": duration})
+                       {"batches": batches, "warmup": warmup, "iters": iters, "duration": duration,
+                        "cpu_threads": threads,
+                        "memory": "peak RSS during each row above the RSS before its runtime was opened"})

@@ -294,6 +294,8 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
     for b in wanted:
         if b not in BACKENDS:
             raise click.BadParameter(f"unknown backend {b!r}: choose from {', '.join(BACKENDS)}")
+    from vitdeploy.engines.onnxruntime_backend import default_threads
+
     takes = {"onnx": ("onnxruntime", "openvino"), "engine": ("tensorrt",), "checkpoint": ("torch",)}
     runtimes = []
     for artifact in artifacts:
@@ -305,20 +307,54 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
                 extra = {"cuda_graph": cuda_graph} if kind == "engine" and cuda_graph else {}
                 if kind == "checkpoint" and torch_compile:
                     extra["compile"] = True
-                if kind == "onnx" and b in ("auto", "onnxruntime"):
+                if kind == "onnx" and b in ("auto", "onnxruntime") and qdq_activations != "auto":
                     extra["qdq_activations"] = qdq_activations
-                rt = _open(artifact, b, threads, d, device, **extra)
-                runtimes.append((Path(artifact).name, rt))
+                # torch keeps its own thread default otherwise: every CPU backend gets the same count
+                t = threads or (default_threads() if kind == "checkpoint" else None)
+                runtimes.append((Path(artifact).name,
+                                 lambda a=artifact, b=b, t=t, d=d, e=extra: _open(a, b, t, d, device, **e)))
     report = run_bench(runtimes, batches, warmup, None if duration else iters, duration, progress=True)
     _console().print(report.table())
     m = report.machine
-    click.echo(f"machine: {m['cpu']} ({m['cores']} cores){'; GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}")
+    click.echo(f"machine: {m['cpu']} ({m['cores']} cores; ISA {' '.join(m['cpu_flags']) or '-'})"
+               f"{'; GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}")
+    flagged = [r for r in report.results if r.batching != "native"]
+    if flagged:
+        click.echo(f"note: {len(flagged)} row(s) ran a static-batch artifact at another batch size (padded or "
+                   "split, see the batch column): their figures are not that batch's")
     if json_path:
         report.write_json(json_path)
     if csv_path:
         report.write_csv(csv_path)
     if plot_path:
         report.write_plot(plot_path)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--batch", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Throughput batch: the plan's second choice runs batches from this size up.")
+@click.option("--threads", "threads", default=None,
+              help="Comma-separated CPU thread counts to try (default: physical cores and all CPUs).")
+@click.option("--images", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Folder of real images to add to the accuracy guard's inputs.")
+@click.option("--iters", type=click.IntRange(min=3), default=10, show_default=True, help="Timed runs at batch 1.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every candidate's figures here too.")
+def tune(artifact: Path, batch: int, threads: str | None, images: Path | None, iters: int,
+         json_path: Path | None) -> None:
+    """Measure every CPU path for an ONNX here; write the fastest that passes the accuracy guard to ARTIFACT's
+    .tune.json, which bench/predict/eval/serve then use on this machine (--backend overrides it)."""
+    from vitdeploy.tune import tune as run_tune
+
+    report = run_tune(artifact, batch=batch, threads=_ints(threads) if threads else None, images=images,
+                      iters=iters, progress=True)
+    _console().print(report.table())
+    click.echo(report.summary())
+    if json_path:
+        from vitdeploy.io import atomic_write_bytes
+
+        atomic_write_bytes(json_path, json.dumps(report.to_dict(), indent=2).encode())
 
 
 @main.command()
@@ -331,8 +367,9 @@ def predict(images: tuple[Path, ...], model: str, backend: str, top_k: int, as_j
     """Classify image files; preprocessing and labels come from the artifact's metadata."""
     from vitdeploy.engines import open_runtime
 
-    rt = open_runtime(model, backend=backend)
-    results = rt.predict_images(list(images), top_k=top_k)
+    with open_runtime(model, backend=backend) as rt:
+        click.echo(f"running {rt.describe()}", err=True)
+        results = rt.predict_images(list(images), top_k=top_k)
     if as_json:
         payload = [{"image": str(p), "top_k": [{"label": lab, "probability": prob} for lab, prob in r]}
                    for p, r in zip(images, results, strict=True)]
@@ -360,17 +397,18 @@ def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images:
     from vitdeploy.engines import open_runtime
     from vitdeploy.metrics import compare_logits
 
-    ra, rb = open_runtime(a, backend=backend_a), open_runtime(b, backend=backend_b)
-    if ra.spec.shape != rb.spec.shape:
-        raise click.ClickException(f"input shapes differ: {ra.spec.shape} vs {rb.spec.shape}")
-    x = np.random.default_rng(0).standard_normal((inputs, *ra.spec.shape), dtype=np.float32)
-    if images is not None:
-        from vitdeploy.preprocess import Preprocessing, find_images, load_images
+    with open_runtime(a, backend=backend_a) as ra, open_runtime(b, backend=backend_b) as rb:
+        if ra.spec.shape != rb.spec.shape:
+            raise click.ClickException(f"input shapes differ: {ra.spec.shape} vs {rb.spec.shape}")
+        x = np.random.default_rng(0).standard_normal((inputs, *ra.spec.shape), dtype=np.float32)
+        if images is not None:
+            from vitdeploy.preprocess import Preprocessing, find_images, load_images
 
-        if ra.metadata is None:
-            raise click.ClickException(f"{a} has no preprocessing metadata for --images")
-        x = np.concatenate([x, load_images(find_images(images), Preprocessing.from_dict(ra.metadata.preprocessing))])
-    result = compare_logits(ra.infer(x), rb.infer(x))
+            if ra.metadata is None:
+                raise click.ClickException(f"{a} has no preprocessing metadata for --images")
+            prep = Preprocessing.from_dict(ra.metadata.preprocessing)
+            x = np.concatenate([x, load_images(find_images(images), prep)])
+        result = compare_logits(ra.infer(x), rb.infer(x))
     ok = result.max_abs <= atol + rtol * result.scale
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "a": ra.describe(), "b": rb.describe(), "pass": ok}, indent=2))
@@ -451,13 +489,14 @@ def evaluate(model: str, preset: str | None, config: str | None, seed: int | Non
     from vitdeploy.engines import open_runtime
     from vitdeploy.evaluate import evaluate_folder
 
-    rt = open_runtime(model, backend=backend, config=_config_arg(preset, config), seed=seed)
-    result = evaluate_folder(rt, data, batch_size=batch)
+    with open_runtime(model, backend=backend, config=_config_arg(preset, config), seed=seed) as rt:
+        described = rt.describe()
+        result = evaluate_folder(rt, data, batch_size=batch)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps({**result.to_dict(), "runtime": described}, indent=2))
     else:
         click.echo(f"top-1 accuracy {result.accuracy * 100:.2f}% ({result.correct}/{result.total}) "
-                   f"on {data} with {rt.describe()}")
+                   f"on {data} with {described}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,16 +36,25 @@ def artifact_kind(path: str | Path) -> str:
 def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", **options: Any) -> Runtime:
     """Open an artifact with the right backend.
 
-    auto: a TensorRT engine -> TensorRT; an ONNX -> ONNX Runtime (TensorRT, CUDA or CPU provider, in
-    that order of availability); anything else -> our torch model via :func:`vitdeploy.load_model`.
-    ``options`` go to the backend (threads, dtype, compile, config, seed, ...).
+    auto: a TensorRT engine -> TensorRT; an ONNX -> the path its tune plan (``m.tune.json``, written by
+    ``vitdeploy tune``) chose on this machine, when the run is CPU-only and the plan matches this
+    machine and file, else ONNX Runtime (TensorRT, CUDA or CPU provider, in that order of
+    availability); anything else -> our torch model via :func:`vitdeploy.load_model`.
+    ``options`` go to the backend (threads, dtype, compile, config, seed, ...); with a plan, only
+    ``threads`` may be given (it overrides the plan's), any other option bypasses the plan.
+    ``use_plan=False`` ignores a plan.
     """
     if backend not in BACKENDS:
         raise VitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     kind = artifact_kind(path)
+    use_plan = options.pop("use_plan", True)
+    config, seed = options.pop("config", None), options.pop("seed", None)
+    if backend == "auto" and kind == "onnx" and use_plan and set(options) <= {"threads"} and _cpu_only(device):
+        planned = _open_planned(path, options.get("threads"))
+        if planned is not None:
+            return planned
     if backend == "auto":
         backend = {"onnx": "onnxruntime", "engine": "tensorrt", "checkpoint": "torch"}[kind]
-    config, seed = options.pop("config", None), options.pop("seed", None)
     if backend == "torch":
         if kind != "checkpoint":
             raise VitDeployError(f"the torch backend runs checkpoints, not {kind} files: {path}")
@@ -71,3 +80,30 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     from vitdeploy.engines.tensorrt_runtime import TensorRTRuntime
 
     return TensorRTRuntime(path, **options)
+
+
+def _cpu_only(device: str) -> bool:
+    """A tune plan ranks CPU paths: it applies when ONNX Runtime would run on the CPU anyway."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return True
+    return not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers())
+
+
+def _open_planned(path: str | Path, threads: int | None) -> Runtime | None:
+    from vitdeploy.engines.plan import PathChoice, PlannedRuntime, load_matching_plan
+
+    plan = load_matching_plan(path)
+    if plan is None:
+        return None
+
+    def opener(choice: PathChoice) -> Runtime:
+        opts = {**choice.options, **({"threads": threads} if threads else {})}
+        return open_runtime(path, backend=choice.backend, device="cpu", use_plan=False, **opts)
+
+    return PlannedRuntime(plan, opener)

@@ -183,6 +183,8 @@ class OnnxRuntime(Runtime):
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VitDeployError(f"ONNX Runtime cannot load {self.path}: {first}") from None
+        self.where = {"CPU": "cpu", "CUDA": "cuda", "Tensorrt": "cuda"}.get(
+            self.session.get_providers()[0].replace("ExecutionProvider", ""), "?")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name

@@ -36,10 +36,12 @@ class TorchRuntime(Runtime):
             raise VitDeployError("--device cuda: torch sees no CUDA device")
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         loaded = resolve(source, config, seed=seed)
         cfg = loaded.model.config
         self.source = str(source)
         self.device = torch.device(device)
+        self.where = self.device.type
         self.torch_dtype = getattr(torch, _DTYPES[dtype])
         self.dtype_name = dtype
         model = loaded.model.to(self.device, self.torch_dtype)
@@ -56,7 +58,8 @@ class TorchRuntime(Runtime):
 
     def describe(self) -> str:
         mode = "compile" if self.compiled else "eager"
-        return f"torch[{self.device.type}, {mode}] {self.source} ({self.dtype_name})"
+        threads = f", {self.threads} threads" if self.device.type == "cpu" else ""
+        return f"torch[{self.device.type}, {mode}{threads}] {self.source} ({self.dtype_name})"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch

@@ -1,0 +1,250 @@
+"""vitdeploy tune: the plan it writes, how open_runtime uses it, the accuracy guard; honest bench rows."""
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vitdeploy.cli import main
+from vitdeploy.engines import open_runtime
+from vitdeploy.engines.base import InputSpec, Runtime
+from vitdeploy.engines.plan import MachineKey, PathChoice, PlannedRuntime, TunePlan, plan_path
+from vitdeploy.errors import VitDeployError
+from vitdeploy.tune import tune
+
+FAST = dict(warmup=1, iters=3)
+
+
+def _x(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224), dtype=np.float32)
+
+
+@pytest.fixture()
+def copies(digits_onnx, tmp_path):
+    """The digits ONNX files in a folder of their own: a plan written beside them touches no other test."""
+    return {k: shutil.copy(digits_onnx[k], tmp_path / f"m-{k}.onnx") for k in ("fp32", "int8", "fp32-b4")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_plan_written_keyed_and_used(copies, precision):
+    path = copies[precision]
+    report = tune(path, batch=4, **FAST)
+    plan = TunePlan.read(plan_path(path))
+    assert plan_path(path).name == f"m-{precision}.tune.json"
+    assert plan.machine == MachineKey.current() and plan.mismatch(path) is None
+    assert plan.throughput_batch == 4 and plan.to_dict() == report.plan.to_dict()
+    labels = [c.choice.label for c in report.candidates]
+    if precision == "int8":  # both Q/DQ forms are measured
+        assert any("as written" in lab for lab in labels) and any("as uint8" in lab for lab in labels)
+    if importlib.util.find_spec("openvino"):
+        assert any(lab.startswith("openvino") for lab in labels)
+    ok = [c for c in report.candidates if c.status == "ok"]
+    fastest_b1 = min((c for c in ok if 1 not in c.pruned), key=lambda c: c.ms_per_image[1])
+    assert plan.latency == fastest_b1.choice
+    assert all(c.guard.cosine >= 0.98 for c in ok)
+
+    rt = open_runtime(path)
+    assert isinstance(rt, PlannedRuntime) and rt.describe().startswith("tuned: ")
+    # the plan's latency path, opened by hand, gives the same logits as the tuned runtime
+    with open_runtime(path, backend=plan.latency.backend, **plan.latency.options) as direct:
+        np.testing.assert_allclose(rt.infer(_x(2)), direct.infer(_x(2)), rtol=1e-5, atol=1e-5)
+    assert rt.runtime_for(1) is rt.runtime_for(3)
+    big = rt.runtime_for(4)
+    assert (big is rt.runtime_for(1)) == (plan.throughput == plan.latency)
+    ref = open_runtime(path, backend="onnxruntime", qdq_activations="int8", optimization="disable").infer(_x(5))
+    out = rt.infer(_x(5))
+    assert out.shape == (5, 10) and np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.8
+    rt.close()
+
+
+def _rewrite(path, **changes):
+    plan = TunePlan.read(plan_path(path))
+    if "machine" in changes:
+        changes["machine"] = dataclasses.replace(plan.machine, **changes["machine"])
+    dataclasses.replace(plan, **changes).write(plan_path(path))
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"machine": {"cpu": "Intel Xeon (family 6 model 207)"}}, r"tuned on another machine \(CPU Intel Xeon"),
+    ({"machine": {"flags": ("avx2",)}}, r"tuned on another machine \(ISA flags avx2 -> "),
+    ({"machine": {"cpus": 64}}, r"tuned on another machine \(64 usable CPUs -> "),
+    ({"machine": {"libraries": (("onnxruntime", "1.0.0"), ("openvino", None))}}, r"onnxruntime 1\.0\.0 -> "),
+    ({"artifact_sha256": "0" * 64}, r"tuned for another version of m-fp32\.onnx"),
+])
+def test_plan_from_elsewhere_is_ignored_with_one_notice(copies, caplog, change, why):
+    path = copies["fp32"]
+    tune(path, batch=2, **FAST)
+    _rewrite(path, **change)
+    with caplog.at_level(logging.WARNING, logger="vitdeploy"):
+        rt = open_runtime(path)
+    assert rt.backend == "onnxruntime" and not rt.describe().startswith("tuned")
+    notices = [r.getMessage() for r in caplog.records if r.name.startswith("vitdeploy")]
+    assert len(notices) == 1 and len(notices[0].splitlines()) == 1
+    assert notices[0].startswith("ignoring tune plan m-fp32.tune.json: ")
+    import re
+
+    assert re.search(why, notices[0]) and "rerun `vitdeploy tune" in notices[0]
+
+
+def test_corrupt_plan_is_ignored_with_a_notice(copies, caplog):
+    plan_path(copies["fp32"]).write_text("{half a plan")
+    with caplog.at_level(logging.WARNING, logger="vitdeploy"):
+        rt = open_runtime(copies["fp32"])
+    assert rt.backend == "onnxruntime"
+    assert any("m-fp32.tune.json is unreadable" in r.getMessage() for r in caplog.records)
+
+
+class _Corrupt(Runtime):
+    """A path that answers instantly with wrong logits: the fastest candidate, and a wrong one."""
+
+    backend = "corrupt"
+
+    def __init__(self, real: Runtime, mode: str) -> None:
+        self.real, self.mode = real, mode
+        self.spec, self.metadata = real.spec, real.metadata
+
+    def describe(self) -> str:
+        return f"corrupt[{self.mode}]"
+
+    def _run(self, batch):
+        if self.mode == "constant":
+            return np.zeros((batch.shape[0], 10), np.float32) + np.arange(10, dtype=np.float32)
+        return self.real.infer(batch)[:, ::-1]  # labels swapped
+
+    def close(self):
+        self.real.close()
+
+
+@pytest.mark.parametrize("mode", ["constant", "swapped"])
+def test_a_path_failing_the_guard_is_never_chosen(copies, mode):
+    path = copies["int8"]
+    good = PathChoice("onnxruntime", {"threads": 1, "qdq_activations": "uint8"}, "good")
+    bad = PathChoice("onnxruntime", {"threads": 2, "qdq_activations": "int8"}, "injected fault")
+
+    def opener(choice):
+        rt = open_runtime(path, backend=choice.backend, use_plan=False, **choice.options)
+        return _Corrupt(rt, mode) if choice == bad else rt
+
+    report = tune(path, batch=2, candidates=[bad, good], opener=opener, **FAST)
+    status = {c.choice.label: c for c in report.candidates}
+    assert status["injected fault"].status == "rejected" and "accuracy guard" in status["injected fault"].reason
+    assert not status["injected fault"].ms_per_image  # never timed, so never in the running
+    assert report.plan.latency == good and report.plan.throughput == good
+    # every path corrupt: no plan at all
+    plan_path(path).unlink()
+    with pytest.raises(VitDeployError, match=r"no CPU path passed the accuracy guard for m-int8\.onnx"):
+        tune(path, batch=2, candidates=[bad], opener=opener, **FAST)
+    assert not plan_path(path).exists()
+
+
+def test_explicit_backend_overrides_the_plan(copies, tmp_path):
+    path = copies["int8"]
+    tune(path, batch=2, **FAST)
+    assert isinstance(open_runtime(path), PlannedRuntime)
+    assert open_runtime(path, backend="onnxruntime").backend == "onnxruntime"
+    assert open_runtime(path, qdq_activations="int8").backend == "onnxruntime"  # a backend option: no plan
+    assert isinstance(open_runtime(path, threads=1), PlannedRuntime)
+    assert open_runtime(path, threads=1).threads == 1
+    r = CliRunner().invoke(main, ["bench", str(path), "--batch", "1", "--warmup", "0", "--iters", "2",
+                                  "--json", str(tmp_path / "auto.json")])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads((tmp_path / "auto.json").read_text())["results"]
+    assert row["backend"].startswith("tuned: ")
+    r = CliRunner().invoke(main, ["bench", str(path), "--backend", "onnxruntime", "--batch", "1", "--warmup", "0",
+                                  "--iters", "2", "--json", str(tmp_path / "ort.json")])
+    (row,) = json.loads((tmp_path / "ort.json").read_text())["results"]
+    assert r.exit_code == 0 and row["backend"].startswith("onnxruntime[CPU")
+
+
+def test_commands_say_which_path_they_run(copies, digits):
+    path = copies["int8"]
+    tune(path, batch=2, **FAST)
+    image = str(sorted((digits["test"] / "3").iterdir())[0])
+    r = CliRunner().invoke(main, ["predict", image, "--model", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "running tuned: " in r.stderr and json.loads(r.stdout)[0]["image"] == image
+    r = CliRunner().invoke(main, ["predict", image, "--model", str(path), "--backend", "openvino"])
+    if importlib.util.find_spec("openvino"):
+        assert r.exit_code == 0 and "running openvino[CPU" in r.stderr
+    r = CliRunner().invoke(main, ["eval", "--model", str(path), "--data", str(digits["test"]), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["runtime"].startswith("tuned: ") and out["accuracy"] > 0.8
+
+
+def test_tune_cli(copies, digits, tmp_path):
+    r = CliRunner().invoke(main, ["tune", str(copies["fp32-b4"]), "--batch", "4", "--iters", "3", "--threads", "1,2",
+                                  "--json", str(tmp_path / "t.json")])
+    assert r.exit_code == 0, r.output
+    assert "CHOSEN for latency" in r.stdout and f"wrote {plan_path(copies['fp32-b4'])}" in r.stdout
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert {c["path"]["options"]["threads"] for c in data["candidates"]} == {1, 2}
+    assert TunePlan.read(plan_path(copies["fp32-b4"])).mismatch(copies["fp32-b4"]) is None
+    r = CliRunner().invoke(main, ["tune", str(digits["checkpoint"])])
+    assert r.exit_code == 1 and "tune measures CPU paths for ONNX files" in r.output
+    r = CliRunner().invoke(main, ["tune", str(copies["fp32"]), "--batch", "1"])
+    assert r.exit_code == 2 and "1 is not in the range x>=2" in r.output
+
+
+def test_plan_file_schema(copies, tmp_path):
+    path = copies["fp32"]
+    tune(path, batch=2, **FAST)
+    data = json.loads(plan_path(path).read_text())
+    assert data["format"] == "vitdeploy-tune/1" and data["machine"]["cpu"] and data["machine"]["libraries"]
+    data["latency"]["backend"] = "tensorrt"
+    bad = tmp_path / "bad.tune.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(VitDeployError, match=r"tune plan .*bad\.tune\.json is unreadable .*rerun `vitdeploy tune`"):
+        TunePlan.read(bad)
+
+
+# -- honest bench rows --------------------------------------------------------------------------------
+class _Allocating(Runtime):
+    """Holds ``hold_mb`` of weights and allocates ``work_mb`` per inference: a known memory footprint."""
+
+    backend = "alloc"
+
+    def __init__(self, hold_mb: int, work_mb: int) -> None:
+        self.weights = np.ones(hold_mb * 2**18, np.float32)
+        self.work_mb = work_mb
+        self.spec = InputSpec("x", "float32", (3, 224, 224), 1, 64)
+        self.metadata = None
+        self.threads, self.where = 1, "cpu"
+
+    def _run(self, batch):
+        tmp = np.ones(self.work_mb * 2**18, np.float32)
+        return np.full((batch.shape[0], 10), tmp[-1], np.float32)
+
+    def close(self):
+        self.weights = None
+
+
+def test_each_row_reports_its_own_peak_memory():
+    from vitdeploy.bench import run_bench
+
+    report = run_bench([("big", lambda: _Allocating(300, 100)), ("small", lambda: _Allocating(10, 5))], [1],
+                       warmup=1, iters=3)
+    big, small = report.results
+    assert 350 <= big.peak_host_mb <= 520, big.peak_host_mb
+    assert small.peak_host_mb < 60, small.peak_host_mb  # not the big runtime's peak carried over
+    assert report.settings["memory"].startswith("peak RSS during each row")
+
+
+def test_bench_rows_flag_padding_threads_and_place(digits, copies, tmp_path):
+    r = CliRunner().invoke(main, ["bench", str(copies["fp32-b4"]), str(digits["checkpoint"]), "--batch", "1,4,9",
+                                  "--warmup", "0", "--iters", "2", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    rows = {(row["name"].split(".")[0], row["batch"]): row for row in data["results"]}
+    assert rows[("m-fp32-b4", 1)]["batching"] == "padded to 4"
+    assert rows[("m-fp32-b4", 4)]["batching"] == "native"
+    assert rows[("m-fp32-b4", 9)]["batching"] == "split into 3 x 4, last padded to 4"
+    assert all(rows[("digits_vit", b)]["batching"] == "native" for b in (1, 4, 9))
+    assert {row["where"] for row in data["results"]} == {"cpu"}
+    assert len({row["threads"] for row in data["results"]}) == 1 and data["settings"]["cpu_threads"]
+    assert "note: 2 row(s) ran a static-batch artifact at another batch size" in r.stdout

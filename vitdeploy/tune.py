@@ -1,0 +1,289 @@
+"""``vitdeploy tune``: measure every CPU path that can run an ONNX here and write the plan beside it.
+
+Candidates: ONNX Runtime (an INT8 Q/DQ file both as written and with its activations as uint8) and
+OpenVINO (f32 hint, bf16 hint where the CPU has native bf16, LATENCY and THROUGHPUT hints), each at
+the thread counts worth trying (physical cores, and all logical CPUs when they differ).
+
+Accuracy guard: the reference is the same file run literally by ONNX Runtime on the CPU (graph
+optimizations off, Q/DQ as written), i.e. what the ONNX means. The file's own quality against the
+float model was checked when it was exported; what can go wrong here is a path computing something
+else (a fused kernel, a lower-precision hint), so every candidate is compared with that reference on
+the verification inputs (the seed-0 random inputs export verifies with, plus ``images``), with
+export's tolerance for the lossier of the file's and the path's precision and a top-1 agreement
+floor. A path that fails is never chosen.
+
+Timing is short on purpose (ViT-B in minutes): a few warm-up runs, then a quick estimate, and a
+candidate more than ``prune`` times slower than the best so far stops there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.engines import artifact_kind, open_runtime
+from vitdeploy.engines.base import Runtime
+from vitdeploy.engines.plan import MachineKey, PathChoice, TunePlan, plan_path, usable_cpus
+from vitdeploy.errors import VitDeployError
+from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
+
+# bf16 keeps 8 significant bits (fp16 11): looser than export's fp16 tolerance, tighter than int8's
+GUARD_TOLERANCES: dict[str, dict[str, float]] = {**TOLERANCES, "bf16": {"max_abs_rel": 0.1, "min_cosine": 0.995}}
+LOSSINESS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# exact-ish paths must agree on every input; lossy ones may flip one near-tie in eight
+MIN_TOP1 = {"fp32": 1.0, "fp16": 1.0, "bf16": 0.875, "int8": 0.875, "fp8": 0.875}
+VERIFY_INPUTS = 8
+
+
+@dataclass
+class Candidate:
+    choice: PathChoice
+    precision: str = "fp32"  # the lossier of the file's and the path's
+    status: str = "pending"  # ok | rejected | pruned | failed
+    reason: str = ""
+    guard: Comparison | None = None
+    ms_per_image: dict[int, float] = field(default_factory=dict)  # batch -> median ms per image
+    pruned: list[int] = field(default_factory=list)  # batches where a quick estimate was already too slow
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.choice.to_dict(), "precision": self.precision, "status": self.status,
+                "reason": self.reason, "guard": self.guard.to_dict() if self.guard else None,
+                "ms_per_image": {str(k): v for k, v in self.ms_per_image.items()}, "stopped_early_at": self.pruned,
+                "runtime": self.description}
+
+
+@dataclass
+class TuneReport:
+    path: Path
+    plan: TunePlan
+    candidates: list[Candidate]
+    reference: str
+    seconds: float
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        tb = self.plan.throughput_batch
+        t = Table(title=f"vitdeploy tune {self.path.name}: ms per image, accuracy guard against {self.reference}")
+        for col in ("path", "guard", "b1", f"b{tb}", "status"):
+            t.add_column(col, justify="right" if col.startswith("b") else "left")
+        for c in self.candidates:
+            g = c.guard
+            guard = f"cos {g.cosine:.5f}, top-1 {g.top1_agreement * 100:.0f}%" if g else "-"
+            chosen = [w for w, ch in (("latency", self.plan.latency), ("throughput", self.plan.throughput))
+                      if ch.key() == c.choice.key()]
+            status = c.status + (f" ({c.reason})" if c.reason else "")
+            if chosen:
+                status = "CHOSEN for " + " and ".join(chosen)
+            cells = [(f"{c.ms_per_image[b]:.2f}" + ("*" if b in c.pruned else "")) if b in c.ms_per_image else "-"
+                     for b in (1, tb)]
+            t.add_row(c.choice.label, guard, *cells, status)
+        return t
+
+    def summary(self) -> str:
+        m = self.plan.machine
+        return (f"wrote {plan_path(self.path)} in {self.seconds:.0f} s: batch < {self.plan.throughput_batch} -> "
+                f"{self.plan.latency.label}; batch >= {self.plan.throughput_batch} -> {self.plan.throughput.label} "
+                f"(CPU {m.cpu}, {m.cpus} CPUs, flags {' '.join(m.flags) or '-'})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "plan": self.plan.to_dict(), "reference": self.reference,
+                "seconds": self.seconds, "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) among the CPUs this process may use."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return usable_cpus()
+    return len(cores) or usable_cpus()
+
+
+def thread_counts() -> list[int]:
+    return sorted({physical_cores(), usable_cpus()})
+
+
+def _has_qdq(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def candidate_paths(path: Path, threads: list[int], flags: list[str]) -> list[PathChoice]:
+    """Every CPU path worth measuring for this file on this CPU."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    qdq = _has_qdq(path)
+    out: list[PathChoice] = []
+    for t in threads:
+        if qdq:
+            if x86:
+                out.append(PathChoice("onnxruntime", {"threads": t, "qdq_activations": "uint8"},
+                                      f"onnxruntime, Q/DQ as uint8, {t} threads"))
+            out.append(PathChoice("onnxruntime", {"threads": t, "qdq_activations": "int8"},
+                                  f"onnxruntime, Q/DQ as written, {t} threads"))
+        else:
+            out.append(PathChoice("onnxruntime", {"threads": t}, f"onnxruntime, {t} threads"))
+    if importlib.util.find_spec("openvino"):
+        hints = ["f32"] + (["bf16"] if {"avx512_bf16", "amx_bf16"} & set(flags) else [])
+        for t in threads:
+            for precision in hints:
+                for mode in ("LATENCY", "THROUGHPUT"):
+                    out.append(PathChoice("openvino", {"threads": t, "precision_hint": precision, "hint": mode},
+                                          f"openvino, {precision}, {mode.lower()}, {t} threads"))
+    return out
+
+
+def verification_inputs(rt: Runtime, images: Path | None = None, n: int = VERIFY_INPUTS) -> np.ndarray:
+    """Export's verification inputs (seed-0 standard normal), plus preprocessed ``images``."""
+    x = np.random.default_rng(0).standard_normal((n, *rt.spec.shape), dtype=np.float32)
+    if images is not None:
+        from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+        if rt.metadata is None:
+            raise VitDeployError("--images needs the artifact's preprocessing metadata: export it with vitdeploy")
+        prep = Preprocessing.from_dict(rt.metadata.preprocessing)
+        x = np.concatenate([x, load_images(find_images(images)[:64], prep)])
+    return x
+
+
+def _path_precision(choice: PathChoice, file_precision: str) -> str:
+    own = "bf16" if choice.options.get("precision_hint") == "bf16" else "fp32"
+    ranks = [LOSSINESS.index(p) for p in (own, file_precision) if p in LOSSINESS]
+    return LOSSINESS[max(ranks)]
+
+
+def _time_ms(rt: Runtime, x: np.ndarray, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        rt.infer(x)
+        out.append((time.perf_counter() - t0) * 1e3 / x.shape[0])
+    return out
+
+
+def _default_opener(path: Path) -> Callable[[PathChoice], Runtime]:
+    def opener(choice: PathChoice) -> Runtime:
+        return open_runtime(path, backend=choice.backend, device="cpu", use_plan=False, **choice.options)
+
+    return opener
+
+
+def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, images: Path | None = None,
+         warmup: int = 2, iters: int = 10, prune: float = 1.5, progress: bool = False,
+         candidates: list[PathChoice] | None = None, opener: Callable[[PathChoice], Runtime] | None = None,
+         write: bool = True) -> TuneReport:
+    """Measure the CPU paths for ``path`` at batch 1 and ``batch``; write the plan (``write``).
+
+    ``opener`` opens a candidate (default: :func:`open_runtime` on the CPU); tests use it to inject faults.
+    """
+    from vitdeploy.io import sha256_file
+
+    t_start = time.perf_counter()
+    path = Path(path)
+    if not path.is_file():
+        raise VitDeployError(f"{path} does not exist")
+    if artifact_kind(path) != "onnx":
+        raise VitDeployError(f"tune measures CPU paths for ONNX files, not {path.name}: "
+                             f"export one with `vitdeploy export --model {path} --output model.onnx`")
+    if batch < 2:
+        raise VitDeployError("the throughput batch must be at least 2 (batch 1 is the latency case)")
+    machine = MachineKey.current()
+    choices = candidates if candidates is not None else candidate_paths(
+        path, threads or thread_counts(), list(machine.flags))
+    open_path = opener or _default_opener(path)
+
+    with open_runtime(path, backend="onnxruntime", device="cpu", use_plan=False, optimization="disable",
+                      qdq_activations="int8") as ref:
+        x_verify = verification_inputs(ref, images)
+        reference = ref.infer(x_verify)
+        file_precision = ref.metadata.precision if ref.metadata else "fp32"
+        x1 = x_verify[:1]
+        xb = np.resize(x_verify, (batch, *x_verify.shape[1:])).astype(np.float32)
+        reference_name = "ONNX Runtime CPU, graph as written (no optimizations)"
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(choices), desc=f"tuning {path.name}", unit="path", leave=False)
+    results: list[Candidate] = []
+    best: dict[int, float] = {}
+    try:
+        for choice in choices:
+            c = Candidate(choice, precision=_path_precision(choice, file_precision))
+            results.append(c)
+            if bar is not None:
+                bar.set_postfix_str(choice.label)
+            try:
+                rt = open_path(choice)
+            except Exception as e:  # a path this machine cannot run is reported, not fatal
+                c.status, c.reason = "failed", " ".join(str(e).split())[:160] or type(e).__name__
+                if bar is not None:
+                    bar.update(1)
+                continue
+            try:
+                c.description = rt.describe()
+                _measure_candidate(rt, c, reference, x_verify, x1, xb, warmup, iters, prune, best)
+            except Exception as e:
+                c.status, c.reason = "failed", " ".join(str(e).split())[:160] or type(e).__name__
+            finally:
+                rt.close()
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    ok = [c for c in results if c.status == "ok"]
+    if not ok:
+        reasons = "; ".join(f"{c.choice.label}: {c.status} {c.reason}" for c in results)
+        raise VitDeployError(f"no CPU path passed the accuracy guard for {path.name} ({reasons}); no plan written")
+    lat = min(ok, key=lambda c: (1 in c.pruned, c.ms_per_image[1]))
+    thr = min(ok, key=lambda c: (batch in c.pruned, c.ms_per_image[batch]))
+    plan = TunePlan(artifact=path.name, artifact_sha256=sha256_file(path), machine=machine, latency=lat.choice,
+                    throughput=thr.choice, throughput_batch=batch,
+                    candidates=[c.to_dict() for c in results])
+    if write:
+        plan.write(plan_path(path))
+    return TuneReport(path, plan, results, reference_name, time.perf_counter() - t_start)
+
+
+def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray, x1: np.ndarray,
+                       xb: np.ndarray, warmup: int, iters: int, prune: float, best: dict[int, float]) -> None:
+    c.guard = compare_logits(reference, rt.infer(x_verify))
+    tol = GUARD_TOLERANCES[c.precision]
+    if not c.guard.within(**tol) or c.guard.top1_agreement < MIN_TOP1[c.precision]:
+        c.status = "rejected"
+        c.reason = (f"accuracy guard: need max abs <= {tol['max_abs_rel']:g} x scale, cosine >= "
+                    f"{tol['min_cosine']}, top-1 >= {MIN_TOP1[c.precision]:.0%}")
+        return
+    for x in (x1, xb):
+        b = x.shape[0]
+        _time_ms(rt, x, warmup)
+        quick = _time_ms(rt, x, 2)
+        c.ms_per_image[b] = statistics.median(quick)
+        if b in best and min(quick) > prune * best[b]:
+            c.pruned.append(b)
+            continue
+        runs = quick + _time_ms(rt, x, max(1, (iters if b == 1 else max(3, iters // 2)) - 2))
+        c.ms_per_image[b] = statistics.median(runs)
+        best[b] = min(best.get(b, float("inf")), c.ms_per_image[b])
+    c.status = "ok"
+    if c.pruned:
+        c.reason = f"stopped early at batch {', '.join(map(str, c.pruned))}: over {prune:g}x the best"
