@@ -83,7 +83,7 @@ def test_int8_qdq_as_uint8_is_exact(digits_onnx):
 
 def test_int8_qdq_as_uint8_fuses_every_quantized_linear(digits_onnx):
     """With uint8 activations ONNX Runtime runs every quantized layer as an integer kernel; inspect says so."""
-    from vitdeploy.inspect import inspect_artifact
+    from vitdeploy.inspection import inspect_artifact
 
     info = inspect_artifact(digits_onnx["int8"])
     report = info["onnxruntime_cpu"]
@@ -113,29 +113,7 @@ def test_not_an_artifact(tmp_path):
 
 
 # -- TensorRT runtime: the checks that run before any GPU is touched -------------------------------
-def _side(**over):
-    side = {"format": "vitdeploy-engine/1", "flavour": "tensorrt_rtx", "trt_version": "1.7.1.116",
-            "targets": ["sm89"], "options": {}, "onnx": {"path": "m.onnx"}}
-    side.update(over)
-    return side
-
-
-def test_engine_compatibility_checks():
-    from vitdeploy.engines.tensorrt_runtime import check_compatible
-
-    check_compatible(_side(), "tensorrt_rtx", "1.7.1.116", ("RTX 4090", "sm89"))
-    with pytest.raises(VitDeployError, match=r"built for sm89; this GPU is H100 \(sm90\): rebuild with"):
-        check_compatible(_side(), "tensorrt_rtx", "1.7.1.116", ("H100", "sm90"))
-    with pytest.raises(VitDeployError, match=r"built with tensorrt_rtx 1\.7\.1\.116; this is 1\.8\.0\.1: rebuild"):
-        check_compatible(_side(), "tensorrt_rtx", "1.8.0.1", ("RTX 4090", "sm89"))
-    with pytest.raises(VitDeployError, match=r"this machine has tensorrt 10\.16"):
-        check_compatible(_side(), "tensorrt", "10.16.1.11", ("L4", "sm89"))
-    with pytest.raises(VitDeployError, match="needs an NVIDIA GPU"):
-        check_compatible(_side(), "tensorrt_rtx", "1.7.1.116", None)
-    check_compatible(_side(flavour="tensorrt", trt_version="10.16.1.11", options={"version_compatible": True}),
-                     "tensorrt", "11.4.0.106", ("L4", "sm89"))
-
-
+# (check_compatible: tests/test_tensorrt_runtime.py, with the typed sidecar)
 def test_corrupt_or_missing_sidecar(tmp_path):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"not an engine")
@@ -178,22 +156,7 @@ def test_cuda_python_layer_fails_cleanly_without_a_driver():
         device_memory("cuda-python")
 
 
-@pytest.mark.gpu
-def test_tensorrt_engine_matches_onnxruntime_on_gpu(digits_onnx, tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, current_gpu
-
-    gpu = current_gpu()
-    if gpu is None:
-        pytest.skip("needs an NVIDIA GPU to run an engine")
-    build_engine(digits_onnx["fp16"], tmp_path / "m.engine", BuildOptions(flavour="rtx", max_batch=8))
-    ref = open_runtime(digits_onnx["fp16"]).infer(_x(11))
-    for graph in (False, True):
-        with open_runtime(tmp_path / "m.engine", cuda_graph=graph) as rt:
-            assert np.abs(rt.infer(_x(11)) - ref).max() < 5e-2
-            out = rt.infer_torch(torch.from_numpy(_x(4)).cuda())
-            assert out.is_cuda and out.shape == (4, 10)
-    assert (tmp_path / "m.rtcache").is_file()
+# the real-GPU engine test, which picks the flavour by compute capability: tests/test_tensorrt_runtime.py
 
 
 # -- CLI: predict, compare, bench -------------------------------------------------------------------

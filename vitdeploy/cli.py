@@ -71,6 +71,11 @@ def info() -> None:
     table.add_row("cpu", f"{data['machine']['cpu']} ({data['machine']['cores']} cores)")
     gpus = data["machine"]["gpus"]
     table.add_row("cuda devices", ", ".join(gpus) if gpus else "none")
+    titles = {"tensorrt": "full TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
+    for g in data["gpu_flavours"]:
+        runs = " or ".join(titles[f] for f in g["trt_flavours"])
+        note = f" [yellow]({escape(g['note'])})[/yellow]" if g["note"] else ""
+        table.add_row(f"gpu {g['index']} engines", f"{escape(g['name'])} ({g['compute_capability']}): {runs}{note}")
     for name, ok in data["backends"].items():
         status = "[green]usable[/green]" if ok is True else f"[yellow]{escape(str(ok))}[/yellow]"
         table.add_row(f"backend {name}", status)
@@ -134,6 +139,10 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
     _quiet_exporter_logs()
     if engine and not compute_capability and not _has_gpu():
         raise click.UsageError("--engine on a machine without a GPU needs --compute-capability (e.g. sm89)")
+    if engine:  # refuse a target no TensorRT can build for before the export's work
+        from vitdeploy.engines.tensorrt_build import BuildOptions, check_build_targets
+
+        check_build_targets(BuildOptions(compute_capabilities=_split(compute_capability)))
     opts = ExportOptions(
         batch=batch, dynamic_batch=dynamic_batch, opset=opset, precision=precision, fp16_io=fp16_io,
         calib_dir=calib_dir, calib_samples=calib_samples, calib_method=calib_method, verify_images=images,
@@ -186,8 +195,14 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
           version_compatible: bool, preset: str | None, config: str | None, seed: int | None, precision: str,
           calib_dir: Path | None) -> None:
     """Build a TensorRT engine from an ONNX (or from a checkpoint: export, then build)."""
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, check_build_targets
 
+    opts = BuildOptions(
+        flavour=flavour, batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+        compute_capabilities=_split(compute_capability), workspace_mib=workspace, opt_level=opt_level,
+        timing_cache=timing_cache, tf32=tf32, hardware_compat=hardware_compat, version_compatible=version_compatible,
+    )
+    check_build_targets(opts)  # a flavour/target that cannot work is refused before any export or build
     source = Path(model)
     if source.suffix != ".onnx":
         from vitdeploy.exporters import ExportOptions, export_onnx
@@ -200,11 +215,6 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
         click.echo(export_onnx(model, onnx_path, config=_config_arg(preset, config), options=eopts,
                                progress=True).render())
         source = onnx_path
-    opts = BuildOptions(
-        flavour=flavour, batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-        compute_capabilities=_split(compute_capability), workspace_mib=workspace, opt_level=opt_level,
-        timing_cache=timing_cache, tf32=tf32, hardware_compat=hardware_compat, version_compatible=version_compatible,
-    )
     report = build_engine(source, output or source.with_suffix(".engine"), opts, progress=True)
     click.echo(report.render())
 
@@ -214,7 +224,7 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
 @click.option("--json", "as_json", is_flag=True)
 def inspect(artifact: Path, as_json: bool) -> None:
     """Show an ONNX's metadata, op histogram and Q/DQ coverage, or an engine's sidecar, I/O and layers."""
-    from vitdeploy.inspect import inspect_artifact
+    from vitdeploy.inspection import inspect_artifact
 
     info = inspect_artifact(artifact)
     click.echo(json.dumps(info, indent=2) if as_json else _render_inspect(info))

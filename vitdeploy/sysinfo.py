@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from typing import Any
@@ -71,8 +72,64 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def gpus() -> list[str]:
-    """CUDA devices as 'name (sm_XY)', via torch when it is installed; [] otherwise."""
+# TensorRT-RTX runs RTX-class GPUs only (its ComputeCapability enum); Hopper (sm90), Blackwell datacenter
+# (sm100, sm103), Thor (sm110) and every other part need full TensorRT, which runs on all of them.
+RTX_COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+TRT_FLAVOURS = {"tensorrt": "full TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
+
+
+def trt_flavours_for(compute_capability: str) -> list[str]:
+    """The TensorRT flavours whose engines run on a GPU of ``compute_capability`` (smXY), full TensorRT first."""
+    if compute_capability in RTX_COMPUTE_CAPABILITIES:
+        return ["tensorrt", "tensorrt_rtx"]
+    return ["tensorrt"]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    compute_capability: str  # smXY
+
+    @property
+    def trt_flavours(self) -> list[str]:
+        return trt_flavours_for(self.compute_capability)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.compute_capability})"
+
+
+def cudart() -> Any:
+    """cuda-python's runtime module in either layout (``cuda.bindings.runtime``, or ``cuda.cudart`` before
+    12.6), or None when cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime  # type: ignore[import-not-found]
+
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart as runtime  # type: ignore[import-not-found,no-redef]
+
+        return runtime
+    except ImportError:
+        return None
+
+
+def cuda_devices() -> list[Gpu]:
+    """Visible CUDA devices, via cuda-python when installed, else torch; [] without a GPU or driver."""
+    rt = cudart()
+    if rt is not None:
+        err, count = rt.cudaGetDeviceCount()
+        if int(err) != 0:
+            return []
+        out = []
+        for i in range(count):
+            err, prop = rt.cudaGetDeviceProperties(i)
+            if int(err) == 0:
+                name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+                out.append(Gpu(i, name.strip("\x00").strip(), f"sm{prop.major}{prop.minor}"))
+        return out
     if importlib.util.find_spec("torch") is None:
         return []
     import torch
@@ -82,7 +139,24 @@ def gpus() -> list[str]:
     out = []
     for i in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(i)
-        out.append(f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+        out.append(Gpu(i, torch.cuda.get_device_name(i), f"sm{major}{minor}"))
+    return out
+
+
+def gpus() -> list[str]:
+    """CUDA devices as 'name (smXY)'; [] without a GPU."""
+    return [g.describe() for g in cuda_devices()]
+
+
+def gpu_flavours() -> list[dict[str, Any]]:
+    """Per visible GPU: which TensorRT flavours can run engines on it, and why not the other."""
+    out = []
+    for g in cuda_devices():
+        flavours = g.trt_flavours
+        note = None if "tensorrt_rtx" in flavours else (
+            f"TensorRT-RTX cannot run on {g.compute_capability}; build with full TensorRT (--trt tensorrt)")
+        out.append({"index": g.index, "name": g.name, "compute_capability": g.compute_capability,
+                    "trt_flavours": flavours, "note": note})
     return out
 
 
@@ -111,16 +185,24 @@ def backends() -> dict[str, Any]:
         out["onnxruntime"] = "pip install onnxruntime"
     out["openvino"] = True if importlib.util.find_spec("openvino") else "pip install 'vitdeploy[openvino]'"
     out["torch"] = True if importlib.util.find_spec("torch") else "pip install torch"
-    has_gpu = bool(gpus())
+    devices = cuda_devices()
     for mod, extra in (("tensorrt", "tensorrt"), ("tensorrt_rtx", "tensorrt-rtx")):
         if importlib.util.find_spec(mod) is None:
             out[f"{mod} build"] = f"pip install 'vitdeploy[{extra}]'"
             out[f"{mod} run"] = f"pip install 'vitdeploy[{extra}]' (and a GPU)"
             continue
-        out[f"{mod} build"] = True if mod == "tensorrt_rtx" or has_gpu else "needs a GPU"
-        out[f"{mod} run"] = True if has_gpu else "needs an NVIDIA GPU"
+        runnable = [g for g in devices if mod in g.trt_flavours]
+        out[f"{mod} build"] = True if mod == "tensorrt_rtx" or devices else "needs a GPU"
+        if runnable:
+            out[f"{mod} run"] = True
+        elif devices:
+            out[f"{mod} run"] = (f"{TRT_FLAVOURS[mod]} cannot run on "
+                                 f"{', '.join(g.compute_capability for g in devices)}: use full TensorRT")
+        else:
+            out[f"{mod} run"] = "needs an NVIDIA GPU"
     return out
 
 
 def collect() -> dict[str, Any]:
-    return {"libraries": library_versions(), "machine": machine(), "backends": backends()}
+    return {"libraries": library_versions(), "machine": machine(), "backends": backends(),
+            "gpu_flavours": gpu_flavours()}

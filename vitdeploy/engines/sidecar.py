@@ -18,19 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy.sysinfo import RTX_COMPUTE_CAPABILITIES, TRT_FLAVOURS, trt_flavours_for
 
 FORMAT = "vitdeploy-engine/1"
 
 TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt_rtx"
 FLAVOURS = (TENSORRT, TENSORRT_RTX)
-FLAVOUR_TITLES = {TENSORRT: "full TensorRT", TENSORRT_RTX: "TensorRT-RTX"}
+FLAVOUR_TITLES = TRT_FLAVOURS
 # what users type (--trt) -> flavour (= the Python module's name)
 _ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "full": TENSORRT,
             "rtx": TENSORRT_RTX, "tensorrt_rtx": TENSORRT_RTX, "tensorrt-rtx": TENSORRT_RTX}
-# TensorRT-RTX runs RTX-class GPUs only (its ComputeCapability enum); Hopper (sm90), Blackwell
-# datacenter (sm100, sm103), Thor (sm110) and the rest need full TensorRT.
-RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+# TensorRT-RTX runs RTX-class GPUs only; sm90 (Hopper), sm100/sm103 (Blackwell datacenter), sm110 and the
+# rest need full TensorRT (the table lives in sysinfo, beside the GPU query)
+RTX_TARGETS = RTX_COMPUTE_CAPABILITIES
+flavours_for = trt_flavours_for
 
 
 def flavour_name(text: str) -> str:
@@ -42,14 +44,8 @@ def flavour_name(text: str) -> str:
                              ) from None
 
 
-def flavours_for(compute_capability: str) -> list[str]:
-    """The flavours whose engines run on a GPU of ``compute_capability`` (smXY), best first."""
-    if compute_capability in RTX_TARGETS:
-        return [TENSORRT, TENSORRT_RTX]
-    return [TENSORRT]
-
-
 def runs_on(flavour: str, compute_capability: str) -> bool:
+    """Whether engines of ``flavour`` can run on a GPU of ``compute_capability`` at all."""
     return flavour in flavours_for(compute_capability)
 
 
@@ -154,9 +150,32 @@ class EngineSidecar:
             raise VitDeployError(f"{where} is malformed ({type(e).__name__}: {e}): {fix}") from None
 
     @classmethod
-    def read(cls, engine: str | Path, verify: bool = True) -> EngineSidecar:
-        """The sidecar of ``engine``; with ``verify``, also check it describes this engine file."""
+    def read(cls, engine: str | Path, verify: bool = True, data: bytes | None = None) -> EngineSidecar:
+        """The sidecar of ``engine``; with ``verify``, also check that it describes this engine file
+        (``data``: the engine's bytes when the caller has read them already).
+
+        An engine and its sidecar are published as one set (:func:`write_engine`): the engine first,
+        the sidecar last. If a build was killed between those two renames, the new sidecar waits in
+        the build's staging folder; the reader finds it and completes the publish (the new set).
+        """
         engine = Path(engine)
+        out = cls._read_json(engine)
+        if not verify or not Path.is_file(engine):
+            return out
+        problem = out._mismatch(engine, data)
+        if problem is None:
+            return out
+        again = cls._read_json(engine)  # a build published a new set while we read
+        if again._mismatch(engine, data) is None:
+            return again
+        rolled = _complete_publish(engine, data)
+        if rolled is not None:
+            return rolled
+        raise VitDeployError(f"{engine} does not match its sidecar {sidecar_path(engine).name} ({problem}): "
+                             "they come from different builds; rebuild with `vitdeploy build`")
+
+    @classmethod
+    def _read_json(cls, engine: Path) -> EngineSidecar:
         side = sidecar_path(engine)
         if not side.is_file():
             raise VitDeployError(f"{engine} has no sidecar {side.name}: rebuild it with `vitdeploy build`")
@@ -166,32 +185,83 @@ class EngineSidecar:
             raise VitDeployError(
                 f"sidecar {side} is corrupt ({e.__class__.__name__}): rebuild with `vitdeploy build`"
             ) from None
-        out = cls.from_dict(data, where=f"sidecar {side}")
-        if verify and engine.is_file():
-            out.check_engine_file(engine)
-        return out
+        return cls.from_dict(data, where=f"sidecar {side}")
 
-    def check_engine_file(self, engine: str | Path, data: bytes | None = None) -> None:
-        """Refuse an engine file this sidecar does not describe (another build's engine, a torn copy)."""
+    def _mismatch(self, engine: Path, data: bytes | None = None) -> str | None:
+        """Why ``engine`` is not the engine this sidecar describes, or None when it is."""
+        import hashlib
+
         from vitdeploy.io import sha256_file
 
-        engine = Path(engine)
         if self.engine_bytes is None and self.engine_sha256 is None:
-            return  # sidecars written before the engine's hash was recorded
+            return None  # sidecars written before the engine's hash was recorded
         size = len(data) if data is not None else engine.stat().st_size
         if self.engine_bytes is not None and size != self.engine_bytes:
-            mismatch = f"{size} bytes, the sidecar says {self.engine_bytes}"
-        elif self.engine_sha256 is not None:
-            import hashlib
-
+            return f"{size} bytes, the sidecar says {self.engine_bytes}"
+        if self.engine_sha256 is not None:
             digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(engine)
-            if digest == self.engine_sha256:
-                return
-            mismatch = "its SHA-256 is not the one the sidecar records"
-        else:
-            return
-        raise VitDeployError(f"{engine} does not match its sidecar {sidecar_path(engine).name} ({mismatch}): "
-                             "they come from different builds; rebuild with `vitdeploy build`")
+            if digest != self.engine_sha256:
+                return "its SHA-256 is not the one the sidecar records"
+        return None
+
+
+def _staging_pattern(engine: Path) -> str:
+    import glob
+
+    return glob.escape(f".vitdeploy-{engine.name}.") + "*"
+
+
+def _complete_publish(engine: Path, data: bytes | None) -> EngineSidecar | None:
+    """Finish a publish killed between its two renames: a staged sidecar that matches ``engine``."""
+    import contextlib
+    import os
+
+    name = sidecar_path(engine).name
+    for folder in engine.resolve().parent.glob(_staging_pattern(engine)):
+        staged = folder / name
+        try:
+            candidate = EngineSidecar.from_dict(json.loads(staged.read_text()))
+        except (OSError, ValueError, VitDeployError):
+            continue
+        if candidate.engine_sha256 is None or candidate._mismatch(engine, data) is not None:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another reader may have completed it first
+            os.replace(staged, sidecar_path(engine))
+        return candidate
+    return None
+
+
+def write_engine(engine: str | Path, data: bytes | memoryview, sidecar: EngineSidecar,
+                 durable: bool = True) -> EngineSidecar:
+    """Publish ``data`` as ``engine`` and ``sidecar`` beside it, as one set: a reader through
+    :meth:`EngineSidecar.read` sees the old set or the new one, never a mix, even if the process is
+    killed at any point. The sidecar records the engine's size and SHA-256. The previous engine's
+    runtime cache (``.rtcache``) is removed first: losing it costs one JIT compile, pairing it with
+    another engine could cost more."""
+    import contextlib
+    import hashlib
+    from dataclasses import replace
+
+    from vitdeploy.io import publish_file_set, staging_dir
+
+    engine = Path(engine)
+    view = memoryview(data)
+    side = replace(sidecar, engine_bytes=view.nbytes, engine_sha256=hashlib.sha256(view).hexdigest())
+    with staging_dir(engine) as folder:
+        staged_engine, staged_side = folder / engine.name, folder / sidecar_path(engine).name
+        with open(staged_engine, "wb") as f:
+            f.write(view)
+        staged_side.write_text(side.to_json())
+        with contextlib.suppress(FileNotFoundError):
+            runtime_cache_path(engine).unlink()
+        publish_file_set({engine: staged_engine, sidecar_path(engine): staged_side}, last=sidecar_path(engine),
+                         durable=durable)
+    return side
+
+
+def runtime_cache_path(engine: str | Path) -> Path:
+    """TensorRT-RTX's JIT runtime cache for ``engine``: same folder, same stem, ``.rtcache``."""
+    return Path(engine).with_suffix(".rtcache")
 
 
 def read_sidecar(engine: str | Path, verify: bool = True) -> EngineSidecar:

@@ -8,7 +8,7 @@ builds for the GPU it runs on.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import re
 import signal
@@ -19,11 +19,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitdeploy import __version__
+from vitdeploy import __version__, sysinfo
+from vitdeploy.engines.sidecar import (
+    RTX_TARGETS,
+    TENSORRT,
+    TENSORRT_RTX,
+    EngineSidecar,
+    TensorIO,
+    flavour_name,
+    flavours_for,
+    sidecar_path,
+    write_engine,
+)
 from vitdeploy.errors import VitDeployError
-from vitdeploy.io import atomic_path, atomic_write_bytes, check_output_dir, sha256_file
+from vitdeploy.io import atomic_write_bytes, check_output_dir, sha256_file
 
-RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+__all__ = [
+    "RTX_TARGETS",
+    "BuildCancelled",
+    "BuildError",
+    "BuildOptions",
+    "BuildReport",
+    "build_engine",
+    "choose_flavour",
+    "current_gpu",
+    "import_tensorrt",
+    "parse_compute_capability",
+    "sidecar_path",
+]
 
 
 class BuildError(VitDeployError):
@@ -34,14 +57,23 @@ class BuildCancelled(BuildError):
     """The build was cancelled (Ctrl-C or a callback); nothing was written."""
 
 
+_INSTALL = {
+    TENSORRT: "install full TensorRT: pip install --extra-index-url https://pypi.nvidia.com 'vitdeploy[tensorrt]'",
+    TENSORRT_RTX: "install TensorRT-RTX: pip install 'vitdeploy[tensorrt-rtx]'",
+}
+
+
 def import_tensorrt(flavour: str = "auto") -> tuple[Any, str]:
     """(module, 'tensorrt' | 'tensorrt_rtx'); auto prefers full TensorRT."""
     import importlib
 
-    wanted = {"auto": ("tensorrt", "tensorrt_rtx"), "tensorrt": ("tensorrt",), "rtx": ("tensorrt_rtx",),
-              "tensorrt_rtx": ("tensorrt_rtx",)}.get(flavour)
-    if wanted is None:
-        raise BuildError(f"--trt {flavour!r}: choose auto, tensorrt or rtx")
+    if flavour == "auto":
+        wanted: tuple[str, ...] = (TENSORRT, TENSORRT_RTX)
+    else:
+        try:
+            wanted = (flavour_name(flavour),)
+        except VitDeployError:
+            raise BuildError(f"--trt {flavour!r}: choose auto, tensorrt or rtx") from None
     for name in wanted:
         try:
             return importlib.import_module(name), name
@@ -49,12 +81,68 @@ def import_tensorrt(flavour: str = "auto") -> tuple[Any, str]:
             continue
         except OSError as e:  # the bindings are there but their libraries are not
             raise BuildError(f"{name} is installed but cannot load its libraries: {e}") from None
-    hint = {
-        "tensorrt": "install full TensorRT: "
-                    "pip install --extra-index-url https://pypi.nvidia.com 'vitdeploy[tensorrt]'",
-        "tensorrt_rtx": "install TensorRT-RTX: pip install 'vitdeploy[tensorrt-rtx]'",
-    }
-    raise BuildError(f"no TensorRT found: {'; or '.join(hint[w] for w in wanted)}")
+    raise BuildError(f"no TensorRT found: {'; or '.join(_INSTALL[w] for w in wanted)}")
+
+
+def _installed(flavour: str) -> bool:
+    import sys
+
+    if flavour in sys.modules:
+        return sys.modules[flavour] is not None
+    return importlib.util.find_spec(flavour) is not None
+
+
+def choose_flavour(requested: str, compute_capabilities: list[str], gpu: tuple[str, str] | None,
+                   installed: Callable[[str], bool] = _installed) -> tuple[str, list[str]]:
+    """(flavour, targets) for a build, or BuildError before any work is done.
+
+    TensorRT-RTX builds ahead of time for named RTX-class targets (or the GPU present, when it is
+    one); full TensorRT builds on, and for, the GPU present. ``auto`` picks a flavour whose engines
+    can run on that GPU (full TensorRT first), or TensorRT-RTX when targets are named.
+    """
+    if requested not in ("auto", "tensorrt", "rtx", "tensorrt_rtx"):
+        raise BuildError(f"--trt {requested!r}: choose auto, tensorrt or rtx")
+    want = "auto" if requested == "auto" else flavour_name(requested)
+    targets = [parse_compute_capability(t) for t in compute_capabilities]
+    if want == TENSORRT:
+        if gpu is None:
+            raise BuildError("full TensorRT builds on the GPU it targets and none is visible here; "
+                             "on a CPU machine use TensorRT-RTX (--trt rtx --compute-capability sm89)")
+        if targets:
+            raise BuildError("--compute-capability is a TensorRT-RTX option; full TensorRT builds for this GPU "
+                             "(use --hardware-compat ampere+ for portability)")
+        return TENSORRT, [gpu[1]]
+    if want == TENSORRT_RTX or targets:
+        if targets:
+            bad = [t for t in targets if t not in RTX_TARGETS]
+            if bad:
+                raise BuildError(f"TensorRT-RTX cannot run on {', '.join(bad)} (it runs {', '.join(RTX_TARGETS)}): "
+                                 f"for {', '.join(bad)} build with full TensorRT (--trt tensorrt) on such a GPU")
+            return TENSORRT_RTX, targets
+        if gpu is None:
+            raise BuildError("no GPU here to build for: name the targets, e.g. --compute-capability sm89,sm120 "
+                             f"(TensorRT-RTX supports {', '.join(RTX_TARGETS)})")
+        if TENSORRT_RTX not in flavours_for(gpu[1]):
+            raise BuildError(f"TensorRT-RTX cannot run on {gpu[1]} ({gpu[0]}): build with full TensorRT "
+                             "(--trt tensorrt), or name RTX-class targets with --compute-capability")
+        return TENSORRT_RTX, [gpu[1]]
+    # auto, no named targets
+    if gpu is None:
+        if installed(TENSORRT_RTX):
+            raise BuildError("no GPU here to build for: name the targets, e.g. --compute-capability sm89,sm120 "
+                             f"(TensorRT-RTX supports {', '.join(RTX_TARGETS)})")
+        if installed(TENSORRT):
+            raise BuildError("full TensorRT builds on the GPU it targets and none is visible here; "
+                             "on a CPU machine use TensorRT-RTX (--trt rtx --compute-capability sm89)")
+        raise BuildError(f"no TensorRT found: {_INSTALL[TENSORRT]}; or {_INSTALL[TENSORRT_RTX]}")
+    runnable = flavours_for(gpu[1])
+    for flavour in runnable:
+        if installed(flavour):
+            return flavour, [gpu[1]]
+    if TENSORRT_RTX not in runnable and installed(TENSORRT_RTX):
+        raise BuildError(f"TensorRT-RTX cannot run on {gpu[1]} ({gpu[0]}): build with full TensorRT; "
+                         f"{_INSTALL[TENSORRT]}")
+    raise BuildError(f"no TensorRT found: {'; or '.join(_INSTALL[f] for f in runnable)}")
 
 
 @dataclass
@@ -99,11 +187,6 @@ class BuildReport:
                 f"; sidecar {self.sidecar.name}")
 
 
-def sidecar_path(engine: str | Path) -> Path:
-    """The engine's JSON sidecar: same folder, same stem."""
-    return Path(engine).with_suffix(".json")
-
-
 def parse_compute_capability(text: str) -> str:
     m = re.fullmatch(r"(?:sm_?)?(\d{2,3})|(\d+)\.(\d)", text.strip().lower())
     if not m:
@@ -113,28 +196,17 @@ def parse_compute_capability(text: str) -> str:
 
 
 def current_gpu() -> tuple[str, str] | None:
-    """(name, smXY) of CUDA device 0, via cuda-python or torch; None without a GPU."""
-    try:
-        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+    """(name, smXY) of CUDA device 0 (cuda-python in either layout, else torch); None without a GPU."""
+    devices = sysinfo.cuda_devices()
+    return (devices[0].name, devices[0].compute_capability) if devices else None
 
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) == 0 and count > 0:
-            err, prop = cudart.cudaGetDeviceProperties(0)
-            if int(err) == 0:
-                name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-                return name.strip("\x00"), f"sm{prop.major}{prop.minor}"
-        return None
-    except ImportError:
-        pass
-    try:
-        import torch
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), f"sm{major}{minor}"
-    except ImportError:
-        pass
-    return None
+def check_build_targets(options: BuildOptions) -> tuple[str, list[str]]:
+    """:func:`choose_flavour` for this host, and that flavour installed: call it before exporting for a build."""
+    flavour, targets = choose_flavour(options.flavour, options.compute_capabilities, current_gpu())
+    if not _installed(flavour):
+        raise BuildError(f"no TensorRT found: {_INSTALL[flavour]}")
+    return flavour, targets
 
 
 def _make_monitor(trt: Any, phases: list[str], cancel: threading.Event, show: bool) -> Any:
@@ -211,7 +283,7 @@ def _onnx_metadata(onnx_path: Path) -> dict[str, Any]:
 def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions | None = None,
                  progress: bool = False, cancel: threading.Event | None = None,
                  on_phase: Callable[[str], None] | None = None) -> BuildReport:
-    """Parse ``onnx_path``, build a strongly typed engine, write it and its sidecar atomically.
+    """Parse ``onnx_path``, build a strongly typed engine, publish it and its sidecar as one set.
 
     ``cancel`` (set it from any thread) or Ctrl-C stops the build at the next step; nothing is written.
     """
@@ -220,8 +292,10 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     if not onnx_path.is_file():
         raise BuildError(f"ONNX file {onnx_path} does not exist")
     check_output_dir(output)
-    trt, flavour = import_tensorrt(opts.flavour)
-    is_rtx = flavour == "tensorrt_rtx"
+    gpu = current_gpu()
+    flavour, targets = choose_flavour(opts.flavour, opts.compute_capabilities, gpu)  # refuse before any work
+    trt, flavour = import_tensorrt(flavour)
+    is_rtx = flavour == TENSORRT_RTX
     cancel = cancel or threading.Event()
     log = _Logger(trt)
     builder = trt.Builder(log.logger)
@@ -251,29 +325,14 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, levels[opts.hardware_compat])
 
     # targets
-    gpu = current_gpu()
     if is_rtx:
-        targets = [parse_compute_capability(t) for t in opts.compute_capabilities]
-        if not targets:
-            if gpu is None:
-                raise BuildError("no GPU here to build for: name the targets, e.g. --compute-capability sm89,sm120 "
-                                 f"(TensorRT-RTX supports {', '.join(RTX_TARGETS)})")
-            targets = [gpu[1]]
         unknown = [t for t in targets if not hasattr(trt.ComputeCapability, t.upper())]
         if unknown:
             raise BuildError(f"compute capability {', '.join(unknown)} is not one TensorRT-RTX {trt.__version__} "
-                             f"builds for ({', '.join(RTX_TARGETS)}); Hopper/B200 need full TensorRT (--trt tensorrt)")
+                             f"builds for ({', '.join(RTX_TARGETS)}): upgrade tensorrt-rtx or drop the target")
         config.num_compute_capabilities = len(targets)
         for i, t in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
-    else:
-        if gpu is None:
-            raise BuildError("full TensorRT builds on the GPU it targets and none is visible here; "
-                             "on a CPU machine use TensorRT-RTX (--trt rtx --compute-capability sm89)")
-        if opts.compute_capabilities:
-            raise BuildError("--compute-capability is a TensorRT-RTX option; full TensorRT builds for this GPU "
-                             "(use --hardware-compat ampere+ for portability)")
-        targets = [gpu[1]]
     timing_cache = None
     if opts.timing_cache is not None and not is_rtx:
         data = opts.timing_cache.read_bytes() if opts.timing_cache.is_file() else b""
@@ -327,38 +386,24 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
                          f"{_first_reason(log.errors)}")
 
     meta = _onnx_metadata(onnx_path)
-    io_tensors = []
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        io_tensors.append({"name": t.name, "mode": "input", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)})
-    for i in range(network.num_outputs):
-        t = network.get_output(i)
-        io_tensors.append({"name": t.name, "mode": "output", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)})
-    sidecar = {
-        "format": "vitdeploy-engine/1",
-        "flavour": flavour,
-        "trt_version": trt.__version__,
-        "targets": targets,
-        "gpu": gpu[0] if gpu and not is_rtx else None,
-        "precision": meta.get("precision", "unknown"),
-        "io": io_tensors,
-        "profile": {"min": [lo, *dims], "opt": [mid, *dims], "max": [hi, *dims]},
-        "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "build_seconds": round(seconds, 3),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "vitdeploy_version": __version__,
-        "model": meta,
-    }
-    side = sidecar_path(output)
-    with atomic_path(output) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(serialized))
-        atomic_write_bytes(side, json.dumps(sidecar, indent=2).encode())
+    io_tensors = [TensorIO(t.name, "input", list(t.shape), _dtype_name(t.dtype))
+                  for t in (network.get_input(i) for i in range(network.num_inputs))]
+    io_tensors += [TensorIO(t.name, "output", list(t.shape), _dtype_name(t.dtype))
+                   for t in (network.get_output(i) for i in range(network.num_outputs))]
+    side = EngineSidecar(
+        flavour=flavour, trt_version=trt.__version__, targets=targets, gpu=gpu[0] if gpu and not is_rtx else None,
+        precision=meta.get("precision", "unknown"), io=io_tensors,
+        profile={"min": [lo, *dims], "opt": [mid, *dims], "max": [hi, *dims]},
+        onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        build_seconds=round(seconds, 3), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        vitdeploy_version=__version__, model=meta,
+    )
+    side = write_engine(output, serialized, side)
     if timing_cache is not None and opts.timing_cache is not None:
         atomic_write_bytes(opts.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    return BuildReport(output, side, flavour, trt.__version__, sidecar["precision"], targets,
-                       sidecar["profile"], seconds, output.stat().st_size, phases)
+    return BuildReport(output, sidecar_path(output), flavour, trt.__version__, side.precision, targets,
+                       side.profile, seconds, side.engine_bytes or output.stat().st_size, phases)
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -1,8 +1,10 @@
-"""What an artifact is: ONNX metadata, ops and Q/DQ coverage; an engine's sidecar, I/O and layers."""
+"""What an artifact is: ONNX metadata, ops and Q/DQ coverage; an engine's sidecar, I/O and layers.
+
+(Named ``inspection``, not ``inspect``, so that it does not shadow the standard library's module.)
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -77,37 +79,26 @@ def _onnxruntime_cpu(path: Path, model: Any) -> dict[str, Any] | None:
     return report
 
 
-def read_sidecar(engine: Path) -> dict[str, Any]:
-    from vitdeploy.engines.tensorrt_build import sidecar_path
-
-    side = sidecar_path(engine)
-    if not side.is_file():
-        raise VitDeployError(f"{engine} has no sidecar {side.name}: rebuild it with `vitdeploy build`")
-    try:
-        data = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VitDeployError(
-            f"sidecar {side} is corrupt ({e.__class__.__name__}): rebuild with `vitdeploy build`"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") != "vitdeploy-engine/1":
-        raise VitDeployError(f"sidecar {side} is not a vitdeploy engine sidecar: rebuild with `vitdeploy build`")
-    return data
-
-
 def inspect_engine(path: Path) -> dict[str, Any]:
-    side = read_sidecar(path)
-    info: dict[str, Any] = {
-        "path": str(path), "kind": "engine", "bytes": path.stat().st_size,
-        "flavour": side["flavour"], "trt_version": side["trt_version"], "targets": side["targets"],
-        "precision": side["precision"], "io": side["io"], "profile": side["profile"],
-        "onnx_sha256": side["onnx"]["sha256"], "build_seconds": side["build_seconds"], "model": side.get("model"),
-    }
+    from vitdeploy.engines.sidecar import EngineSidecar
     from vitdeploy.engines.tensorrt_build import current_gpu
 
-    if current_gpu() is None:
+    side = EngineSidecar.read(path)
+    info: dict[str, Any] = {
+        "path": str(path), "kind": "engine", "bytes": path.stat().st_size,
+        "flavour": side.flavour, "trt_version": side.trt_version, "targets": side.targets,
+        "precision": side.precision, "io": [vars(t) for t in side.io], "profile": side.profile,
+        "onnx_sha256": side.onnx_sha256, "engine_sha256": side.engine_sha256, "build_seconds": side.build_seconds,
+        "model": side.model,
+    }
+    gpu = current_gpu()
+    if gpu is None:
         info["layers"] = "needs a GPU (the engine inspector deserializes the engine)"
         return info
     from vitdeploy.engines.tensorrt_runtime import engine_layers
 
-    info["layers"] = engine_layers(path, side)
+    try:
+        info["layers"] = engine_layers(path)
+    except VitDeployError as e:  # e.g. a TensorRT-RTX engine on a GPU it cannot run on
+        info["layers"] = f"not available here: {e}"
     return info
