@@ -83,6 +83,30 @@ def test_fp16_keeps_layernorm_fp32_and_runs_on_cpu(digits_onnx, tiny_checkpoint,
     assert report.verification.cosine > 0.999
 
 
+def _activation_pairs(model, op):
+    """Nodes of ``op`` whose two inputs are both activations (not weights, not dequantized weights)."""
+    weights = {i.name for i in model.graph.initializer}
+    dq_of_weight = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    return [n for n in model.graph.node
+            if n.op_type == op and len(n.input) == 2 and not {*n.input} & (weights | dq_of_weight)]
+
+
+def attention_and_residual_violations(model) -> list[str]:
+    """What an INT8 export must never quantize: attention's Q·Kᵀ and P·V MatMuls and the residual
+    Adds, i.e. MatMul/Add nodes whose two inputs are both activations (the residual stream's range is
+    ~86 against 1-6 elsewhere: quantizing it is how ModelOpt's INT8 of this model falls to 55%).
+    A violation: such a node reads a DequantizeLinear output, or its output goes into a QuantizeLinear."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    bad = []
+    for op in ("MatMul", "Add"):
+        for n in _activation_pairs(model, op):
+            bad += [f"{op} {n.name}: input {i} is dequantized" for i in n.input
+                    if producer.get(i) == "DequantizeLinear"]
+            bad += [f"{op} {n.name}: output is quantized" for o in n.output if o in quantized]
+    return bad
+
+
 def test_int8_is_explicit_qdq_on_matmuls(digits_onnx):
     from vitdeploy.exporters.precision import qdq_coverage
 
@@ -90,17 +114,32 @@ def test_int8_is_explicit_qdq_on_matmuls(digits_onnx):
     coverage = qdq_coverage(model)
     # 2 layers x (q, k, v, out, fc1, fc2) + classifier Gemm; the patch Conv stays float
     assert coverage["quantizable"] == 2 * 6 + 2 and coverage["quantized"] == 2 * 6 + 1
+    # attention's two activation x activation MatMuls and the two residual Adds per layer are all found ...
+    assert len(_activation_pairs(model, "MatMul")) == 2 * 2 and len(_activation_pairs(model, "Add")) == 2 * 2
+    # ... and none of them is quantized
+    assert attention_and_residual_violations(model) == []
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
     for n in model.graph.node:
         if n.op_type in ("LayerNormalization", "Softmax", "Erf"):
             assert producer.get(n.input[0]) != "DequantizeLinear"
-        if n.op_type == "Softmax":  # attention matmuls stay float (ModelOpt's disable_mha_qdq layout)
-            assert all(producer.get(i) != "DequantizeLinear" for i in [n.input[0]])
+    init = {i.name: i for i in model.graph.initializer}
     for n in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
-        init = {i.name: i for i in model.graph.initializer}
         if n.input[0] in init:  # weights are int8, never an INT32 bias
             assert init[n.input[0]].data_type == onnx.TensorProto.INT8
     assert read_onnx_metadata(digits_onnx["int8"]).precision == "int8"
+
+
+def test_the_int8_layout_check_catches_quantized_attention_and_residuals(digits, tmp_path, monkeypatch):
+    """The check above fails on an INT8 file that quantizes attention MatMuls and residual Adds
+    (what ONNX Runtime's quantizer does with no exclusions and Add in its op list)."""
+    from vitdeploy.exporters import precision
+
+    monkeypatch.setattr(precision, "float_nodes", lambda model: [])
+    monkeypatch.setattr(precision, "QUANTIZED_OPS", ("MatMul", "Gemm", "Conv", "Add"))
+    export_onnx(digits["checkpoint"], tmp_path / "bad.onnx", options=ExportOptions(
+        dynamic_batch=True, precision="int8", calib_dir=digits["train"], calib_samples=16, verify=False))
+    bad = attention_and_residual_violations(onnx.load(str(tmp_path / "bad.onnx")))
+    assert any(v.startswith("MatMul") for v in bad) and any(v.startswith("Add") for v in bad)
 
 
 def test_fp8_exports_e4m3_qdq(digits, tmp_path):
@@ -191,3 +230,236 @@ def test_fp16_has_no_runtime_casts_of_weights(digits_onnx):
     assert not [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits]
     ln_weights = {n.input[1] for n in model.graph.node if n.op_type == "LayerNormalization"}
     assert all(i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer if i.name in ln_weights)
+
+
+# --- external data, atomic publication ------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_external_data_path_publishes_one_matching_set(tiny_checkpoint, images, tmp_path, precision):
+    """The > 2 GB path (weights in a .data file), forced on a tiny model by lowering the threshold:
+    the data file is named by content hash, the graph references exactly it, re-exporting other
+    weights replaces both and removes the old data file, and the result matches the in-file export."""
+    from vitdeploy import save_model
+    from vitdeploy.checkpoints import build_model, load_model
+    from vitdeploy.io import onnx_external_files
+
+    calib = {"calib_dir": images, "calib_samples": 6} if precision == "int8" else {}
+    opts = {"precision": precision, "batch": 2, **calib}
+    inline = export_onnx(tiny_checkpoint, tmp_path / "inline.onnx", options=ExportOptions(**opts))
+    target = tmp_path / "m.onnx"
+    report = export_onnx(tiny_checkpoint, target, options=ExportOptions(external_data_bytes=1, **opts))
+    assert not onnx_external_files(tmp_path / "inline.onnx")
+    (data,) = onnx_external_files(target)
+    assert data.is_file() and data.name.startswith("m.onnx.") and data.name.endswith(".data")
+    assert any("external data" in n for n in report.notes)
+    assert target.stat().st_size < data.stat().st_size  # the graph file holds no weights
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    np.testing.assert_allclose(_run(target, x), _run(tmp_path / "inline.onnx", x), rtol=0, atol=1e-6)
+    assert inline.verification.cosine > 0.98 and report.verification.cosine > 0.98
+    assert read_onnx_metadata(target).precision == precision
+
+    other = tmp_path / "other.safetensors"
+    save_model(build_model(load_model(tiny_checkpoint).config, seed=1), other)
+    export_onnx(other, target, options=ExportOptions(external_data_bytes=1, **opts))
+    (data2,) = onnx_external_files(target)
+    assert data2 != data and not data.exists()
+    assert sorted(p.name for p in tmp_path.glob("m.onnx*")) == sorted(["m.onnx", data2.name])
+    assert not np.allclose(_run(target, x), _run(tmp_path / "inline.onnx", x))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vitdeploy-")]  # no staging folder left
+
+
+def test_a_stale_data_file_of_an_older_export_is_removed(tiny_checkpoint, tmp_path):
+    """Older vitdeploy wrote ``<name>.data``; a new export (in-file weights) must not leave it for
+    `vitdeploy triton` or anyone else to pick up."""
+    (tmp_path / "m.onnx.data").write_bytes(b"old weights")
+    (tmp_path / "m.onnx.0123456789abcdef.data").write_bytes(b"left by a killed export")
+    export_onnx(tiny_checkpoint, tmp_path / "m.onnx", options=ExportOptions(verify=False))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+# --- verification ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int8_with_fewer_calibration_images_than_the_batch(digits, tiny_checkpoint, tmp_path, dynamic):
+    """Two calibration images, static batch 4: verified on what there is (repeated to fill the batch)."""
+    import shutil
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(digits["train"].rglob("*.png"))[:2]:
+        shutil.copy(f, few / f.name)
+    opts = ExportOptions(precision="int8", calib_dir=few, **({"dynamic_batch": True} if dynamic else {"batch": 4}))
+    report = export_onnx(tiny_checkpoint, tmp_path / "m.onnx", options=opts)
+    assert report.verification.samples == (2 if dynamic else 4) and report.verification.cosine > 0.9
+
+
+def test_fp8_verification_runs_the_qdq_graph_unfused(digits_onnx, tmp_path):
+    """FP8 is verified with ONNX Runtime's QDQ fusions off (onnxruntime 1.30 fused float8 DQ->MatMul->Q
+    into a QLinearMatMul its CPU provider then refused). Shown on the INT8 file, which this ONNX Runtime
+    does fuse into integer kernels by default: with the verification options nothing is fused."""
+    from vitdeploy.exporters.onnx_export import verification_session_options
+
+    def optimized_ops(options):
+        options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(str(digits_onnx["int8"]), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+    fused = optimized_ops(verification_session_options("int8"))
+    unfused = optimized_ops(verification_session_options("fp8"))
+    integer = {"QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearConv", "QLinearAdd"}
+    assert sum(fused[op] for op in integer) > 0, fused
+    assert sum(unfused[op] for op in integer) == 0 and unfused["MatMul"] >= 2 * 6, unfused
+
+
+def test_fp8_with_a_quantizer_that_cannot_import_from_onnx(digits, tmp_path, monkeypatch):
+    """onnxruntime 1.23's FP8 quantizer imports float8e4m3_to_float32, which onnx 1.23 removed: one line."""
+    import onnxruntime.quantization
+
+    def quantize_static(*args, **kwargs):  # what that pair raises, without installing it
+        raise ImportError("cannot import name 'float8e4m3_to_float32' from 'onnx.numpy_helper'")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", quantize_static)
+    (tmp_path / "out").mkdir()
+    r = CliRunner().invoke(main, ["export", "--model", str(digits["checkpoint"]), "--precision", "fp8",
+                                  "--calib-dir", str(digits["train"]), "--calib-samples", "4",
+                                  "--output", str(tmp_path / "out" / "f8.onnx")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "cannot import float8e4m3_to_float32" in r.output and "onnxruntime" in r.output
+    assert _no_leftovers(tmp_path / "out")
+
+
+# --- the exporter leaves the process alone, and says why it failed ----------------------------------
+def test_export_leaves_logging_and_stdio_alone(digits, tmp_path, monkeypatch):
+    """No logger level changed, no stdout/stderr swapped while torch.onnx and the quantizer run."""
+    import logging
+    import sys
+
+    import onnxruntime.quantization
+
+    seen = []
+    real_export, real_quantize = torch.onnx.export, onnxruntime.quantization.quantize_static
+
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.append((sys.stdout, sys.stderr, logging.getLogger().level, logging.getLogger("torch.onnx").level))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch.onnx, "export", spy(real_export))
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", spy(real_quantize))
+    before = (sys.stdout, sys.stderr, logging.getLogger().level, logging.getLogger("torch.onnx").level)
+    export_onnx(digits["checkpoint"], tmp_path / "m.onnx", options=ExportOptions(
+        precision="int8", calib_dir=digits["train"], calib_samples=8, verify=False))
+    assert len(seen) == 2 and all(s == before for s in seen)
+    assert (sys.stdout, sys.stderr, logging.getLogger().level, logging.getLogger("torch.onnx").level) == before
+
+
+def test_exporter_failure_reaches_the_user(tiny_checkpoint, tmp_path, monkeypatch):
+    def export(*args, **kwargs):
+        raise RuntimeError("Failed to export the model with torch.export.\\n"
+                           "torch._dynamo.exc.Unsupported: data-dependent branching in forward()")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(ExportError, match="data-dependent branching in forward") as info:
+        export_onnx(tiny_checkpoint, tmp_path / "m.onnx")
+    assert isinstance(info.value.__cause__, RuntimeError)  # the full diagnostics, for --debug
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "torch.onnx could not export this model (RuntimeError)" in r.output and "--debug" in r.output
+    assert _no_leftovers(tmp_path)
+
+
+# --- uint8 image input: preprocessing in the graph ---------------------------------------------------
+@pytest.fixture(scope="module")
+def uint8_onnx(digits, tmp_path_factory):
+    """The digits model with --uint8-input, per precision, calibrated like digits_onnx's INT8."""
+    root = tmp_path_factory.mktemp("uint8")
+    calib = {"calib_dir": digits["train"], "calib_samples": 200}
+    return {p: export_onnx(digits["checkpoint"], root / f"u8-{p}.onnx", options=ExportOptions(
+        dynamic_batch=True, precision=p, uint8_input=True, **(calib if p == "int8" else {}))).path
+        for p in ("fp32", "fp16", "int8")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_uint8_input_equals_the_float_path(digits, digits_onnx, uint8_onnx, precision):
+    """Same images: uint8 pixels into the uint8 model == normalized floats into the float model,
+    within the precision's tolerance; then the CLI's eval gives the same accuracy through each."""
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.evaluate import evaluate_folder
+    from vitdeploy.metrics import TOLERANCES, compare_logits
+    from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+    path = uint8_onnx[precision]
+    model = onnx.load(str(path))
+    inp = model.graph.input[0]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [224, 224, 3]
+    chain, name = [], inp.name  # the input's first consumers, in order
+    for _ in range(4):
+        (node,) = [n for n in model.graph.node if name in n.input]
+        chain.append(node.op_type)
+        name = node.output[0]
+    assert chain == ["Cast", "Mul", "Add", "Transpose"]
+    meta = read_onnx_metadata(path)
+    assert meta.extra["input"] == "uint8_nhwc" and meta.precision == precision
+
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    pixels = load_images(find_images(digits["test"])[::9][:40], prep, uint8=True)
+    assert pixels.dtype == np.uint8 and pixels.shape == (40, 224, 224, 3)
+    cmp = compare_logits(_run(digits_onnx[precision], prep.normalize(pixels)), _run(path, pixels))
+    tol = TOLERANCES[precision] if precision != "fp32" else {"max_abs_rel": 1e-5, "min_cosine": 0.999999}
+    assert cmp.within(**tol) and cmp.top1_agreement >= (1.0 if precision != "int8" else 0.97), cmp.summary()
+
+    rt = open_runtime(path)
+    assert rt.spec.dtype == "uint8" and rt.spec.shape == (224, 224, 3)
+    float_acc = evaluate_folder(open_runtime(digits_onnx[precision]), digits["test"])
+    assert abs(evaluate_folder(rt, digits["test"]).accuracy - float_acc.accuracy) <= 0.005
+
+
+def test_uint8_runtime_takes_pixels_and_refuses_floats(digits, uint8_onnx, images):
+    from vitdeploy.engines import InputError, open_runtime
+    from vitdeploy.preprocess import find_images, open_image
+
+    rt = open_runtime(uint8_onnx["fp32"])
+    files = find_images(images)[:3]
+    batch = rt.preprocess([open_image(f) for f in files])
+    assert batch.dtype == np.uint8 and batch.shape == (3, 224, 224, 3)
+    top = rt.predict_images(files, top_k=1)
+    assert len(top) == 3 and all(0 <= p <= 1 for ((_, p),) in top)
+    with pytest.raises(InputError, match="takes uint8 NHWC pixels"):
+        rt.infer(batch.astype(np.float32))
+    with pytest.raises(InputError, match=r"does not match the model's \[N, 224, 224, 3\]"):
+        rt.infer(np.zeros((1, 3, 224, 224), np.uint8))
+    float_rt = open_runtime(digits["checkpoint"])
+    assert float_rt.preprocess([open_image(files[0])]).dtype == np.float32
+
+
+def test_uint8_input_on_openvino(uint8_onnx):
+    pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'vitdeploy[openvino]'")
+    from vitdeploy.engines import open_runtime
+
+    ov = open_runtime(uint8_onnx["fp32"], backend="openvino")
+    assert ov.spec.dtype == "uint8" and ov.spec.shape == (224, 224, 3)
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(ov.infer(x), _run(uint8_onnx["fp32"], x), atol=1e-3)
+
+
+def test_uint8_input_engine_builds_for_sm89(uint8_onnx, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+
+    for precision in ("fp16", "int8"):
+        report = build_engine(uint8_onnx[precision], tmp_path / f"{precision}.engine", BuildOptions(
+            flavour="rtx", compute_capabilities=["sm89"], min_batch=1, opt_batch=2, max_batch=4))
+        assert report.targets == ["sm89"] and (tmp_path / f"{precision}.engine").stat().st_size > 10_000
+        assert report.profile["max"] == [4, 224, 224, 3]
+
+
+def test_cli_uint8_input(tiny_checkpoint, tmp_path):
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "u8.onnx"),
+                                  "--uint8-input", "--batch", "2"])
+    assert r.exit_code == 0, r.output
+    assert "verified with ONNX Runtime" in r.output
+    assert read_onnx_metadata(tmp_path / "u8.onnx").extra["input"] == "uint8_nhwc"
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "x.onnx"),
+                                  "--uint8-input", "--precision", "fp16", "--fp16-io"])
+    assert r.exit_code == 1 and "not both" in r.output
