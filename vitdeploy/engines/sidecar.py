@@ -211,22 +211,22 @@ def _staging_pattern(engine: Path) -> str:
     return glob.escape(f".vitdeploy-{engine.name}.") + "*"
 
 
-def _complete_publish(engine: Path, data: bytes | None) -> EngineSidecar | None:
+def _complete_publish(path: Path, data: bytes | None) -> EngineSidecar | None:
     """Finish a publish killed between its two renames: a staged sidecar that matches ``engine``."""
     import contextlib
     import os
 
-    name = sidecar_path(engine).name
-    for folder in engine.resolve().parent.glob(_staging_pattern(engine)):
+    name = sidecar_path(path).name
+    for folder in path.resolve().parent.glob(_staging_pattern(path)):
         staged = folder / name
         try:
             candidate = EngineSidecar.from_dict(json.loads(staged.read_text()))
         except (OSError, ValueError, VitDeployError):
             continue
-        if candidate.engine_sha256 is None or candidate._mismatch(engine, data) is not None:
+        if candidate.engine_sha256 is None or candidate._mismatch(path, data) is not None:
             continue
         with contextlib.suppress(FileNotFoundError):  # another reader may have completed it first
-            os.replace(staged, sidecar_path(engine))
+            os.replace(staged, sidecar_path(path))
         return candidate
     return None
 
