@@ -71,9 +71,10 @@ def info() -> None:
     table.add_row("cpu", f"{data['machine']['cpu']} ({data['machine']['cores']} cores)")
     gpus = data["machine"]["gpus"]
     table.add_row("cuda devices", ", ".join(gpus) if gpus else "none")
-    titles = {"tensorrt": "full TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
+    from vitdeploy.sysinfo import TRT_FLAVOURS
+
     for g in data["gpu_flavours"]:
-        runs = " or ".join(titles[f] for f in g["trt_flavours"])
+        runs = " or ".join(TRT_FLAVOURS[f] for f in g["trt_flavours"])
         note = f" [yellow]({escape(g['note'])})[/yellow]" if g["note"] else ""
         table.add_row(f"gpu {g['index']} engines", f"{escape(g['name'])} ({g['compute_capability']}): {runs}{note}")
     for name, ok in data["backends"].items():

@@ -100,9 +100,10 @@ def choose_flavour(requested: str, compute_capabilities: list[str], gpu: tuple[s
     one); full TensorRT builds on, and for, the GPU present. ``auto`` picks a flavour whose engines
     can run on that GPU (full TensorRT first), or TensorRT-RTX when targets are named.
     """
-    if requested not in ("auto", "tensorrt", "rtx", "tensorrt_rtx"):
-        raise BuildError(f"--trt {requested!r}: choose auto, tensorrt or rtx")
-    want = "auto" if requested == "auto" else flavour_name(requested)
+    try:
+        want = "auto" if requested == "auto" else flavour_name(requested)
+    except VitDeployError:
+        raise BuildError(f"--trt {requested!r}: choose auto, tensorrt or rtx") from None
     targets = [parse_compute_capability(t) for t in compute_capabilities]
     if want == TENSORRT:
         if gpu is None:
