@@ -8,6 +8,7 @@ test is at the end, marked ``gpu``.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -417,6 +418,36 @@ def test_engine_from_another_build_is_refused(fake, tmp_path):
     fake.engine.write_bytes(b"fake-engine-from-elsewhere")  # same name, another build's engine
     with pytest.raises(VitDeployError, match=r"m\.engine does not match its sidecar m\.json .*different builds"):
         _open(fake)
+
+
+def test_reader_completes_a_publish_killed_between_its_renames(tmp_path):
+    engine = tmp_path / "m.engine"
+    write_engine(engine, b"fake-engine-1", _sidecar(), durable=False)
+    old_json = (tmp_path / "m.json").read_text()
+    # what a build killed after renaming its engine leaves: the new engine, the old sidecar, the new one staged
+    staged = tmp_path / ".vitdeploy-m.engine.abc123"
+    staged.mkdir()
+    new = write_engine(staged / "m.engine", b"fake-engine-2", _sidecar(precision="fp16"), durable=False)
+    os.replace(staged / "m.engine", engine)
+    assert (tmp_path / "m.json").read_text() == old_json
+    side = EngineSidecar.read(engine)
+    assert side == new and side.precision == "fp16"
+    assert EngineSidecar.read(engine, verify=False) == new  # completed on disk, not only in memory
+    # a staged sidecar for another engine is never taken
+    engine.write_bytes(b"fake-engine-3")
+    with pytest.raises(VitDeployError, match="does not match its sidecar"):
+        EngineSidecar.read(engine)
+
+
+def test_publish_removes_only_old_leftovers_of_killed_builds(tmp_path):
+    engine = tmp_path / "m.engine"
+    old, fresh = tmp_path / ".vitdeploy-m.engine.old1", tmp_path / ".vitdeploy-m.engine.new1"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "m.engine").write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    write_engine(engine, b"fake-engine-1", _sidecar(), durable=False)
+    assert not old.exists() and fresh.exists()  # a build publishing beside us keeps its folder
 
 
 # -- version rules -----------------------------------------------------------------------------------

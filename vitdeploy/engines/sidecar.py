@@ -256,7 +256,26 @@ def write_engine(engine: str | Path, data: bytes | memoryview, sidecar: EngineSi
             runtime_cache_path(engine).unlink()
         publish_file_set({engine: staged_engine, sidecar_path(engine): staged_side}, last=sidecar_path(engine),
                          durable=durable)
+    _remove_stale_staging(engine)
     return side
+
+
+STALE_STAGING_SECONDS = 3600.0
+
+
+def _remove_stale_staging(path: Path, older_than: float = STALE_STAGING_SECONDS) -> None:
+    """Remove staging folders that killed builds of ``path`` left (a whole engine each), once a new set
+    is in place; only old ones, so a build publishing beside us keeps its own."""
+    import shutil
+    import time
+
+    now = time.time()
+    for folder in path.resolve().parent.glob(_staging_pattern(path)):
+        try:
+            if now - folder.stat().st_mtime > older_than:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def runtime_cache_path(engine: str | Path) -> Path:
