@@ -441,9 +441,19 @@ def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images:
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--name", default=None, help="Model name on the KServe v2 routes (/v2/models/NAME); default the "
+              "file's stem.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request may take, queue and inference together (then 504).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+              help="/v1/classify refuses larger images (413), checked from the header before decoding.")
+@click.option("--drain-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="On Ctrl-C/SIGTERM, seconds that readiness reports draining (requests still served) "
+              "before the server stops accepting.")
 def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
-          workers: int) -> None:
-    """Serve an ONNX or engine over HTTP with dynamic batching (/v1/classify, /v1/logits, /metrics)."""
+          workers: int, name: str | None, request_timeout: float, max_image_pixels: int, drain_grace: float) -> None:
+    """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
+    KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks."""
     try:
         import uvicorn
     except ImportError:
@@ -453,20 +463,24 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     if artifact_kind(model) == "checkpoint":
         raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
                                    f"vitdeploy export --model {model} --output model.onnx")
+    name = name or Path(model).stem
     if workers > 1:
         os.environ.update({"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
                            "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch),
                            "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
-                           "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue)})
+                           "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue), "VITDEPLOY_SERVE_NAME": name,
+                           "VITDEPLOY_SERVE_REQUEST_TIMEOUT": str(request_timeout),
+                           "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels)})
         uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers)
         return
     from vitdeploy.engines import open_runtime
-    from vitdeploy.serving.server import create_app
+    from vitdeploy.serving.server import create_app, run_server
 
-    rt = open_runtime(model, backend=backend)
-    click.echo(f"serving {rt.describe()} on http://{host}:{port}")
-    uvicorn.run(create_app(rt, max_batch, max_delay_ms, max_queue), host=host, port=port,
-                timeout_graceful_shutdown=30)
+    with open_runtime(model, backend=backend) as rt:
+        click.echo(f"serving {rt.describe()} as {name!r} on http://{host}:{port}")
+        app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,
+                         max_image_pixels=max_image_pixels, model_name=name)
+        run_server(app, host, port, drain_grace=drain_grace)
 
 
 @main.command()

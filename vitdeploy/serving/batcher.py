@@ -5,16 +5,22 @@ Callers submit single images ([C, H, W]) or small batches ([n, C, H, W]) from an
 ``max_batch_size`` rows, or whatever has arrived ``max_delay_ms`` after the batch's first request,
 runs one inference, and hands each caller exactly its own rows.
 
-Guarantees: a full queue rejects at once (:class:`QueueFull`); a request whose timeout passes
-before it is batched fails with :class:`RequestTimeout` and is never run; an exception in inference
-fails only that batch's requests; :meth:`shutdown` drains (or fails) what is pending. Each future
-is resolved exactly once.
+Guarantees: a full queue rejects at once (:class:`QueueFull`); a request's timeout covers its
+whole life, queue and execution (:meth:`infer` and :meth:`submit_async` stop waiting at the deadline
+with :class:`RequestTimeout`; one still queued at its deadline is never run); any failure while a
+batch is formed, run or handed out (concatenation, the runtime, a wrong row count, the ``on_batch``
+callback) fails only that batch's requests and never the worker; should the worker die anyway,
+every pending request fails with :class:`WorkerDied`, :attr:`alive` turns False and new requests are
+refused at once; :meth:`shutdown` drains (or fails) what is pending. Each future is resolved exactly
+once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from vitdeploy.errors import VitDeployError
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(VitDeployError):
@@ -37,6 +45,10 @@ class RequestTimeout(VitDeployError, TimeoutError):
 
 class BatcherClosed(VitDeployError):
     """The batcher is shut down (or shutting down) and takes no new requests."""
+
+
+class WorkerDied(BatcherClosed):
+    """The batcher's worker thread stopped on an unexpected error; the batcher takes no new requests."""
 
 
 @dataclass
@@ -57,6 +69,7 @@ class BatcherStats:
     rejected: int = 0
     timed_out: int = 0
     failed: int = 0
+    callback_errors: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
     @property
@@ -80,6 +93,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._drain = True
+        self.failure: BaseException | None = None  # why the worker died, if it did
         self._worker = threading.Thread(target=self._loop, name="vitdeploy-batcher", daemon=True)
         self._worker.start()
 
@@ -87,6 +101,11 @@ class DynamicBatcher:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        """The worker runs and takes requests (False once it died or the batcher shut down)."""
+        return self.failure is None and not self._closed and self._worker.is_alive()
 
     def submit(self, x: Any, timeout: float | None = None) -> Future:
         """Queue one image [C, H, W] or a batch [n, C, H, W]; the future gives [num_labels] or [n, num_labels]."""
@@ -102,6 +121,8 @@ class DynamicBatcher:
         future: Future = Future()
         deadline = time.perf_counter() + timeout if timeout is not None else None
         with self._cond:
+            if self.failure is not None:
+                raise WorkerDied(f"the batcher's worker died ({type(self.failure).__name__}): restart the server")
             if self._closed:
                 raise BatcherClosed("the batcher is shut down")
             if len(self._queue) >= self.max_queue:
@@ -114,11 +135,22 @@ class DynamicBatcher:
         return future
 
     async def submit_async(self, x: Any, timeout: float | None = None) -> np.ndarray:
-        return await asyncio.wrap_future(self.submit(x, timeout))
+        """Submit and await the rows; ``timeout`` bounds queue and execution together."""
+        future = self.submit(x, timeout)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            future.cancel()  # dropped from the queue if not yet running; a running batch just finishes
+            raise RequestTimeout(f"request not answered within its timeout ({timeout:g} s)") from None
 
     def infer(self, x: Any, timeout: float | None = None) -> np.ndarray:
-        """Submit and wait (the blocking convenience)."""
-        return self.submit(x, timeout).result()
+        """Submit and wait (the blocking convenience); ``timeout`` bounds queue and execution together."""
+        future = self.submit(x, timeout)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RequestTimeout(f"request not answered within its timeout ({timeout:g} s)") from None
 
     # -- the worker ------------------------------------------------------------------------
     def _expire(self, now: float) -> None:
@@ -170,33 +202,55 @@ class DynamicBatcher:
             return batch
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if not batch:
-                continue
+        try:
+            while True:
+                batch = self._take()
+                if batch is None:
+                    return
+                if batch:
+                    self._run_batch(batch)
+        except BaseException as e:  # the worker itself broke: fail what waits, refuse what comes
+            log.exception("the batcher's worker died")
+            with self._cond:
+                self.failure = e
+                pending = list(self._queue)
+                self._queue.clear()
+                self._queued_rows = 0
+            for r in pending:
+                if r.future.set_running_or_notify_cancel():
+                    r.future.set_exception(WorkerDied("the batcher's worker died before this request ran"))
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        """Run one batch; whatever fails here fails this batch's requests only."""
+        try:
             x = np.concatenate([r.x for r in batch]) if len(batch) > 1 else batch[0].x
             t0 = time.perf_counter()
-            try:
-                out = self.runtime.infer(x)
-                if out.shape[0] != x.shape[0]:
-                    raise RuntimeError(f"runtime returned {out.shape[0]} rows for {x.shape[0]} inputs")
-            except BaseException as e:  # only this batch's requests fail
-                self.stats.failed += len(batch)
-                for r in batch:
-                    r.future.set_exception(e)
-                continue
-            self.stats.batches += 1
-            self.stats.rows += x.shape[0]
-            self.stats.batch_sizes[x.shape[0]] += 1
-            if self.on_batch is not None:
-                self.on_batch(x.shape[0], time.perf_counter() - t0)
-            start = 0
+            out = np.asarray(self.runtime.infer(x))
+            seconds = time.perf_counter() - t0
+            if out.ndim < 1 or out.shape[0] != x.shape[0]:
+                raise RuntimeError(f"runtime returned {out.shape[0] if out.ndim else 'no'} rows "
+                                   f"for {x.shape[0]} inputs")
+            results, start = [], 0
             for r in batch:
                 rows = out[start:start + r.rows]
                 start += r.rows
-                r.future.set_result(rows[0] if r.single else rows)
+                results.append(rows[0] if r.single else rows)
+        except BaseException as e:
+            self.stats.failed += len(batch)
+            for r in batch:
+                r.future.set_exception(e)
+            return
+        self.stats.batches += 1
+        self.stats.rows += x.shape[0]
+        self.stats.batch_sizes[x.shape[0]] += 1
+        if self.on_batch is not None:  # before the answers, so metrics read after an answer include its batch
+            try:  # a broken metrics hook costs a log line, never an answer or the worker
+                self.on_batch(x.shape[0], seconds)
+            except Exception:
+                self.stats.callback_errors += 1
+                log.exception("on_batch callback failed")
+        for r, rows in zip(batch, results, strict=True):
+            r.future.set_result(rows)
 
     # -- shutdown --------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:

@@ -19,11 +19,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _mean_batch(metrics: str) -> tuple[float, dict[str, float]]:
+def batch_histogram(metrics: str) -> tuple[float, float, dict[str, float]]:
+    """Rows and batches from the server's vitdeploy_batch_size histogram, with its cumulative buckets."""
     total = float(re.search(r"^vitdeploy_batch_size_sum ([\d.e+-]+)$", metrics, re.M).group(1))
     count = float(re.search(r"^vitdeploy_batch_size_count ([\d.e+-]+)$", metrics, re.M).group(1))
     buckets = dict(re.findall(r'^vitdeploy_batch_size_bucket\{le="([^"]+)"\} ([\d.e+-]+)$', metrics, re.M))
-    return (total / count if count else 0.0), {k: float(v) for k, v in buckets.items()}
+    return total, count, {k: float(v) for k, v in buckets.items()}
 
 
 def run_load(runtime: Any, clients: int = 16, requests_per_client: int = 50, max_batch: int = 32,
@@ -81,11 +82,12 @@ def run_load(runtime: Any, clients: int = 16, requests_per_client: int = 50, max
     metrics = httpx.get(url + "/metrics").text
     server.should_exit = True
     thread.join(10)
-    mean_batch, buckets = _mean_batch(metrics)
+    rows, batches, buckets = batch_histogram(metrics)
     lat = np.asarray(latencies) * 1e3
     return {
         "clients": clients, "requests": len(latencies), "mismatches": mismatches,
         "requests_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)), "mean_batch": mean_batch, "batch_buckets": buckets,
+        "p99_ms": float(np.percentile(lat, 99)), "mean_batch": rows / batches if batches else 0.0,
+        "batch_rows": rows, "batches": batches, "batch_buckets": buckets,
         "direct_one_at_a_time_rps": direct_rps,
     }
