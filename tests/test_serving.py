@@ -314,15 +314,7 @@ def test_triton_repo_for_onnx_and_engine(digits_onnx, tmp_path):
     cfg = _parse_pbtxt(static.config)
     assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [4, 3, 224, 224]
 
-    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
-
-    build_engine(digits_onnx["fp16"], tmp_path / "d.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"],
-                                                                        max_batch=8))
-    plan = __import__("vitdeploy.serving.triton", fromlist=["x"]).write_triton_repo(
-        tmp_path / "d.engine", tmp_path / "repo", name="plan")
-    cfg = _parse_pbtxt(plan.config)
-    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8 and plan.model_file.name == "model.plan"
+    # engines (tensorrt_plan, and TensorRT-RTX engines through the Python backend): tests/test_triton.py
 
 
 def test_load_test_small(runtime):
