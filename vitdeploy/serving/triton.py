@@ -1,17 +1,37 @@
-"""A Triton Inference Server model repository for an engine (tensorrt_plan) or an ONNX
-(onnxruntime_onnx): ``REPO/NAME/config.pbtxt``, ``REPO/NAME/1/model.{plan,onnx}``, labels."""
+"""A Triton Inference Server model repository for an ONNX or a TensorRT engine.
+
+Two layouts, one I/O:
+- native (default): Triton's own backend runs the file: ``onnxruntime_onnx`` for an ONNX,
+  ``tensorrt_plan`` for a full-TensorRT engine. ``REPO/NAME/config.pbtxt``, ``REPO/NAME/1/model.{onnx,plan}``.
+- python: Triton's Python backend runs vitdeploy's own Runtime (``model.py`` from
+  :mod:`vitdeploy.serving.triton_model`) on the artifact: an ONNX through ONNX Runtime or OpenVINO, an
+  engine of either TensorRT flavour. This is how a TensorRT-RTX engine serves in Triton: Triton's
+  TensorRT backend is full TensorRT and cannot load it.
+
+The model folder is written in a staging folder beside it and renamed into place, so a failed write
+leaves no half-written model for Triton to load.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vitdeploy.errors import VitDeployError
 
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float": "TYPE_FP32", "float16": "TYPE_FP16", "half": "TYPE_FP16"}
+# numpy dtype names (ONNX) and TensorRT's names (engine sidecars) -> Triton's data types
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float": "TYPE_FP32", "float16": "TYPE_FP16", "half": "TYPE_FP16",
+                 "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8"}
+TRITON_BACKENDS = ("native", "python")
+RUNTIME_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 
 
 @dataclass
@@ -20,89 +40,445 @@ class TritonRepo:
     config: Path
     model_file: Path
     labels: Path | None
+    backend: str = "native"  # native | python
 
 
-def _artifact_io(path: Path) -> dict[str, Any]:
+@dataclass
+class _ArtifactIO:
+    kind: str  # onnx | engine
+    flavour: str | None  # engines: tensorrt | tensorrt_rtx
+    input: str
+    output: str
+    in_dtype: str
+    out_dtype: str
+    in_dims: list[int]
+    out_dims: list[int]
+    static_batch: int | None
+    max_batch: int | None  # an engine's profile maximum
+    labels: list[str]
+
+
+def _artifact_io(path: Path) -> _ArtifactIO:
     """Input/output names, dtypes, per-item dims and batch limits, from the sidecar or the ONNX."""
     from vitdeploy.engines import artifact_kind
 
     kind = artifact_kind(path)
     if kind == "engine":
-        from vitdeploy.inspect import read_sidecar
+        from vitdeploy.engines.sidecar import EngineSidecar
 
-        side = read_sidecar(path)
-        inp = next(t for t in side["io"] if t["mode"] == "input")
-        out = next(t for t in side["io"] if t["mode"] == "output")
-        labels = (side.get("model") or {}).get("labels", [])
-        return {"platform": "tensorrt_plan", "file": "model.plan", "input": inp["name"], "output": out["name"],
-                "in_dtype": inp["dtype"], "out_dtype": out["dtype"], "in_dims": inp["shape"][1:],
-                "out_dims": out["shape"][1:], "static_batch": None if inp["shape"][0] == -1 else inp["shape"][0],
-                "max_batch": side["profile"]["max"][0], "labels": labels}
+        side = EngineSidecar.read(path)
+        inp, out = side.input, side.output
+        return _ArtifactIO("engine", side.flavour, inp.name, out.name, inp.dtype, out.dtype, inp.shape[1:],
+                           out.shape[1:], None if inp.shape[0] == -1 else inp.shape[0], side.profile["max"][0],
+                           list((side.model or {}).get("labels", [])))
     if kind == "onnx":
-        from vitdeploy.inspect import inspect_onnx
+        from vitdeploy.inspection import inspect_onnx
 
         info = inspect_onnx(path)
         inp, out = info["inputs"][0], info["outputs"][0]
         batch = inp["shape"][0]
-        return {"platform": "onnxruntime_onnx", "file": "model.onnx", "input": inp["name"], "output": out["name"],
-                "in_dtype": inp["dtype"], "out_dtype": inp["dtype"], "in_dims": inp["shape"][1:],
-                "out_dims": out["shape"][1:], "static_batch": batch if isinstance(batch, int) else None,
-                "max_batch": None, "labels": (info.get("model") or {}).get("labels", [])}
+        out_dtype = "float32" if inp["dtype"] == "uint8" else inp["dtype"]  # a uint8-input graph returns float32
+        return _ArtifactIO("onnx", None, inp["name"], out["name"], inp["dtype"], out_dtype, inp["shape"][1:],
+                           out["shape"][1:], batch if isinstance(batch, int) and batch > 0 else None, None,
+                           list((info.get("model") or {}).get("labels", [])))
     raise VitDeployError(f"{path}: Triton repositories hold an ONNX file or a TensorRT engine")
 
 
+def _triton_type(dtype: str) -> str:
+    try:
+        return _TRITON_TYPES[dtype]
+    except KeyError:
+        raise VitDeployError(f"tensor type {dtype!r} has no Triton data type here: export as float32, "
+                             "float16 or uint8 input") from None
+
+
+def _dims(dims: list[Any]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _param(key: str, value: str) -> str:
+    return f"parameters: {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value)} }} }}"
+
+
 def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None = None, max_batch: int | None = None,
-                      instances: int = 1, kind: str = "gpu", max_queue_delay_us: int = 100,
-                      preferred: list[int] | None = None) -> TritonRepo:
+                      instances: int = 1, kind: str | None = None, max_queue_delay_us: int = 100,
+                      preferred: list[int] | None = None, backend: str = "native", runtime: str = "auto",
+                      execution_env: str | Path | None = None,
+                      runtime_options: dict[str, Any] | None = None) -> TritonRepo:
+    """Write ``REPO/NAME`` for ``artifact`` (see the module docstring for the two ``backend`` layouts).
+
+    ``kind``: the instance group (gpu | cpu; default gpu for an engine or a native ONNX, cpu for an ONNX on
+    the Python backend). ``runtime``: the vitdeploy backend the Python model opens the artifact with.
+    ``execution_env``: a Python environment (venv folder or conda-pack archive) for the Python backend,
+    written as ``EXECUTION_ENV_PATH``; it needs vitdeploy, the runtime's library and numpy < 2.
+    """
     artifact = Path(artifact)
+    if backend not in TRITON_BACKENDS:
+        raise VitDeployError(f"--backend {backend!r}: choose native or python")
+    if runtime not in RUNTIME_BACKENDS:
+        raise VitDeployError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
     io = _artifact_io(artifact)
+    python = backend == "python"
+    if python and runtime != "auto":
+        fits = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "engine"}[runtime]
+        if fits != io.kind:
+            raise VitDeployError(f"--runtime {runtime} runs {fits} files, and {artifact.name} is an {io.kind}")
+    if not python and runtime != "auto":
+        raise VitDeployError("--runtime chooses the runtime of a Python-backend model: add --backend python")
+    if not python and (execution_env or runtime_options):
+        raise VitDeployError("--execution-env is for a Python-backend model: add --backend python")
+    if not python and io.flavour == "tensorrt_rtx":
+        raise VitDeployError(
+            f"{artifact.name} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) is full TensorRT "
+            "and cannot load it. Write it with --backend python (Triton runs it through vitdeploy's TensorRT-RTX "
+            "runtime), or build a full-TensorRT engine with `vitdeploy build --trt tensorrt` for tensorrt_plan")
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", artifact.stem)
-    repo = Path(repo)
-    model_dir = repo / name
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise VitDeployError(f"--name {name!r}: use letters, digits, '_' and '-' (it is a folder and a URL part)")
+    kind = kind or ("cpu" if python and io.kind == "onnx" else "gpu")
     if kind not in ("gpu", "cpu"):
         raise VitDeployError("--kind: gpu or cpu")
-    if io["platform"] == "tensorrt_plan" and kind == "cpu":
+    if io.kind == "engine" and kind == "cpu":
         raise VitDeployError("a TensorRT engine runs on a GPU instance group (--kind gpu)")
-    if io["static_batch"] is not None:
+    if execution_env is not None and not Path(execution_env).exists():
+        raise VitDeployError(f"--execution-env {execution_env}: no such folder or archive; make a serving venv "
+                             "with numpy<2 and vitdeploy (see README, Scale-out)")
+
+    in_dims, out_dims = list(io.in_dims), list(io.out_dims)
+    if python:
+        # vitdeploy's Runtime splits and pads to the artifact's batch limits, so Triton may batch freely
+        mb = max_batch or io.max_batch or 32
+    elif io.static_batch is not None:
         # a static batch is part of the tensor: Triton's batching is off (max_batch_size 0)
-        mb, in_dims, out_dims = 0, [io["static_batch"], *io["in_dims"]], [io["static_batch"], *io["out_dims"]]
         if max_batch:
-            raise VitDeployError(f"{artifact.name} has a static batch of {io['static_batch']}: "
-                                 "re-export with --dynamic-batch to use --max-batch")
+            raise VitDeployError(f"{artifact.name} has a static batch of {io.static_batch}: "
+                                 "re-export with --dynamic-batch to use --max-batch, or use --backend python")
+        mb, in_dims, out_dims = 0, [io.static_batch, *in_dims], [io.static_batch, *out_dims]
     else:
-        limit = io["max_batch"]
+        limit = io.max_batch
         mb = max_batch or limit or 32
         if limit is not None and mb > limit:
             raise VitDeployError(f"--max-batch {mb} exceeds the engine's profile maximum {limit}")
-        in_dims, out_dims = io["in_dims"], io["out_dims"]
+    model_file = "model.plan" if io.kind == "engine" and not python else (
+        "model.onnx" if io.kind == "onnx" else "model.engine")
+    header = ['backend: "python"'] if python else [
+        f'platform: "{"tensorrt_plan" if io.kind == "engine" else "onnxruntime_onnx"}"']
+    out_type = "TYPE_FP32" if python else _triton_type(io.out_dtype)  # the Runtime returns float32 logits
     lines = [
         f'name: "{name}"',
-        f'platform: "{io["platform"]}"',
+        *header,
         f"max_batch_size: {mb}",
         "input [",
-        f'  {{ name: "{io["input"]}" data_type: {_TRITON_TYPES[io["in_dtype"]]} dims: {list(in_dims)} }}',
+        f'  {{ name: "{io.input}" data_type: {_triton_type(io.in_dtype)} dims: {_dims(in_dims)} }}',
         "]",
         "output [",
-        f'  {{ name: "{io["output"]}" data_type: {_TRITON_TYPES[io["out_dtype"]]} dims: {list(out_dims)}'
-        + (' label_filename: "labels.txt"' if io["labels"] else "") + " }",
+        f'  {{ name: "{io.output}" data_type: {out_type} dims: {_dims(out_dims)}'
+        + (' label_filename: "labels.txt"' if io.labels else "") + " }",
         "]",
     ]
     if mb > 0:
         prefs = preferred or [b for b in (4, 8, 16, 32, 64) if b <= mb] or [mb]
-        lines += ["dynamic_batching {", f"  preferred_batch_size: {prefs}",
+        lines += ["dynamic_batching {", f"  preferred_batch_size: {_dims(prefs)}",
                   f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
     lines += ["instance_group [", f"  {{ count: {instances} kind: KIND_{kind.upper()} }}", "]"]
-    version_dir = model_dir / "1"
-    version_dir.mkdir(parents=True, exist_ok=True)
-    model_file = version_dir / io["file"]
-    shutil.copyfile(artifact, model_file)
-    data = artifact.with_name(artifact.name + ".data")
-    if data.is_file():
-        shutil.copyfile(data, version_dir / data.name)
-    labels = None
-    if io["labels"]:
-        labels = model_dir / "labels.txt"
-        labels.write_text("\n".join(io["labels"]) + "\n")
-    config = model_dir / "config.pbtxt"
-    config.write_text("\n".join(lines) + "\n")
-    return TritonRepo(model_dir, config, model_file, labels)
+    if python:
+        lines += [_param("VITDEPLOY_ARTIFACT", model_file), _param("VITDEPLOY_BACKEND", runtime),
+                  _param("VITDEPLOY_OPTIONS", json.dumps(runtime_options or {}))]
+        if execution_env is not None:
+            lines.append(_param("EXECUTION_ENV_PATH", str(Path(execution_env).resolve())))
+
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    model_dir = repo / name
+    # staged beside the repository, not in it: Triton takes every folder in a repository for a model
+    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.vitdeploy-{name}.", dir=repo.resolve().parent))
+    try:
+        version = stage / "1"
+        version.mkdir()
+        shutil.copyfile(artifact, version / model_file)
+        if io.kind == "onnx":
+            from vitdeploy.io import onnx_external_files
+
+            for data in onnx_external_files(artifact):  # the names the graph references, kept as they are
+                shutil.copyfile(data, version / data.name)
+        elif python:
+            from vitdeploy.engines.sidecar import sidecar_path
+
+            shutil.copyfile(sidecar_path(artifact), sidecar_path(version / model_file))
+        if python:
+            shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
+        if io.labels:
+            (stage / "labels.txt").write_text("\n".join(io.labels) + "\n")
+        (stage / "config.pbtxt").write_text("\n".join(lines) + "\n")
+        for p in stage.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        os.chmod(stage, 0o755)
+        _swap_in(stage, model_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return TritonRepo(model_dir, model_dir / "config.pbtxt", model_dir / "1" / model_file,
+                      model_dir / "labels.txt" if io.labels else None, backend)
+
+
+def _swap_in(stage: Path, model_dir: Path) -> None:
+    """Rename the complete ``stage`` onto ``model_dir``; an existing model folder is moved aside first
+    and removed after, so Triton sees the old model or the new one, never a mix."""
+    if not model_dir.exists():
+        os.replace(stage, model_dir)
+        return
+    if not model_dir.is_dir():
+        raise VitDeployError(f"{model_dir} exists and is not a folder: remove it or choose another --name")
+    old = Path(tempfile.mkdtemp(prefix=f".{model_dir.parent.name}.vitdeploy-old-{model_dir.name}.",
+                                dir=model_dir.parent.resolve().parent))
+    os.replace(model_dir, old / model_dir.name)
+    try:
+        os.replace(stage, model_dir)
+    except OSError:
+        os.replace(old / model_dir.name, model_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- a local tritonserver (tests, benchmarks, trying a repository on a CPU host) -------------------------
+# NVIDIA's nvidia-pytriton wheel carries a tritonserver binary, its libraries, the Python backend and
+# Python-backend stubs for Python 3.8-3.13 (Triton's onnxruntime/tensorrt backends are not in it). It is
+# unpacked, never installed: it pins numpy<2. The Python-backend model runs in a serving venv of its own
+# with numpy<2 (numpy 2 makes the backend hand over empty tensors).
+PYTRITON_WHEEL = "nvidia-pytriton==0.7.0"
+SERVING_REQUIREMENTS = ("numpy==1.26.4", "onnxruntime", "onnx", "Pillow", "click", "rich", "tqdm", "safetensors",
+                        "packaging")
+
+
+@dataclass
+class LocalTriton:
+    """An unpacked nvidia-pytriton wheel and a serving venv for the Python backend."""
+
+    root: Path  # the unpacked wheel
+    env: Path  # the serving venv (EXECUTION_ENV_PATH)
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "pytriton" / "tritonserver"
+
+    @property
+    def binary(self) -> Path:
+        return self.server_dir / "bin" / "tritonserver"
+
+    @property
+    def backends(self) -> Path:
+        return self.server_dir / "backends"
+
+    def environ(self) -> dict[str, str]:
+        libs = [self.root / "nvidia_pytriton.libs", self.server_dir / "lib"]
+        old = os.environ.get("LD_LIBRARY_PATH")
+        return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join([*map(str, libs), *([old] if old else [])])}
+
+
+def _run(cmd: list[str], what: str) -> None:
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise VitDeployError(f"{what} failed: {' | '.join(tail)}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_local_triton(cache: str | Path, python: str | None = None) -> LocalTriton:
+    """Unpack the nvidia-pytriton wheel and build the serving venv under ``cache`` (once; reused after).
+
+    VitDeployError with the reason where this host cannot have it (not Linux x86-64, no download, no
+    stub for this Python). ``python`` makes the serving venv (default: this interpreter's version).
+    """
+    import platform
+    import subprocess
+    import sys
+    import zipfile
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        raise VitDeployError(f"the nvidia-pytriton wheel's tritonserver runs on Linux x86-64, not "
+                             f"{sys.platform} {platform.machine()}")
+    cache = Path(cache).resolve()
+    python = python or sys.executable
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    root = cache / "triton" / PYTRITON_WHEEL.replace("==", "-")
+    env = cache / "triton" / f"servenv-py{version}"
+    with _locked(cache / "triton" / ".lock"):
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            with tempfile.TemporaryDirectory(prefix=".wheel.", dir=root.parent) as tmp:
+                _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PYTRITON_WHEEL, "-d", tmp],
+                     f"pip download {PYTRITON_WHEEL}")
+                wheel = next(Path(tmp).glob("*.whl"))
+                unpack = Path(tmp) / "unpacked"
+                with zipfile.ZipFile(wheel) as z:
+                    z.extractall(unpack)
+                    for info in z.infolist():  # zipfile drops the executable bits
+                        mode = info.external_attr >> 16
+                        if mode & 0o111:
+                            os.chmod(unpack / info.filename, mode & 0o777)
+                os.replace(unpack, root)
+            (root / ".complete").write_text(PYTRITON_WHEEL + "\n")
+        local = LocalTriton(root, env)
+        stub = local.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise VitDeployError(f"{PYTRITON_WHEEL} has no Python-backend stub for Python {version}")
+        ldd = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=local.environ()).stdout
+        missing = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
+        if missing:
+            raise VitDeployError(f"the Python {version} backend stub needs {', '.join(missing)}: install the "
+                                 f"shared libpython{version} (e.g. apt-get install libpython{version})")
+        target = local.backends / "python" / "triton_python_backend_stub"
+        if not target.is_file() or target.read_bytes() != stub.read_bytes():
+            shutil.copy2(stub, target)
+        if not (env / ".complete").is_file():
+            shutil.rmtree(env, ignore_errors=True)
+            _run([python, "-m", "venv", str(env)], "creating the serving venv")
+            _run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", *SERVING_REQUIREMENTS],
+                 "installing the serving venv's packages")
+            (env / ".complete").write_text("\n".join(SERVING_REQUIREMENTS) + "\n")
+        _link_vitdeploy(env)
+    return local
+
+
+def _link_vitdeploy(env: Path) -> None:
+    """Make the serving venv import this vitdeploy (a .pth file to its source tree, or a copy of the
+    package when it is installed): the venv then always serves the code that wrote the repository."""
+    import vitdeploy
+    from vitdeploy.io import atomic_write_bytes
+
+    pkg = Path(vitdeploy.__file__).resolve().parent
+    src = pkg.parent
+    if not (src / "pyproject.toml").is_file():
+        src = env / "vitdeploy-src"
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(pkg, src / "vitdeploy", ignore=shutil.ignore_patterns("__pycache__"))
+    for site in (env / "lib").glob("python*/site-packages"):
+        atomic_write_bytes(site / "vitdeploy-src.pth", f"{src}\n".encode())
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, so a killed test run or
+    benchmark never leaves a tritonserver holding its ports (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver on loopback ports chosen at start (see :func:`start_tritonserver`)."""
+
+    process: Any
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
+        return "\n".join(line for line in text.splitlines() if not line.startswith(("|", "+")))[-4000:]
+
+    def metrics(self) -> dict[str, float]:
+        """Triton's Prometheus counters, ``'name{labels}' -> value``."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_tritonserver(local: LocalTriton, repo: str | Path, models: list[str] | None = None,
+                       log_dir: str | Path | None = None, timeout: float = 120.0,
+                       extra_args: list[str] | None = None) -> TritonServer:
+    """Start the unpacked tritonserver on ``repo`` with explicit model control (``models`` loaded at start,
+    default all), on free loopback ports; return once it is ready, or raise VitDeployError with its log."""
+    import subprocess
+    import time
+    import urllib.request
+
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tritonserver-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):  # a port taken between choosing and binding: choose again
+        ports = [_free_port() for _ in range(3)]
+        log = log_dir / f"tritonserver-{ports[0]}.log"
+        cmd = [str(local.binary), "--model-repository", str(Path(repo).resolve()),
+               "--backend-directory", str(local.backends), "--model-control-mode", "explicit",
+               "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+               "--exit-on-error", "true", "--exit-timeout-secs", "10", *(extra_args or [])]
+        names = models if models is not None else sorted(p.name for p in Path(repo).iterdir() if p.is_dir())
+        cmd += [f"--load-model={m}" for m in names]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=local.environ(),
+                                    preexec_fn=_die_with_parent)
+        server = TritonServer(proc, *ports, log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return server
+            except OSError:
+                pass
+            time.sleep(0.2)
+        server.stop()
+        tail = server.log_tail()
+        if "address already in use" in tail.lower() and attempt < 2:
+            continue
+        raise VitDeployError(f"tritonserver did not become ready (log {log}):\n{tail}")
+    raise AssertionError("unreachable")

@@ -1,0 +1,87 @@
+"""Triton Python-backend model that runs vitdeploy's own Runtime on any artifact.
+
+``vitdeploy triton ARTIFACT --repo DIR --backend python`` copies this file to ``DIR/NAME/1/model.py``
+beside the artifact. Triton's Python backend imports it inside its stub process (where
+``triton_python_backend_utils`` exists); the environment it runs in (``EXECUTION_ENV_PATH``) needs
+vitdeploy and the artifact's backend (onnxruntime, openvino or tensorrt) with numpy < 2: the Python
+backend hands over empty tensors with numpy 2.
+
+The config's parameters name the artifact and the vitdeploy backend. Triton forms the batch (dynamic
+batching); ``execute`` runs all requests of that batch as one ``Runtime.infer`` call and gives every
+request its own rows. A request the runtime refuses gets its own error, and the others still get
+their answers: the model never stops serving because of one bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # only inside Triton's Python backend
+
+
+class TritonPythonModel:
+    """initialize: open the runtime once per instance; execute: one infer per Triton batch."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from vitdeploy.engines import open_runtime
+
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        artifact = Path(args["model_repository"]) / args["model_version"] / params["VITDEPLOY_ARTIFACT"]
+        options = json.loads(params.get("VITDEPLOY_OPTIONS") or "{}")
+        self.runtime = open_runtime(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self.float_input = self.runtime.spec.dtype.startswith("float")
+
+    def _check(self, x: np.ndarray) -> str | None:
+        """A reason to refuse one request's input, or None. Triton already checked shape and dtype."""
+        if self.float_input and not np.isfinite(x).all():
+            return f"input {self.input_name} holds NaN or infinite values: send normalized pixels"
+        return None
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        inputs: list[np.ndarray | None] = []
+        errors: list[tuple[str, int] | None] = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            reason = self._check(x)
+            inputs.append(None if reason else x)
+            errors.append((reason, pb_utils.TritonError.INVALID_ARG) if reason else None)
+        good = [x for x in inputs if x is not None]
+        rows: list[np.ndarray | None] = [None] * len(requests)
+        if good:
+            try:
+                logits = self.runtime.infer(np.concatenate(good) if len(good) > 1 else good[0])
+                start = 0
+                for i, x in enumerate(inputs):
+                    if x is not None:
+                        rows[i] = logits[start:start + len(x)]
+                        start += len(x)
+            except Exception:
+                # one failing batch: run each request alone so each gets its own answer or error
+                for i, x in enumerate(inputs):
+                    if x is None:
+                        continue
+                    try:
+                        rows[i] = self.runtime.infer(x)
+                    except Exception as e:
+                        code = pb_utils.TritonError.INVALID_ARG if type(e).__name__ == "InputError" else (
+                            pb_utils.TritonError.INTERNAL)
+                        errors[i] = (f"{type(e).__name__}: {e}", code)
+        responses = []
+        for out, error in zip(rows, errors, strict=True):
+            if out is None:
+                message, code = error or ("no answer", pb_utils.TritonError.INTERNAL)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[],
+                                                            error=pb_utils.TritonError(message, code)))
+            else:
+                tensor = pb_utils.Tensor(self.output_name, np.ascontiguousarray(out, dtype=np.float32))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
+
+    def finalize(self) -> None:
+        self.runtime.close()
