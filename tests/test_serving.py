@@ -424,7 +424,7 @@ def test_kserve_v2_errors_over_raw_http(runtime):
         assert r.status_code == 413 and "decompressed" in r.json()["error"]
 
 
-def test_kserve_v2_uint8_pixels_and_classify_use_runtime_preprocess(hf_folders, tmp_path):
+def test_kserve_v2_uint8_pixels_and_classify_use_runtime_preprocess(hf_folders, small_onnx, tmp_path):
     """A model exported with its preprocessing in the graph takes UINT8 NHWC over v2, and /v1/classify feeds it
     runtime.preprocess(image): the same logits as the float32 model on the same image."""
     httpclient = _tritonclient()
@@ -435,8 +435,7 @@ def test_kserve_v2_uint8_pixels_and_classify_use_runtime_preprocess(hf_folders, 
 
     u8_path = export_onnx(hf_folders["p16-w48"], tmp_path / "u8.onnx",
                           options=ExportOptions(dynamic_batch=True, uint8_input=True)).path
-    f32_path = export_onnx(hf_folders["p16-w48"], tmp_path / "f32.onnx", options=ExportOptions(dynamic_batch=True)).path
-    with open_runtime(u8_path, threads=1) as u8, open_runtime(f32_path, threads=1) as f32:
+    with open_runtime(u8_path, threads=1) as u8, open_runtime(small_onnx, threads=1) as f32:
         assert u8.spec.dtype == "uint8" and u8.spec.shape == (64, 64, 3)
         image = open_image(_png((50, 70)))
         pixels = u8.preprocess([image])

@@ -471,6 +471,9 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
                            "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue), "VITDEPLOY_SERVE_NAME": name,
                            "VITDEPLOY_SERVE_REQUEST_TIMEOUT": str(request_timeout),
                            "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels)})
+        if drain_grace > 0:
+            click.echo("note: with --workers > 1 uvicorn's supervisor stops the workers on Ctrl-C without the "
+                       "--drain-grace period; run one worker per container to drain behind a load balancer", err=True)
         uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers)
         return
     from vitdeploy.engines import open_runtime
