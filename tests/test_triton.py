@@ -44,13 +44,15 @@ def _pixels(seed: int, n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def small_onnx(hf_folders, tmp_path_factory) -> dict[str, Path]:
-    """A small ViT (64x64 input) exported with a dynamic batch and with a static batch of 2."""
+    """A small ViT (64x64 input) exported with a dynamic batch, a static batch of 2, and uint8 NHWC input."""
     from vitdeploy.exporters import ExportOptions, export_onnx
 
     root = tmp_path_factory.mktemp("triton_onnx")
     return {"dynamic": export_onnx(hf_folders["p16-w48"], root / "small.onnx",
                                    options=ExportOptions(dynamic_batch=True)).path,
-            "b2": export_onnx(hf_folders["p16-w48"], root / "small-b2.onnx", options=ExportOptions(batch=2)).path}
+            "b2": export_onnx(hf_folders["p16-w48"], root / "small-b2.onnx", options=ExportOptions(batch=2)).path,
+            "uint8": export_onnx(hf_folders["p16-w48"], root / "small-u8.onnx",
+                                 options=ExportOptions(dynamic_batch=True, uint8_input=True)).path}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def local_triton() -> triton_mod.LocalTriton:
 def triton_server(local_triton, small_onnx, tmp_path_factory):
     """tritonserver on loopback ports, serving two Python-backend models written by `vitdeploy triton`."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
-    for name, onnx in (("small", small_onnx["dynamic"]), ("small_b2", small_onnx["b2"])):
+    for name, onnx in (("small", small_onnx["dynamic"]), ("small_b2", small_onnx["b2"]),
+                       ("small_u8", small_onnx["uint8"])):
         r = CliRunner().invoke(main, ["triton", str(onnx), "--repo", str(repo), "--name", name, "--backend", "python",
                                       "--execution-env", str(local_triton.env), "--max-batch", "16",
                                       "--max-queue-delay-us", "2000"])
@@ -201,6 +204,22 @@ def test_static_batch_artifact_batches_freely_in_triton(triton_server, reference
                                rtol=1e-5, atol=1e-5)
 
 
+def test_uint8_input_model_takes_pixels(triton_server, small_onnx, tmp_path):
+    import tritonclient.grpc as tg
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = _parse_pbtxt(triton_server.repo / "small_u8" / "config.pbtxt")
+    assert model_config_pb2.DataType.Name(cfg.input[0].data_type) == "TYPE_UINT8"
+    assert list(cfg.input[0].dims) == [64, 64, 3]
+    pixels = np.random.default_rng(9).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    with tg.InferenceServerClient(triton_server.grpc_url) as client:
+        inp = tg.InferInput(cfg.input[0].name, list(pixels.shape), "UINT8")
+        inp.set_data_from_numpy(pixels)
+        got = client.infer("small_u8", [inp]).as_numpy(cfg.output[0].name)
+    with open_runtime(small_onnx["uint8"]) as rt:
+        np.testing.assert_allclose(got, rt.infer(pixels), rtol=1e-5, atol=1e-5)
+
+
 def test_labels_travel_with_the_model(triton_server, small_onnx):
     import tritonclient.http as th
 
@@ -295,7 +314,7 @@ def test_model_control_unloads_and_reloads(triton_server, reference):
     x = _pixels(8, 2)
     with tg.InferenceServerClient(triton_server.grpc_url) as client:
         index = {m.name: m.state for m in client.get_model_repository_index().models}
-        assert index == {"small": "READY", "small_b2": "READY"}
+        assert index == {"small": "READY", "small_b2": "READY", "small_u8": "READY"}
         client.unload_model("small_b2")
         deadline = time.monotonic() + 30
         while client.is_model_ready("small_b2") and time.monotonic() < deadline:

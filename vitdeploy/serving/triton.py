@@ -201,6 +201,11 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
 
             for data in onnx_external_files(artifact):  # the names the graph references, kept as they are
                 shutil.copyfile(data, version / data.name)
+            if python:
+                from vitdeploy.engines.plan import plan_path
+
+                if plan_path(artifact).is_file():  # `vitdeploy tune`'s plan (keyed by the file's hash) goes along
+                    shutil.copyfile(plan_path(artifact), plan_path(version / model_file))
         elif python:
             from vitdeploy.engines.sidecar import sidecar_path
 
@@ -398,6 +403,7 @@ class TritonServer:
     grpc_port: int
     metrics_port: int
     log: Path
+    repo: Path
 
     @property
     def http_url(self) -> str:
@@ -464,7 +470,7 @@ def start_tritonserver(local: LocalTriton, repo: str | Path, models: list[str] |
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=local.environ(),
                                     preexec_fn=_die_with_parent)
-        server = TritonServer(proc, *ports, log)
+        server = TritonServer(proc, *ports, log, Path(repo).resolve())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
