@@ -1,13 +1,25 @@
-"""CPU backends side by side on vit-base-patch16-224, in one run, as ratios.
+"""CPU paths side by side on vit-base-patch16-224, in one run, as ratios, with the issue 12 targets.
 
-    python benchmarks/cpu_backends.py [--out bench-results] [--iters 20] [--batches 1,8]
+    python benchmarks/cpu_backends.py [--out bench-results] [--iters 20] [--batches 1,8] [--threads N]
+                                      [--model vit-base-patch16-224]
 
-Measures HF transformers torch eager FP32 (the baseline a user has today), our torch model
-(FP32, bf16), our ONNX FP32 / FP16 / INT8 Q/DQ through ONNX Runtime (the INT8 file both with its
-activation Q/DQ run as uint8, the default on x86, and as written) and OpenVINO (FP32 and its
-bf16 hint). Prints the table, the machine, and the target ratios; top-1 agreement of the INT8 path
-is measured on the trained digits model (random ViT-B weights have no meaningful top-1).
-Needs the dev extra (transformers, scikit-learn) and optionally openvino.
+Every row runs on the CPU (torch device="cpu", ONNX Runtime's CPU provider, OpenVINO CPU) with the
+same number of threads, and says so. Rows: HF transformers FP32 with its default attention (SDPA)
+and with eager attention (ratios are against the default, what a user runs today); our torch model
+FP32 and bf16; our ONNX FP32 / FP16 / INT8 Q/DQ on ONNX Runtime (INT8 with activation Q/DQ as uint8
+and as written) and OpenVINO (f32 and bf16 hints, INT8, THROUGHPUT streams); and "auto": the path
+`vitdeploy tune` chose for each file on this machine (tuned in this run). Each row's peak memory is
+its own (RSS above the process's before its runtime was opened). Then: INT8 top-1 agreement with
+FP32 on the trained digits model for every INT8 path, the achieved INT8 GOP/s against the u8 x s8
+matrix-product ceiling `cpu_roofline.py` measures, and the targets:
+
+- auto within 5% of the fastest path measured, at each batch size, per file;
+- at batch 1 on ViT-B/16, the fastest path at least 6x HF transformers default, with >= 99% top-1
+  agreement with FP32 on digits (AVX-512 VNNI CPUs);
+- INT8 GOP/s at least 60% of the u8 x s8 ceiling.
+
+Needs the dev extra (transformers, scikit-learn) and optionally openvino. Smoke-run it on a small
+model with ``--model vit-tiny-patch16-224 --iters 3``.
 """
 
 from __future__ import annotations
@@ -18,37 +30,55 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vitdeploy.bench import add_speedups, measure
+from vitdeploy.bench import BenchReport, BenchResult, add_speedups, measure, release_memory, rss_mb
 from vitdeploy.engines import open_runtime
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.exporters import ExportOptions, export_onnx
 
 
 class HFRuntime(Runtime):
-    """transformers' ViTForImageClassification, eager attention, FP32: what users run today."""
+    """transformers' ViTForImageClassification, FP32, on the CPU, with the given attention."""
 
     backend = "hf-transformers"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, attn: str = "sdpa", threads: int | None = None) -> None:
         import torch
         import transformers
 
         self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.where = "cpu"
+        self.attn = attn
         self.model = transformers.ViTForImageClassification.from_pretrained(
-            folder, attn_implementation="eager").eval()
-        self.spec = InputSpec("pixel_values", "float32", (3, 224, 224), 1, 256)
+            folder, attn_implementation=attn).eval().to("cpu")
+        cfg = self.model.config
+        self.spec = InputSpec("pixel_values", "float32", (cfg.num_channels, cfg.image_size, cfg.image_size), 1, 256)
         self.metadata = None
 
     def describe(self) -> str:
-        return "hf-transformers[cpu, eager] (fp32)"
+        return f"hf-transformers[cpu, {self.attn}, {self.threads} threads] (fp32)"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
             return self.model(self.torch.from_numpy(batch)).logits.numpy()
+
+    def close(self) -> None:
+        self.model = None
+
+
+def machine_line() -> str:
+    from vitdeploy import sysinfo
+
+    flags = " ".join(sysinfo.cpu_flags()) or "none of the AVX2/AVX-512/VNNI/BF16/AMX flags"
+    return f"CPU: {sysinfo.cpu_model()}; ISA: {flags}"
 
 
 def main() -> None:
@@ -56,99 +86,190 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: all usable)")
     ap.add_argument("--model", default="vit-base-patch16-224")
+    ap.add_argument("--calib", type=int, default=64, help="INT8 calibration images")
+    ap.add_argument("--digits-checkpoint", type=Path, default=None,
+                    help="a trained digits ViT to reuse (default: train one, seconds on a quiet machine)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
 
-    from vitdeploy import save_model
+    from safetensors.torch import save_file
+
+    from vitdeploy import save_model, sysinfo
     from vitdeploy.checkpoints import resolve
     from vitdeploy.datasets import write_digits
+    from vitdeploy.engines.onnxruntime_backend import default_threads
+    from vitdeploy.tune import tune
 
+    threads = args.threads or default_threads()
+    print(machine_line(), f"; {threads} threads for every backend", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="vitdeploy-bench-"))
     train, test = write_digits(work / "digits")
-    ckpt = args.out / "vit-b16.safetensors"
+    stem = args.model.replace("vit-", "").replace("-patch", "-p").replace("-224", "")
+    ckpt = args.out / f"{stem}.safetensors"
     model = resolve(args.model, seed=0).model
+    cfg = model.config
     save_model(model, ckpt)
     hf_folder = work / "hf"
     hf_folder.mkdir()
-    (hf_folder / "config.json").write_text(model.config.to_json())
-    from safetensors.torch import save_file
-
+    (hf_folder / "config.json").write_text(cfg.to_json())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, hf_folder / "model.safetensors")
+    del model
 
-    onnx = {}
+    onnx: dict[str, Path] = {}
     for prec in ("fp32", "fp16", "int8"):
         t = time.perf_counter()
         opts = ExportOptions(dynamic_batch=True, precision=prec, calib_dir=train if prec == "int8" else None,
-                             calib_samples=64)
-        onnx[prec] = export_onnx(ckpt, args.out / f"vit-b16-{prec}.onnx", options=opts).path
+                             calib_samples=args.calib)
+        onnx[prec] = export_onnx(ckpt, args.out / f"{stem}-{prec}.onnx", options=opts).path
         print(f"exported {prec} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    tuned = {}
+    for prec in ("fp32", "int8"):
+        t = time.perf_counter()
+        report = tune(onnx[prec], batch=max(batches) if max(batches) > 1 else 8, threads=[threads])
+        tuned[prec] = report
+        print(f"tuned {prec} in {time.perf_counter() - t:.1f} s: {report.summary()}", file=sys.stderr)
 
-    runtimes: list[tuple[str, Runtime]] = [("HF transformers", HFRuntime(hf_folder)),
-                                           ("ours torch", open_runtime(ckpt, dtype="fp32")),
-                                           ("ours torch", open_runtime(ckpt, dtype="bf16"))]
-    for prec in ("fp32", "fp16", "int8"):
-        runtimes.append((f"onnx {prec}", open_runtime(onnx[prec], backend="onnxruntime")))
-    # the int8 Q/DQ file as written (int8 activations), beside the default (uint8 on x86, see the backend)
-    runtimes.append(("onnx int8", open_runtime(onnx["int8"], backend="onnxruntime", qdq_activations="int8")))
-    if importlib.util.find_spec("openvino"):
-        runtimes.append(("onnx fp32", open_runtime(onnx["fp32"], backend="openvino", precision_hint="f32")))
-        runtimes.append(("onnx fp32", open_runtime(onnx["fp32"], backend="openvino", precision_hint="bf16")))
-        runtimes.append(("onnx int8", open_runtime(onnx["int8"], backend="openvino", precision_hint="f32")))
+    has_ov = importlib.util.find_spec("openvino") is not None
+    rows: list[tuple[str, Callable[[], Runtime]]] = [
+        ("HF transformers default (sdpa)", lambda: HFRuntime(hf_folder, "sdpa", threads)),
+        ("HF transformers eager", lambda: HFRuntime(hf_folder, "eager", threads)),
+        ("ours torch fp32", lambda: open_runtime(ckpt, device="cpu", dtype="fp32", threads=threads)),
+        ("ours torch bf16", lambda: open_runtime(ckpt, device="cpu", dtype="bf16", threads=threads)),
+    ]
+    for prec in ("fp32", "fp16"):
+        rows.append((f"onnx {prec}", lambda p=prec: open_runtime(onnx[p], backend="onnxruntime", device="cpu",
+                                                                   threads=threads)))
+    for qdq in ("uint8", "int8"):
+        rows.append((f"onnx int8 (Q/DQ {'as uint8' if qdq == 'uint8' else 'as written'})",
+                     lambda q=qdq: open_runtime(onnx["int8"], backend="onnxruntime", device="cpu", threads=threads,
+                                                qdq_activations=q)))
+    if has_ov:
+        for prec, hint, mode in (("fp32", "f32", "LATENCY"), ("fp32", "bf16", "LATENCY"), ("int8", "f32", "LATENCY"),
+                                 ("int8", "bf16", "LATENCY"), ("int8", "f32", "THROUGHPUT")):
+            rows.append((f"onnx {prec} (openvino {hint}{', streams' if mode == 'THROUGHPUT' else ''})",
+                         lambda p=prec, h=hint, m=mode: open_runtime(onnx[p], backend="openvino", threads=threads,
+                                                                     precision_hint=h, hint=m)))
+    for prec in ("fp32", "int8"):
+        rows.append((f"onnx {prec} auto (tuned)", lambda p=prec: open_runtime(onnx[p], device="cpu")))
 
-    results = []
-    for batch in batches:
-        for name, rt in runtimes:
-            iters = args.iters if batch == 1 else max(5, args.iters // 2)
-            r = measure(rt, batch, warmup=3, iters=iters, name=name)
-            print(f"  {name:18s} {r.backend:40s} b{batch}: {r.latency_ms.median / batch:8.2f} ms/img",
-                  file=sys.stderr)
-            results.append(r)
-    add_speedups(results)
+    results: list[BenchResult] = []
+    for name, factory in rows:
+        release_memory()
+        base = rss_mb()
+        rt = factory()
+        try:
+            for batch in batches:
+                iters = args.iters if batch == 1 else max(5, args.iters // 2)
+                r = measure(rt, batch, warmup=3, iters=iters, name=name, base_rss_mb=base)
+                print(f"  {name:40s} {r.backend:58s} {r.where}/{r.threads}t b{batch}: "
+                      f"{r.latency_ms.mean / batch:8.2f} ms/img, {r.peak_host_mb:6.0f} MB", file=sys.stderr)
+                results.append(r)
+        finally:
+            rt.close()
+            del rt
+    results.sort(key=lambda r: r.batch)
+    add_speedups(results)  # first row of each batch: HF transformers default
 
-    # top-1 agreement of the INT8 Q/DQ artifact with FP32, on the trained digits model
+    summary: dict[str, Any] = {"machine": sysinfo.machine(), "threads": threads, "model": args.model,
+                               "gflop_per_image": cfg.flops() / 1e9}
+    ms = {b: {r.name: r.latency_ms.mean / b for r in results if r.batch == b} for b in batches}
+    summary["ms_per_image"] = ms
+    summary["where"] = sorted({r.where for r in results})
+    summary["threads_per_row"] = sorted({r.threads for r in results if r.threads})
+    summary["vs_hf_default"] = {b: {k: ms[b]["HF transformers default (sdpa)"] / v for k, v in ms[b].items()}
+                                for b in batches}
+    summary["vs_hf_eager"] = {b: {k: ms[b]["HF transformers eager"] / v for k, v in ms[b].items()} for b in batches}
+    # auto vs the fastest path measured here for the same file
+    targets: dict[str, Any] = {}
+    for prec in ("fp32", "int8"):
+        for b in batches:
+            same_file = {k: v for k, v in ms[b].items() if k.startswith(f"onnx {prec}")}
+            fastest = min(same_file, key=same_file.__getitem__)
+            ratio = ms[b][f"onnx {prec} auto (tuned)"] / same_file[fastest]
+            plan = tuned[prec].plan
+            tuned_pick = plan.latency if b < plan.throughput_batch else plan.throughput
+            targets[f"auto {prec} b{b} vs fastest measured"] = {
+                "auto_ms": ms[b][f"onnx {prec} auto (tuned)"], "fastest": fastest, "fastest_ms": same_file[fastest],
+                "ratio": ratio, "tune_chose": tuned_pick.label, "pass (<= 1.05)": ratio <= 1.05}
+    best1 = min(ms[batches[0]], key=ms[batches[0]].__getitem__)
+    targets[f"fastest b{batches[0]} vs HF default"] = {
+        "path": best1, "ratio": summary["vs_hf_default"][batches[0]][best1],
+        "pass (>= 6x, ViT-B/16 on AVX-512 VNNI)": summary["vs_hf_default"][batches[0]][best1] >= 6}
+
+    # INT8 achieved GOP/s against the u8 x s8 ceiling of the same machine
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cpu_roofline import gemm_throughput
+
+    int8_rows = {b: {k: v for k, v in ms[b].items() if k.startswith("onnx int8")} for b in batches}
+    gops = {}
+    for b in batches:
+        fastest = min(int8_rows[b], key=int8_rows[b].__getitem__)
+        achieved = cfg.flops() / 1e9 / (int8_rows[b][fastest] / 1e3)
+        ceiling = gemm_throughput((cfg.num_patches + 1) * b, cfg.hidden_size, cfg.intermediate_size, threads)
+        u8 = ceiling["onnxruntime uint8 x int8"]
+        gops[b] = {"fastest_int8_path": fastest, "achieved_gop_s": achieved, "u8s8_ceiling_gop_s": u8,
+                   "share": achieved / u8, "pass (>= 60%)": achieved / u8 >= 0.6, "all_formats_gop_s": ceiling}
+    summary["int8_vs_roofline"] = gops
+
+    # top-1 agreement with FP32 of every INT8 path, on the trained digits model
     from vitdeploy.datasets import train_digits_vit
     from vitdeploy.evaluate import evaluate_folder
 
-    dckpt = work / "digits.safetensors"
-    save_model(train_digits_vit(train), dckpt)
+    dckpt = args.digits_checkpoint or work / "digits.safetensors"
+    if args.digits_checkpoint is None:
+        save_model(train_digits_vit(train), dckpt)
     d32 = export_onnx(dckpt, work / "d32.onnx", options=ExportOptions(dynamic_batch=True)).path
     d8 = export_onnx(dckpt, work / "d8.onnx", options=ExportOptions(
         dynamic_batch=True, precision="int8", calib_dir=train, calib_samples=256)).path
-    e32 = evaluate_folder(open_runtime(d32), test)
+    tune(d8, threads=[threads], iters=5)
+    with open_runtime(d32, backend="onnxruntime") as rt:
+        e32 = evaluate_folder(rt, test)
     agreement = {}
-    for label, rt in [("onnxruntime int8", open_runtime(d8)),
-                      ("onnxruntime int8 as written", open_runtime(d8, qdq_activations="int8"))] + (
-            [("openvino int8", open_runtime(d8, backend="openvino", precision_hint="f32"))]
-            if importlib.util.find_spec("openvino") else []):
-        e = evaluate_folder(rt, test)
-        agreement[label] = {"accuracy": e.accuracy, "agreement_with_fp32": float(
-            np.mean(np.array(e.predictions) == np.array(e32.predictions)))}
+    paths: list[tuple[str, Callable[[], Runtime]]] = [
+        ("onnxruntime int8 Q/DQ as uint8", lambda: open_runtime(d8, backend="onnxruntime", qdq_activations="uint8")),
+        ("onnxruntime int8 as written", lambda: open_runtime(d8, backend="onnxruntime", qdq_activations="int8")),
+        ("auto (tuned)", lambda: open_runtime(d8, device="cpu"))]
+    if has_ov:
+        paths += [(f"openvino int8 {h}", lambda h=h: open_runtime(d8, backend="openvino", precision_hint=h))
+                  for h in ("f32", "bf16")]
+    for label, factory in paths:
+        with factory() as rt:
+            e = evaluate_folder(rt, test)
+            agreement[label] = {"runtime": rt.describe(), "accuracy": e.accuracy, "agreement_with_fp32": float(
+                np.mean(np.array(e.predictions) == np.array(e32.predictions)))}
+    summary["digits"] = {"fp32_accuracy": e32.accuracy, "int8": agreement}
+    targets["digits int8 agreement (auto)"] = {
+        "agreement": agreement["auto (tuned)"]["agreement_with_fp32"],
+        "pass (>= 99%)": agreement["auto (tuned)"]["agreement_with_fp32"] >= 0.99}
+    summary["targets"] = targets
 
     from rich.console import Console
 
-    from vitdeploy import sysinfo
-    from vitdeploy.bench import BenchReport
-
-    report = BenchReport(results, sysinfo.machine(), sysinfo.library_versions(), {"batches": batches})
-    Console(width=200).print(report.table())
-    ratios = {}
-    for batch in batches:
-        rows = [r for r in results if r.batch == batch]
-        hf = rows[0].latency_ms.mean
-        ort32 = next(r for r in rows if r.name == "onnx fp32" and r.backend.startswith("onnxruntime")).latency_ms.mean
-        best = min(rows, key=lambda r: r.latency_ms.mean)
-        ratios[f"batch {batch}"] = {
-            "onnx_fp32_vs_hf": hf / ort32, "best": f"{best.name} {best.backend}",
-            "best_vs_hf": hf / best.latency_ms.mean, "best_vs_onnx_fp32": ort32 / best.latency_ms.mean,
-            "ms_per_image": {f"{r.name} {r.backend} {r.precision}": r.latency_ms.mean / batch for r in rows},
-        }
-    summary = {"machine": report.machine, "ratios": ratios, "digits_agreement": agreement,
-               "digits_fp32_accuracy": e32.accuracy}
-    print(json.dumps(summary, indent=2))
+    report = BenchReport(results, summary["machine"], sysinfo.library_versions(),
+                         {"batches": batches, "threads": threads, "model": args.model})
+    con = Console(width=220)
+    con.print(report.table())
+    print(machine_line(), f"; {threads} threads for every backend; every row ran on: {', '.join(summary['where'])}")
+    print(f"\nms per image (mean), and ratio against HF transformers default (sdpa) / eager, {args.model}:")
+    print(f"  {'path':44s}" + "".join(f"{'b' + str(b) + ' ms':>10s}{'/default':>10s}{'/eager':>8s}" for b in batches))
+    for name in ms[batches[0]]:
+        print(f"  {name:44s}" + "".join(f"{ms[b][name]:10.2f}{summary['vs_hf_default'][b][name]:9.2f}x"
+                                        f"{summary['vs_hf_eager'][b][name]:7.2f}x" for b in batches))
+    print("\nINT8 against the u8 x s8 matrix-product ceiling (cpu_roofline.gemm_throughput, same run):")
+    for b, g in gops.items():
+        print(f"  b{b}: {g['fastest_int8_path']}: {g['achieved_gop_s']:.0f} GOP/s of {g['u8s8_ceiling_gop_s']:.0f} "
+              f"({g['share']:.0%})")
+    print(f"\ndigits (FP32 accuracy {e32.accuracy:.1%}): INT8 top-1 agreement with FP32:")
+    for label, a in agreement.items():
+        print(f"  {label:34s} {a['agreement_with_fp32']:.1%} (accuracy {a['accuracy']:.1%}) {a['runtime']}")
+    print("\ntargets:")
+    for k, v in targets.items():
+        print(f"  {k}: {json.dumps(v)}")
     report.write_json(args.out / "cpu_backends.json")
-    (args.out / "cpu_backends_summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "cpu_backends_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

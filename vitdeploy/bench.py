@@ -162,6 +162,18 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so the RSS a
+    row starts from is not inflated, nor its growth hidden, by what earlier rows freed."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakRSS:
     """Samples RSS in a thread while the block runs; ``peak_mb`` is the highest value seen."""
 
@@ -227,10 +239,18 @@ def measure(runtime: Runtime, batch: int, warmup: int = 10, iters: int | None = 
     return result
 
 
+def random_batch(spec: Any, batch: int, seed: int = 0) -> np.ndarray:
+    """Seeded random input in the artifact's form: standard normal, or uint8 pixels for a model that
+    normalizes in its graph."""
+    rng = np.random.default_rng(seed)
+    if spec.dtype == "uint8":
+        return rng.integers(0, 256, (batch, *spec.shape), dtype=np.uint8)
+    return rng.standard_normal((batch, *spec.shape), dtype=np.float32).astype(spec.dtype)
+
+
 def _measure(runtime: Runtime, batch: int, warmup: int, iters: int | None, duration: float | None, name: str,
              progress: Any) -> BenchResult:
-    spec = runtime.spec
-    x = np.random.default_rng(0).standard_normal((batch, *spec.shape), dtype=np.float32).astype(spec.dtype)
+    x = random_batch(runtime.spec, batch)
     for _ in range(warmup):
         runtime.infer(x)
     lat: list[float] = []
@@ -293,6 +313,7 @@ def run_bench(runtimes: list[tuple[str, RuntimeSource]], batches: list[int], war
 
         bar = tqdm(total=total or None, desc="benchmarking", unit="run", leave=False)
     for name, source in runtimes:
+        release_memory()
         base = rss_mb()
         rt = source if isinstance(source, Runtime) else source()
         try:
@@ -302,6 +323,7 @@ def run_bench(runtimes: list[tuple[str, RuntimeSource]], batches: list[int], war
         finally:
             if not isinstance(source, Runtime):
                 rt.close()
+                del rt
     if bar is not None:
         bar.close()
     results.sort(key=lambda r: r.batch)  # stable: within a batch, in the order given

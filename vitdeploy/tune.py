@@ -150,15 +150,15 @@ def candidate_paths(path: Path, threads: list[int], flags: list[str]) -> list[Pa
 
 
 def verification_inputs(rt: Runtime, images: Path | None = None, n: int = VERIFY_INPUTS) -> np.ndarray:
-    """Export's verification inputs (seed-0 standard normal), plus preprocessed ``images``."""
-    x = np.random.default_rng(0).standard_normal((n, *rt.spec.shape), dtype=np.float32)
-    if images is not None:
-        from vitdeploy.preprocess import Preprocessing, find_images, load_images
+    """Export's verification inputs (seed-0 standard normal; random pixels for a uint8-input model),
+    plus ``images`` in the form the artifact takes."""
+    from vitdeploy.bench import random_batch
 
-        if rt.metadata is None:
-            raise VitDeployError("--images needs the artifact's preprocessing metadata: export it with vitdeploy")
-        prep = Preprocessing.from_dict(rt.metadata.preprocessing)
-        x = np.concatenate([x, load_images(find_images(images)[:64], prep)])
+    x = random_batch(rt.spec, n)
+    if images is not None:
+        from vitdeploy.preprocess import find_images, open_image
+
+        x = np.concatenate([x, rt.preprocess([open_image(f) for f in find_images(images)[:64]])])
     return x
 
 
@@ -214,7 +214,7 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
         reference = ref.infer(x_verify)
         file_precision = ref.metadata.precision if ref.metadata else "fp32"
         x1 = x_verify[:1]
-        xb = np.resize(x_verify, (batch, *x_verify.shape[1:])).astype(np.float32)
+        xb = np.resize(x_verify, (batch, *x_verify.shape[1:]))
         reference_name = "ONNX Runtime CPU, graph as written (no optimizations)"
 
     bar = None
