@@ -486,6 +486,7 @@ def test_ctrl_c_under_load_drains_then_stops(small_onnx, runtime):
         for t in threads:
             t.start()
         time.sleep(1.0)
+        rss_loaded = srv.peak_rss_mb()
         signal_at = time.perf_counter()
         srv.proc.send_signal(signal.SIGINT)
         ready = []
@@ -494,7 +495,6 @@ def test_ctrl_c_under_load_drains_then_stops(small_onnx, runtime):
                 ready.append((time.perf_counter() - signal_at, httpx.get(srv.url + "/readyz", timeout=2).status_code))
             time.sleep(0.05)
         exited_after = time.perf_counter() - signal_at
-        rss_end = srv.peak_rss_mb() if srv.proc.poll() is None else None
         stop.set()
         for t in threads:
             t.join(15)
@@ -508,9 +508,15 @@ def test_ctrl_c_under_load_drains_then_stops(small_onnx, runtime):
     # every request got its own answer or a clear connection error after the stop; none hung
     kinds = {o for _, o, _ in outcomes}
     assert kinds <= {"ok", "ConnectError", "RemoteProtocolError", "ReadError"}, kinds
+    assert all(ts > signal_at + 1.5 for ts, o, _ in outcomes if o != "ok")  # errors only once stopped
+    # responses carry Connection: close while draining, so at the stop almost every client is refused
+    # cleanly on connect; a reset on a connection in the kernel's accept queue at that instant stays possible
+    assert sum(o in ("RemoteProtocolError", "ReadError") for _, o, _ in outcomes) <= 3
     assert max(d for _, _, d in outcomes) < 10
     answered = sum(o == "ok" for _, o, _ in outcomes)
     assert answered > 50 and "draining" in log
-    print(f"\nctrl-c: {answered} answered under load, {len(outcomes) - answered} refused after the stop, "
+    assert rss_loaded - rss_start < 100, (rss_start, rss_loaded)  # memory stays bounded under load
+    counts = {k: sum(o == k for _, o, _ in outcomes) for k in sorted(kinds)}
+    print(f"\nctrl-c: {answered} answered under load, then {counts} after the stop, "
           f"readiness 503 from {ready[0][0] * 1e3:.0f} ms after SIGINT, exited after {exited_after:.1f} s; "
-          f"peak RSS {rss_start:.0f} MB at start{'' if rss_end is None else f', {rss_end:.0f} MB at the end'}")
+          f"peak RSS {rss_start:.0f} MB at start, {rss_loaded:.0f} MB after 1 s of load")

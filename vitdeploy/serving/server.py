@@ -133,7 +133,12 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         m_errors.labels(endpoint, e.reason).inc()
         m_requests.labels(endpoint, str(e.code)).inc()
         body = {"error": e.message} if v2 else {"error": e.message, "request_id": rid}
-        return JSONResponse(body, status_code=e.code, headers={**e.headers, "X-Request-ID": rid})
+        return JSONResponse(body, status_code=e.code, headers={**e.headers, **closing(), "X-Request-ID": rid})
+
+    def closing() -> dict[str, str]:
+        # while draining, no connection stays open for reuse: when the server stops, no client is caught
+        # sending its next request on a kept-alive connection that is being closed
+        return {"Connection": "close"} if state["draining"] else {}
 
     def unexpected(endpoint: str, rid: str, e: BaseException, v2: bool = False) -> Any:
         log.error("request %s on %s failed", rid, endpoint, exc_info=e)
@@ -144,7 +149,7 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
            headers: dict[str, str] | None = None) -> Any:
         m_latency.labels(endpoint).observe(time.perf_counter() - start)
         m_requests.labels(endpoint, "200").inc()
-        return Response(content, media_type=media_type, headers={**(headers or {}), "X-Request-ID": rid})
+        return Response(content, media_type=media_type, headers={**(headers or {}), **closing(), "X-Request-ID": rid})
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
