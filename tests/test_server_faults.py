@@ -509,9 +509,10 @@ def test_ctrl_c_under_load_drains_then_stops(small_onnx, runtime):
     kinds = {o for _, o, _ in outcomes}
     assert kinds <= {"ok", "ConnectError", "RemoteProtocolError", "ReadError"}, kinds
     assert all(ts > signal_at + 1.5 for ts, o, _ in outcomes if o != "ok")  # errors only once stopped
-    # responses carry Connection: close while draining, so at the stop almost every client is refused
-    # cleanly on connect; a reset on a connection in the kernel's accept queue at that instant stays possible
-    assert sum(o in ("RemoteProtocolError", "ReadError") for _, o, _ in outcomes) <= 3
+    # responses carry Connection: close while draining, so at the stop clients are refused cleanly on
+    # connect; a connection still in the kernel's accept queue when the listener closes is reset: at most
+    # once per client (its next try is refused)
+    assert sum(o in ("RemoteProtocolError", "ReadError") for _, o, _ in outcomes) <= len(threads)
     assert max(d for _, _, d in outcomes) < 10
     answered = sum(o == "ok" for _, o, _ in outcomes)
     assert answered > 50 and "draining" in log
