@@ -262,6 +262,7 @@ class LocalTriton:
 
     root: Path  # the unpacked wheel
     env: Path  # the serving venv (EXECUTION_ENV_PATH)
+    backends: Path = Path()  # --backend-directory: the wheel's backends with the stub for env's Python
 
     @property
     def server_dir(self) -> Path:
@@ -270,10 +271,6 @@ class LocalTriton:
     @property
     def binary(self) -> Path:
         return self.server_dir / "bin" / "tritonserver"
-
-    @property
-    def backends(self) -> Path:
-        return self.server_dir / "backends"
 
     def environ(self) -> dict[str, str]:
         libs = [self.root / "nvidia_pytriton.libs", self.server_dir / "lib"]
@@ -307,10 +304,10 @@ def prepare_local_triton(cache: str | Path, python: str | None = None) -> LocalT
     """Unpack the nvidia-pytriton wheel and build the serving venv under ``cache`` (once; reused after).
 
     VitDeployError with the reason where this host cannot have it (not Linux x86-64, no download, no
-    stub for this Python). ``python`` makes the serving venv (default: this interpreter's version).
+    Python-backend stub that runs here). ``python`` makes the serving venv (default: this interpreter
+    if its version's stub runs here, else a system python3.1x whose stub does).
     """
     import platform
-    import subprocess
     import sys
     import zipfile
 
@@ -318,11 +315,7 @@ def prepare_local_triton(cache: str | Path, python: str | None = None) -> LocalT
         raise VitDeployError(f"the nvidia-pytriton wheel's tritonserver runs on Linux x86-64, not "
                              f"{sys.platform} {platform.machine()}")
     cache = Path(cache).resolve()
-    python = python or sys.executable
-    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
     root = cache / "triton" / PYTRITON_WHEEL.replace("==", "-")
-    env = cache / "triton" / f"servenv-py{version}"
     with _locked(cache / "triton" / ".lock"):
         if not (root / ".complete").is_file():
             shutil.rmtree(root, ignore_errors=True)
@@ -339,18 +332,15 @@ def prepare_local_triton(cache: str | Path, python: str | None = None) -> LocalT
                             os.chmod(unpack / info.filename, mode & 0o777)
                 os.replace(unpack, root)
             (root / ".complete").write_text(PYTRITON_WHEEL + "\n")
-        local = LocalTriton(root, env)
-        stub = local.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
-        if not stub.is_file():
-            raise VitDeployError(f"{PYTRITON_WHEEL} has no Python-backend stub for Python {version}")
-        ldd = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=local.environ()).stdout
-        missing = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
-        if missing:
-            raise VitDeployError(f"the Python {version} backend stub needs {', '.join(missing)}: install the "
-                                 f"shared libpython{version} (e.g. apt-get install libpython{version})")
-        target = local.backends / "python" / "triton_python_backend_stub"
-        if not target.is_file() or target.read_bytes() != stub.read_bytes():
-            shutil.copy2(stub, target)
+        python, version, stub = _pick_python(LocalTriton(root, Path()), python)
+        env = cache / "triton" / f"servenv-py{version}"
+        # a backend folder per Python version, holding that version's stub
+        local = LocalTriton(root, env, root / "pytriton" / "tritonserver" / f"backends-py{version}")
+        if not (local.backends / ".complete").is_file():
+            shutil.rmtree(local.backends, ignore_errors=True)
+            shutil.copytree(local.server_dir / "backends", local.backends)
+            shutil.copy2(stub, local.backends / "python" / "triton_python_backend_stub")
+            (local.backends / ".complete").write_text(version + "\n")
         if not (env / ".complete").is_file():
             shutil.rmtree(env, ignore_errors=True)
             _run([python, "-m", "venv", str(env)], "creating the serving venv")
@@ -384,6 +374,35 @@ def _die_with_parent() -> None:
     import signal
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _pick_python(local: LocalTriton, python: str | None) -> tuple[str, str, Path]:
+    """An interpreter for the serving venv whose backend stub runs here (the stub links the shared
+    libpython of its version): this one if it can, else a system python3.1x. -> (exe, 'X.Y', stub)."""
+    import glob
+    import subprocess
+    import sys
+
+    candidates = [python] if python else [sys.executable, *sorted(glob.glob("/usr/bin/python3.1[0-9]"), reverse=True)]
+    reasons = []
+    for exe in candidates:
+        try:
+            version = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        stub = local.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            reasons.append(f"{PYTRITON_WHEEL} has no Python-backend stub for Python {version}")
+            continue
+        ldd = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=local.environ()).stdout
+        missing = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
+        if missing:
+            reasons.append(f"the Python {version} backend stub needs {', '.join(missing)} (apt-get install "
+                           f"libpython{version})")
+            continue
+        return exe, version, stub
+    raise VitDeployError("; ".join(dict.fromkeys(reasons)) or "no Python interpreter for the serving venv")
 
 
 def _free_port() -> int:
