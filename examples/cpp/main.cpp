@@ -1,12 +1,17 @@
-// Load a vitdeploy engine, read I/O names and labels from its JSON sidecar, run one batch of
-// preprocessed images and print the top-5 classes of each.
+// Load a vitdeploy engine, read its flavour, I/O names and labels from its JSON sidecar, run one
+// batch of preprocessed images and print the top-5 classes of each.
 //
 //   vit_infer model.engine batch.f32 N
 //
 // batch.f32: N x 3 x H x W float32, already normalized (write it from Python with
 // vitdeploy.preprocess.load_images(paths, prep).tofile("batch.f32")).
+// Built with -DUSE_TENSORRT_RTX=ON (VITDEPLOY_TENSORRT_RTX) it links TensorRT-RTX and runs TensorRT-RTX
+// engines; otherwise full TensorRT. The API used here is common to both, so either branch compiles
+// against either flavour's headers.
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
+
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -15,10 +20,20 @@
 #include <iostream>
 #include <memory>
 #include <numeric>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#ifdef VITDEPLOY_TENSORRT_RTX
+static const char* kFlavour = "tensorrt_rtx";
+static const char* kFlavourTitle = "TensorRT-RTX";
+static const char* kOtherBuild = "configure without -DUSE_TENSORRT_RTX and link full TensorRT";
+#else
+static const char* kFlavour = "tensorrt";
+static const char* kFlavourTitle = "TensorRT";
+static const char* kOtherBuild = "configure with -DUSE_TENSORRT_RTX=ON and link TensorRT-RTX";
+#endif
+static const char* kSidecarFormat = "vitdeploy-engine/1";
 
 #define CHECK_CUDA(call)                                                            \
   do {                                                                              \
@@ -30,7 +45,10 @@
   } while (0)
 
 class Logger : public nvinfer1::ILogger {
+ public:
+  int errors = 0;  // TensorRT reports some failures (no GPU, no driver) only here, with a usable-looking object
   void log(Severity severity, const char* msg) noexcept override {
+    if (severity <= Severity::kERROR) ++errors;
     if (severity <= Severity::kWARNING) std::cerr << "[TensorRT] " << msg << std::endl;
   }
 };
@@ -43,17 +61,46 @@ static std::string readFile(const std::string& path) {
   return ss.str();
 }
 
-// The sidecar is plain JSON; a regex is enough for the two things read here.
-static std::vector<std::string> sidecarLabels(const std::string& json) {
+// What the program needs from the engine's sidecar (vitdeploy/engines/sidecar.py writes it).
+struct Sidecar {
+  std::string flavour, trtVersion, precision, input, output;
   std::vector<std::string> labels;
-  std::smatch m;
-  if (std::regex_search(json, m, std::regex("\"labels\":\\s*\\[([^\\]]*)\\]"))) {
-    std::string body = m[1];
-    std::regex item("\"((?:[^\"\\\\]|\\\\.)*)\"");
-    for (auto it = std::sregex_iterator(body.begin(), body.end(), item); it != std::sregex_iterator(); ++it)
-      labels.push_back((*it)[1]);
+};
+
+[[noreturn]] static void fail(const std::string& msg) {
+  std::cerr << "vit_infer: " << msg << std::endl;
+  std::exit(1);
+}
+
+static Sidecar readSidecar(const std::string& path) {
+  using nlohmann::json;
+  std::ifstream f(path);
+  if (!f) fail("the engine has no sidecar " + path + ": rebuild it with `vitdeploy build`");
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::parse_error& e) {
+    fail("sidecar " + path + " is not valid JSON (" + e.what() + "): rebuild the engine with `vitdeploy build`");
   }
-  return labels;
+  Sidecar s;
+  try {
+    if (!j.is_object() || j.value("format", "") != kSidecarFormat)
+      fail("sidecar " + path + " is not a vitdeploy engine sidecar (" + kSidecarFormat + ")");
+    s.flavour = j.at("flavour").get<std::string>();
+    s.trtVersion = j.at("trt_version").get<std::string>();
+    s.precision = j.value("precision", "unknown");
+    for (const auto& t : j.at("io")) {
+      const auto mode = t.at("mode").get<std::string>();
+      (mode == "input" ? s.input : s.output) = t.at("name").get<std::string>();
+    }
+    const auto model = j.find("model");
+    if (model != j.end() && model->is_object() && model->contains("labels"))
+      s.labels = model->at("labels").get<std::vector<std::string>>();
+  } catch (const json::exception& e) {
+    fail("sidecar " + path + " is malformed (" + e.what() + "): rebuild the engine with `vitdeploy build`");
+  }
+  if (s.input.empty() || s.output.empty()) fail("sidecar " + path + " lists no input or no output tensor");
+  return s;
 }
 
 int main(int argc, char** argv) {
@@ -63,22 +110,37 @@ int main(int argc, char** argv) {
   }
   const std::string enginePath = argv[1];
   const int n = std::stoi(argv[3]);
-  std::string sidecarPath = enginePath.substr(0, enginePath.find_last_of('.')) + ".json";
-  const auto labels = sidecarLabels(readFile(sidecarPath));
+  const auto dot = enginePath.find_last_of('.');
+  const auto slash = enginePath.find_last_of('/');
+  const std::string stem = (dot == std::string::npos || (slash != std::string::npos && dot < slash))
+                               ? enginePath : enginePath.substr(0, dot);
+  const Sidecar side = readSidecar(stem + ".json");
+  if (side.flavour != kFlavour)
+    fail(enginePath + " is a " + side.flavour + " engine (" + side.trtVersion + "); this program runs " + kFlavour +
+         " engines: " + kOtherBuild + ", or rebuild the engine with `vitdeploy build --trt " +
+         (std::string(kFlavour) == "tensorrt" ? "tensorrt" : "rtx") + "`");
+  const auto& labels = side.labels;
+  std::cerr << "engine " << enginePath << ": " << kFlavourTitle << " " << side.trtVersion << ", " << side.precision
+            << ", input " << side.input << ", output " << side.output << ", " << labels.size() << " labels"
+            << std::endl;
 
   Logger logger;
   std::unique_ptr<nvinfer1::IRuntime> runtime{nvinfer1::createInferRuntime(logger)};
+  if (!runtime || logger.errors)
+    fail(std::string("createInferRuntime failed (the ") + kFlavourTitle + " error above): " + kFlavourTitle +
+         " needs an NVIDIA GPU with a driver new enough for its CUDA version");
   const std::string plan = readFile(enginePath);
   std::unique_ptr<nvinfer1::ICudaEngine> engine{runtime->deserializeCudaEngine(plan.data(), plan.size())};
-  if (!engine) { std::cerr << "cannot deserialize " << enginePath << ": rebuild it for this GPU" << std::endl; return 1; }
+  if (!engine)
+    fail("cannot deserialize " + enginePath + " (the " + kFlavourTitle + " error above): where it names another GPU or " +
+         kFlavourTitle + " version, rebuild the engine on this one with `vitdeploy build`");
   std::unique_ptr<nvinfer1::IExecutionContext> context{engine->createExecutionContext()};
 
-  const char* input = nullptr;
-  const char* output = nullptr;
-  for (int i = 0; i < engine->getNbIOTensors(); ++i) {
-    const char* name = engine->getIOTensorName(i);
-    (engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT ? input : output) = name;
-  }
+  const char* input = side.input.c_str();
+  const char* output = side.output.c_str();
+  if (engine->getTensorIOMode(input) != nvinfer1::TensorIOMode::kINPUT ||
+      engine->getTensorIOMode(output) != nvinfer1::TensorIOMode::kOUTPUT)
+    fail(enginePath + " has no input " + side.input + " / output " + side.output + " as its sidecar says: rebuild both");
   nvinfer1::Dims inDims = engine->getTensorShape(input);
   inDims.d[0] = n;
   if (!context->setInputShape(input, inDims)) { std::cerr << "batch " << n << " is outside the profile" << std::endl; return 1; }
