@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=300)
     ap.add_argument("--modelopt-python", default=None)
     ap.add_argument("--nncf-python", default=None)
+    ap.add_argument("--digits-checkpoint", type=Path, default=None, help="a trained digits ViT to reuse")
+    ap.add_argument("--no-build", action="store_true", help="skip the TensorRT-RTX build check")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -146,8 +148,12 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vitdeploy-int8-peers-"))
     train, test = write_digits(work / "digits")
-    ckpt = work / "digits.safetensors"
-    save_model(train_digits_vit(train), ckpt)
+    ckpt = a.digits_checkpoint or work / "digits.safetensors"
+    if a.digits_checkpoint is None:
+        save_model(train_digits_vit(train), ckpt)
+
+    def builds(path: Path) -> str:
+        return "not checked (--no-build)" if a.no_build else builds_for_sm89(path, work)
     fp32 = export_onnx(ckpt, a.out / "digits-fp32.onnx", options=ExportOptions(dynamic_batch=True)).path
     files = find_images(train)[: a.calib]
     from vitdeploy.engines import open_runtime
@@ -159,13 +165,13 @@ def main() -> None:
 
     ref = evaluate(fp32, fp32, test, None)
     rows: list[dict[str, Any]] = [{"method": "FP32 (reference)", "accuracy": ref["accuracy"], "agreement": 1.0,
-                                   "builds": builds_for_sm89(fp32, work), "error": None}]
+                                   "builds": builds(fp32), "error": None}]
 
     def add(method: str, out: Path, error: str | None) -> None:
         if error is None and out.is_file():
             r = evaluate(out, fp32, test, ref["preds"])
             rows.append({"method": method, "accuracy": r["accuracy"], "agreement": r["agreement"],
-                         "builds": builds_for_sm89(out, work), "error": None})
+                         "builds": builds(out), "error": None})
         else:
             rows.append({"method": method, "accuracy": None, "agreement": None, "builds": "-",
                          "error": error or "no output"})
