@@ -164,6 +164,19 @@ def test_rtx_engine_is_refused_as_tensorrt_plan_and_served_by_python_backend(sma
     assert side.flavour == "tensorrt_rtx"
 
 
+def test_gpu_instances_each_get_their_own_device(monkeypatch):
+    import types
+
+    # the model file imports Triton's backend utilities, which exist only inside Triton's stub
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    from vitdeploy.serving.triton_model import visible_device
+
+    assert visible_device("GPU", "1", None) == "1"
+    assert visible_device("GPU", 1, "4,6") == "6"  # the host already narrowed the visible GPUs
+    assert visible_device("GPU", "0", "GPU-5f2c") == "GPU-5f2c"
+    assert visible_device("CPU", "0", "3") is None
+
+
 def test_failed_write_leaves_the_old_model(small_onnx, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     first = triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="m")

@@ -15,11 +15,23 @@ their answers: the model never stops serving because of one bad input.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # only inside Triton's Python backend
+
+
+def visible_device(kind: str, device_id: str | int, visible: str | None) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a GPU instance: Triton gives each instance (its own stub process) a
+    device id; making that the process's only device puts instance N on GPU N for every runtime
+    (TensorRT, ONNX Runtime's CUDA provider), which all use device 0. None for a CPU instance."""
+    if kind != "GPU":
+        return None
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    index = int(device_id)
+    return ids[index] if index < len(ids) else str(index)
 
 
 class TritonPythonModel:
@@ -28,6 +40,10 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         from vitdeploy.engines import open_runtime
 
+        device = visible_device(args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", 0),
+                                os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if device is not None:  # before anything in this process initializes CUDA
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["VITDEPLOY_ARTIFACT"]
