@@ -373,7 +373,7 @@ def test_cpu_work_runs_off_the_event_loop(runtime, monkeypatch):
             time.sleep(0.2)
             t0 = time.perf_counter()
             assert c.get("/healthz").status_code == 200
-            assert time.perf_counter() - t0 < 0.3
+            assert time.perf_counter() - t0 < 0.5  # the decode takes 1 s: on the loop, this would wait ~0.8 s
             assert classify.result(10).status_code == 200
         form = c.post("/v1/classify", files={"image": ("x.png", buf.getvalue(), "image/png")})
         assert form.status_code == 400 and "'file' field" in form.json()["error"]
