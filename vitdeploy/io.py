@@ -177,7 +177,7 @@ def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list
                     entry.value = renamed[entry.value]
         onnx.save_model(model, str(staged))
     stale = [target.with_name(target.name + ".data"), *target.parent.glob(glob.escape(target.name) + ".*.data")]
-    if target.is_file():
+    if target.is_file() and target.stat().st_size < 1 << 26:  # a bigger graph file holds its weights inline
         with contextlib.suppress(Exception):  # an unreadable old file has no references to keep
             stale += onnx_external_files(target)
     files[target] = staged

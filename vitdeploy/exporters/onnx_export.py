@@ -355,6 +355,9 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     extra = {"source_kind": loaded.kind, "opset": str(opset)}
     if opts.uint8_input:
         extra["input"] = UINT8_NHWC
+        h, w = cfg.image_hw
+        notes.append(f"input: uint8 pixels [N, {h}, {w}, {cfg.num_channels}] (resized, not normalized); "
+                     "the graph casts, normalizes with the model's mean/std and transposes to NCHW")
     meta = ArtifactMetadata(
         version=__version__, config=cfg.to_dict(), preprocessing=prep.to_dict(), labels=cfg.labels,
         precision=opts.precision, batch="dynamic" if batch is None else str(batch),
