@@ -505,13 +505,19 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
 def triton(artifact: Path, repo: Path, name: str | None, triton_backend: str, runtime: str,
            execution_env: Path | None, max_batch: int | None, instances: int, kind: str | None,
            max_queue_delay_us: int) -> None:
-    """Write a Triton Inference Server model repository for an engine or an ONNX."""
+    """Write a Triton Inference Server model repository for an engine or an ONNX.
+
+    Native (default): Triton's onnxruntime_onnx or tensorrt_plan backend runs the file. --backend python:
+    Triton's Python backend runs vitdeploy's Runtime on it (TensorRT-RTX engines, OpenVINO, tune plans)."""
     from vitdeploy.serving.triton import write_triton_repo
 
     out = write_triton_repo(artifact, repo, name, max_batch, instances, kind, max_queue_delay_us,
                             backend=triton_backend, runtime=runtime, execution_env=execution_env)
     click.echo(f"wrote {out.config} and {out.model_file}; serve with: "
                f"tritonserver --model-repository {repo.resolve()}")
+    if triton_backend == "python" and execution_env is None:
+        click.echo("note: model.py runs in Triton's own Python unless --execution-env names a venv with "
+                   "vitdeploy and numpy<2 (see README, Scale-out)")
 
 
 @main.command("eval")
