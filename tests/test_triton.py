@@ -77,7 +77,7 @@ def triton_server(local_triton, small_onnx, tmp_path_factory):
                        ("small_u8", small_onnx["uint8"])):
         r = CliRunner().invoke(main, ["triton", str(onnx), "--repo", str(repo), "--name", name, "--backend", "python",
                                       "--execution-env", str(local_triton.env), "--max-batch", "16",
-                                      "--max-queue-delay-us", "2000"])
+                                      "--max-queue-delay-us", "2000", "--threads", "1"])
         assert r.exit_code == 0, r.output
     server = triton_mod.start_tritonserver(local_triton, repo, log_dir=repo.parent)
     yield server
@@ -111,8 +111,11 @@ def _grpc_infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
 def test_python_backend_config(small_onnx, tmp_path):
     env = tmp_path / "venv"
     env.mkdir()
-    out = triton_mod.write_triton_repo(small_onnx["b2"], tmp_path / "repo", name="m", backend="python",
-                                       execution_env=env, runtime="onnxruntime", instances=3)
+    r = CliRunner().invoke(main, ["triton", str(small_onnx["b2"]), "--repo", str(tmp_path / "repo"), "--name", "m",
+                                  "--backend", "python", "--execution-env", str(env), "--runtime", "onnxruntime",
+                                  "--instances", "3", "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    out = triton_mod.TritonRepo(tmp_path / "repo" / "m", tmp_path / "repo" / "m" / "config.pbtxt", Path(), None)
     cfg = _parse_pbtxt(out.config)
     assert cfg.backend == "python" and not cfg.platform
     # the Runtime splits and pads to the static batch of 2, so Triton batches freely
@@ -120,7 +123,7 @@ def test_python_backend_config(small_onnx, tmp_path):
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU and cfg.instance_group[0].count == 3
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"VITDEPLOY_ARTIFACT": "model.onnx", "VITDEPLOY_BACKEND": "onnxruntime",
-                      "VITDEPLOY_OPTIONS": "{}", "EXECUTION_ENV_PATH": str(env.resolve())}
+                      "VITDEPLOY_OPTIONS": '{"threads": 2}', "EXECUTION_ENV_PATH": str(env.resolve())}
     assert (out.model_dir / "1" / "model.py").read_text() == Path(triton_mod.__file__).with_name(
         "triton_model.py").read_text()
     assert sorted(p.name for p in out.model_dir.rglob("*")) == ["1", "config.pbtxt", "labels.txt", "model.onnx",
@@ -128,7 +131,8 @@ def test_python_backend_config(small_onnx, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--execution-env", "{env}"], "--execution-env is for a Python-backend model: add --backend python"),
+    (["--execution-env", "{env}"], "are for a Python-backend model: add --backend python"),
+    (["--threads", "2"], "are for a Python-backend model: add --backend python"),
     (["--backend", "python", "--runtime", "tensorrt"], "--runtime tensorrt runs engine files"),
     (["--backend", "python", "--execution-env", "{missing}"], "does not exist"),
     (["--name", "a/b"], "--name 'a/b'"),

@@ -126,7 +126,9 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
     if not python and runtime != "auto":
         raise VitDeployError("--runtime chooses the runtime of a Python-backend model: add --backend python")
     if not python and (execution_env or runtime_options):
-        raise VitDeployError("--execution-env is for a Python-backend model: add --backend python")
+        raise VitDeployError("--execution-env and --threads are for a Python-backend model: add --backend python")
+    if runtime_options and "threads" in runtime_options and io.kind != "onnx":
+        raise VitDeployError("--threads sets the CPU threads of ONNX Runtime or OpenVINO: an engine runs on the GPU")
     if not python and io.flavour == "tensorrt_rtx":
         raise VitDeployError(
             f"{artifact.name} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) is full TensorRT "
