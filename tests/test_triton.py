@@ -346,6 +346,16 @@ def test_model_control_unloads_and_reloads(triton_server, reference):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_that_cannot_load_stops_the_start_with_its_reason(local_triton, small_onnx, tmp_path):
+    out = triton_mod.write_triton_repo(small_onnx["dynamic"], tmp_path / "repo", name="broken", backend="python",
+                                       execution_env=local_triton.env)
+    out.model_file.write_bytes(b"not an onnx file")  # a torn copy on the serving host
+    started = time.monotonic()
+    with pytest.raises(VitDeployError, match=r"(?s)tritonserver did not become ready.*load failed for model 'broken'"):
+        triton_mod.start_tritonserver(local_triton, tmp_path / "repo", log_dir=tmp_path, timeout=60)
+    assert time.monotonic() - started < 60  # it exits on the error; nothing waits for the timeout
+
+
 # -- one client, two servers -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vitdeploy_serve(small_onnx):
