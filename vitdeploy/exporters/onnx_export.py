@@ -157,6 +157,19 @@ def _example_input(config: Any, n: int, uint8: bool) -> Any:
     return torch.randn(n, config.num_channels, h, w)
 
 
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's first line (torch.onnx wraps torch.export's error in pages of advice),
+    or the line after the exporter's "Exception summary" heading."""
+    inner = error
+    while inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__):
+        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip()]
+    if inner is error and "## Exception summary" in lines:
+        lines = lines[lines.index("## Exception summary") + 1:]
+    text = lines[0] if lines else ""
+    return f"{type(inner).__name__}: {text}" if inner is not error else text or type(error).__name__
+
+
 def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int, uint8: bool = False) -> Any:
     """The dynamo exporter, then onnxscript's optimizer with folding limits raised so the
     constant (cls + position) table and transposed weights fold into initializers.
@@ -177,9 +190,7 @@ def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int
                 opset_version=opset, optimize=True, verbose=False, **kwargs,
             )
     except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[-1] if lines else type(e).__name__
-        raise ExportError(f"torch.onnx could not export this model ({type(e).__name__}): {detail}; "
+        raise ExportError(f"torch.onnx could not export this model ({type(e).__name__}): {_root_cause(e)}; "
                           "rerun with --debug for the exporter's full diagnostics") from e
     # stays an onnx-ir model (no 2 GB protobuf limit) until it is known to be small
     model_ir = onnxscript.optimizer.optimize(program.model, input_size_limit=1 << 34, output_size_limit=1 << 34)
