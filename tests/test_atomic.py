@@ -136,10 +136,11 @@ class Trials:
         return "new" if now == new else "old"
 
     def clean_export(self) -> list[str]:
-        """A full export after the kills: exactly the target and the one data file it references."""
+        """A full export after the kills: exactly the target and the one data file it references (the
+        killed exports' staging folders and unreferenced data files are gone too)."""
         self._export("A")
         assert np.array_equal(logits(self.target), self.refs["A"])
-        return sorted(p.name for p in self.target.parent.iterdir() if not p.name.startswith(".vitdeploy-"))
+        return sorted(p.name for p in self.target.parent.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,35 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_publish_file_set_renames_the_entry_file_last(tmp_path, monkeypatch):
+    """The generic primitive (engine + sidecar + cache use it too): companions first, the entry file
+    last, stale companions removed only after. remove_dead_staging: the staging folders of dead
+    writers on this host go, a live writer's stays."""
+    import socket
+
+    from vitdeploy import io as vio
+
+    target = tmp_path / "model.engine"
+    (tmp_path / "model.old.cache").write_bytes(b"old")
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".vitdeploy-model.engine.{host}.{dead.pid}.abc").mkdir()
+    live = tmp_path / f".vitdeploy-model.engine.{host}.{os.getpid()}.def"
+    live.mkdir()
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(vio.os, "replace", lambda a, b: (renames.append(Path(b).name), real(a, b)))
+    with vio.staging_dir(target) as d:
+        for name in ("model.engine", "model.json", "model.new.cache"):
+            (d / name).write_bytes(name.encode())
+        vio.publish_file_set({tmp_path / n: d / n for n in ("model.engine", "model.json", "model.new.cache")},
+                             last=target, stale=[tmp_path / "model.old.cache"])
+    assert renames == ["model.json", "model.new.cache", "model.engine"]
+    vio.remove_dead_staging(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, "model.engine", "model.json", "model.new.cache"])
+    with pytest.raises(ValueError, match="not one of the files"):
+        vio.publish_file_set({tmp_path / "a": tmp_path / "b"}, last=tmp_path / "c")

@@ -6,6 +6,8 @@ import contextlib
 import glob
 import hashlib
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,11 +74,40 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 @contextlib.contextmanager
 def staging_dir(target: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``target`` (removed with whatever is left in it when the block ends)."""
+    """A temporary folder beside ``target`` (removed with whatever is left in it when the block ends).
+    Its name carries this host and process id (see :func:`remove_dead_staging`)."""
     target = Path(target)
     check_output_dir(target)
-    with tempfile.TemporaryDirectory(prefix=f".vitdeploy-{target.name}.", dir=target.resolve().parent) as d:
+    prefix = f".vitdeploy-{target.name}.{_host()}.{os.getpid()}."
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=target.resolve().parent) as d:
         yield Path(d)
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def remove_dead_staging(target: str | Path) -> None:
+    """Remove the staging folders that killed writers of ``target`` on this host left (their process
+    is gone); a live writer's folder, or another host's, is left alone. Call it after publishing: a
+    reader may still need a dead writer's folder before that (the engine sidecar's recovery does)."""
+    target = Path(target)
+    prefix = f".vitdeploy-{target.name}.{_host()}."
+    for old in target.resolve().parent.glob(glob.escape(prefix) + "*"):
+        pid = old.name[len(prefix):].split(".", 1)[0]
+        if not old.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def content_name(path: str | Path, stem: str, suffix: str = ".data", digits: int = 16) -> str:
@@ -182,4 +213,5 @@ def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list
             stale += onnx_external_files(target)
     files[target] = staged
     publish_file_set(files, last=target, stale=stale, durable=durable)
+    remove_dead_staging(target)
     return [t for t in files if t != target]
