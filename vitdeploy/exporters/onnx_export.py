@@ -49,7 +49,7 @@ class ExportOptions:
     verify_inputs: int = 8
     verify_images: Path | None = None
     seed: int | None = None
-    uint8_input: bool = False  # preprocessing in the graph: uint8 NHWC pixels in, see UInt8Input
+    uint8_input: bool = False  # preprocessing in the graph: uint8 NHWC pixels in, see uint8_input_module
     external_data_bytes: int = EXTERNAL_DATA_BYTES  # weights above this go to a .data file beside the ONNX
 
 
@@ -115,23 +115,19 @@ def ort_max_opset() -> int:
     return best
 
 
-class UInt8Input:
-    """Wraps a model so its graph starts from uint8 NHWC pixels (already resized and cropped):
-    Cast, then one multiply-add that is ``(x / 255 - mean) / std`` per channel, then the Transpose
-    to NCHW. Built lazily as a torch module (see :func:`uint8_input_module`)."""
-
-    @staticmethod
-    def coefficients(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """``scale``, ``shift`` with ``x * scale + shift == (x / 255 - mean) / std`` (float32, per channel)."""
-        m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-        return (1.0 / (255.0 * s)).astype(np.float32), (-m / s).astype(np.float32)
+def uint8_coefficients(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``scale``, ``shift`` with ``x * scale + shift == (x / 255 - mean) / std`` (float32, per channel)."""
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return (1.0 / (255.0 * s)).astype(np.float32), (-m / s).astype(np.float32)
 
 
 def uint8_input_module(model: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-    """``model`` behind :class:`UInt8Input`'s preprocessing, as a ``torch.nn.Module``."""
+    """``model`` behind its preprocessing, as a ``torch.nn.Module`` whose graph starts from uint8 NHWC
+    pixels (already resized and cropped): Cast, one multiply-add per channel that is
+    ``(x / 255 - mean) / std``, then the Transpose to NCHW (``--uint8-input``)."""
     import torch
 
-    scale, shift = UInt8Input.coefficients(mean, std)
+    scale, shift = uint8_coefficients(mean, std)
 
     class _Wrapped(torch.nn.Module):
         def __init__(self) -> None:
