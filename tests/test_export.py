@@ -377,3 +377,100 @@ def test_exporter_failure_reaches_the_user(tiny_checkpoint, tmp_path, monkeypatc
     assert r.exit_code == 1 and "torch.onnx could not export this model" in last and "data-dependent" in last
     assert any("def forward" in line for line in exporter_output)
     assert _no_leftovers(tmp_path)
+
+
+# --- uint8 image input: preprocessing in the graph ---------------------------------------------------
+@pytest.fixture(scope="module")
+def uint8_onnx(digits, tmp_path_factory):
+    """The digits model with --uint8-input, per precision, calibrated like digits_onnx's INT8."""
+    root = tmp_path_factory.mktemp("uint8")
+    calib = {"calib_dir": digits["train"], "calib_samples": 200}
+    return {p: export_onnx(digits["checkpoint"], root / f"u8-{p}.onnx", options=ExportOptions(
+        dynamic_batch=True, precision=p, uint8_input=True, **(calib if p == "int8" else {}))).path
+        for p in ("fp32", "fp16", "int8")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_uint8_input_equals_the_float_path(digits, digits_onnx, uint8_onnx, precision):
+    """Same images: uint8 pixels into the uint8 model == normalized floats into the float model,
+    within the precision's tolerance; then the CLI's eval gives the same accuracy through each."""
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.evaluate import evaluate_folder
+    from vitdeploy.metrics import TOLERANCES, compare_logits
+    from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+    path = uint8_onnx[precision]
+    model = onnx.load(str(path))
+    inp = model.graph.input[0]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [224, 224, 3]
+    chain, name = [], inp.name  # the input's first consumers, in order
+    for _ in range(4):
+        (node,) = [n for n in model.graph.node if name in n.input]
+        chain.append(node.op_type)
+        name = node.output[0]
+    assert chain == ["Cast", "Mul", "Add", "Transpose"]
+    meta = read_onnx_metadata(path)
+    assert meta.extra["input"] == "uint8_nhwc" and meta.precision == precision
+
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    pixels = load_images(find_images(digits["test"])[::9][:40], prep, uint8=True)
+    assert pixels.dtype == np.uint8 and pixels.shape == (40, 224, 224, 3)
+    cmp = compare_logits(_run(digits_onnx[precision], prep.normalize(pixels)), _run(path, pixels))
+    tol = TOLERANCES[precision] if precision != "fp32" else {"max_abs_rel": 1e-5, "min_cosine": 0.999999}
+    assert cmp.within(**tol) and cmp.top1_agreement >= (1.0 if precision != "int8" else 0.97), cmp.summary()
+
+    rt = open_runtime(path)
+    assert rt.spec.dtype == "uint8" and rt.spec.shape == (224, 224, 3)
+    float_acc = evaluate_folder(open_runtime(digits_onnx[precision]), digits["test"])
+    assert abs(evaluate_folder(rt, digits["test"]).accuracy - float_acc.accuracy) <= 0.005
+
+
+def test_uint8_runtime_takes_pixels_and_refuses_floats(digits, uint8_onnx, images):
+    from vitdeploy.engines import InputError, open_runtime
+    from vitdeploy.preprocess import find_images, open_image
+
+    rt = open_runtime(uint8_onnx["fp32"])
+    files = find_images(images)[:3]
+    batch = rt.preprocess([open_image(f) for f in files])
+    assert batch.dtype == np.uint8 and batch.shape == (3, 224, 224, 3)
+    top = rt.predict_images(files, top_k=1)
+    assert len(top) == 3 and all(0 <= p <= 1 for ((_, p),) in top)
+    with pytest.raises(InputError, match="takes uint8 NHWC pixels"):
+        rt.infer(batch.astype(np.float32))
+    with pytest.raises(InputError, match=r"does not match the model's \[N, 224, 224, 3\]"):
+        rt.infer(np.zeros((1, 3, 224, 224), np.uint8))
+    float_rt = open_runtime(digits["checkpoint"])
+    assert float_rt.preprocess([open_image(files[0])]).dtype == np.float32
+
+
+def test_uint8_input_on_openvino(uint8_onnx):
+    pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'vitdeploy[openvino]'")
+    from vitdeploy.engines import open_runtime
+
+    ov = open_runtime(uint8_onnx["fp32"], backend="openvino")
+    assert ov.spec.dtype == "uint8" and ov.spec.shape == (224, 224, 3)
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(ov.infer(x), _run(uint8_onnx["fp32"], x), atol=1e-3)
+
+
+def test_uint8_input_engine_builds_for_sm89(uint8_onnx, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+
+    for precision in ("fp16", "int8"):
+        report = build_engine(uint8_onnx[precision], tmp_path / f"{precision}.engine", BuildOptions(
+            flavour="rtx", compute_capabilities=["sm89"], min_batch=1, opt_batch=2, max_batch=4))
+        assert report.targets == ["sm89"] and (tmp_path / f"{precision}.engine").stat().st_size > 10_000
+        assert report.profile["max"] == [4, 224, 224, 3]
+
+
+def test_cli_uint8_input(tiny_checkpoint, tmp_path):
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "u8.onnx"),
+                                  "--uint8-input", "--batch", "2"])
+    assert r.exit_code == 0, r.output
+    assert "verified with ONNX Runtime" in r.output
+    assert read_onnx_metadata(tmp_path / "u8.onnx").extra["input"] == "uint8_nhwc"
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "x.onnx"),
+                                  "--uint8-input", "--precision", "fp16", "--fp16-io"])
+    assert r.exit_code == 1 and "not both" in r.output
