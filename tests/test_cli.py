@@ -35,3 +35,61 @@ def test_user_errors_are_one_line():
     assert r.exit_code == 1
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: unknown model 'vit-nope-patch16-224'")
+
+
+def _readme_block(name: str) -> str:
+    """The fenced bash block after `<!-- ci:NAME -->` in README.md, as .ci/run extracts and runs it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- ci:" + re.escape(name) + r" -->\s*```bash\n(.*?)```", text, re.S)
+    assert m, f"README.md lost its `<!-- ci:{name} -->` block, which .ci/run runs"
+    return m.group(1).replace("\\\n", " ")
+
+
+def _extras_installed(block: str) -> list[str]:
+    import re
+
+    m = re.search(r"pip install -e '\.\[([^\]]+)\]'", block)
+    assert m, f"no `pip install -e '.[...]'` in {block!r}"
+    return m.group(1).split(",")
+
+
+def test_readme_commands_install_what_they_run():
+    """The README's two commands (what .ci/run runs): every extra exists, the test command installs
+    pytest and ruff before running them, and every vitdeploy option the main command uses exists."""
+    import shlex
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.10 has no tomllib; the 3.11+ runs check this")
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def installed(block: str) -> set[str]:
+        names = set()
+        for extra in _extras_installed(block):
+            assert extra in extras, f"README installs extra {extra!r}, which pyproject does not define"
+            names |= {r.split(">")[0].split("[")[0].split("=")[0].strip().lower() for r in extras[extra]}
+        return names
+
+    test = _readme_block("test")
+    assert test.index("pip install") < test.index("python -m pytest")
+    assert {"pytest", "ruff"} <= installed(test)
+
+    run = _readme_block("install-and-run")
+    assert "scikit-learn" in installed(run) and "tensorrt-rtx-cu13" in installed(run)  # datasets, build
+    precisions = []
+    for part in run.split("&&"):
+        argv = shlex.split(part)
+        if not argv or argv[0] != "vitdeploy":
+            continue
+        command = main.commands[argv[1]]
+        known = {opt for param in command.params for opt in param.opts}
+        unknown = [a for a in argv[2:] if a.startswith("--") and a not in known]
+        assert not unknown, f"`vitdeploy {argv[1]}` has no {unknown}"
+        if "--precision" in argv:
+            precisions.append(argv[argv.index("--precision") + 1])
+    assert {"fp16", "int8"} <= set(precisions)  # the mission's engines, not only FP32
