@@ -54,6 +54,24 @@ def test_hf_torchvision_backend_within_one_level(images):
     assert np.abs(ours - ref).max() <= one_level + 1e-5
 
 
+def test_torch_uint8_resize_within_one_level(images):
+    """The kernel under HF's torchvision backend (torchvision resizes a uint8 CPU tensor with torch's
+    antialiased bilinear interpolate), run here without torchvision: the same one-level bound, and
+    it is reached, so the tolerance above is needed and tight."""
+    import torch
+
+    prep = Preprocessing()
+    diffs = []
+    for f in find_images(images):
+        rgb = np.array(open_image(f))  # a writable copy for torch.from_numpy
+        t = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+        resized = torch.nn.functional.interpolate(t, size=(224, 224), mode="bilinear", antialias=True)
+        theirs = prep.normalize(resized.permute(0, 2, 3, 1).numpy())
+        diffs.append(np.abs(load_images([f], prep) - theirs).max())
+    one_level = 1 / 255 / 0.5
+    assert max(diffs) <= one_level + 1e-5 and max(diffs) > one_level / 2
+
+
 def test_pixels_then_normalize_is_the_float_path(images):
     """What a --uint8-input model receives (resized uint8 pixels) and what it computes in its graph
     (x / 255, then (x - mean) / std, NHWC -> NCHW) give the float path's numbers exactly."""
