@@ -94,13 +94,25 @@ def _model_options(f: Any) -> Any:
 
 def _quiet_exporter_logs() -> None:
     """The library leaves logging and warnings alone; this process (the CLI) hides torch.onnx's notices
-    ("torchvision is not installed") and the FP16 converter's per-weight clamping warnings unless --debug."""
+    ("torchvision is not installed"), the FP16 converter's per-weight clamping warnings and ONNX Runtime's
+    quantizer advice ("consider pre-processing", for other graphs) unless --debug."""
+    import contextlib
     import logging
     import warnings
 
     if not os.environ.get("VITDEPLOY_DEBUG"):
+        # torch sets its loggers' levels when imported: set ours after that (without torch, the export
+        # itself says what to install)
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="onnxconverter_common")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        logging.getLogger().addFilter(_not_quantizer_advice)
+
+
+def _not_quantizer_advice(record: Any) -> bool:
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 def _config_arg(preset: str | None, config: str | None) -> str | None:
