@@ -207,7 +207,7 @@ def _torch_cuda(runtime: Runtime) -> Any:
 
 
 def where(runtime: Runtime) -> str:
-    return getattr(runtime, "where", None) or ("cuda" if runtime.backend.startswith("tensorrt") else "?")
+    return getattr(runtime, "where", None) or "?"
 
 
 def batching(runtime: Runtime, batch: int) -> str:

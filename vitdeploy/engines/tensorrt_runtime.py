@@ -92,6 +92,7 @@ def check_compatible(side: EngineSidecar, trt_module: str, trt_version: str, gpu
 
 class TensorRTRuntime(Runtime):
     backend = "tensorrt"
+    where = "cuda"
 
     def __init__(self, path: str | Path, cuda_graph: bool = False, memory: str = "auto",
                  runtime_cache: bool = True) -> None:

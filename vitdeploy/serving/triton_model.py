@@ -48,10 +48,10 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["VITDEPLOY_ARTIFACT"]
         options = json.loads(params.get("VITDEPLOY_OPTIONS") or "{}")
-        self.runtime = open_runtime(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
+        self.rt = open_runtime(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
-        self.float_input = self.runtime.spec.dtype.startswith("float")
+        self.float_input = self.rt.spec.dtype.startswith("float")
 
     def _check(self, x: np.ndarray) -> str | None:
         """A reason to refuse one request's input, or None. Triton already checked shape and dtype."""
@@ -71,7 +71,7 @@ class TritonPythonModel:
         rows: list[np.ndarray | None] = [None] * len(requests)
         if good:
             try:
-                logits = self.runtime.infer(np.concatenate(good) if len(good) > 1 else good[0])
+                logits = self.rt.infer(np.concatenate(good) if len(good) > 1 else good[0])
                 start = 0
                 for i, x in enumerate(inputs):
                     if x is not None:
@@ -83,7 +83,7 @@ class TritonPythonModel:
                     if x is None:
                         continue
                     try:
-                        rows[i] = self.runtime.infer(x)
+                        rows[i] = self.rt.infer(x)
                     except Exception as e:
                         code = pb_utils.TritonError.INVALID_ARG if type(e).__name__ == "InputError" else (
                             pb_utils.TritonError.INTERNAL)
@@ -100,4 +100,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.runtime.close()
+        self.rt.close()
