@@ -248,3 +248,18 @@ def test_bench_rows_flag_padding_threads_and_place(digits, copies, tmp_path):
     assert {row["where"] for row in data["results"]} == {"cpu"}
     assert len({row["threads"] for row in data["results"]}) == 1 and data["settings"]["cpu_threads"]
     assert "note: 2 row(s) ran a static-batch artifact at another batch size" in r.stdout
+
+
+def test_top1_guard_counts_only_inputs_where_the_reference_is_decisive():
+    from vitdeploy.tune import decisive_inputs
+
+    ref = np.array([[5.0, 1.0, 0.0], [2.0, 1.99, 0.0], [0.0, 3.0, 0.5]])
+    assert decisive_inputs(ref, scale=5.0).tolist() == [True, False, True]
+    # a flip on the near-tie row is left to the error bounds; a flip on a decisive row is a disagreement
+    near_tie_flip = ref.copy()
+    near_tie_flip[1] = [1.99, 2.0, 0.0]
+    mask = decisive_inputs(ref, 5.0)
+    assert np.mean(ref[mask].argmax(-1) == near_tie_flip[mask].argmax(-1)) == 1.0
+    decisive_flip = ref.copy()
+    decisive_flip[0] = [1.0, 5.0, 0.0]
+    assert np.mean(ref[mask].argmax(-1) == decisive_flip[mask].argmax(-1)) == 0.5
