@@ -234,6 +234,8 @@ def test_http_endpoints(runtime):
         out = np.frombuffer(r.content, np.float32).reshape(3, 7)
         assert np.abs(out - runtime.infer(x)).max() < 1e-4
         assert c.post("/v1/logits", json={"inputs": [[1, 2]]}).status_code == 400
+        negative = c.post("/v1/logits", content=b"\0" * 48, headers={**binary, "x-shape": "-1,-12"})
+        assert negative.status_code == 400 and "positive sizes" in negative.json()["error"]
         metrics = c.get("/metrics").text
         assert 'vitdeploy_requests_total{code="200",endpoint="classify"} 2.0' in metrics
         assert "vitdeploy_batch_size_bucket" in metrics and "vitdeploy_queue_depth" in metrics

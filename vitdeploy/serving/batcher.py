@@ -246,7 +246,7 @@ class DynamicBatcher:
         if self.on_batch is not None:  # before the answers, so metrics read after an answer include its batch
             try:  # a broken metrics hook costs a log line, never an answer or the worker
                 self.on_batch(x.shape[0], seconds)
-            except Exception:
+            except BaseException:
                 self.stats.callback_errors += 1
                 log.exception("on_batch callback failed")
         for r, rows in zip(batch, results, strict=True):

@@ -475,6 +475,8 @@ def _decode_tensor(body: bytes, headers: Any, shape: tuple[int, ...]) -> np.ndar
             dims = tuple(int(v) for v in raw.split(","))
         except ValueError:
             raise _bad(f"X-Shape {raw!r} is not comma-separated integers") from None
+        if not dims or min(dims) < 1:
+            raise _bad(f"X-Shape {raw!r} needs positive sizes, such as 4,3,224,224")
         if int(np.prod(dims)) * 4 != len(body):
             raise _bad(f"body has {len(body)} bytes; X-Shape {dims} float32 needs {int(np.prod(dims)) * 4}")
         x = np.frombuffer(body, dtype="<f4").reshape(dims)

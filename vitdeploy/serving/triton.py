@@ -129,7 +129,9 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
         raise VitDeployError("--execution-env and --threads are for a Python-backend model: add --backend python")
     if runtime_options and "threads" in runtime_options and io.kind != "onnx":
         raise VitDeployError("--threads sets the CPU threads of ONNX Runtime or OpenVINO: an engine runs on the GPU")
-    if not python and io.flavour == "tensorrt_rtx":
+    from vitdeploy.engines.sidecar import TENSORRT_RTX
+
+    if not python and io.flavour == TENSORRT_RTX:
         raise VitDeployError(
             f"{artifact.name} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) is full TensorRT "
             "and cannot load it. Write it with --backend python (Triton runs it through vitdeploy's TensorRT-RTX "
