@@ -27,6 +27,8 @@ from vitdeploy.engines.base import Runtime
 from vitdeploy.serving import batcher as batcher_module
 from vitdeploy.serving.batcher import DynamicBatcher, RequestTimeout, WorkerDied
 
+from .http_server import Server, free_port
+
 SHAPE = (3, 64, 64)
 FAIL, SHORT = 1234.0, 4321.0  # markers in pixel [0, 0, 0]: the runtime raises / returns one row too few
 
@@ -167,36 +169,6 @@ def test_batcher_worker_death_fails_pending_and_refuses_new(runtime):
 
 
 # -- the HTTP server in this process ---------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, runtime, **kw):
-        import uvicorn
-
-        from vitdeploy.serving.server import create_app
-
-        self.port = _free_port()
-        self.app = create_app(runtime, **{"model_name": "m", **kw})
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        assert not self.thread.is_alive()
 
 
 def _v2_body(rows):
@@ -382,7 +354,7 @@ def test_cpu_work_runs_off_the_event_loop(runtime, monkeypatch):
 # -- a real `vitdeploy serve` process ----------------------------------------------------------------------
 class ServeProcess:
     def __init__(self, model, *args):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "vitdeploy"
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - a file, not a pipe: the log must never block

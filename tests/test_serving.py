@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,8 @@ import pytest
 from vitdeploy.engines import open_runtime
 from vitdeploy.engines.base import Runtime
 from vitdeploy.serving import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout
+
+from .http_server import Server
 
 SHAPE = (3, 64, 64)
 
@@ -164,39 +165,6 @@ def test_bad_request_shapes(runtime):
 
 
 # -- HTTP over loopback -------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, runtime, **kw):
-        import uvicorn
-
-        from vitdeploy.serving.server import create_app
-
-        self.port = _free_port()
-        self.app = create_app(runtime, **kw)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    timeout_graceful_shutdown=10))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(15)
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def _png(size=(40, 30)):
