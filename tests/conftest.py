@@ -145,3 +145,12 @@ def digits_onnx(digits, tmp_path_factory) -> dict[str, Path]:
     }.items():
         out[name] = export_onnx(digits["checkpoint"], root / f"digits-{name}.onnx", options=opts).path
     return out
+
+
+@pytest.fixture(scope="session")
+def serving_onnx(hf_folders, tmp_path_factory) -> Path:
+    """A real dynamic-batch ONNX of a small ViT (64x64 input, 7 labels) for many fast inferences."""
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("serving") / "small.onnx"
+    return export_onnx(hf_folders["p16-w48"], out, options=ExportOptions(dynamic_batch=True)).path

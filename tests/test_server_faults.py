@@ -34,11 +34,8 @@ FAIL, SHORT = 1234.0, 4321.0  # markers in pixel [0, 0, 0]: the runtime raises /
 
 
 @pytest.fixture(scope="module")
-def small_onnx(hf_folders, tmp_path_factory):
-    from vitdeploy.exporters import ExportOptions, export_onnx
-
-    out = tmp_path_factory.mktemp("faults") / "small.onnx"
-    return export_onnx(hf_folders["p16-w48"], out, options=ExportOptions(dynamic_batch=True)).path
+def small_onnx(serving_onnx):
+    return serving_onnx
 
 
 @pytest.fixture(scope="module")

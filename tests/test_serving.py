@@ -21,12 +21,8 @@ SHAPE = (3, 64, 64)
 
 
 @pytest.fixture(scope="module")
-def small_onnx(hf_folders, tmp_path_factory):
-    """A real dynamic-batch ONNX of a small ViT (64x64 input) for many fast inferences."""
-    from vitdeploy.exporters import ExportOptions, export_onnx
-
-    out = tmp_path_factory.mktemp("serve") / "small.onnx"
-    return export_onnx(hf_folders["p16-w48"], out, options=ExportOptions(dynamic_batch=True)).path
+def small_onnx(serving_onnx):
+    return serving_onnx
 
 
 @pytest.fixture(scope="module")
