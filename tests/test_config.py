@@ -75,4 +75,6 @@ def test_flops_match_torch_flop_counter(kwargs):
     with counter, torch.no_grad():
         model(torch.zeros(2, 3, *cfg.image_hw))
     assert counter.get_total_flops() == cfg.flops(batch=2)
-    assert preset("vit-base-patch16-224").flops() == 35_127_656_448  # 17.6 GMAC, as usually quoted
+    vit_b = preset("vit-base-patch16-224")
+    assert vit_b.flops(full_last_layer=True) == 35_127_656_448  # 17.6 GMAC, as usually quoted
+    assert vit_b.flops() == 32_696_930_304  # the last block computes [CLS] alone past K and V

@@ -129,13 +129,17 @@ class ViTConfig:
         names = self.id2label or {}
         return [names.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
 
-    def flops(self, batch: int = 1) -> int:
-        """Floating-point operations of one forward pass (2 per multiply-add of every matrix product:
-        patch projection, Q/K/V, Q·Kᵀ, P·V, attention output, MLP, classifier on [CLS])."""
-        (ph, pw), h, s = self.patch_hw, self.hidden_size, self.num_patches + 1
+    def flops(self, batch: int = 1, *, full_last_layer: bool = False) -> int:
+        """Floating-point operations of one forward pass of our classifier (2 per multiply-add of every
+        matrix product: patch projection, Q/K/V, Q·Kᵀ, P·V, attention output, MLP, classifier on
+        [CLS]). Its last block computes only the [CLS] row past the keys and values;
+        ``full_last_layer=True`` counts every row there, as HF transformers' forward pass does."""
+        (ph, pw), h, s, i = self.patch_hw, self.hidden_size, self.num_patches + 1, self.intermediate_size
         patch = self.num_patches * self.num_channels * ph * pw * h
-        layer = 4 * s * h * h + 2 * s * s * h + 2 * s * h * self.intermediate_size
-        return 2 * batch * (patch + self.num_hidden_layers * layer + h * self.num_labels)
+        layer = 4 * s * h * h + 2 * s * s * h + 2 * s * h * i
+        # [CLS] only: K and V of every row; Q, Q·Kᵀ, P·V, attention output and MLP of one row
+        last = layer if full_last_layer else 2 * s * h * h + 2 * h * h + 2 * s * h + 2 * h * i
+        return 2 * batch * (patch + (self.num_hidden_layers - 1) * layer + last + h * self.num_labels)
 
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)

@@ -86,21 +86,23 @@ class ViTSelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.use_sdpa = False  # torch runtime only; export keeps the explicit pattern
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         # -1 for the batch keeps the exported Reshape free of the batch size
-        return x.reshape(-1, self.seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.reshape(-1, rows, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        q = self._heads(self.query(hidden_states))
-        k = self._heads(self.key(hidden_states))
-        v = self._heads(self.value(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """``cls_only``: attend from the [CLS] row alone (keys and values still from every row)."""
+        rows = 1 if cls_only else self.seq_len
+        q = self._heads(self.query(hidden_states[:, :1] if cls_only else hidden_states), rows)
+        k = self._heads(self.key(hidden_states), self.seq_len)
+        v = self._heads(self.value(hidden_states), self.seq_len)
         if self.use_sdpa:
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
         else:
             scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
             probs = self.dropout(torch.softmax(scores, dim=-1))
             context = torch.matmul(probs, v)
-        return context.transpose(1, 2).reshape(-1, self.seq_len, self.num_heads * self.head_dim)
+        return context.transpose(1, 2).reshape(-1, rows, self.num_heads * self.head_dim)
 
 
 class ViTSelfOutput(nn.Module):
@@ -119,8 +121,8 @@ class ViTAttention(nn.Module):
         self.attention = ViTSelfAttention(config)
         self.output = ViTSelfOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output(self.attention(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        return self.output(self.attention(hidden_states, cls_only))
 
 
 class ViTIntermediate(nn.Module):
@@ -144,7 +146,10 @@ class ViTOutput(nn.Module):
 
 
 class ViTLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    ``cls_only`` returns the [CLS] row alone, computing no other row past the keys and values: the
+    same numbers as the full block's row 0, for a last block whose other rows nobody reads."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -154,8 +159,9 @@ class ViTLayer(nn.Module):
         self.intermediate = ViTIntermediate(config)
         self.output = ViTOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.layernorm_before(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        attended = self.attention(self.layernorm_before(hidden_states), cls_only)
+        hidden_states = (hidden_states[:, :1] if cls_only else hidden_states) + attended
         return hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
 
 
@@ -164,9 +170,10 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            hidden_states = layer(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            hidden_states = layer(hidden_states, cls_only and i == last)
         return hidden_states
 
 
@@ -177,8 +184,10 @@ class ViTModel(nn.Module):
         self.encoder = ViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.layernorm(self.encoder(self.embeddings(pixel_values)))
+    def forward(self, pixel_values: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """The final hidden states [B, seq, hidden] (HF's ``last_hidden_state``); ``cls_only``: the
+        [CLS] row alone, [B, 1, hidden], its last block skipping the rows no one reads."""
+        return self.layernorm(self.encoder(self.embeddings(pixel_values), cls_only))
 
 
 class ViTForImageClassification(nn.Module):
@@ -213,5 +222,7 @@ class ViTForImageClassification(nn.Module):
                 module.use_sdpa = enabled
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        sequence = self.vit(pixel_values)
+        # Only [CLS] reaches the classifier, so the last block computes only its row past the keys
+        # and values (the same numbers as HF's full pass; ViT-B: 6.9% fewer FLOPs).
+        sequence = self.vit(pixel_values, cls_only=True)
         return self.classifier(sequence[:, 0, :])
