@@ -5,11 +5,18 @@
 
 Not part of CI; every tool is optional. ONNX Runtime's ``quantize_static`` and vitdeploy run here;
 NVIDIA ModelOpt and NNCF run in their own virtual environments, given with ``--modelopt-python`` /
-``--nncf-python`` (or here, when this Python has them): ModelOpt's ``[onnx]`` extra pulls torch with
-CUDA and onnxruntime-gpu (about 7 GB), which the vitdeploy venv must not get. Set them up with
+``--nncf-python`` (or here, when this Python has them): ModelOpt's ``[onnx]`` extra pulls torch,
+onnxruntime-gpu and cupy, which the vitdeploy venv must not get (about 7 GB with CUDA torch; 2.0 GB
+with a CPU-only torch installed first). What was run here (Python 3.11; ``.cache/`` is git-ignored;
+``torch==2.13.0`` resolved to a CPU-only ``+cpu`` wheel on that machine):
 
-    python -m venv /opt/modelopt && /opt/modelopt/bin/pip install "nvidia-modelopt[onnx]" numpy onnx
-    python -m venv /opt/nncf && /opt/nncf/bin/pip install nncf onnx onnxruntime numpy
+    python3 -m venv .cache/peers/modelopt && .cache/peers/modelopt/bin/pip install torch==2.13.0
+    .cache/peers/modelopt/bin/pip install "nvidia-modelopt[onnx]" numpy onnx  # ModelOpt 0.47.0
+    python3 -m venv .cache/peers/nncf && .cache/peers/nncf/bin/pip install nncf onnx onnxruntime numpy  # NNCF 3.4.0
+    python benchmarks/int8_peers.py --calib 300 --digits-checkpoint .cache/digits_vit.safetensors \
+        --modelopt-python .cache/peers/modelopt/bin/python --nncf-python .cache/peers/nncf/bin/python
+
+ModelOpt calibrates with ONNX Runtime's CPU provider (``calibration_eps=["cpu"]``), so no GPU is needed.
 
 Each tool gets the same FP32 ONNX (vitdeploy's export of the trained digits ViT, dynamic batch) and
 the same calibration images (``--calib``, default 300, preprocessed as the model expects, saved to
@@ -39,7 +46,7 @@ def quantize_modelopt(src: str, dst: str, calib: str, method: str, exclude_add: 
     from modelopt.onnx.quantization import quantize
 
     quantize(onnx_path=src, quantize_mode="int8", calibration_data={INPUT: np.load(calib)},
-             calibration_method=method, output_path=dst, disable_mha_qdq=disable_mha,
+             calibration_method=method, calibration_eps=["cpu"], output_path=dst, disable_mha_qdq=disable_mha,
              op_types_to_exclude=["Add"] if exclude_add else None)
 
 
