@@ -74,6 +74,33 @@ class HFRuntime(Runtime):
         self.model = None
 
 
+def interleaved(names: list[str], factories: dict[str, Callable[[], Runtime]], batch: int, rounds: int,
+                iters: int) -> dict[str, float]:
+    """Open every runtime in ``names``, then time them in alternating rounds: ms per image (median)."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    runtimes = {}
+    try:
+        for name in names:
+            runtimes[name] = factories[name]()
+            for _ in range(2):
+                runtimes[name].infer(x)
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name, rt in runtimes.items():
+                # torch's OpenMP and ONNX Runtime's pools spin for a while after a run: let them go idle
+                # so that they slow no one else, then one untimed run to warm this runtime's caches
+                time.sleep(0.3)
+                rt.infer(x)
+                for _ in range(iters):
+                    t = time.perf_counter()
+                    rt.infer(x)
+                    runs[name].append((time.perf_counter() - t) * 1e3 / batch)
+    finally:
+        for rt in runtimes.values():
+            rt.close()
+    return {name: float(np.median(v)) for name, v in runs.items()}
+
+
 def machine_line() -> str:
     from vitdeploy import sysinfo
 
@@ -172,6 +199,22 @@ def main() -> None:
             del rt
     results.sort(key=lambda r: r.batch)
     add_speedups(results)  # first row of each batch: HF transformers default
+    factories = dict(rows)
+    seq_ms = {b: {r.name: r.latency_ms.mean / b for r in results if r.batch == b} for b in batches}
+
+    # The rows above ran one after another, so a machine that drifts (turbo, neighbours) tilts their
+    # ratios. The ratios the targets judge are timed again side by side: HF default, the fastest path,
+    # and each file's fastest path and auto row, opened together and run in alternating rounds.
+    side_by_side: dict[int, dict[str, float]] = {}
+    for b in batches:
+        names = ["HF transformers default (sdpa)", min(seq_ms[b], key=seq_ms[b].__getitem__)]
+        for prec in ("fp32", "int8"):
+            same = {k: v for k, v in seq_ms[b].items() if k.startswith(f"onnx {prec}") and "auto" not in k}
+            names += [min(same, key=same.__getitem__), f"onnx {prec} auto (tuned)"]
+        names = list(dict.fromkeys(names))
+        side_by_side[b] = interleaved(names, factories, b, rounds=4, iters=max(2, args.iters // 4 // b))
+        print(f"  side by side b{b}: " + ", ".join(f"{k} {v:.1f}" for k, v in side_by_side[b].items()),
+              file=sys.stderr)
 
     summary: dict[str, Any] = {"machine": sysinfo.machine(), "threads": threads, "model": args.model,
                                "gflop_per_image": cfg.flops() / 1e9}
@@ -182,22 +225,28 @@ def main() -> None:
     summary["vs_hf_default"] = {b: {k: ms[b]["HF transformers default (sdpa)"] / v for k, v in ms[b].items()}
                                 for b in batches}
     summary["vs_hf_eager"] = {b: {k: ms[b]["HF transformers eager"] / v for k, v in ms[b].items()} for b in batches}
-    # auto vs the fastest path measured here for the same file
+    summary["side_by_side_ms_per_image"] = side_by_side
+    # auto vs the fastest other path for the same file, side by side
     targets: dict[str, Any] = {}
     for prec in ("fp32", "int8"):
         for b in batches:
-            same_file = {k: v for k, v in ms[b].items() if k.startswith(f"onnx {prec}")}
-            fastest = min(same_file, key=same_file.__getitem__)
-            ratio = ms[b][f"onnx {prec} auto (tuned)"] / same_file[fastest]
+            sbs = side_by_side[b]
+            auto = f"onnx {prec} auto (tuned)"
+            others = {k: v for k, v in sbs.items() if k.startswith(f"onnx {prec}") and k != auto}
+            fastest = min(others, key=others.__getitem__)
+            ratio = sbs[auto] / others[fastest]
             plan = tuned[prec].plan
             tuned_pick = plan.latency if b < plan.throughput_batch else plan.throughput
-            targets[f"auto {prec} b{b} vs fastest measured"] = {
-                "auto_ms": ms[b][f"onnx {prec} auto (tuned)"], "fastest": fastest, "fastest_ms": same_file[fastest],
+            targets[f"auto {prec} b{b} vs fastest measured (side by side)"] = {
+                "auto_ms": sbs[auto], "fastest": fastest, "fastest_ms": others[fastest],
                 "ratio": ratio, "tune_chose": tuned_pick.label, "pass (<= 1.05)": ratio <= 1.05}
-    best1 = min(ms[batches[0]], key=ms[batches[0]].__getitem__)
-    targets[f"fastest b{batches[0]} vs HF default"] = {
-        "path": best1, "ratio": summary["vs_hf_default"][batches[0]][best1],
-        "pass (>= 6x, ViT-B/16 on AVX-512 VNNI)": summary["vs_hf_default"][batches[0]][best1] >= 6}
+    b0 = batches[0]
+    sbs0 = side_by_side[b0]
+    best1 = min((k for k in sbs0 if not k.startswith("HF")), key=sbs0.__getitem__)
+    hf0 = sbs0["HF transformers default (sdpa)"]
+    targets[f"fastest b{b0} vs HF default (side by side)"] = {
+        "path": best1, "hf_ms": hf0, "path_ms": sbs0[best1], "ratio": hf0 / sbs0[best1],
+        "pass (>= 6x, ViT-B/16 on AVX-512 VNNI)": hf0 / sbs0[best1] >= 6}
 
     # INT8 achieved GOP/s against the u8 x s8 ceiling of the same machine
     sys.path.insert(0, str(Path(__file__).parent))
@@ -213,6 +262,11 @@ def main() -> None:
         gops[b] = {"fastest_int8_path": fastest, "achieved_gop_s": achieved, "u8s8_ceiling_gop_s": u8,
                    "share": achieved / u8, "pass (>= 60%)": achieved / u8 >= 0.6, "all_formats_gop_s": ceiling}
     summary["int8_vs_roofline"] = gops
+    from cpu_roofline import floor_line, int8_floor
+
+    floor = int8_floor(cfg, b0, threads)
+    targets[f"fastest b{b0} vs HF default (side by side)"].update(
+        int8_floor_ms=floor["floor_ms_per_image"], at_most=hf0 / floor["floor_ms_per_image"], floor=floor)
 
     # top-1 agreement with FP32 of every INT8 path, on the trained digits model
     from vitdeploy.datasets import train_digits_vit
@@ -265,6 +319,10 @@ def main() -> None:
     print(f"\ndigits (FP32 accuracy {e32.accuracy:.1%}): INT8 top-1 agreement with FP32:")
     for label, a in agreement.items():
         print(f"  {label:34s} {a['agreement_with_fp32']:.1%} (accuracy {a['accuracy']:.1%}) {a['runtime']}")
+    print("\nside by side (alternating rounds), ms per image:")
+    for b, sbs in side_by_side.items():
+        print(f"  b{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in sbs.items()))
+    print(floor_line(hf0, floor))
     print("\ntargets:")
     for k, v in targets.items():
         print(f"  {k}: {json.dumps(v)}")

@@ -10,9 +10,14 @@ made of (the MLP's 197*batch x 768 x 3072) in each number format the CPU backend
 - FP32 through ONNX Runtime (MLAS) and torch (oneDNN);
 - INT8 through ONNX Runtime: uint8 x int8 (the kernels MLAS has for AVX2, AVX-512 VNNI, AMX)
   and int8 x int8 (what an int8 Q/DQ file asks for; x86 kernels only with AVX-VNNI-INT8);
+- INT8 through OpenVINO: a Q/DQ MatMul as our INT8 file writes it (oneDNN's kernel, input
+  quantization included), when openvino is installed;
 - bf16 through torch (native with AVX-512 BF16 or AMX, emulated otherwise).
 
-From these it prints the fastest any backend could run ViT-B per format (FLOPs / throughput),
+From these it prints the fastest any backend could run ViT-B per format (FLOPs / throughput), and
+a floor for INT8 at batch 1: every quantized linear layer of the model at the best integer rate
+measured for its own shape, everything else (attention's float products, softmax, LayerNorm, GELU)
+free. No INT8 path on this machine's kernels can be faster than that floor;
 then measures, on the CPU with the same threads: HF transformers FP32 with its default attention
 (SDPA) and eager, our ONNX FP32 through ONNX Runtime, and our INT8 Q/DQ ONNX on the path
 ``vitdeploy tune`` chooses here; and reports issue 12's targets against the silicon: the fastest
@@ -61,8 +66,9 @@ def _ort_session(nodes: list[Any], inputs: list[Any], output: Any, inits: list[A
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def gemm_throughput(m: int, k: int, n: int, threads: int) -> dict[str, float]:
-    """GFLOP/s (GOP/s for integers; 2 per multiply-add) of an (m, k) x (k, n) product per format."""
+def gemm_throughput(m: int, k: int, n: int, threads: int, integer_only: bool = False) -> dict[str, float]:
+    """GFLOP/s (GOP/s for integers; 2 per multiply-add) of an (m, k) x (k, n) product per format
+    (``integer_only``: ONNX Runtime u8 x s8 and OpenVINO's Q/DQ product only)."""
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
@@ -72,15 +78,16 @@ def gemm_throughput(m: int, k: int, n: int, threads: int) -> dict[str, float]:
     ops = 2 * m * k * n
     out: dict[str, float] = {}
 
-    s = _ort_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
+    if not integer_only:
+        s = _ort_session([helper.make_node("MatMul", ["x", "w"], ["y"])],
                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                     helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n]), [numpy_helper.from_array(w, "w")],
-                     threads)
-    out["onnxruntime fp32"] = ops / _time(lambda: s.run(None, {"x": x})) / 1e9
+                         helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n]),
+                         [numpy_helper.from_array(w, "w")], threads)
+        out["onnxruntime fp32"] = ops / _time(lambda: s.run(None, {"x": x})) / 1e9
 
     wq = np.clip(np.round(w / 0.03), -127, 127).astype(np.int8)
     for name, dtype, proto in (("uint8 x int8", np.uint8, TensorProto.UINT8),
-                               ("int8 x int8", np.int8, TensorProto.INT8)):
+                               ("int8 x int8", np.int8, TensorProto.INT8))[:1 if integer_only else 2]:
         info = np.iinfo(dtype)
         xq = rng.integers(info.min, info.max, (m, k)).astype(dtype)
         inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.array(0.03, np.float32), "ws"),
@@ -93,12 +100,81 @@ def gemm_throughput(m: int, k: int, n: int, threads: int) -> dict[str, float]:
                           helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n]), inits, threads)
         out[f"onnxruntime {name}"] = ops / _time(lambda s8=s8, xq=xq: s8.run(None, {"x": xq})) / 1e9
 
+    ov_rate = openvino_qdq_throughput(m, k, n, threads)
+    if ov_rate is not None:
+        out["openvino int8 Q/DQ"] = ov_rate
+
+    if integer_only:
+        return out
     torch.set_num_threads(threads)
     for name, dtype in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
         a, b = torch.from_numpy(x).to(dtype), torch.from_numpy(w).to(dtype)
         with torch.inference_mode():
             out[name] = ops / _time(lambda a=a, b=b: a @ b) / 1e9
     return out
+
+
+def openvino_qdq_throughput(m: int, k: int, n: int, threads: int) -> float | None:
+    """GOP/s of OpenVINO running an (m, k) x (k, n) MatMul written as our INT8 file writes it: int8
+    activation Q/DQ (zero point 0, input quantization included) and per-channel int8 weights. None
+    without openvino."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino as ov
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.full(n, 0.03, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, np.int8), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return 2 * m * k * n / _time(lambda: request.infer({0: x})) / 1e9
+
+
+def int8_floor(cfg: Any, batch: int, threads: int) -> dict[str, Any]:
+    """The fastest any INT8 path could run the model here: each quantized linear layer (patch
+    projection, Q/K/V, attention output, MLP) at the best integer rate measured for its shape
+    (ONNX Runtime u8 x s8, OpenVINO Q/DQ), nothing else costing anything. ms per image."""
+    h, i, s = cfg.hidden_size, cfg.intermediate_size, cfg.num_patches + 1
+    ph, pw = cfg.patch_hw
+    m = s * batch
+    full, last = cfg.num_hidden_layers - 1, 1
+    # (k, n): multiply-adds per row, rows per image; the last block's [CLS]-only products are counted
+    # at the full-height rate (small products only run slower, so the floor stays a floor)
+    layers = {(h, h): 4 * full * s + last * (2 * s + 2), (h, i): full * s + last, (i, h): full * s + last}
+    patch = (cfg.num_channels * ph * pw, h)
+    layers[patch] = layers.get(patch, 0) + cfg.num_patches
+    rates, ms = {}, 0.0
+    for (k, n), rows in layers.items():
+        r = gemm_throughput(m, k, n, threads, integer_only=True)
+        best = max(r, key=r.__getitem__)
+        rates[f"{k}x{n}"] = {"best": best, "gop_per_s": r[best], "all": r}
+        ms += 2 * rows * k * n / (r[best] * 1e9) * 1e3
+    return {"floor_ms_per_image": ms, "rates": rates}
+
+
+def floor_line(hf_ms: float, floor: dict[str, Any]) -> str:
+    """The 6x-HF-default target against :func:`int8_floor`, in one line."""
+    shapes = ", ".join(f"{k}: {v['gop_per_s']:.0f} GOP/s ({v['best']})" for k, v in floor["rates"].items())
+    ms = floor["floor_ms_per_image"]
+    return (f"  6x HF default needs <= {hf_ms / 6:.1f} ms/img; INT8's linear layers alone, each at the best "
+            f"integer rate measured for its shape ({shapes}), take {ms:.1f} ms/img: at most {hf_ms / ms:.2f}x "
+            f"on this machine's kernels")
 
 
 def main() -> None:
@@ -155,6 +231,9 @@ def main() -> None:
             if batch == 1:
                 print(f"  target: fastest path >= 6x HF default at batch 1 on ViT-B/16 (AVX-512 VNNI): {fastest} "
                       f"is {hf / got[fastest]:.2f}x")
+                floor = int8_floor(cfg, 1, threads)
+                entry["int8_floor"] = floor
+                print(floor_line(hf, floor))
             print(f"  target: INT8 >= 60% of the u8 x s8 ceiling: {achieved:.0f} of {u8:.0f} GOP/s "
                   f"= {achieved / u8:.0%}")
         summary["batches"][batch] = entry

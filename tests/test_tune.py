@@ -17,7 +17,7 @@ from vitdeploy.engines.plan import MachineKey, PathChoice, PlannedRuntime, TuneP
 from vitdeploy.errors import VitDeployError
 from vitdeploy.tune import tune
 
-FAST = dict(warmup=1, iters=3)
+FAST = dict(warmup=1, iters=3, min_seconds=0.0)
 
 
 def _x(n, seed=0):
@@ -44,7 +44,8 @@ def test_plan_written_keyed_and_used(copies, precision):
     if importlib.util.find_spec("openvino"):
         assert any(lab.startswith("openvino") for lab in labels)
     ok = [c for c in report.candidates if c.status == "ok"]
-    fastest_b1 = min((c for c in ok if 1 not in c.pruned), key=lambda c: c.ms_per_image[1])
+    finalists = [c for c in ok if 1 in c.runoff] or [c for c in ok if 1 not in c.pruned]
+    fastest_b1 = min(finalists, key=lambda c: c.ms_per_image[1])
     assert plan.latency == fastest_b1.choice
     assert all(c.guard.cosine >= 0.98 for c in ok)
 
@@ -140,6 +141,50 @@ def test_a_path_failing_the_guard_is_never_chosen(copies, mode):
     with pytest.raises(VitDeployError, match=r"no CPU path passed the accuracy guard for m-int8\.onnx"):
         tune(path, batch=2, candidates=[bad], opener=opener, **FAST)
     assert not plan_path(path).exists()
+
+
+class _Paced(Runtime):
+    """The real digits logits, taking ``ms`` x the machine's pace per call."""
+
+    backend = "paced"
+
+    def __init__(self, real: Runtime, ms: float, pace: float) -> None:
+        self.real, self.ms, self.pace = real, ms, pace
+        self.spec, self.metadata = real.spec, real.metadata
+
+    def _run(self, batch):
+        import time
+
+        time.sleep(self.ms * self.pace / 1e3)
+        return self.real.infer(batch)
+
+    def close(self):
+        self.real.close()
+
+
+def test_close_finalists_are_timed_again_side_by_side(copies):
+    """A machine that slows down after the first candidate was timed: without the runoff the slower
+    path, timed while the machine was quick, would win. Side by side, the truly faster one does."""
+    path = copies["fp32"]
+    lucky = PathChoice("onnxruntime", {"threads": 1}, "lucky (5 ms, timed first while the machine was quick)")
+    steady = PathChoice("onnxruntime", {"threads": 2}, "steady (4 ms)")
+    far = PathChoice("onnxruntime", {"threads": 1, "optimization": "disable"}, "far (20 ms)")
+    opened = []
+
+    def opener(choice):
+        opened.append(choice)
+        pace = 0.75 if len(opened) == 1 else 1.0  # 3.75 ms for lucky's first figures, then the real pace
+        ms = {lucky.key(): 5.0, steady.key(): 4.0, far.key(): 20.0}[choice.key()]
+        return _Paced(open_runtime(path, backend="onnxruntime", use_plan=False, **choice.options), ms, pace)
+
+    report = tune(path, batch=2, candidates=[lucky, steady, far], opener=opener, warmup=1, iters=6,
+                  min_seconds=0.0)
+    c = {cand.choice.label: cand for cand in report.candidates}
+    assert report.plan.latency == steady and report.plan.throughput == steady
+    assert c[lucky.label].runoff == [1, 2] and c[steady.label].runoff == [1, 2] and not c[far.label].runoff
+    assert c[lucky.label].ms_per_image[1] > c[steady.label].ms_per_image[1] >= 4.0
+    assert opened.count(far) == 1 and opened.count(steady) == 3  # far is no finalist; the others reopen per batch
+    assert report.to_dict()["candidates"][0]["runoff_at"] == [1, 2]
 
 
 def test_explicit_backend_overrides_the_plan(copies, tmp_path):

@@ -13,7 +13,10 @@ export's tolerance for the lossier of the file's and the path's precision and a 
 floor on the inputs where the reference is decisive (not a near-tie). A path that fails is never chosen.
 
 Timing is short on purpose (ViT-B in minutes): a few warm-up runs, then a quick estimate, and a
-candidate more than ``prune`` times slower than the best so far stops there.
+candidate more than ``prune`` times slower than the best so far stops there. Candidates are timed one
+after another, so a machine that speeds up or slows down meanwhile (turbo, a neighbour's load) can
+swap two close ones: the finalists within ``RUNOFF_MARGIN`` of the best at each batch size are then
+timed again side by side, in alternating rounds, and those figures decide.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ LOSSINESS = ("fp32", "fp16", "bf16", "int8", "fp8")
 DECISIVE_MARGIN = 0.05
 MIN_TOP1 = {"fp32": 1.0, "fp16": 1.0, "bf16": 0.875, "int8": 0.875, "fp8": 0.875}
 VERIFY_INPUTS = 32
+RUNOFF_MARGIN = 0.10  # finalists: within 10% of the best
+RUNOFF_FINALISTS = 3
+RUNOFF_ROUNDS = 3
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Candidate:
     decisive_top1: float = 1.0  # top-1 agreement on those
     ms_per_image: dict[int, float] = field(default_factory=dict)  # batch -> median ms per image
     pruned: list[int] = field(default_factory=list)  # batches where a quick estimate was already too slow
+    runoff: list[int] = field(default_factory=list)  # batches whose figure comes from the side-by-side runoff
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +72,7 @@ class Candidate:
                 "reason": self.reason, "guard": self.guard.to_dict() if self.guard else None,
                 "decisive_inputs": self.decisive, "decisive_top1_agreement": self.decisive_top1,
                 "ms_per_image": {str(k): v for k, v in self.ms_per_image.items()}, "stopped_early_at": self.pruned,
+                "runoff_at": self.runoff,
                 "runtime": self.description}
 
 
@@ -80,7 +88,8 @@ class TuneReport:
         from rich.table import Table
 
         tb = self.plan.throughput_batch
-        t = Table(title=f"vitdeploy tune {self.path.name}: ms per image, accuracy guard against {self.reference}")
+        t = Table(title=f"vitdeploy tune {self.path.name}: ms per image, accuracy guard against {self.reference}",
+                  caption="* stopped early (quick estimate); r: timed again side by side with the other finalists")
         for col in ("path", "guard", "b1", f"b{tb}", "status"):
             t.add_column(col, justify="right" if col.startswith("b") else "left")
         for c in self.candidates:
@@ -92,8 +101,8 @@ class TuneReport:
             status = c.status + (f" ({c.reason})" if c.reason else "")
             if chosen:
                 status = "CHOSEN for " + " and ".join(chosen)
-            cells = [(f"{c.ms_per_image[b]:.2f}" + ("*" if b in c.pruned else "")) if b in c.ms_per_image else "-"
-                     for b in (1, tb)]
+            cells = [(f"{c.ms_per_image[b]:.2f}" + ("*" if b in c.pruned else "") + ("r" if b in c.runoff else ""))
+                     if b in c.ms_per_image else "-" for b in (1, tb)]
             t.add_row(c.choice.label, guard, *cells, status)
         return t
 
@@ -185,9 +194,12 @@ def _path_precision(choice: PathChoice, file_precision: str) -> str:
     return LOSSINESS[max(ranks)]
 
 
-def _time_ms(rt: Runtime, x: np.ndarray, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
+def _time_ms(rt: Runtime, x: np.ndarray, runs: int, min_seconds: float = 0.0) -> list[float]:
+    """ms per image of ``runs`` calls, more until ``min_seconds`` have passed (small models are quick
+    enough that a fixed count would time a few milliseconds of a noisy machine)."""
+    out: list[float] = []
+    start = time.perf_counter()
+    while len(out) < runs or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         rt.infer(x)
         out.append((time.perf_counter() - t0) * 1e3 / x.shape[0])
@@ -204,8 +216,11 @@ def _default_opener(path: Path) -> Callable[[PathChoice], Runtime]:
 def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, images: Path | None = None,
          warmup: int = 2, iters: int = 10, prune: float = 1.5, progress: bool = False,
          candidates: list[PathChoice] | None = None, opener: Callable[[PathChoice], Runtime] | None = None,
-         write: bool = True) -> TuneReport:
+         write: bool = True, min_seconds: float = 0.5) -> TuneReport:
     """Measure the CPU paths for ``path`` at batch 1 and ``batch``; write the plan (``write``).
+
+    Each candidate is timed for ``iters`` runs and at least ``min_seconds`` per batch size (after a
+    warm-up of ``warmup`` runs and at least 0.4 x ``min_seconds``).
 
     ``opener`` opens a candidate (default: :func:`open_runtime` on the CPU); tests use it to inject faults.
     """
@@ -256,7 +271,7 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
                 continue
             try:
                 c.description = rt.describe()
-                _measure_candidate(rt, c, reference, x_verify, x1, xb, warmup, iters, prune, best)
+                _measure_candidate(rt, c, reference, x_verify, x1, xb, warmup, iters, prune, best, min_seconds)
             except Exception as e:
                 c.status, c.reason = "failed", " ".join(str(e).split())[:160] or type(e).__name__
             finally:
@@ -268,11 +283,19 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
             bar.close()
 
     ok = [c for c in results if c.status == "ok"]
+    for x in (x1, xb):
+        _runoff(ok, x, open_path, warmup, iters, min_seconds)
     if not ok:
         reasons = "; ".join(f"{c.choice.label}: {c.status} {c.reason}" for c in results)
         raise VitDeployError(f"no CPU path passed the accuracy guard for {path.name} ({reasons}); no plan written")
-    lat = min(ok, key=lambda c: (1 in c.pruned, c.ms_per_image[1]))
-    thr = min(ok, key=lambda c: (batch in c.pruned, c.ms_per_image[batch]))
+    # a runoff's figures were timed side by side: where there was one, its winner is the choice (the
+    # others were already over RUNOFF_MARGIN slower, in figures from another moment)
+    def rank(b: int) -> Callable[[Candidate], tuple[bool, bool, float]]:
+        runoff = any(b in c.runoff for c in ok)
+        return lambda c: (b in c.pruned, runoff and b not in c.runoff, c.ms_per_image[b])
+
+    lat = min(ok, key=rank(1))
+    thr = min(ok, key=rank(batch))
     plan = TunePlan(artifact=path.name, artifact_sha256=sha256_file(path), machine=machine, latency=lat.choice,
                     throughput=thr.choice, throughput_batch=batch,
                     candidates=[c.to_dict() for c in results])
@@ -281,8 +304,43 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
     return TuneReport(path, plan, results, reference_name, time.perf_counter() - t_start)
 
 
+def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice], Runtime], warmup: int,
+            iters: int, min_seconds: float) -> None:
+    """Time again, side by side in alternating rounds, the finalists at batch ``len(x)``: the candidates
+    within RUNOFF_MARGIN of the best (at most RUNOFF_FINALISTS). Their medians replace the first figures."""
+    b = x.shape[0]
+    timed = sorted((c for c in ok if b in c.ms_per_image and b not in c.pruned), key=lambda c: c.ms_per_image[b])
+    if len(timed) < 2:
+        return
+    limit = timed[0].ms_per_image[b] * (1 + RUNOFF_MARGIN)
+    finalists = [c for c in timed if c.ms_per_image[b] <= limit][:RUNOFF_FINALISTS]
+    if len(finalists) < 2:
+        return
+    runtimes: list[Runtime] = []
+    try:
+        for c in finalists:
+            runtimes.append(open_path(c.choice))
+            _time_ms(runtimes[-1], x, warmup, 0.4 * min_seconds)
+        per_round = max(2, (iters if b == 1 else max(3, iters // 2)) // RUNOFF_ROUNDS)
+        runs: list[list[float]] = [[] for _ in finalists]
+        for _ in range(RUNOFF_ROUNDS):
+            for i, rt in enumerate(runtimes):
+                time.sleep(0.1)  # the previous runtime's thread pool stops spinning
+                _time_ms(rt, x, 1)  # untimed: this runtime's caches
+                runs[i] += _time_ms(rt, x, per_round, min_seconds / RUNOFF_ROUNDS)
+    except Exception:  # the first figures stand if a finalist cannot be opened again
+        return
+    finally:
+        for rt in runtimes:
+            rt.close()
+    for c, r in zip(finalists, runs, strict=True):
+        c.ms_per_image[b] = statistics.median(r)
+        c.runoff.append(b)
+
+
 def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray, x1: np.ndarray,
-                       xb: np.ndarray, warmup: int, iters: int, prune: float, best: dict[int, float]) -> None:
+                       xb: np.ndarray, warmup: int, iters: int, prune: float, best: dict[int, float],
+                       min_seconds: float) -> None:
     out = rt.infer(x_verify)
     c.guard = compare_logits(reference, out)
     decisive = decisive_inputs(reference, c.guard.scale)
@@ -297,13 +355,13 @@ def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verif
         return
     for x in (x1, xb):
         b = x.shape[0]
-        _time_ms(rt, x, warmup)
+        _time_ms(rt, x, warmup, 0.4 * min_seconds)
         quick = _time_ms(rt, x, 2)
         c.ms_per_image[b] = statistics.median(quick)
         if b in best and min(quick) > prune * best[b]:
             c.pruned.append(b)
             continue
-        runs = quick + _time_ms(rt, x, max(1, (iters if b == 1 else max(3, iters // 2)) - 2))
+        runs = quick + _time_ms(rt, x, max(1, (iters if b == 1 else max(3, iters // 2)) - 2), min_seconds)
         c.ms_per_image[b] = statistics.median(runs)
         best[b] = min(best.get(b, float("inf")), c.ms_per_image[b])
     c.status = "ok"
