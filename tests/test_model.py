@@ -59,3 +59,22 @@ def test_sdpa_path_matches_explicit_attention(tiny_checkpoint):
         m.set_sdpa(True)
         b = m(x)
     assert (a - b).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_cls_only_last_block_is_row_zero_of_the_full_pass(hf_folders, sdpa):
+    """The classifier's last block computes [CLS] alone: the same numbers as HF's full pass, row 0."""
+    import transformers
+
+    name = next(iter(PARITY_CONFIGS))
+    ours = load_model(hf_folders[name])
+    ours.set_sdpa(sdpa)
+    theirs = transformers.ViTModel.from_pretrained(hf_folders[name], add_pooling_layer=False).eval()
+    h, w = ours.config.image_hw
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, cls = ours.vit(x), ours.vit(x, cls_only=True)
+        hf = theirs(x).last_hidden_state
+    assert full.shape == hf.shape and cls.shape == (2, 1, ours.config.hidden_size)
+    assert (full - hf).abs().max().item() < 1e-4
+    assert (cls[:, 0] - full[:, 0]).abs().max().item() < 1e-5
