@@ -264,7 +264,8 @@ def main() -> None:
     summary["int8_vs_roofline"] = gops
     from cpu_roofline import floor_line, int8_floor
 
-    floor = int8_floor(cfg, b0, threads)
+    known = {(cfg.hidden_size, cfg.intermediate_size): gops[b0]["all_formats_gop_s"]} if b0 in gops else None
+    floor = int8_floor(cfg, b0, threads, known)
     targets[f"fastest b{b0} vs HF default (side by side)"].update(
         int8_floor_ms=floor["floor_ms_per_image"], at_most=hf0 / floor["floor_ms_per_image"], floor=floor)
 

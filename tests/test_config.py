@@ -75,6 +75,15 @@ def test_flops_match_torch_flop_counter(kwargs):
     with counter, torch.no_grad():
         model(torch.zeros(2, 3, *cfg.image_hw))
     assert counter.get_total_flops() == cfg.flops(batch=2)
+    # HF transformers' own model (eager attention) does every row of the last block too
+    import transformers
+
+    theirs = transformers.ViTForImageClassification._from_config(
+        transformers.ViTConfig(**cfg.to_dict()), attn_implementation="eager").eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        theirs(pixel_values=torch.zeros(2, 3, *cfg.image_hw))
+    assert counter.get_total_flops() == cfg.flops(batch=2, full_last_layer=True)
     vit_b = preset("vit-base-patch16-224")
     assert vit_b.flops(full_last_layer=True) == 35_127_656_448  # 17.6 GMAC, as usually quoted
     assert vit_b.flops() == 32_696_930_304  # the last block computes [CLS] alone past K and V

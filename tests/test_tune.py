@@ -175,7 +175,8 @@ def test_close_finalists_are_timed_again_side_by_side(copies):
         opened.append(choice)
         pace = 0.75 if len(opened) == 1 else 1.0  # 3.75 ms for lucky's first figures, then the real pace
         ms = {lucky.key(): 5.0, steady.key(): 4.0, far.key(): 20.0}[choice.key()]
-        return _Paced(open_runtime(path, backend="onnxruntime", use_plan=False, **choice.options), ms, pace)
+        # the same real work behind every choice (the options only name them): only the pace differs
+        return _Paced(open_runtime(path, backend="onnxruntime", use_plan=False, threads=1), ms, pace)
 
     report = tune(path, batch=2, candidates=[lucky, steady, far], opener=opener, warmup=1, iters=6,
                   min_seconds=0.0)
@@ -185,6 +186,28 @@ def test_close_finalists_are_timed_again_side_by_side(copies):
     assert c[lucky.label].ms_per_image[1] > c[steady.label].ms_per_image[1] >= 4.0
     assert opened.count(far) == 1 and opened.count(steady) == 3  # far is no finalist; the others reopen per batch
     assert report.to_dict()["candidates"][0]["runoff_at"] == [1, 2]
+
+
+def test_a_finalist_whose_answers_change_when_reopened_is_out(copies):
+    """Each runoff finalist passes the guard again: a path right the first time and wrong the second
+    (as one OpenVINO streams path once was) is rejected, not chosen."""
+    path = copies["fp32"]
+    fickle = PathChoice("onnxruntime", {"threads": 1}, "fickle (4 ms, wrong when reopened)")
+    steady = PathChoice("onnxruntime", {"threads": 2}, "steady (4.2 ms)")
+    opened = []
+
+    def opener(choice):
+        opened.append(choice)
+        real = open_runtime(path, backend="onnxruntime", use_plan=False, threads=1)
+        if choice == fickle and opened.count(fickle) > 1:
+            return _Corrupt(real, "swapped")
+        return _Paced(real, 4.0 if choice == fickle else 4.2, 1.0)
+
+    report = tune(path, batch=2, candidates=[fickle, steady], opener=opener, warmup=1, iters=4, min_seconds=0.0)
+    c = {cand.choice.label: cand for cand in report.candidates}
+    assert c[fickle.label].status == "rejected" and "when opened again for the runoff" in c[fickle.label].reason
+    assert report.plan.latency == steady and report.plan.throughput == steady
+    assert opened.count(fickle) == 2  # out after the batch-1 runoff: not reopened for batch 2
 
 
 def test_explicit_backend_overrides_the_plan(copies, tmp_path):

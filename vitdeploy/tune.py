@@ -284,7 +284,8 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
 
     ok = [c for c in results if c.status == "ok"]
     for x in (x1, xb):
-        _runoff(ok, x, open_path, warmup, iters, min_seconds)
+        _runoff(ok, x, open_path, warmup, iters, min_seconds, lambda c, rt: _guard(rt, c, reference, x_verify))
+    ok = [c for c in results if c.status == "ok"]
     if not ok:
         reasons = "; ".join(f"{c.choice.label}: {c.status} {c.reason}" for c in results)
         raise VitDeployError(f"no CPU path passed the accuracy guard for {path.name} ({reasons}); no plan written")
@@ -305,42 +306,58 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
 
 
 def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice], Runtime], warmup: int,
-            iters: int, min_seconds: float) -> None:
+            iters: int, min_seconds: float, guard: Callable[[Candidate, Runtime], bool]) -> None:
     """Time again, side by side in alternating rounds, the finalists at batch ``len(x)``: the candidates
-    within RUNOFF_MARGIN of the best (at most RUNOFF_FINALISTS). Their medians replace the first figures."""
+    within RUNOFF_MARGIN of the best (at most RUNOFF_FINALISTS). Their medians replace the first figures.
+
+    Each finalist is opened anew, so it passes the accuracy guard again first (a path whose answers
+    change between two openings is not one to choose); one that fails it, or fails to open or run,
+    is out, with the reason on it."""
     b = x.shape[0]
-    timed = sorted((c for c in ok if b in c.ms_per_image and b not in c.pruned), key=lambda c: c.ms_per_image[b])
+    timed = sorted((c for c in ok if c.status == "ok" and b in c.ms_per_image and b not in c.pruned),
+                   key=lambda c: c.ms_per_image[b])
     if len(timed) < 2:
         return
     limit = timed[0].ms_per_image[b] * (1 + RUNOFF_MARGIN)
     finalists = [c for c in timed if c.ms_per_image[b] <= limit][:RUNOFF_FINALISTS]
     if len(finalists) < 2:
         return
-    runtimes: list[Runtime] = []
+    runtimes: dict[int, Runtime] = {}
     try:
-        for c in finalists:
-            runtimes.append(open_path(c.choice))
-            _time_ms(runtimes[-1], x, warmup, 0.4 * min_seconds)
+        for i, c in enumerate(finalists):
+            try:
+                rt = runtimes[i] = open_path(c.choice)
+                if not guard(c, rt):
+                    c.reason += " (when opened again for the runoff)"
+                    continue
+                _time_ms(rt, x, warmup, 0.4 * min_seconds)
+            except Exception as e:
+                c.status, c.reason = "failed", "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
+        live = {i: rt for i, rt in runtimes.items() if finalists[i].status == "ok"}
         per_round = max(2, (iters if b == 1 else max(3, iters // 2)) // RUNOFF_ROUNDS)
-        runs: list[list[float]] = [[] for _ in finalists]
+        runs: dict[int, list[float]] = {i: [] for i in live}
         for _ in range(RUNOFF_ROUNDS):
-            for i, rt in enumerate(runtimes):
-                time.sleep(0.1)  # the previous runtime's thread pool stops spinning
-                _time_ms(rt, x, 1)  # untimed: this runtime's caches
-                runs[i] += _time_ms(rt, x, per_round, min_seconds / RUNOFF_ROUNDS)
-    except Exception:  # the first figures stand if a finalist cannot be opened again
-        return
+            for i, rt in live.items():
+                if finalists[i].status != "ok":
+                    continue
+                try:
+                    time.sleep(0.1)  # the previous runtime's thread pool stops spinning
+                    _time_ms(rt, x, 1)  # untimed: this runtime's caches
+                    runs[i] += _time_ms(rt, x, per_round, min_seconds / RUNOFF_ROUNDS)
+                except Exception as e:
+                    finalists[i].status = "failed"
+                    finalists[i].reason = "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
     finally:
-        for rt in runtimes:
+        for rt in runtimes.values():
             rt.close()
-    for c, r in zip(finalists, runs, strict=True):
-        c.ms_per_image[b] = statistics.median(r)
-        c.runoff.append(b)
+    for i, r in runs.items():
+        if finalists[i].status == "ok" and r:
+            finalists[i].ms_per_image[b] = statistics.median(r)
+            finalists[i].runoff.append(b)
 
 
-def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray, x1: np.ndarray,
-                       xb: np.ndarray, warmup: int, iters: int, prune: float, best: dict[int, float],
-                       min_seconds: float) -> None:
+def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray) -> bool:
+    """The accuracy guard: True when ``rt`` passes; otherwise ``c`` is rejected, with the reason."""
     out = rt.infer(x_verify)
     c.guard = compare_logits(reference, out)
     decisive = decisive_inputs(reference, c.guard.scale)
@@ -352,6 +369,14 @@ def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verif
         c.status = "rejected"
         c.reason = (f"accuracy guard: need max abs <= {tol['max_abs_rel']:g} x scale, cosine >= "
                     f"{tol['min_cosine']}, top-1 >= {MIN_TOP1[c.precision]:.0%} where the reference is decisive")
+        return False
+    return True
+
+
+def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray, x1: np.ndarray,
+                       xb: np.ndarray, warmup: int, iters: int, prune: float, best: dict[int, float],
+                       min_seconds: float) -> None:
+    if not _guard(rt, c, reference, x_verify):
         return
     for x in (x1, xb):
         b = x.shape[0]
