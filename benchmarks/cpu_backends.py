@@ -89,7 +89,7 @@ def interleaved(names: list[str], factories: dict[str, Callable[[], Runtime]], b
             for name, rt in runtimes.items():
                 # torch's OpenMP and ONNX Runtime's pools spin for a while after a run: let them go idle
                 # so that they slow no one else, then one untimed run to warm this runtime's caches
-                time.sleep(0.3)
+                time.sleep(0.5)
                 rt.infer(x)
                 for _ in range(iters):
                     t = time.perf_counter()

@@ -162,9 +162,10 @@ class _Paced(Runtime):
         self.real.close()
 
 
-def test_close_finalists_are_timed_again_side_by_side(copies):
+def test_close_finalists_are_timed_again_side_by_side(copies, monkeypatch):
     """A machine that slows down after the first candidate was timed: without the runoff the slower
     path, timed while the machine was quick, would win. Side by side, the truly faster one does."""
+    monkeypatch.setattr("vitdeploy.tune.RUNOFF_PAUSE_S", 0.01)
     path = copies["fp32"]
     lucky = PathChoice("onnxruntime", {"threads": 1}, "lucky (5 ms, timed first while the machine was quick)")
     steady = PathChoice("onnxruntime", {"threads": 2}, "steady (4 ms)")
@@ -188,9 +189,10 @@ def test_close_finalists_are_timed_again_side_by_side(copies):
     assert report.to_dict()["candidates"][0]["runoff_at"] == [1, 2]
 
 
-def test_a_finalist_whose_answers_change_when_reopened_is_out(copies):
+def test_a_finalist_whose_answers_change_when_reopened_is_out(copies, monkeypatch):
     """Each runoff finalist passes the guard again: a path right the first time and wrong the second
     (as one OpenVINO streams path once was) is rejected, not chosen."""
+    monkeypatch.setattr("vitdeploy.tune.RUNOFF_PAUSE_S", 0.01)
     path = copies["fp32"]
     fickle = PathChoice("onnxruntime", {"threads": 1}, "fickle (4 ms, wrong when reopened)")
     steady = PathChoice("onnxruntime", {"threads": 2}, "steady (4.2 ms)")

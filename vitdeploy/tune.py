@@ -51,6 +51,9 @@ VERIFY_INPUTS = 32
 RUNOFF_MARGIN = 0.10  # finalists: within 10% of the best
 RUNOFF_FINALISTS = 3
 RUNOFF_ROUNDS = 3
+# between two runtimes' turns: the previous one's thread pool goes idle (OpenVINO's was seen slowing
+# ONNX Runtime by half 0.1 s after its last run)
+RUNOFF_PAUSE_S = 0.5
 
 
 @dataclass
@@ -341,7 +344,7 @@ def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice]
                 if finalists[i].status != "ok":
                     continue
                 try:
-                    time.sleep(0.1)  # the previous runtime's thread pool stops spinning
+                    time.sleep(RUNOFF_PAUSE_S)
                     _time_ms(rt, x, 1)  # untimed: this runtime's caches
                     runs[i] += _time_ms(rt, x, per_round, min_seconds / RUNOFF_ROUNDS)
                 except Exception as e:
