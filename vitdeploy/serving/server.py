@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -316,27 +317,32 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
     async def v2_ready() -> Any:
         return Response(status_code=200 if ready() else 503)
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def v2_model(name: str, version: str | None = None) -> Any:
-        if (bad := known(name, version)) is not None:
-            return bad
+    def model_route(suffix: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+        """GET /v2/models/{name}[/versions/{version}]<suffix>: 404 for another model, else the handler."""
+        def register(handler: Callable[[], Any]) -> Callable[[], Any]:
+            async def route(name: str, version: str | None = None) -> Any:
+                if (bad := known(name, version)) is not None:
+                    return bad
+                return handler()
+
+            route.__name__ = handler.__name__
+            app.get("/v2/models/{name}" + suffix)(route)
+            app.get("/v2/models/{name}/versions/{version}" + suffix)(route)
+            return handler
+        return register
+
+    @model_route("")
+    def v2_model() -> Any:
         return {"name": model_name, "versions": ["1"], "platform": f"vitdeploy_{runtime.backend}",
                 "inputs": [{"name": input_name, "datatype": v2_dtype, "shape": [-1, *spec.shape]}],
                 "outputs": [{"name": output_name, "datatype": "FP32", "shape": [-1, num_labels]}]}
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def v2_model_ready(name: str, version: str | None = None) -> Any:
-        if (bad := known(name, version)) is not None:
-            return bad
+    @model_route("/ready")
+    def v2_model_ready() -> Any:
         return Response(status_code=200 if ready() else 503)
 
-    @app.get("/v2/models/{name}/config")
-    @app.get("/v2/models/{name}/versions/{version}/config")
-    async def v2_config(name: str, version: str | None = None) -> Any:
-        if (bad := known(name, version)) is not None:
-            return bad
+    @model_route("/config")
+    def v2_config() -> Any:
         return {"name": model_name, "platform": f"vitdeploy_{runtime.backend}", "max_batch_size": max_batch,
                 "input": [{"name": input_name, "data_type": f"TYPE_{v2_dtype}", "dims": list(spec.shape)}],
                 "output": [{"name": output_name, "data_type": "TYPE_FP32", "dims": [num_labels]}],
