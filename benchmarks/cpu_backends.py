@@ -1,4 +1,4 @@
-"""CPU paths side by side on vit-base-patch16-224, in one run, as ratios, with the issue 12 targets.
+"""CPU paths side by side on vit-base-patch16-224, in one run, as ratios, with the CPU targets.
 
     python benchmarks/cpu_backends.py [--out bench-results] [--iters 20] [--batches 1,8] [--threads N]
                                       [--model vit-base-patch16-224]
@@ -36,65 +36,33 @@ from typing import Any
 
 import numpy as np
 
-from vitdeploy.bench import BenchReport, BenchResult, add_speedups, measure, release_memory, rss_mb
+from vitdeploy.bench import (
+    BenchReport,
+    BenchResult,
+    HFRuntime,
+    add_speedups,
+    measure,
+    release_memory,
+    rss_mb,
+    side_by_side,
+)
 from vitdeploy.engines import open_runtime
-from vitdeploy.engines.base import InputSpec, Runtime
+from vitdeploy.engines.base import Runtime
 from vitdeploy.exporters import ExportOptions, export_onnx
-
-
-class HFRuntime(Runtime):
-    """transformers' ViTForImageClassification, FP32, on the CPU, with the given attention."""
-
-    backend = "hf-transformers"
-
-    def __init__(self, folder: Path, attn: str = "sdpa", threads: int | None = None) -> None:
-        import torch
-        import transformers
-
-        self.torch = torch
-        if threads:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
-        self.where = "cpu"
-        self.attn = attn
-        self.model = transformers.ViTForImageClassification.from_pretrained(
-            folder, attn_implementation=attn).eval().to("cpu")
-        cfg = self.model.config
-        self.spec = InputSpec("pixel_values", "float32", (cfg.num_channels, cfg.image_size, cfg.image_size), 1, 256)
-        self.metadata = None
-
-    def describe(self) -> str:
-        return f"hf-transformers[cpu, {self.attn}, {self.threads} threads] (fp32)"
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.model(self.torch.from_numpy(batch)).logits.numpy()
-
-    def close(self) -> None:
-        self.model = None
 
 
 def interleaved(names: list[str], factories: dict[str, Callable[[], Runtime]], batch: int, rounds: int,
                 iters: int) -> dict[str, float]:
-    """Open every runtime in ``names``, then time them in alternating rounds: ms per image (median)."""
+    """Open every runtime in ``names``, then time them side by side in alternating rounds (the timer
+    ``vitdeploy tune`` uses): ms per image (median)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-    runtimes = {}
+    runtimes: dict[str, Runtime] = {}
     try:
         for name in names:
             runtimes[name] = factories[name]()
             for _ in range(2):
                 runtimes[name].infer(x)
-        runs: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(rounds):
-            for name, rt in runtimes.items():
-                # torch's OpenMP and ONNX Runtime's pools spin for a while after a run: let them go idle
-                # so that they slow no one else, then one untimed run to warm this runtime's caches
-                time.sleep(0.5)
-                rt.infer(x)
-                for _ in range(iters):
-                    t = time.perf_counter()
-                    rt.infer(x)
-                    runs[name].append((time.perf_counter() - t) * 1e3 / batch)
+        runs = side_by_side(runtimes, x, rounds, iters)
     finally:
         for rt in runtimes.values():
             rt.close()
@@ -249,8 +217,7 @@ def main() -> None:
         "pass (>= 6x, ViT-B/16 on AVX-512 VNNI)": hf0 / sbs0[best1] >= 6}
 
     # INT8 achieved GOP/s against the u8 x s8 ceiling of the same machine
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cpu_roofline import gemm_throughput
+    from cpu_roofline import gemm_throughput  # beside this script, on sys.path when run as a script
 
     int8_rows = {b: {k: v for k, v in ms[b].items() if k.startswith("onnx int8")} for b in batches}
     gops = {}

@@ -21,7 +21,7 @@ measured for its own shape, everything else (attention's float products, softmax
 free. No INT8 path on this machine's kernels can be faster than that floor;
 then measures, on the CPU with the same threads: HF transformers FP32 with its default attention
 (SDPA) and eager, our ONNX FP32 through ONNX Runtime, and our INT8 Q/DQ ONNX on the path
-``vitdeploy tune`` chooses here; and reports issue 12's targets against the silicon: the fastest
+``vitdeploy tune`` chooses here; and reports the CPU targets against the silicon: the fastest
 path at least 6x HF default at batch 1, and the INT8 path's achieved GOP/s against the measured
 u8 x s8 ceiling (aim: >= 60%). On an AVX2-only CPU it reports FP32's share of its ceiling.
 """
@@ -255,10 +255,9 @@ def main() -> None:
 def measure_models(batches: list[int], threads: int, model_name: str) -> dict[int, dict[str, float]]:
     """HF transformers FP32 (default attention and eager), our ONNX FP32 on ONNX Runtime and our INT8
     ONNX on the path ``vitdeploy tune`` picks, all on the CPU with ``threads``: ms per image (median)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cpu_backends import HFRuntime
     from safetensors.torch import save_file
 
+    from vitdeploy.bench import HFRuntime
     from vitdeploy.checkpoints import resolve
     from vitdeploy.datasets import write_digits
     from vitdeploy.engines import open_runtime

@@ -52,13 +52,9 @@ def main() -> None:
             rows.append(pool.apply(_export, ((str(ckpt), str(args.out / f"vit-b16-{precision}.onnx"), precision,
                                               str(train)),)))
 
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cpu_backends import HFRuntime
     from safetensors.torch import load_file, save_file
 
-    from vitdeploy.bench import measure
+    from vitdeploy.bench import HFRuntime, measure
     from vitdeploy.engines import open_runtime
     from vitdeploy.engines.onnxruntime_backend import default_threads
 

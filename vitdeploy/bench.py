@@ -16,14 +16,16 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from vitdeploy.engines.base import Runtime
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -199,7 +201,7 @@ class PeakRSS:
 
 
 def _torch_cuda(runtime: Runtime) -> Any:
-    if getattr(getattr(runtime, "device", None), "type", "") == "cuda":
+    if runtime.torch_cuda:
         import torch
 
         return torch.cuda
@@ -207,7 +209,7 @@ def _torch_cuda(runtime: Runtime) -> Any:
 
 
 def where(runtime: Runtime) -> str:
-    return getattr(runtime, "where", None) or "?"
+    return runtime.where
 
 
 def batching(runtime: Runtime, batch: int) -> str:
@@ -262,7 +264,7 @@ def _measure(runtime: Runtime, batch: int, warmup: int, iters: int | None, durat
         t0 = time.perf_counter()
         runtime.infer(x)
         lat.append((time.perf_counter() - t0) * 1e3)
-        timing = getattr(runtime, "last_timing", None)
+        timing = runtime.last_timing
         if timing:
             compute.append(timing["compute_ms"])
             h2d.append(timing["h2d_ms"])
@@ -277,13 +279,13 @@ def _measure(runtime: Runtime, batch: int, warmup: int, iters: int | None, durat
     stats = Stats.of(lat)
     precision = runtime.metadata.precision if runtime.metadata else "?"
     # a tuned runtime: report the path this batch size took
-    inner = runtime.runtime_for(batch) if hasattr(runtime, "runtime_for") else runtime
+    inner = runtime.runtime_for(batch)
     backend = ("tuned: " if inner is not runtime else "") + inner.describe().split("]")[0] + "]"
     return BenchResult(
         name=name or runtime.describe(), backend=backend, precision=precision,
         batch=batch, iterations=len(lat), latency_ms=stats, throughput=batch * 1e3 / statistics.fmean(lat),
         compute_ms=Stats.of(compute) if compute else None, h2d_ms=Stats.of(h2d) if h2d else None,
-        d2h_ms=Stats.of(d2h) if d2h else None, where=where(inner), threads=getattr(inner, "threads", None),
+        d2h_ms=Stats.of(d2h) if d2h else None, where=where(inner), threads=inner.threads,
         batching=batching(runtime, batch),
     )
 
@@ -333,3 +335,76 @@ def run_bench(runtimes: list[tuple[str, RuntimeSource]], batches: list[int], war
                        {"batches": batches, "warmup": warmup, "iters": iters, "duration": duration,
                         "cpu_threads": threads,
                         "memory": "peak RSS during each row above the RSS before its runtime was opened"})
+
+
+def time_runs(runtime: Runtime, x: np.ndarray, runs: int, min_seconds: float = 0.0) -> list[float]:
+    """ms per image of ``runs`` calls, more until ``min_seconds`` have passed (small models are quick
+    enough that a fixed count would time a few milliseconds of a noisy machine)."""
+    out: list[float] = []
+    start = time.perf_counter()
+    while len(out) < runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        runtime.infer(x)
+        out.append((time.perf_counter() - t0) * 1e3 / x.shape[0])
+    return out
+
+
+def side_by_side(runtimes: Mapping[K, Runtime], x: np.ndarray, rounds: int, per_round: int,
+                 min_seconds: float = 0.0, pause_s: float = 0.5,
+                 on_error: Callable[[K, Exception], None] | None = None) -> dict[K, list[float]]:
+    """Time open runtimes on one batch in alternating rounds, so that a machine's drift (clocks,
+    other load) falls on all of them alike: ms per image of every timed call, per runtime.
+
+    Before each turn: a pause, because torch's OpenMP and ONNX Runtime's pools spin for a while after
+    a run and would slow the next runtime, then one untimed call for this runtime's caches. A runtime
+    that raises leaves the later rounds and goes to ``on_error`` (raised when there is none)."""
+    runs: dict[K, list[float]] = {k: [] for k in runtimes}
+    out: set[K] = set()
+    for _ in range(rounds):
+        for k, rt in runtimes.items():
+            if k in out:
+                continue
+            try:
+                time.sleep(pause_s)
+                rt.infer(x)
+                runs[k] += time_runs(rt, x, per_round, min_seconds / rounds)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                out.add(k)
+                on_error(k, e)
+    return runs
+
+
+class HFRuntime(Runtime):
+    """transformers' ViTForImageClassification (a saved folder), FP32 on the CPU, with the given
+    attention: the reference users run today, for side-by-side figures."""
+
+    backend = "hf-transformers"
+
+    def __init__(self, folder: str | Path, attn: str = "sdpa", threads: int | None = None) -> None:
+        import torch
+        import transformers
+
+        from vitdeploy.engines.base import InputSpec
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.attn = attn
+        self.model = transformers.ViTForImageClassification.from_pretrained(
+            folder, attn_implementation=attn).eval().to("cpu")
+        cfg = self.model.config
+        self.spec = InputSpec("pixel_values", "float32", (cfg.num_channels, cfg.image_size, cfg.image_size), 1, 256)
+        self.metadata = None
+
+    def describe(self) -> str:
+        return f"hf-transformers[cpu, {self.attn}, {self.threads} threads] (fp32)"
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(batch)).logits.numpy()
+
+    def close(self) -> None:
+        self.model = None

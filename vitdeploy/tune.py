@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.bench import side_by_side, time_runs
 from vitdeploy.engines import artifact_kind, open_runtime
 from vitdeploy.engines.base import Runtime
 from vitdeploy.engines.plan import MachineKey, PathChoice, TunePlan, plan_path, usable_cpus
@@ -197,18 +198,6 @@ def _path_precision(choice: PathChoice, file_precision: str) -> str:
     return LOSSINESS[max(ranks)]
 
 
-def _time_ms(rt: Runtime, x: np.ndarray, runs: int, min_seconds: float = 0.0) -> list[float]:
-    """ms per image of ``runs`` calls, more until ``min_seconds`` have passed (small models are quick
-    enough that a fixed count would time a few milliseconds of a noisy machine)."""
-    out: list[float] = []
-    start = time.perf_counter()
-    while len(out) < runs or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        rt.infer(x)
-        out.append((time.perf_counter() - t0) * 1e3 / x.shape[0])
-    return out
-
-
 def _default_opener(path: Path) -> Callable[[PathChoice], Runtime]:
     def opener(choice: PathChoice) -> Runtime:
         return open_runtime(path, backend=choice.backend, device="cpu", use_plan=False, **choice.options)
@@ -333,23 +322,17 @@ def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice]
                 if not guard(c, rt):
                     c.reason += " (when opened again for the runoff)"
                     continue
-                _time_ms(rt, x, warmup, 0.4 * min_seconds)
+                time_runs(rt, x, warmup, 0.4 * min_seconds)
             except Exception as e:
                 c.status, c.reason = "failed", "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
         live = {i: rt for i, rt in runtimes.items() if finalists[i].status == "ok"}
         per_round = max(2, (iters if b == 1 else max(3, iters // 2)) // RUNOFF_ROUNDS)
-        runs: dict[int, list[float]] = {i: [] for i in live}
-        for _ in range(RUNOFF_ROUNDS):
-            for i, rt in live.items():
-                if finalists[i].status != "ok":
-                    continue
-                try:
-                    time.sleep(RUNOFF_PAUSE_S)
-                    _time_ms(rt, x, 1)  # untimed: this runtime's caches
-                    runs[i] += _time_ms(rt, x, per_round, min_seconds / RUNOFF_ROUNDS)
-                except Exception as e:
-                    finalists[i].status = "failed"
-                    finalists[i].reason = "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
+
+        def failed(i: int, e: Exception) -> None:
+            finalists[i].status = "failed"
+            finalists[i].reason = "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
+
+        runs = side_by_side(live, x, RUNOFF_ROUNDS, per_round, min_seconds, RUNOFF_PAUSE_S, on_error=failed)
     finally:
         for rt in runtimes.values():
             rt.close()
@@ -383,13 +366,13 @@ def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verif
         return
     for x in (x1, xb):
         b = x.shape[0]
-        _time_ms(rt, x, warmup, 0.4 * min_seconds)
-        quick = _time_ms(rt, x, 2)
+        time_runs(rt, x, warmup, 0.4 * min_seconds)
+        quick = time_runs(rt, x, 2)
         c.ms_per_image[b] = statistics.median(quick)
         if b in best and min(quick) > prune * best[b]:
             c.pruned.append(b)
             continue
-        runs = quick + _time_ms(rt, x, max(1, (iters if b == 1 else max(3, iters // 2)) - 2), min_seconds)
+        runs = quick + time_runs(rt, x, max(1, (iters if b == 1 else max(3, iters // 2)) - 2), min_seconds)
         c.ms_per_image[b] = statistics.median(runs)
         best[b] = min(best.get(b, float("inf")), c.ms_per_image[b])
     c.status = "ok"

@@ -13,7 +13,9 @@ execution context with a lock. For parallelism on one GPU, open one runtime per 
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,9 +53,23 @@ class Runtime(abc.ABC):
     """``infer(batch [N, C, H, W]) -> logits [N, num_labels]`` (float32 numpy); a model exported with
     ``--uint8-input`` takes ``[N, H, W, C]`` uint8 pixels instead. ``preprocess(images)`` gives either."""
 
+    # What callers read (bench, tune, serving), declared here with defaults so nobody probes for them.
     backend: str = "?"
+    where: str = "cpu"  # where the model runs: "cpu" or "cuda"
+    threads: int | None = None  # CPU threads the backend uses, where it has a setting
+    output_name: str = "logits"  # the logits tensor's name in the artifact
+    last_timing: Mapping[str, float] = MappingProxyType({})  # the last call's device phases (ms), if measured
     spec: InputSpec
     metadata: ArtifactMetadata | None
+
+    def runtime_for(self, batch: int) -> Runtime:
+        """The runtime that runs a batch of this size: itself, unless it dispatches (a tuned plan)."""
+        return self
+
+    @property
+    def torch_cuda(self) -> bool:
+        """True when the model runs in torch on a CUDA device (so torch.cuda's memory stats are its own)."""
+        return False
 
     @abc.abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:

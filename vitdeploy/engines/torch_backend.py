@@ -56,6 +56,10 @@ class TorchRuntime(Runtime):
             source_sha256=loaded.sha256 or "",
         )
 
+    @property
+    def torch_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
     def describe(self) -> str:
         mode = "compile" if self.compiled else "eager"
         threads = f", {self.threads} threads" if self.device.type == "cpu" else ""
