@@ -360,3 +360,45 @@ def test_killed_build_leaves_the_old_set_or_the_new_set(tiny_onnx, tmp_path):
         seen.append(outcome())
     print(f"killed builds: {len(seen)} ({seen.count('old')} old set, {seen.count('new')} new set), "
           f"one build {full:.2f} s")
+
+
+# -- issue 17: profiling verbosity opt-in, no --version-compatible for TensorRT-RTX ---------------------------
+@pytest.fixture
+def builder_config(monkeypatch):
+    """What build_engine set on TensorRT-RTX's real IBuilderConfig; the build itself is skipped (None)."""
+    seen = {}
+
+    def spy(self, network, config):
+        seen["verbosity"] = config.profiling_verbosity
+        seen["version_compatible"] = config.get_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        return None
+
+    monkeypatch.setattr(trt.Builder, "build_serialized_network", spy)
+    return seen
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], "LAYER_NAMES_ONLY"), (["--profiling-verbosity", "detailed"], "DETAILED"),
+    (["--profiling-verbosity", "none"], "NONE")])
+def test_profiling_verbosity_is_layer_names_only_unless_asked(tiny_onnx, tmp_path, builder_config, args, expected):
+    """DETAILED slows enqueueV3, so it is opt-in; the default keeps layer names for `inspect`."""
+    r = CliRunner().invoke(main, ["build", str(tiny_onnx["a"]), "-o", str(tmp_path / "v.engine"),
+                                  "--trt", "rtx", "--compute-capability", "sm89", *args])
+    assert r.exit_code == 1 and "could not build" in r.output, r.output  # the spy's None
+    assert builder_config["verbosity"] == getattr(trt.ProfilingVerbosity, expected)
+    assert not builder_config["version_compatible"]
+
+
+def test_version_compatible_is_refused_for_tensorrt_rtx(tiny_onnx, tiny_checkpoint, tmp_path, builder_config):
+    """TensorRT-RTX engines do not run on other TensorRT-RTX releases: the flag would promise what is not so."""
+    with pytest.raises(BuildError, match="TensorRT-RTX engines are not compatible across TensorRT-RTX releases"):
+        build_engine(tiny_onnx["a"], tmp_path / "vc.engine",
+                     BuildOptions(flavour="rtx", compute_capabilities=["sm89"], version_compatible=True))
+    assert builder_config == {}  # refused before TensorRT was asked
+    r = CliRunner().invoke(main, ["build", str(tiny_checkpoint), "-o", str(tmp_path / "vc.engine"),
+                                  "--compute-capability", "sm89", "--version-compatible"])
+    assert r.exit_code == 1 and "not compatible across TensorRT-RTX releases" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []  # refused before the export
+    with pytest.raises(BuildError, match="--profiling-verbosity 'loud': choose layer_names_only, detailed, none"):
+        build_engine(tiny_onnx["a"], tmp_path / "p.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"],
+                                                                        profiling_verbosity="loud"))

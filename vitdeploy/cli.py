@@ -197,7 +197,11 @@ def _split(value: str | None) -> list[str]:
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--tf32/--no-tf32", default=True, show_default=True)
 @click.option("--hardware-compat", type=click.Choice(["ampere+", "same-cc"]), default=None)
-@click.option("--version-compatible", is_flag=True)
+@click.option("--version-compatible", is_flag=True,
+              help="Full TensorRT only: the engine also runs on later TensorRT releases (10 -> 11).")
+@click.option("--profiling-verbosity", type=click.Choice(["layer_names_only", "detailed", "none"]),
+              default="layer_names_only", show_default=True,
+              help="What the engine keeps for `inspect`; detailed slows every inference.")
 @_model_options
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True,
               help="When MODEL is a checkpoint: the precision to export first.")
@@ -205,8 +209,8 @@ def _split(value: str | None) -> list[str]:
 def build(model: str, output: Path | None, flavour: str, batch: int | None, min_batch: int | None,
           opt_batch: int | None, max_batch: int | None, compute_capability: str | None, workspace: int | None,
           opt_level: int, timing_cache: Path | None, tf32: bool, hardware_compat: str | None,
-          version_compatible: bool, preset: str | None, config: str | None, seed: int | None, precision: str,
-          calib_dir: Path | None) -> None:
+          version_compatible: bool, profiling_verbosity: str, preset: str | None, config: str | None,
+          seed: int | None, precision: str, calib_dir: Path | None) -> None:
     """Build a TensorRT engine from an ONNX (or from a checkpoint: export, then build)."""
     from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, check_build_targets
 
@@ -214,6 +218,7 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
         flavour=flavour, batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
         compute_capabilities=_split(compute_capability), workspace_mib=workspace, opt_level=opt_level,
         timing_cache=timing_cache, tf32=tf32, hardware_compat=hardware_compat, version_compatible=version_compatible,
+        profiling_verbosity=profiling_verbosity,
     )
     check_build_targets(opts)  # a flavour/target that cannot work is refused before any export or build
     source = Path(model)

@@ -159,8 +159,9 @@ class BuildOptions:
     timing_cache: Path | None = None
     tf32: bool = True
     hardware_compat: str | None = None  # ampere+ | same-cc
-    version_compatible: bool = False
-    detailed_profile: bool = True
+    version_compatible: bool = False  # full TensorRT only: TensorRT-RTX engines are tied to their release
+    # what the engine keeps for the inspector: DETAILED slows enqueueV3, so it is opt-in
+    profiling_verbosity: str = "layer_names_only"  # layer_names_only | detailed | none
 
 
 @dataclass
@@ -202,9 +203,24 @@ def current_gpu() -> tuple[str, str] | None:
     return (devices[0].name, devices[0].compute_capability) if devices else None
 
 
+PROFILING_VERBOSITY = ("layer_names_only", "detailed", "none")
+
+
+def check_options(flavour: str, options: BuildOptions) -> None:
+    """BuildError for options that ``flavour`` cannot honour, before any work is done."""
+    if options.profiling_verbosity not in PROFILING_VERBOSITY:
+        raise BuildError(f"--profiling-verbosity {options.profiling_verbosity!r}: choose "
+                         f"{', '.join(PROFILING_VERBOSITY)}")
+    if options.version_compatible and flavour == TENSORRT_RTX:
+        raise BuildError("--version-compatible: TensorRT-RTX engines are not compatible across TensorRT-RTX "
+                         "releases (only full TensorRT has version-compatible engines); drop the flag and "
+                         "rebuild the engine whenever TensorRT-RTX is upgraded")
+
+
 def check_build_targets(options: BuildOptions) -> tuple[str, list[str]]:
     """:func:`choose_flavour` for this host, and that flavour installed: call it before exporting for a build."""
     flavour, targets = choose_flavour(options.flavour, options.compute_capabilities, current_gpu())
+    check_options(flavour, options)
     if not _installed(flavour):
         raise BuildError(f"no TensorRT found: {_INSTALL[flavour]}")
     return flavour, targets
@@ -295,6 +311,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     check_output_dir(output)
     gpu = current_gpu()
     flavour, targets = choose_flavour(opts.flavour, opts.compute_capabilities, gpu)  # refuse before any work
+    check_options(flavour, opts)
     trt, flavour = import_tensorrt(flavour)
     is_rtx = flavour == TENSORRT_RTX
     cancel = cancel or threading.Event()
@@ -313,8 +330,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     if not 0 <= opts.opt_level <= 5:
         raise BuildError(f"--opt-level {opts.opt_level}: use 0..5")
     config.builder_optimization_level = opts.opt_level
-    if opts.detailed_profile:
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, opts.profiling_verbosity.upper())
     if not opts.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     if opts.version_compatible:
