@@ -95,10 +95,10 @@ def main() -> None:
     from vitdeploy import save_model, sysinfo
     from vitdeploy.checkpoints import resolve
     from vitdeploy.datasets import write_digits
-    from vitdeploy.engines.onnxruntime_backend import default_threads
+    from vitdeploy.sysinfo import usable_cpus
     from vitdeploy.tune import tune
 
-    threads = args.threads or default_threads()
+    threads = args.threads or usable_cpus()
     print(machine_line(), f"; {threads} threads for every backend", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="vitdeploy-bench-"))
     train, test = write_digits(work / "digits")

@@ -197,9 +197,9 @@ def main() -> None:
 
     from vitdeploy import sysinfo
     from vitdeploy.config import preset
-    from vitdeploy.engines.onnxruntime_backend import default_threads
+    from vitdeploy.sysinfo import usable_cpus
 
-    threads = args.threads or default_threads()
+    threads = args.threads or usable_cpus()
     cfg = preset(args.model)
     flags = set(sysinfo.cpu_flags())
     summary: dict[str, Any] = {

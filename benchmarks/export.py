@@ -56,9 +56,9 @@ def main() -> None:
 
     from vitdeploy.bench import HFRuntime, measure
     from vitdeploy.engines import open_runtime
-    from vitdeploy.engines.onnxruntime_backend import default_threads
+    from vitdeploy.sysinfo import usable_cpus
 
-    threads = default_threads()
+    threads = usable_cpus()
 
     hf = work / "hf"
     hf.mkdir()

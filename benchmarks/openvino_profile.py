@@ -31,9 +31,9 @@ def main() -> None:
     import openvino as ov
 
     from vitdeploy import sysinfo
-    from vitdeploy.engines.onnxruntime_backend import default_threads
+    from vitdeploy.sysinfo import usable_cpus
 
-    threads = args.threads or default_threads()
+    threads = args.threads or usable_cpus()
     core = ov.Core()
     model = core.read_model(str(args.model))
     shape = list(model.inputs[0].get_partial_shape().get_min_shape())

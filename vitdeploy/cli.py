@@ -322,7 +322,7 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
     for b in wanted:
         if b not in BACKENDS:
             raise click.BadParameter(f"unknown backend {b!r}: choose from {', '.join(BACKENDS)}")
-    from vitdeploy.engines.onnxruntime_backend import default_threads
+    from vitdeploy.sysinfo import usable_cpus
 
     takes = {"onnx": ("onnxruntime", "openvino"), "engine": ("tensorrt",), "checkpoint": ("torch",)}
     runtimes = []
@@ -338,7 +338,7 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
                 if kind == "onnx" and b in ("auto", "onnxruntime") and qdq_activations != "auto":
                     extra["qdq_activations"] = qdq_activations
                 # torch keeps its own thread default otherwise: every CPU backend gets the same count
-                t = threads or (default_threads() if kind == "checkpoint" else None)
+                t = threads or (usable_cpus() if kind == "checkpoint" else None)
                 runtimes.append((Path(artifact).name,
                                  lambda a=artifact, b=b, t=t, d=d, e=extra: _open(a, b, t, d, device, **e)))
     report = run_bench(runtimes, batches, warmup, None if duration else iters, duration, progress=True)

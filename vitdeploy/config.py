@@ -1,4 +1,4 @@
-"""ViTConfig: the seed's fields and defaults, HF config.json round-trip, and named presets."""
+"""ViTConfig: HF ViTConfig's fields and defaults, HF config.json round-trip, and named presets."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _RESAMPLE_PIL = {v: k for k, v in _PIL_RESAMPLE.items()}
 
 
 def to_2tuple(x: IntOrPair | list[int]) -> tuple[int, int]:
-    """An int or an (height, width) pair as a pair, as the seed's helper does."""
+    """An int or an (height, width) pair as a pair (timm's and HF's to_2tuple)."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ValueError(f"expected an int or a (height, width) pair, got {x!r}")
@@ -29,7 +29,7 @@ def to_2tuple(x: IntOrPair | list[int]) -> tuple[int, int]:
 class ViTConfig:
     """Architecture plus the preprocessing that belongs with the weights.
 
-    The first block of fields and their defaults are the seed's (and HF ``ViTConfig``'s).
+    The first block of fields and their defaults are HF ``ViTConfig``'s.
     Preprocessing: resize the shorter side to ``image_size / crop_pct`` then centre-crop to
     ``image_size`` (timm's recipe); ``crop_pct=None`` resizes straight to ``image_size``
     (HF ``ViTImageProcessor``), then ``(x / 255 - mean) / std``.
@@ -218,7 +218,7 @@ PRESETS: tuple[str, ...] = tuple(
 
 
 def preset(name: str, **overrides: Any) -> ViTConfig:
-    """A named configuration such as ``vit-base-patch16-224`` (the seed's default)."""
+    """A named configuration such as ``vit-base-patch16-224`` (the default model)."""
     m = _PRESET_RE.match(name)
     if not m:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")

@@ -1,4 +1,4 @@
-"""The seed's ViT in torch, with HF ``ViTForImageClassification``'s parameter names.
+"""A ViT in torch, with HF ``ViTForImageClassification``'s parameter names.
 
 Two choices here are for the exported graph, not for torch:
 - attention scales Q before Q·Kᵀ and is plain MatMul-Softmax-MatMul (the shape TensorRT fuses);

@@ -25,6 +25,12 @@ _DISTS = {
 }
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask, which containers and taskset narrow):
+    the default thread count of every CPU backend."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def library_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for key, dists in _DISTS.items():

@@ -35,9 +35,10 @@ import numpy as np
 from vitdeploy.bench import side_by_side, time_runs
 from vitdeploy.engines import artifact_kind, open_runtime
 from vitdeploy.engines.base import Runtime
-from vitdeploy.engines.plan import MachineKey, PathChoice, TunePlan, plan_path, usable_cpus
+from vitdeploy.engines.plan import MachineKey, PathChoice, TunePlan, plan_path
 from vitdeploy.errors import VitDeployError
 from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
+from vitdeploy.sysinfo import usable_cpus
 
 # bf16 keeps 8 significant bits (fp16 11): looser than export's fp16 tolerance, tighter than int8's
 GUARD_TOLERANCES: dict[str, dict[str, float]] = {**TOLERANCES, "bf16": {"max_abs_rel": 0.1, "min_cosine": 0.995}}

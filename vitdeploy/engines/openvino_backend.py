@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from vitdeploy.engines.base import InputSpec, Runtime
-from vitdeploy.engines.onnxruntime_backend import DYNAMIC_MAX_BATCH, default_threads
+from vitdeploy.engines.onnxruntime_backend import DYNAMIC_MAX_BATCH
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata, read_onnx_metadata
+from vitdeploy.sysinfo import usable_cpus
 
 
 class OpenVinoRuntime(Runtime):
@@ -39,7 +40,7 @@ class OpenVinoRuntime(Runtime):
             raise VitDeployError(f"OpenVINO hint {hint!r}: choose LATENCY or THROUGHPUT")
         if precision_hint not in ("f32", "bf16", "f16"):
             raise VitDeployError(f"OpenVINO precision hint {precision_hint!r}: choose f32, bf16 or f16")
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cpus()
         self.precision_hint = precision_hint
         self.hint = hint
         self.where = "cpu"
