@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,26 +117,90 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def choose_providers(device: str = "auto", engine_cache: str | None = None) -> list[Any]:
-    """TensorRT, then CUDA, then CPU, as far as this onnxruntime build and ``device`` allow."""
+TENSORRT_CACHE_SUFFIX = ".ort-trt-cache"  # <stem>.ort-trt-cache/<ONNX hash>/ beside the artifact
+TENSORRT_OPT_BATCH = 8
+_PROVIDER = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+GPU_ORT_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (README: ONNX Runtime on a GPU)"
+
+
+def onnx_batch_range(path: str | Path) -> tuple[str, tuple[int, ...], tuple[int, int, int]]:
+    """(input name, non-batch dims, (min, opt, max) batch) of an ONNX's one input, read from its batch
+    axis: a fixed size N gives N/N/N, a symbolic one (``--dynamic-batch``, metadata ``batch: dynamic``)
+    1/8/DYNAMIC_MAX_BATCH, since larger requests are split before they reach the session."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        raise VitDeployError(f"{path}: expected one input, found {len(inputs)}: export it with vitdeploy")
+    name = inputs[0].name
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) < 2 or min(dims[1:]) <= 0:
+        raise VitDeployError(f"{path}: input {name} needs static non-batch dims, got {dims}")
+    if any(c in name for c in ",:"):  # the provider's profile syntax is "name:1x3x224x224,name2:..."
+        raise VitDeployError(f"{path}: input name {name!r} has ',' or ':', which TensorRT's profile syntax cannot hold")
+    batch = dims[0]
+    lo, hi = (batch, batch) if batch > 0 else (1, DYNAMIC_MAX_BATCH)
+    return name, tuple(dims[1:]), (lo, min(max(lo, TENSORRT_OPT_BATCH), hi), hi)
+
+
+def tensorrt_provider_options(input_name: str, dims: tuple[int, ...], batch: tuple[int, int, int],
+                              cache_dir: Path | None) -> dict[str, str]:
+    """ONNX Runtime's TensorRT provider options: one optimization profile over the artifact's whole batch
+    range, so a batch size not seen before never rebuilds the engine while serving, and its engine and
+    timing caches in ``cache_dir`` (None: no caches), so a restart deserializes instead of rebuilding."""
+    shape = "x".join(str(d) for d in dims)
+    opts = {f"trt_profile_{k}_shapes": f"{input_name}:{b}x{shape}"
+            for k, b in zip(("min", "opt", "max"), batch, strict=True)}
+    if cache_dir is not None:
+        opts.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(cache_dir),
+                    trt_timing_cache_enable="True", trt_timing_cache_path=str(cache_dir))
+    return opts
+
+
+def tensorrt_cache_dir(path: Path) -> Path:
+    """``<stem>.ort-trt-cache/<first 16 hex of the ONNX's sha256>``: ONNX Runtime keys its engine cache by
+    the graph's structure and names, not its weights, so a re-export under the same name needs a new folder."""
+    from vitdeploy.io import sha256_file
+
+    return path.with_name(path.stem + TENSORRT_CACHE_SUFFIX) / sha256_file(path)[:16]
+
+
+def _tensorrt_options(path: Path, engine_cache: str | None) -> dict[str, str]:
+    name, dims, batch = onnx_batch_range(path)
+    cache: Path | None = Path(engine_cache) if engine_cache else tensorrt_cache_dir(path)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        import warnings
+
+        warnings.warn(f"TensorRT provider: no engine cache ({cache}: {e.strerror}); each start rebuilds "
+                      "the engine: pass engine_cache= a writable folder", stacklevel=3)
+        cache = None
+    return tensorrt_provider_options(name, dims, batch, cache)
+
+
+def choose_providers(device: str = "auto", tensorrt_options: Callable[[], dict[str, str]] | None = None) -> list[Any]:
+    """TensorRT, then CUDA, then CPU, as far as this onnxruntime build and ``device`` allow.
+
+    ``tensorrt_options`` makes the TensorRT provider's options, called only where that provider is chosen.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if device == "tensorrt" and _PROVIDER["tensorrt"] not in available:
+        raise VitDeployError(f"--device tensorrt: this onnxruntime has no TensorRT execution provider "
+                             f"({', '.join(available)}): {GPU_ORT_INSTALL}; or use --device cuda")
     providers: list[Any] = []
     if device in ("auto", "cuda", "tensorrt"):
-        if "TensorrtExecutionProvider" in available and device != "cuda":
-            opts = {"trt_engine_cache_enable": bool(engine_cache)}
-            if engine_cache:
-                opts["trt_engine_cache_path"] = engine_cache
-                opts["trt_timing_cache_enable"] = True
-            providers.append(("TensorrtExecutionProvider", opts))
-        if "CUDAExecutionProvider" in available:
-            providers.append("CUDAExecutionProvider")
-        if device in ("cuda", "tensorrt") and not providers:
-            raise VitDeployError(
-                f"--device {device}: this onnxruntime has no GPU providers ({', '.join(available)}); "
-                "pip install onnxruntime-gpu"
-            )
+        if _PROVIDER["tensorrt"] in available and device != "cuda":
+            providers.append((_PROVIDER["tensorrt"], tensorrt_options() if tensorrt_options else {}))
+        if _PROVIDER["cuda"] in available:
+            providers.append(_PROVIDER["cuda"])
+        if device == "cuda" and not providers:
+            raise VitDeployError(f"--device cuda: this onnxruntime has no GPU providers ({', '.join(available)}): "
+                                 f"{GPU_ORT_INSTALL}")
     providers.append("CPUExecutionProvider")
     return providers
 
@@ -143,6 +208,17 @@ def choose_providers(device: str = "auto", engine_cache: str | None = None) -> l
 def default_threads() -> int:
     """Physical-ish core count; ONNX Runtime's own default also spins on hyper-threads."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _check_provider(device: str, running: list[str]) -> None:
+    """Refuse a session that ONNX Runtime quietly moved off the provider ``device`` asked for (it falls
+    back, with a printed "EP Error", when the provider's libraries or the GPU are missing)."""
+    wanted = _PROVIDER.get(device)
+    if wanted and wanted not in running:
+        raise VitDeployError(f"--device {device}: ONNX Runtime could not start its {wanted} and fell back to "
+                             f"{', '.join(running)} (its EP Error above names the missing library): install "
+                             "the GPU libraries onnxruntime-gpu needs (CUDA, cuDNN; TensorRT for --device tensorrt)"
+                             ", or choose another --device")
 
 
 class OnnxRuntime(Runtime):
@@ -171,7 +247,7 @@ class OnnxRuntime(Runtime):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         self.threads = so.intra_op_num_threads
-        providers = choose_providers(device, engine_cache)
+        providers = choose_providers(device, lambda: _tensorrt_options(self.path, engine_cache))
         cpu_only = providers == ["CPUExecutionProvider"]
         want_u8 = qdq_activations == "uint8" or (qdq_activations == "auto" and cpu_only and _x86())
         source: str | bytes = str(self.path)
@@ -183,6 +259,7 @@ class OnnxRuntime(Runtime):
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VitDeployError(f"ONNX Runtime cannot load {self.path}: {first}") from None
+        _check_provider(device, self.session.get_providers())
         self.where = {"CPU": "cpu", "CUDA": "cuda", "Tensorrt": "cuda"}.get(
             self.session.get_providers()[0].replace("ExecutionProvider", ""), "?")
         inp = self.session.get_inputs()[0]
