@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from vitdeploy import __version__
+from vitdeploy.artifacts.golden import GoldenSet, GoldenVerdict
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
 from vitdeploy.io import check_output_dir, publish_onnx, staging_dir
@@ -51,6 +52,7 @@ class ExportOptions:
     seed: int | None = None
     uint8_input: bool = False  # preprocessing in the graph: uint8 NHWC pixels in, see uint8_input_module
     external_data_bytes: int = EXTERNAL_DATA_BYTES  # weights above this go to a .data file beside the ONNX
+    golden_images: Path | None = None  # images for the golden set (default: calibration images, else synthetic)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class ExportReport:
     tolerance: dict[str, float] | None = None
     qdq: dict[str, int] | None = None
     notes: list[str] = field(default_factory=list)
+    golden: GoldenVerdict | None = None  # the exported file on ONNX Runtime against its own golden set
+    golden_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +79,7 @@ class ExportReport:
             "export_seconds": self.export_seconds,
             "verification": self.verification.to_dict() if self.verification else None,
             "tolerance": self.tolerance, "qdq": self.qdq, "notes": self.notes,
+            "golden": self.golden.to_dict() if self.golden else None, "golden_bytes": self.golden_bytes,
         }
 
     def render(self) -> str:
@@ -88,6 +93,9 @@ class ExportReport:
             lines.append(f"Q/DQ: {self.qdq['quantized']}/{self.qdq['quantizable']} MatMul/Gemm/Conv quantized")
         if self.verification:
             lines.append(f"verified with ONNX Runtime against torch: {self.verification.summary()}")
+        if self.golden_bytes:
+            lines.append(f"golden set ({self.golden_bytes / 1e3:.1f} kB in the metadata) on ONNX Runtime: "
+                         + (self.golden.summary() if self.golden else "not checked (--no-verify)"))
         lines += self.notes
         return "\n".join(lines)
 
@@ -279,19 +287,25 @@ def verification_session_options(precision: str) -> Any:
     return so
 
 
-def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch: int | None) -> Comparison:
+def _verification_session(path: Path, precision: str) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), verification_session_options(precision),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {str(e).splitlines()[0]}") from None
+
+
+def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch: int | None,
+                session: Any = None) -> Comparison:
     """Run the file with ONNX Runtime (CPU) and the float torch model on the same inputs (for a uint8
     input, torch gets the same pixels through :meth:`Preprocessing.normalize`, the float path)."""
-    import onnxruntime as ort
     import torch
 
     from vitdeploy.preprocess import Preprocessing
 
-    try:
-        session = ort.InferenceSession(str(path), verification_session_options(opts.precision),
-                                       providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ExportError(f"ONNX Runtime cannot load the exported model: {str(e).splitlines()[0]}") from None
+    session = session or _verification_session(path, opts.precision)
     in_type = session.get_inputs()[0].type
     prep = Preprocessing.from_config(config)
     refs, outs = [], []
@@ -302,6 +316,53 @@ def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch:
         feed = x.astype(np.float16) if "float16" in in_type else x
         outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0].astype(np.float32))
     return compare_logits(np.concatenate(refs), np.concatenate(outs))
+
+
+def make_golden(model: Any, config: Any, opts: ExportOptions) -> GoldenSet:
+    """The golden set for this export: ``--golden-images`` (up to 8), else calibration images (4), else
+    4 synthetic images (seed 0), with torch FP32's logits through decode -> preprocessing -> model."""
+    import torch
+
+    from vitdeploy.artifacts.golden import make_golden_set, pick_files, synthetic_images
+    from vitdeploy.preprocess import Preprocessing, find_images, open_image
+
+    prep = Preprocessing.from_config(config)
+    folder = Path(opts.golden_images) if opts.golden_images is not None else opts.calib_dir
+    if folder is not None:
+        folder = Path(folder)
+        files = pick_files(find_images(folder), 8 if opts.golden_images is not None else 4)
+        images = [(f.relative_to(folder).as_posix(), open_image(f)) for f in files]
+        source = f"{'images' if opts.golden_images is not None else 'calibration images'} from {Path(folder).name}"
+    else:
+        h, w = config.image_hw
+        images, source = synthetic_images(4, (h * 5 // 4, w * 5 // 4), seed=0), "synthetic (seed 0)"
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    return make_golden_set(images, prep, reference, opts.precision, source)
+
+
+def check_golden(session: Any, golden: GoldenSet, config: Any, opts: ExportOptions,
+                 batch: int | None) -> GoldenVerdict:
+    """The exported file, on ONNX Runtime, against its own golden set (the whole decode path)."""
+    from vitdeploy.preprocess import Preprocessing
+
+    prep = Preprocessing.from_config(config)
+    pixels = np.stack([prep.pixels(im) for im in golden.decoded()])
+    x = pixels if opts.uint8_input else prep.normalize(pixels)
+    if "float16" in session.get_inputs()[0].type:
+        x = x.astype(np.float16)
+    step = batch or len(x)
+    outs = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        k = len(chunk)
+        if k < step:  # a static batch: pad with the last image
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - k, axis=0)])
+        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0][:k].astype(np.float32))
+    return golden.check(np.concatenate(outs))
 
 
 def export_onnx(source: Any, output: str | Path, config: Any = None, options: ExportOptions | None = None,
@@ -340,6 +401,8 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         calib_files = find_images(opts.calib_dir)[: opts.calib_samples]
     if opts.dynamic_batch and opts.batch != 1:
         raise ExportError("give --batch N (static) or --dynamic-batch, not both")
+    if opts.golden_images is not None:
+        find_images(opts.golden_images)  # a wrong folder is refused before the export's work
 
     t0 = time.perf_counter()
     loaded = resolve(source, config, seed=opts.seed)
@@ -360,6 +423,8 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         proto = ir.serde.serialize_model(model_ir)
         check_graph(proto, opts.dynamic_batch)
     extra = {"source_kind": loaded.kind, "opset": str(opset)}
+    golden = make_golden(model, cfg, opts)
+    golden.attach(extra)
     if opts.uint8_input:
         extra["input"] = UINT8_NHWC
         h, w = cfg.image_hw
@@ -400,16 +465,22 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         set_metadata(proto, meta)
         _save(proto, tmp, large)
         onnx.checker.check_model(str(tmp), full_check=not large)
-        comparison = None
+        comparison = verdict = None
         tolerance = TOLERANCES[opts.precision]
         if opts.verify:
-            comparison = verify_onnx(tmp, model, cfg, opts, batch)
+            session = _verification_session(tmp, opts.precision)
+            comparison = verify_onnx(tmp, model, cfg, opts, batch, session=session)
             if not comparison.within(**tolerance):
                 raise ExportError(
                     f"{opts.precision} ONNX disagrees with torch beyond tolerance "
                     f"(max abs <= {tolerance['max_abs_rel']:g} x scale, cosine >= {tolerance['min_cosine']}): "
                     f"{comparison.summary()}; nothing written"
                 )
+            verdict = check_golden(session, golden, cfg, opts, batch)
+            del session
+            if not verdict.passed:
+                raise ExportError(f"the {opts.precision} ONNX fails its own golden set on ONNX Runtime: "
+                                  f"{verdict.reason()}; nothing written")
         data_files = publish_onnx(tmp, output)
         if large:
             notes.append(f"weights in {', '.join(f.name for f in data_files)} (ONNX external data: the model "
@@ -417,5 +488,6 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     return ExportReport(
         path=output, precision=opts.precision, opset=opset, batch=meta.batch, node_count=len(proto.graph.node),
         op_histogram=histogram(proto), file_bytes=output.stat().st_size, export_seconds=time.perf_counter() - t0,
-        verification=comparison, tolerance=tolerance, qdq=qdq, notes=notes,
+        verification=comparison, tolerance=tolerance, qdq=qdq, notes=notes, golden=verdict,
+        golden_bytes=golden.nbytes,
     )

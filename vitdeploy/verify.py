@@ -1,0 +1,356 @@
+"""An artifact against its own golden set, on the runtime that will run it (``vitdeploy verify``).
+
+Every exported artifact carries a golden set (:mod:`vitdeploy.artifacts.golden`): encoded images, the
+logits torch FP32 gave for them and the tolerance of the artifact's precision. Checking it runs the
+whole path a deployment runs: decode, the preprocessing in the artifact's metadata, the runtime.
+
+Where it runs:
+- ``vitdeploy verify ARTIFACT``: on demand, a row per image.
+- ``vitdeploy build``: the engine just built, when it can run here; otherwise the sidecar records why not.
+- First load (:func:`open_verified`, used by ``predict``, ``bench``, ``eval``, ``serve`` and the Triton
+  Python model): once per artifact, runtime, library versions and CPU or GPU and driver, the verdict
+  cached beside the artifact in ``<stem>.verified.json``. A failed verdict refuses to run.
+
+This module sits above the engines (it opens runtimes), so the engines never import it: callers that
+want the check open through :func:`open_verified` instead of ``open_runtime``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.artifacts.golden import GoldenSet, GoldenVerdict
+from vitdeploy.engines import Runtime, artifact_kind, open_runtime
+from vitdeploy.errors import VitDeployError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "vitdeploy-verified/1"
+CACHE_ENTRIES = 32  # verdicts kept per artifact (oldest dropped)
+KEY_LIBRARIES = ("vitdeploy", "onnxruntime", "openvino", "tensorrt", "tensorrt_rtx", "torch")
+
+
+class DriftError(VitDeployError):
+    """An artifact whose answers on this runtime left its golden set's tolerance."""
+
+
+def verified_path(artifact: str | Path) -> Path:
+    """``m.onnx`` -> ``m.verified.json`` (same folder, same stem): the first-load verdicts."""
+    p = Path(artifact)
+    return p.with_name(p.stem + ".verified.json")
+
+
+def artifact_golden(path: str | Path) -> GoldenSet | None:
+    """The golden set an ONNX (its metadata) or an engine (its sidecar) carries; None when it has none."""
+    kind = artifact_kind(path)
+    if kind == "onnx":
+        from vitdeploy.exporters.metadata import read_onnx_metadata
+
+        try:
+            meta = read_onnx_metadata(path)
+        except VitDeployError:
+            return None
+        return meta.golden
+    if kind == "engine":
+        from vitdeploy.engines.sidecar import EngineSidecar
+        from vitdeploy.exporters.metadata import ArtifactMetadata
+
+        side = EngineSidecar.read(path)
+        return ArtifactMetadata.from_dict(side.model).golden if side.model else None
+    return None
+
+
+# --- running the check --------------------------------------------------------------------------------
+@dataclass
+class PathResult:
+    """One runtime path's verdict (a tuned plan has up to two paths)."""
+
+    runtime: str
+    verdict: GoldenVerdict
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "seconds": self.seconds, **self.verdict.to_dict()}
+
+
+def verify_runtime(rt: Runtime, golden: GoldenSet) -> list[PathResult]:
+    """Run ``golden`` through ``rt``: decode, ``rt``'s preprocessing (from its metadata), inference.
+    A tuned plan's paths are each checked (its throughput path runs batches the golden set would not)."""
+    from vitdeploy.engines.plan import PlannedRuntime
+
+    paths = [rt]
+    if isinstance(rt, PlannedRuntime):
+        paths = list({id(r): r for r in (rt.runtime_for(1), rt.runtime_for(rt.plan.throughput_batch))}.values())
+    images = golden.decoded()
+    out = []
+    for r in paths:
+        t0 = time.perf_counter()
+        verdict = golden.check(r.infer(rt.preprocess(images)))
+        out.append(PathResult(r.describe(), verdict, time.perf_counter() - t0))
+    return out
+
+
+def engine_cannot_run_here(engine: str | Path) -> str | None:
+    """Why the engine cannot run on this machine (no GPU, a GPU its flavour or targets exclude, its
+    TensorRT not installed), or None when it can."""
+    import importlib.util
+
+    from vitdeploy import sysinfo
+    from vitdeploy.engines.sidecar import TENSORRT_RTX, EngineSidecar, runs_on
+
+    side = EngineSidecar.read(engine)
+    gpus = sysinfo.cuda_devices()
+    if not gpus:
+        return "no GPU here"
+    gpu = gpus[0]
+    if not runs_on(side.flavour, gpu.compute_capability):
+        return f"{side.title} engines cannot run on {gpu.describe()}"
+    if side.flavour == TENSORRT_RTX and gpu.compute_capability not in side.targets:
+        return f"built for {', '.join(side.targets)}, and this GPU is {gpu.describe()}"
+    if importlib.util.find_spec(side.flavour) is None:
+        return f"{side.title} is not installed here"
+    return None
+
+
+@dataclass
+class VerifyReport:
+    artifact: Path
+    backend: str
+    results: list[PathResult] = field(default_factory=list)
+    skipped: str = ""  # why it was not verified here
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.skipped and all(r.verdict.passed for r in self.results)
+
+    @property
+    def failed(self) -> bool:
+        return any(not r.verdict.passed for r in self.results)
+
+    def reason(self) -> str:
+        """One line: the first failing image and its drift, and the runtime."""
+        for r in self.results:
+            if not r.verdict.passed:
+                return f"{self.artifact.name} on {r.runtime}: {r.verdict.reason()}"
+        return ""
+
+    def _label(self, i: int) -> str:
+        return f"{i} {self.labels[i]}" if 0 <= i < len(self.labels) else str(i)
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        tables = []
+        for r in self.results:
+            t = Table(title=f"{self.artifact.name} on {r.runtime}: golden set, {r.verdict.precision} tolerance "
+                            f"(max abs <= {r.verdict.tolerance['max_abs_rel']:g} x scale, cosine >= "
+                            f"{r.verdict.tolerance['min_cosine']:g})")
+            for col in ("image", "top-1 expected", "top-1 got", "match", "max abs / scale", "cosine", "status"):
+                t.add_column(col)
+            for row in r.verdict.rows:
+                match = ("yes" if row.got == row.expected else "no") + ("" if row.top1_checked else " (near-tie)")
+                t.add_row(row.image, self._label(row.expected), self._label(row.got), match, f"{row.error:.3g}",
+                          f"{row.cosine:.6f}", "ok" if row.ok else f"DRIFT: {row.problem}")
+            tables.append(t)
+        return tables
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": str(self.artifact), "backend": self.backend, "passed": self.passed,
+                "skipped": self.skipped, "results": [r.to_dict() for r in self.results]}
+
+
+def verify_artifact(path: str | Path, backend: str = "auto", device: str = "auto", **options: Any) -> VerifyReport:
+    """Check ``path`` against its golden set on ``backend`` (``auto``: the tune plan when one holds
+    here, as :func:`open_runtime` chooses). An engine that cannot run here is skipped, with the reason."""
+    path = Path(path)
+    golden = artifact_golden(path)
+    if golden is None:
+        raise VitDeployError(f"{path} carries no golden set: export it again with `vitdeploy export` "
+                             "(and rebuild an engine from that ONNX)")
+    report = VerifyReport(path, backend)
+    if artifact_kind(path) == "engine":
+        why = engine_cannot_run_here(path)
+        if why:
+            report.skipped = why
+            return report
+    with open_runtime(path, backend=backend, device=device, **options) as rt:
+        report.labels = rt.labels
+        report.results = verify_runtime(rt, golden)
+    return report
+
+
+# --- first load on a target ---------------------------------------------------------------------------
+def _driver_version() -> str | None:
+    from vitdeploy import sysinfo
+
+    rt = sysinfo.cudart()
+    if rt is None:
+        return None
+    try:
+        err, version = rt.cudaDriverGetVersion()
+    except Exception:
+        return None
+    return f"{version // 1000}.{version % 1000 // 10}" if int(err) == 0 else None
+
+
+def target_key(path: str | Path, rt: Runtime) -> dict[str, Any]:
+    """What must be equal for a verdict to hold: the artifact (and the metadata the runtime read), the
+    runtime as opened, the library versions on the path, and the CPU or the GPU and its driver."""
+    from importlib import metadata as md
+
+    from vitdeploy import sysinfo
+    from vitdeploy.io import sha256_file
+
+    libs = sysinfo.library_versions()
+    versions: dict[str, str | None] = {k: libs.get(k) for k in KEY_LIBRARIES}
+    for dist in ("numpy", "pillow"):  # decoding and resizing are on the checked path
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    meta = json.dumps(rt.metadata.to_dict(), sort_keys=True) if rt.metadata else ""
+    key: dict[str, Any] = {"artifact_sha256": sha256_file(path),
+                           "metadata_sha256": hashlib.sha256(meta.encode()).hexdigest(),
+                           "runtime": rt.describe(), "where": rt.where, "libraries": versions}
+    if rt.where == "cuda":
+        key.update(gpus=sysinfo.gpus(), driver=_driver_version())
+    else:
+        key.update(cpu=sysinfo.cpu_model(), cpu_flags=sysinfo.cpu_flags())
+    return key
+
+
+def _key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cache(path: Path) -> list[dict[str, Any]]:
+    cache = verified_path(path)
+    try:
+        if not cache.is_file() or cache.stat().st_size > 4 << 20:
+            return []
+        data = json.loads(cache.read_text())
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data["entries"], list):
+            raise ValueError(f"not {CACHE_FORMAT}")
+        return [e for e in data["entries"] if isinstance(e, dict)]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring %s (%s): the artifact is checked again", cache, e)
+        return []
+
+
+def _cached(entries: list[dict[str, Any]], key_hash: str) -> list[PathResult] | None:
+    for entry in entries:
+        if entry.get("key_sha256") == key_hash:
+            try:
+                return [PathResult(str(r["runtime"]), GoldenVerdict.from_dict(r), float(r["seconds"]))
+                        for r in entry["results"]]
+            except (KeyError, TypeError, ValueError):
+                return None
+    return None
+
+
+def _store(path: Path, entries: list[dict[str, Any]], key: dict[str, Any], results: list[PathResult]) -> None:
+    from vitdeploy.io import atomic_write_bytes
+
+    key_hash = _key_hash(key)
+    entry = {"key_sha256": key_hash, "key": key, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "results": [r.to_dict() for r in results]}
+    kept = [e for e in entries if e.get("key_sha256") != key_hash][-(CACHE_ENTRIES - 1):]
+    try:
+        atomic_write_bytes(verified_path(path),
+                           json.dumps({"format": CACHE_FORMAT, "entries": [*kept, entry]}, indent=1).encode())
+    except OSError as e:
+        log.warning("cannot keep the verdict in %s (%s): the check runs again at the next load",
+                    verified_path(path), e.strerror or e)
+
+
+@dataclass
+class FirstLoad:
+    """The first-load check's outcome: the verdicts, and whether they came from the cache."""
+
+    results: list[PathResult]
+    cached: bool
+
+    @property
+    def passed(self) -> bool:
+        return all(r.verdict.passed for r in self.results)
+
+
+def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False) -> FirstLoad | None:
+    """Verify ``rt`` (opened on ``path``) against the artifact's golden set, once per target: the
+    verdict is cached in ``<stem>.verified.json`` under :func:`target_key`. A failed verdict raises
+    :class:`DriftError` naming the image and the drift, unless ``allow_drift`` (then a warning).
+    None when there is nothing to check (a checkpoint, or an artifact without a golden set)."""
+    path = Path(path)
+    if not path.is_file() or artifact_kind(path) == "checkpoint":
+        return None
+    golden = rt.metadata.golden if rt.metadata else None
+    if golden is None:
+        log.info("%s carries no golden set: not verified (re-export it to add one)", path.name)
+        return None
+    key = target_key(path, rt)
+    entries = _read_cache(path)
+    results = _cached(entries, _key_hash(key))
+    outcome = FirstLoad(results or [], results is not None)
+    if results is None:
+        outcome.results = verify_runtime(rt, golden)
+        _store(path, entries, key, outcome.results)
+    bad = next((r for r in outcome.results if not r.verdict.passed), None)
+    if bad is not None:
+        message = f"{path.name} fails its golden set on {bad.runtime}: {bad.verdict.reason()}"
+        if not allow_drift:
+            where = f"verdict cached in {verified_path(path).name}" if outcome.cached else "checked on first load"
+            raise DriftError(f"{message} ({where}). This runtime or machine answers differently from export: "
+                             "re-export or rebuild here, or run anyway with --allow-drift")
+        log.warning("%s; running anyway (--allow-drift)", message)
+    return outcome
+
+
+def open_verified(path: str | Path, backend: str = "auto", device: str = "auto", verify: bool = True,
+                  allow_drift: bool = False, **options: Any) -> Runtime:
+    """:func:`vitdeploy.engines.open_runtime`, then :func:`first_load_check` (``verify=False`` skips it).
+    The runtime is closed again if the check refuses it."""
+    rt = open_runtime(path, backend=backend, device=device, **options)
+    if not verify:
+        return rt
+    try:
+        first_load_check(path, rt, allow_drift=allow_drift)
+    except BaseException:
+        rt.close()
+        raise
+    return rt
+
+
+# --- after a build --------------------------------------------------------------------------------------
+def check_built_engine(engine: str | Path) -> dict[str, Any]:
+    """Verify an engine just built where it can run here, and record the verdict in its sidecar
+    (GPU, driver, TensorRT version, figures); where it cannot (an ahead-of-time TensorRT-RTX build on a
+    machine without its GPU), record "not verified" and why."""
+    from dataclasses import replace
+
+    from vitdeploy import sysinfo
+    from vitdeploy.engines.sidecar import EngineSidecar, sidecar_path
+    from vitdeploy.io import atomic_write_bytes
+
+    engine = Path(engine)
+    side = EngineSidecar.read(engine)
+    record: dict[str, Any] = {"checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "flavour": side.flavour, "trt_version": side.trt_version}
+    why = "the ONNX it was built from carries no golden set" if artifact_golden(engine) is None else (
+        engine_cannot_run_here(engine))
+    if why:
+        record.update(verified=False, passed=None, reason=f"not verified: {why}")
+    else:
+        result = verify_artifact(engine, backend="tensorrt").results[0]
+        record.update(verified=True, passed=result.verdict.passed, reason=result.verdict.reason(),
+                      gpu=sysinfo.gpus()[0], driver=_driver_version(), runtime=result.runtime,
+                      summary=result.verdict.summary(), seconds=round(result.seconds, 3),
+                      rows=[r.to_dict() for r in result.verdict.rows])
+    atomic_write_bytes(sidecar_path(engine), replace(side, verification=record).to_json().encode())
+    return record
