@@ -53,3 +53,38 @@ def test_hf_runtime_is_transformers(tmp_path):
     with HFRuntime(folder, "eager", threads=1) as rt:
         assert rt.where == "cpu" and rt.threads == 1 and rt.runtime_for(3) is rt
         np.testing.assert_allclose(rt.infer(x), want, atol=1e-5)
+
+
+def _report(name: str):
+    from vitdeploy.bench import BenchReport, BenchResult, Stats
+
+    stats = Stats.of([1.0, 2.0, 3.0])
+    rows = [BenchResult(name=name, backend="onnxruntime[CPUExecutionProvider, 2 threads]", precision="fp16",
+                        batch=b, iterations=3, latency_ms=stats, throughput=100.0, where="cpu", threads=2,
+                        batching="native") for b in (1, 8)]
+    return BenchReport(rows, machine={}, libraries={})
+
+
+def _render(table, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(table)
+    return console.export_text()
+
+
+def test_bench_table_fits_the_terminal_and_shows_names_whole():
+    name = "vit-b16-fp16-a-rather-long-artifact-name.onnx"
+    report = _report(name)
+    text = _render(report.table(width=80), 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text  # nothing cut
+    # the artifact column, read down: the name folds onto several lines but every character is there
+    first = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    assert first.count(name) == 2
+    assert "not shown for the terminal's width" in text and "--wide" in text
+    wide = _render(report.table(width=80, wide=True), 400)
+    for col in ("p99", "min", "max", "peak MB", "speed-up", "gpu compute"):
+        assert col in wide
+    roomy = _render(report.table(width=400), 400)
+    assert "not shown" not in roomy

@@ -136,23 +136,29 @@ class BenchReport:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
 
-    def table(self) -> Any:
-        from rich.table import Table
+    # (column, priority): 0 always shown; the highest numbers go first when the terminal is narrow
+    COLUMNS = (("artifact", 0), ("backend", 0), ("ran on", 4), ("precision", 2), ("batch", 0), ("mean", 5),
+               ("median", 0), ("p99", 1), ("min", 6), ("max", 6), ("gpu compute", 3), ("img/s", 0),
+               ("peak MB", 5), ("speed-up", 3), ("status", 0))
 
-        t = Table(title="vitdeploy bench: latency per batch (ms), throughput (images/s)")
-        for col in ("artifact", "backend", "ran on", "precision", "batch", "mean", "median", "p99", "min", "max",
-                    "gpu compute", "img/s", "peak MB", "speed-up", "status"):
-            t.add_column(col, justify="left" if col in ("artifact", "backend", "ran on", "status") else "right")
+    def table(self, width: int | None = None, wide: bool = False) -> Any:
+        """The results as a rich Table with the columns that fit ``width`` (all of them with ``wide``)."""
+        from vitdeploy.tables import Column, fit_table
+
+        names = ("artifact", "backend", "ran on", "status")
+        columns = [Column(n, p, "left" if n in names else "right", name_like=n in names) for n, p in self.COLUMNS]
+        rows = []
         for r in self.results:
             s = r.latency_ms
             batch = str(r.batch) if r.batching == "native" else f"{r.batch} ({r.batching})"
             ran_on = r.where + (f", {r.threads} threads" if r.threads and r.where == "cpu" else "")
-            t.add_row(r.name, r.backend, ran_on, r.precision, batch, f"{s.mean:.2f}", f"{s.median:.2f}",
-                      f"{s.p99:.2f}", f"{s.min:.2f}", f"{s.max:.2f}",
-                      f"{r.compute_ms.median:.2f}" if r.compute_ms else "-", f"{r.throughput:.1f}",
-                      f"{r.peak_host_mb:.0f}" + (f" / {r.peak_gpu_mb:.0f} GPU" if r.peak_gpu_mb else ""),
-                      f"{r.speedup:.2f}x" if r.speedup else "-", r.status)
-        return t
+            rows.append([r.name, r.backend, ran_on, r.precision, batch, f"{s.mean:.2f}", f"{s.median:.2f}",
+                         f"{s.p99:.2f}", f"{s.min:.2f}", f"{s.max:.2f}",
+                         f"{r.compute_ms.median:.2f}" if r.compute_ms else "-", f"{r.throughput:.1f}",
+                         f"{r.peak_host_mb:.0f}" + (f" / {r.peak_gpu_mb:.0f} GPU" if r.peak_gpu_mb else ""),
+                         f"{r.speedup:.2f}x" if r.speedup else "-", r.status])
+        return fit_table("vitdeploy bench: latency per batch (ms), throughput (images/s)", columns, rows,
+                         width, wide)
 
 
 def rss_mb() -> float:

@@ -309,10 +309,11 @@ def _ints(value: str) -> list[int]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
 def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
           qdq_activations: str, json_path: Path | None,
-          csv_path: Path | None, plot_path: Path | None) -> None:
+          csv_path: Path | None, plot_path: Path | None, wide: bool) -> None:
     """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch)."""
     from vitdeploy.bench import run_bench
     from vitdeploy.engines import BACKENDS, artifact_kind
@@ -342,7 +343,8 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
                 runtimes.append((Path(artifact).name,
                                  lambda a=artifact, b=b, t=t, d=d, e=extra: _open(a, b, t, d, device, **e)))
     report = run_bench(runtimes, batches, warmup, None if duration else iters, duration, progress=True)
-    _console().print(report.table())
+    console = _console()
+    console.print(report.table(console.width, wide))
     m = report.machine
     click.echo(f"machine: {m['cpu']} ({m['cores']} cores; ISA {' '.join(m['cpu_flags']) or '-'})"
                f"{'; GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}")
@@ -369,15 +371,17 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
 @click.option("--iters", type=click.IntRange(min=3), default=10, show_default=True, help="Timed runs at batch 1.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every candidate's figures here too.")
+@click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
 def tune(artifact: Path, batch: int, threads: str | None, images: Path | None, iters: int,
-         json_path: Path | None) -> None:
+         json_path: Path | None, wide: bool) -> None:
     """Measure every CPU path for an ONNX here; write the fastest that passes the accuracy guard to ARTIFACT's
     .tune.json, which bench/predict/eval/serve then use on this machine (--backend overrides it)."""
     from vitdeploy.tune import tune as run_tune
 
     report = run_tune(artifact, batch=batch, threads=_ints(threads) if threads else None, images=images,
                       iters=iters, progress=True)
-    _console().print(report.table())
+    console = _console()
+    console.print(report.table(console.width, wide))
     click.echo(report.summary())
     if json_path:
         from vitdeploy.io import atomic_write_bytes

@@ -89,14 +89,14 @@ class TuneReport:
     reference: str
     seconds: float
 
-    def table(self) -> Any:
-        from rich.table import Table
+    def table(self, width: int | None = None, wide: bool = False) -> Any:
+        """Every candidate path as a rich Table with the columns that fit ``width``."""
+        from vitdeploy.tables import Column, fit_table
 
         tb = self.plan.throughput_batch
-        t = Table(title=f"vitdeploy tune {self.path.name}: ms per image, accuracy guard against {self.reference}",
-                  caption="* stopped early (quick estimate); r: timed again side by side with the other finalists")
-        for col in ("path", "guard", "b1", f"b{tb}", "status"):
-            t.add_column(col, justify="right" if col.startswith("b") else "left")
+        columns = [Column("path", 0, "left", True), Column("guard", 1, "left", True), Column("b1", 0),
+                   Column(f"b{tb}", 0), Column("status", 0, "left", True)]
+        rows = []
         for c in self.candidates:
             g = c.guard
             guard = (f"cos {g.cosine:.5f}, top-1 {c.decisive_top1 * 100:.0f}% of {c.decisive} decisive"
@@ -108,8 +108,11 @@ class TuneReport:
                 status = "CHOSEN for " + " and ".join(chosen)
             cells = [(f"{c.ms_per_image[b]:.2f}" + ("*" if b in c.pruned else "") + ("r" if b in c.runoff else ""))
                      if b in c.ms_per_image else "-" for b in (1, tb)]
-            t.add_row(c.choice.label, guard, *cells, status)
-        return t
+            rows.append([c.choice.label, guard, *cells, status])
+        return fit_table(f"vitdeploy tune {self.path.name}: ms per image, accuracy guard against {self.reference}",
+                         columns, rows, width, wide,
+                         caption="* stopped early (quick estimate); r: timed again side by side with the other "
+                                 "finalists")
 
     def summary(self) -> str:
         m = self.plan.machine
