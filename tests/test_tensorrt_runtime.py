@@ -1,26 +1,45 @@
-"""The TensorRT runtime's logic without a GPU: small fakes of TensorRT and of the CUDA layer.
+"""The TensorRT runtime's logic without a GPU: small fakes of TensorRT and of the CUDA layer that
+enforce the contracts a GPU would.
 
-The fake CUDA layer keeps a timeline of what each stream has queued and which events a stream has
-waited on, so an execution of the one TensorRT context on a stream that is not ordered after work
-still in flight on another stream is caught as the data race it would be on a GPU. The real-GPU
-test is at the end, marked ``gpu``.
+The fake CUDA layer keeps a timeline of what each stream has queued (and which memory each op
+touches) and which events a stream has waited on, so an execution on a stream that is not ordered
+after unfinished work on the same memory elsewhere is caught as the data race it would be on a GPU.
+It also enforces:
+- a CUDA graph replays only while its context still has the shapes, addresses and scratch memory it
+  had when captured (TensorRT's developer guide, CUDA Graphs);
+- a capture is invalidated by TensorRT's lazy setup (no plain enqueue of that shape first), by a
+  TensorRT-RTX engine (not built with REQUIRE_USER_ALLOCATION), or on demand; its end then fails with
+  cudaErrorStreamCaptureInvalidated and leaves CUDA's last error set, which fails TensorRT's next
+  enqueue until it is cleared;
+- a context is used only on a thread whose current device (or pycuda context) is its own;
+- set_input_shape / set_tensor_address return False for a shape outside the profile or an address
+  that is not 256-byte aligned; set_device_memory needs 256-byte alignment and the engine's size.
+The real-GPU test is at the end, marked ``gpu``.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import sys
 import threading
 import time
 import types
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
+from vitdeploy import sysinfo
 from vitdeploy.engines import cuda_memory
 from vitdeploy.engines import tensorrt_build as tb
 from vitdeploy.engines.sidecar import EngineSidecar, TensorIO, write_engine
 from vitdeploy.errors import VitDeployError
+
+REAL_DEVICE_MEMORY = cuda_memory.device_memory
+MAX_BATCH = 8
 
 
 # -- fakes -----------------------------------------------------------------------------------------
@@ -28,48 +47,93 @@ class Race(AssertionError):
     pass
 
 
+class StaleGraph(AssertionError):
+    pass
+
+
+class WrongDevice(AssertionError):
+    pass
+
+
 class FakeCuda:
-    """The CUDA layer's interface over a timeline: ops queued per stream, waits between streams."""
+    """The CUDA layer's interface over a timeline: ops queued per stream (with the memory they touch),
+    waits between streams, graph capture, the last error, and each thread's current device."""
 
     name = "fake"
+    can_capture = True
 
-    def __init__(self, fail_malloc_at: int | None = None) -> None:
-        self.ids = iter(range(1, 10_000))
-        self.pending: dict[int, set[int]] = {}  # stream -> ops queued and not known finished
+    def __init__(self, fail_malloc_at: int | None = None, invalidate_capture: bool = False) -> None:
+        self.ids = itertools.count(1)
+        self.mutex = threading.RLock()
+        self.pending: dict[int, dict[int, frozenset | None]] = {}  # stream -> {op: memory it touches}
         self.waited: dict[int, set[int]] = {}  # stream -> ops it is ordered after (through events)
         self.capturing: set[int] = set()
+        self.captured: dict[int, list[dict]] = {}  # stream -> executions recorded by its capture
+        self.invalid: dict[int, str] = {}  # stream -> why its capture is invalidated
+        self.invalidate_capture = invalidate_capture
+        self.last_error: str | None = None
         self.allocs: set[int] = set()
         self.pinned_arrays: list[np.ndarray] = []
         self.streams: set[int] = set()
         self.events: set[int] = set()
-        self.graphs: set[int] = set()
+        self.graphs: dict[int, list[dict]] = {}
         self.freed: list[str] = []
         self.mallocs = 0
+        self.captures = 0
+        self.launches = 0
         self.fail_malloc_at = fail_malloc_at
         self.executions: list[tuple[int, int]] = []  # (stream, op)
+        self.device = 0
+        self.tls = threading.local()
+        self.in_sync = 0  # threads inside sync at once (instances in flight)
+        self.max_in_sync = 0
+        self.sync_delay = 0.0
 
-    def queue(self, stream: int, what: str = "op") -> int:
-        op = next(self.ids)
-        self.pending.setdefault(stream, set()).add(op)
-        return op
+    def bind(self, device: int) -> FakeCuda:
+        self.device = device
+        return self
 
-    def execute(self, stream: int) -> int:
-        """A TensorRT context execution on ``stream``: every op in flight elsewhere must be ordered before."""
-        for other, ops in self.pending.items():
-            if other != stream and ops - self.waited.get(stream, set()):
-                raise Race(f"context runs on stream {stream} while stream {other} has unordered work in flight")
-        op = self.queue(stream)
-        self.executions.append((stream, op))
-        return op
+    # the current device of the calling thread (CUDA's default: 0)
+    def thread_device(self) -> int | None:
+        return getattr(self.tls, "device", 0)
 
-    # memory
+    @contextmanager
+    def activate(self):
+        self.tls.device = self.device  # what cudaSetDevice does, for this thread only
+        yield
+
+    def clear_error(self) -> None:
+        self.last_error = None
+
+    def queue(self, stream: int, touches: frozenset | None = None) -> int:
+        """An op on ``stream``; ``touches=None``: it may touch any memory."""
+        with self.mutex:
+            op = next(self.ids)
+            self.pending.setdefault(stream, {})[op] = touches
+            return op
+
+    def execute(self, stream: int, touches: frozenset) -> int:
+        """A TensorRT execution on ``stream``: unfinished work on its memory elsewhere must be ordered before."""
+        with self.mutex:
+            waited = self.waited.get(stream, set())
+            for other, ops in self.pending.items():
+                for op, mem in ops.items():
+                    if other != stream and op not in waited and (mem is None or mem & touches):
+                        raise Race(f"context runs on stream {stream} while stream {other} has unordered work "
+                                   "on the same memory in flight")
+            op = self.queue(stream, touches)
+            self.executions.append((stream, op))
+            return op
+
+    # memory (256-byte aligned, like cudaMalloc)
     def malloc(self, nbytes: int) -> int:
-        self.mallocs += 1
-        if self.mallocs == self.fail_malloc_at:
-            raise cuda_memory.CudaError("cudaMalloc failed: cudaErrorMemoryAllocation")
-        ptr = next(self.ids)
-        self.allocs.add(ptr)
-        return ptr
+        with self.mutex:
+            self.mallocs += 1
+            if self.mallocs == self.fail_malloc_at:
+                raise cuda_memory.CudaError("cudaMalloc failed: cudaErrorMemoryAllocation")
+            ptr = next(self.ids) * 4096
+            self.allocs.add(ptr)
+            return ptr
 
     def free(self, ptr: int) -> None:
         assert ptr in self.allocs, f"free of {ptr}: not allocated (double free?)"
@@ -98,13 +162,20 @@ class FakeCuda:
         self.freed.append("stream")
 
     def htod(self, dst: int, src: np.ndarray, stream: int) -> None:
-        self.queue(stream)
+        self.queue(stream, frozenset({dst}))
 
     def dtoh(self, dst: np.ndarray, src: int, stream: int) -> None:
-        self.queue(stream)
+        self.queue(stream, frozenset({src}))
 
     def sync(self, stream: int) -> None:
-        self.pending.pop(stream, None)
+        assert stream not in self.capturing, "stream synchronize during capture invalidates it"
+        with self.mutex:
+            self.in_sync += 1
+            self.max_in_sync = max(self.max_in_sync, self.in_sync)
+        time.sleep(self.sync_delay)  # the GPU working
+        with self.mutex:
+            self.in_sync -= 1
+            self.pending.pop(stream, None)
 
     # events
     def event(self) -> dict:
@@ -113,10 +184,12 @@ class FakeCuda:
         return e
 
     def record(self, event: dict, stream: int) -> None:
-        event["ops"] = set(self.pending.get(stream, set())) | self.waited.get(stream, set())
+        with self.mutex:
+            event["ops"] = set(self.pending.get(stream, {})) | self.waited.get(stream, set())
 
     def wait_event(self, stream: int, event: dict) -> None:
-        self.waited.setdefault(stream, set()).update(event["ops"])
+        with self.mutex:
+            self.waited.setdefault(stream, set()).update(event["ops"])
 
     def elapsed_ms(self, start: dict, end: dict) -> float:
         return 0.25
@@ -127,26 +200,114 @@ class FakeCuda:
 
     # graphs
     def begin_capture(self, stream: int) -> None:
+        assert stream not in self.capturing
         self.capturing.add(stream)
+        self.captured[stream] = []
+        self.captures += 1
+
+    def capture(self, stream: int, context: FakeContext, touches: frozenset) -> None:
+        """An execution recorded (not run) by a capture, with the context's state it bakes in."""
+        if self.invalidate_capture:
+            self.invalid[stream] = "an operation not permitted under capture"
+        self.captured[stream].append({"context": context, "state": context.state(), "touches": touches})
 
     def end_capture(self, stream: int) -> int:
         self.capturing.discard(stream)
+        recorded = self.captured.pop(stream)
+        if self.invalid.pop(stream, None):
+            self.last_error = "cudaErrorStreamCaptureInvalidated"
+            raise cuda_memory.CaptureInvalidated("cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated")
         g = next(self.ids)
-        self.graphs.add(g)
+        self.graphs[g] = recorded
         return g
 
     def launch(self, graph: int, stream: int) -> None:
         assert graph in self.graphs, "launch of a destroyed graph"
-        self.execute(stream)
+        for rec in self.graphs[graph]:
+            context = rec["context"]
+            context.on_device()
+            if context.state() != rec["state"]:
+                raise StaleGraph(f"graph captured with {rec['state']} replayed on a context now at {context.state()}")
+            self.execute(stream, rec["touches"])
+        self.launches += 1
 
     def destroy_graph(self, graph: int) -> None:
-        self.graphs.remove(graph)
+        del self.graphs[graph]
         self.freed.append("graph")
 
 
-def fake_trt(cuda: FakeCuda, in_dtype: str = "FLOAT", version: str = "1.7.1.116",
+class FakeContext:
+    """An execution context with TensorRT's documented contract (see the module docstring)."""
+
+    def __init__(self, gpu: FakeCuda, engine: object, user_managed: bool, fail_in_capture: bool, rtx: bool,
+                 config: object = None) -> None:
+        self.gpu, self.engine, self.config = gpu, engine, config
+        self.device = gpu.thread_device()
+        if self.device is None:
+            raise WrongDevice("execution context created with no current CUDA context on this thread")
+        self.user_managed, self.rtx, self.fail_in_capture = user_managed, rtx, fail_in_capture
+        self.memory: object = None if user_managed else ("own", id(self))
+        self.shape: tuple | None = None
+        self.addresses: dict[str, int] = {}
+        self.ran: set[tuple] = set()  # shapes enqueued plainly (TensorRT's lazy setup done)
+        self.error = engine.error  # TensorRT reports through the runtime's logger
+
+    def on_device(self) -> None:
+        here = self.gpu.thread_device()
+        if here != self.device:
+            raise WrongDevice(f"context of cuda:{self.device} used on a thread whose current device is {here}")
+
+    def state(self) -> tuple:
+        return self.shape, tuple(sorted(self.addresses.items())), self.memory
+
+    def set_device_memory(self, memory: int, size: int) -> None:
+        assert self.user_managed, "set_device_memory on a context that allocates its own memory"
+        assert memory % 256 == 0 and size >= self.engine.device_memory_size_v2, "scratch too small or misaligned"
+        self.memory = memory
+
+    def set_input_shape(self, name: str, shape: tuple) -> bool:
+        shape = tuple(shape)
+        if name != "pixel_values" or len(shape) != 4 or shape[1:] != (3, 8, 8) or not 1 <= shape[0] <= MAX_BATCH:
+            self.error(f"setInputShape: {shape} is outside the profile")
+            return False
+        self.shape = shape
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        if ptr % 256:
+            self.error(f"setTensorAddress: {ptr:#x} is not 256-byte aligned")
+            return False
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        self.on_device()
+        gpu = self.gpu
+        if gpu.last_error:
+            self.error(f"an earlier CUDA error: {gpu.last_error}")
+            return False
+        if self.memory is None or self.shape is None or set(self.addresses) != {"pixel_values", "logits"}:
+            return False
+        touches = frozenset({self.memory, *self.addresses.values()})
+        if stream in gpu.capturing:
+            if self.rtx:
+                gpu.invalid[stream] = "TensorRT-RTX engine not built with REQUIRE_USER_ALLOCATION"
+            elif self.shape not in self.ran:
+                gpu.invalid[stream] = "TensorRT's lazy setup inside capture"
+            gpu.capture(stream, self, touches)
+            return not self.fail_in_capture
+        gpu.execute(stream, touches)
+        self.ran.add(self.shape)
+        return True
+
+
+def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLOAT", version: str = "1.7.1.116",
              fail_in_capture: bool = False) -> types.SimpleNamespace:
-    created: dict = {"runtimes": [], "caches": []}
+    created: dict = {"runtimes": [], "caches": [], "configs": [], "contexts": []}
+    rtx = flavour == "tensorrt_rtx"
+    strategies = types.SimpleNamespace(STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE",
+                                       USER_MANAGED="USER_MANAGED")
+    graph_strategies = types.SimpleNamespace(DISABLED="DISABLED", WHOLE_GRAPH_CAPTURE="WHOLE_GRAPH_CAPTURE")
 
     class ILogger:
         Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
@@ -154,43 +315,54 @@ def fake_trt(cuda: FakeCuda, in_dtype: str = "FLOAT", version: str = "1.7.1.116"
         def __init__(self) -> None:
             pass
 
-    class Context:
-        def __init__(self) -> None:
-            self.addresses: dict[str, int] = {}
-
-        def set_input_shape(self, name: str, shape: tuple) -> bool:
-            return True
-
-        def set_tensor_address(self, name: str, ptr: int) -> bool:
-            self.addresses[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream: int) -> bool:
-            if stream in cuda.capturing:
-                return not fail_in_capture
-            cuda.execute(stream)
-            return True
-
     class RuntimeCache:
         def __init__(self) -> None:
             self.loaded = b""
             created["caches"].append(self)
 
-        def deserialize(self, data: bytes) -> None:
-            self.loaded = data
+        def deserialize(self, data: bytes) -> bool:
+            if not bytes(data).startswith(b"kernels:"):  # another release, GPU or driver: refused, unchanged
+                return False
+            self.loaded = bytes(data)
+            return True
 
         def serialize(self) -> bytes:
-            return b"kernels:" + self.loaded
+            return b"kernels:" + self.loaded.removeprefix(b"kernels:")
 
     class RuntimeConfig:
+        def __init__(self) -> None:
+            self.cuda_graph_strategy = graph_strategies.DISABLED
+            self.strategy = strategies.STATIC
+            created["configs"].append(self)
+
         def create_runtime_cache(self) -> RuntimeCache:
             return RuntimeCache()
 
         def set_runtime_cache(self, cache: RuntimeCache) -> None:
             self.cache = cache
 
+        def set_execution_context_allocation_strategy(self, strategy: str) -> None:
+            self.strategy = strategy
+
+    class Inspector:
+        execution_context = None
+
+        def get_engine_information(self, fmt: str) -> str:
+            ctx = self.execution_context
+            if ctx is None or ctx.shape is None:
+                raise RuntimeError("engine inspector: the context's input shapes are not all specified")
+            return json.dumps({"Layers": ["conv", "matmul"], "Bindings": ["pixel_values", "logits"],
+                               "shape": list(ctx.shape)})
+
     class Engine:
         num_io_tensors = 2
+        device_memory_size_v2 = 1 << 20
+
+        def __init__(self, logger: object) -> None:
+            self.logger = logger
+
+        def error(self, msg: str) -> None:
+            self.logger.log(ILogger.Severity.ERROR, msg)
 
         def get_tensor_name(self, i: int) -> str:
             return ["pixel_values", "logits"][i]
@@ -199,7 +371,7 @@ def fake_trt(cuda: FakeCuda, in_dtype: str = "FLOAT", version: str = "1.7.1.116"
             return "TensorIOMode.INPUT" if name == "pixel_values" else "TensorIOMode.OUTPUT"
 
         def get_tensor_profile_shape(self, name: str, profile: int) -> tuple:
-            return [1, 3, 8, 8], [2, 3, 8, 8], [4, 3, 8, 8]
+            return [1, 3, 8, 8], [2, 3, 8, 8], [MAX_BATCH, 3, 8, 8]
 
         def get_tensor_dtype(self, name: str) -> str:
             return f"DataType.{in_dtype}" if name == "pixel_values" else "DataType.FLOAT"
@@ -210,44 +382,66 @@ def fake_trt(cuda: FakeCuda, in_dtype: str = "FLOAT", version: str = "1.7.1.116"
         def create_runtime_config(self) -> RuntimeConfig:
             return RuntimeConfig()
 
-        def create_execution_context(self, config: RuntimeConfig | None = None) -> Context:
-            return Context()
+        def create_engine_inspector(self) -> Inspector:
+            return Inspector()
+
+        def create_execution_context(self, arg: object = None) -> FakeContext:
+            config = arg if isinstance(arg, RuntimeConfig) else None
+            strategy = config.strategy if config else (arg or strategies.STATIC)
+            ctx = FakeContext(cuda, self, strategy == strategies.USER_MANAGED, fail_in_capture, rtx, config)
+            created["contexts"].append(ctx)
+            return ctx
 
     class Runtime:
         def __init__(self, logger: object) -> None:
             self.engine_host_code_allowed = False
+            self.logger = logger
             created["runtimes"].append(self)
 
         def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
-            return Engine() if data.startswith(b"fake-engine") else None
+            return Engine(self.logger) if data.startswith(b"fake-engine") else None
 
-    return types.SimpleNamespace(__version__=version, ILogger=ILogger, Runtime=Runtime, created=created)
+    names = dict(__version__=version, ILogger=ILogger, Runtime=Runtime, created=created,
+                 ExecutionContextAllocationStrategy=strategies, LayerInformationFormat=types.SimpleNamespace(JSON="J"))
+    if rtx:  # names only TensorRT-RTX has
+        names["CudaGraphStrategy"] = graph_strategies
+    return types.SimpleNamespace(**names)
 
 
 def _sidecar(**over: object) -> EngineSidecar:
     fields = dict(flavour="tensorrt_rtx", trt_version="1.7.1.116", targets=["sm89"], precision="fp32",
                   io=[TensorIO("pixel_values", "input", [-1, 3, 8, 8], "float"),
                       TensorIO("logits", "output", [-1, 10], "float")],
-                  profile={"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [4, 3, 8, 8]}, onnx_path="m.onnx")
+                  profile={"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [MAX_BATCH, 3, 8, 8]}, onnx_path="m.onnx")
     fields.update(over)
     return EngineSidecar(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """An engine file + sidecar on disk, and fakes in place of TensorRT, the CUDA layer and the GPU query."""
+    """An engine file + sidecar on disk, and fakes in place of TensorRT, the CUDA layer and the GPU query
+    (two RTX 4090s)."""
     state = types.SimpleNamespace(cuda=FakeCuda(), trt_kwargs={}, flavour="tensorrt_rtx")
     state.engine = tmp_path / "m.engine"
     write_engine(state.engine, b"fake-engine-1", _sidecar(), durable=False)
 
     def import_tensorrt(flavour: str = "auto"):
-        state.trt = fake_trt(state.cuda, **state.trt_kwargs)
+        state.trt = fake_trt(state.cuda, state.flavour, **state.trt_kwargs)
         return state.trt, state.flavour
 
     monkeypatch.setattr(tb, "import_tensorrt", import_tensorrt)
     monkeypatch.setattr(tb, "current_gpu", lambda: ("NVIDIA GeForce RTX 4090", "sm89"))
-    monkeypatch.setattr(cuda_memory, "device_memory", lambda prefer="auto": state.cuda)
+    monkeypatch.setattr(sysinfo, "cuda_devices", lambda: [sysinfo.Gpu(i, "NVIDIA GeForce RTX 4090", "sm89")
+                                                          for i in range(2)])
+    monkeypatch.setattr(cuda_memory, "device_memory", lambda prefer="auto", device=0: state.cuda.bind(device))
     return state
+
+
+def _full_trt(fake, version: str = "10.16.1.11") -> None:
+    """Make the fixture's engine a full TensorRT one (which the runtime captures graphs for itself)."""
+    fake.flavour = "tensorrt"
+    fake.trt_kwargs = {**fake.trt_kwargs, "version": version}
+    write_engine(fake.engine, b"fake-engine-1", _sidecar(flavour="tensorrt", trt_version=version), durable=False)
 
 
 def _open(fake, **kw):
@@ -261,23 +455,30 @@ def _x(n: int) -> np.ndarray:
 
 
 class FakeCudaTensor:
-    """Just enough of a torch CUDA tensor for infer_torch (its data lives nowhere: meta device)."""
+    """Just enough of a torch CUDA tensor for infer_torch (its data lives nowhere)."""
 
-    def __init__(self, n: int) -> None:
+    addresses = itertools.count(0x100000, 0x10000)  # each tensor its own (aligned) memory
+
+    def __init__(self, n: int, dtype: object = None, device: int = 0, ptr: int | None = None,
+                 contiguous: bool = True, shape: tuple | None = None) -> None:
         import torch
 
-        self.shape = (n, 3, 8, 8)
+        self.shape = shape or (n, 3, 8, 8)
+        self.dtype = dtype or torch.float32
         self.is_cuda = True
-        self.device = torch.device("meta")
+        self.device = torch.device("cuda", device)
+        self.layout = torch.strided
+        self.ptr = next(self.addresses) if ptr is None else ptr
+        self.contiguous_ = contiguous
 
-    def contiguous(self) -> FakeCudaTensor:
-        return self
-
-    def to(self, dtype: object) -> FakeCudaTensor:
-        return self
+    def is_contiguous(self) -> bool:
+        return self.contiguous_
 
     def data_ptr(self) -> int:
-        return 0xD00D
+        return self.ptr
+
+    def new_empty(self, shape: tuple, dtype: object) -> FakeCudaTensor:
+        return FakeCudaTensor(shape[0], dtype, self.device.index, shape=tuple(shape))
 
 
 @pytest.fixture
@@ -289,23 +490,62 @@ def torch_stream(monkeypatch):
     return 777
 
 
+def _threads(*fns) -> None:
+    """Run each fn in its own thread, all at once; the first exception (a Race, say) is raised here."""
+    errors: list[BaseException] = []
+
+    def run(fn) -> None:
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    if errors:
+        raise errors[0]
+
+
+def _in_thread(fn, *args):
+    """Run fn in a new thread; its exception (if any) is raised here."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(("ok", fn(*args)))
+        except BaseException as e:
+            out.append(("error", e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    kind, value = out[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 # -- ordering of infer and infer_torch ---------------------------------------------------------------
 def test_infer_after_infer_torch_is_ordered_on_one_stream(fake, torch_stream):
     rt = _open(fake)
+    slot = rt.slots[0]
     producer = fake.cuda.queue(torch_stream)  # a torch kernel still writing the input
     out = rt.infer_torch(FakeCudaTensor(2))
     assert tuple(out.shape) == (2, 10)
-    # the context ran on the runtime's stream, after the input's producer, and torch's stream waits for it
+    # the context ran on the slot's stream, after the input's producer, and torch's stream waits for it
     (stream, op), = fake.cuda.executions
-    assert stream == rt.stream and producer in fake.cuda.waited[rt.stream]
+    assert stream == slot.stream and producer in fake.cuda.waited[slot.stream]
     assert op in fake.cuda.waited[torch_stream]
     # the next host call may not run the context beside the infer_torch execution (a Race otherwise)
     assert rt.infer(_x(3)).shape == (3, 10)
     rt.infer_torch(FakeCudaTensor(4))
     assert rt.infer(_x(1)).shape == (1, 10)
-    assert {s for s, _ in fake.cuda.executions} == {rt.stream}
+    assert {s for s, _ in fake.cuda.executions} == {slot.stream}
     # the context's addresses are our buffers again after each zero-copy call
-    assert rt.context.addresses == {"pixel_values": rt.d_in, "logits": rt.d_out}
+    assert slot.context.addresses == {"pixel_values": slot.d_in, "logits": slot.d_out}
     rt.close()
 
 
@@ -329,8 +569,385 @@ def test_infer_torch_and_infer_from_threads_never_overlap(fake, torch_stream):
     rt.close()
 
 
+# -- CUDA graphs: one context per captured size (issue 17, item 1) -----------------------------------
+def test_graphs_replay_only_on_the_shapes_they_were_captured_with(fake, torch_stream):
+    """The batcher's sizes change every batch: a graph must never replay after its context ran another
+    shape (8, 3, 4, 3, 8; infer splitting 11 rows into 8 + 3; zero-copy calls between)."""
+    _full_trt(fake)
+    rt = _open(fake, cuda_graph=True)
+    for n in (8, 3, 4, 3, 8):
+        assert rt.infer(_x(n)).shape == (n, 10)
+    assert rt.infer(_x(11)).shape == (11, 10)  # 8 + 3, both replayed
+    rt.infer_torch(FakeCudaTensor(3))
+    rt.run_device(0x10000, 0x20000, (5, 3, 8, 8), torch_stream)
+    for n in (3, 8, 4):
+        rt.infer(_x(n))
+    slot = rt.slots[0]
+    assert list(slot.graphs) == [3, 8, 4]  # least recently used first
+    assert fake.cuda.captures == 3 and fake.cuda.launches == 7  # 3, 8; 8 + 3; 3, 8, 4
+    # each captured size has its own context, all on the slot's one scratch block
+    contexts = [ctx for ctx, _ in slot.graphs.values()] + [slot.context]
+    assert len({id(c) for c in contexts}) == 4 and {c.memory for c in contexts} == {slot.scratch}
+    assert [c.shape for c, _ in slot.graphs.values()] == [(3, 3, 8, 8), (8, 3, 8, 8), (4, 3, 8, 8)]
+    rt.close()
+    assert fake.cuda.graphs == {}
+
+
+def test_captured_sizes_are_bounded(fake):
+    _full_trt(fake)
+    rt = _open(fake, cuda_graph=True, max_graphs=2)
+    for n in (1, 2, 1, 3, 2):
+        rt.infer(_x(n))
+    assert list(rt.slots[0].graphs) == [3, 2]  # 1 was the least recently used when 3 came
+    assert len(fake.cuda.graphs) == 2 and fake.cuda.freed.count("graph") == 2  # 1, then 2 evicted (and recaptured)
+    rt.close()
+
+
+# -- checked results (item 2) --------------------------------------------------------------------------
+def test_shape_outside_the_profile_is_an_error_not_ignored(fake, torch_stream):
+    rt = _open(fake)
+    with pytest.raises(VitDeployError, match=r"TensorRT refused input shape \(9, 3, 8, 8\) for pixel_values "
+                                             r"\(the engine takes \[1\.\.8, 3, 8, 8\]\): setInputShape"):
+        rt.run_device(0x10000, 0x20000, (9, 3, 8, 8), torch_stream)
+    assert fake.cuda.executions == []
+    assert rt.infer(_x(2)).shape == (2, 10)  # the runtime still works
+    rt.close()
+
+
+def test_misaligned_addresses_are_refused(fake, torch_stream):
+    rt = _open(fake)
+    for ptrs in ((0x10010, 0x20000), (0x10000, 0x20080)):
+        with pytest.raises(VitDeployError, match=r"\(0x[12]\d+\) is not 256-byte aligned, as TensorRT requires"):
+            rt.run_device(*ptrs, (2, 3, 8, 8), torch_stream)
+    assert fake.cuda.executions == []
+    slot = rt.slots[0]
+    assert slot.context.addresses == {"pixel_values": slot.d_in, "logits": slot.d_out}
+    rt.close()
+
+
+@pytest.mark.parametrize(("tensor", "message"), [
+    (lambda torch: FakeCudaTensor(2, dtype=torch.float16), r"is torch\.float16; the engine takes torch\.float32"),
+    (lambda torch: FakeCudaTensor(2, device=1), r"tensor is on cuda:1; this runtime runs on cuda:0"),
+    (lambda torch: FakeCudaTensor(2, contiguous=False), r"not a dense contiguous tensor: pass x\.contiguous\(\)"),
+    (lambda torch: FakeCudaTensor(2, ptr=0xD010), r"not 256-byte aligned, as TensorRT requires .*x\.clone\(\)"),
+    (lambda torch: FakeCudaTensor(2, shape=(2, 3, 8, 9)), r"input shape \(2, 3, 8, 9\) does not match"),
+    (lambda torch: FakeCudaTensor(9), r"batch 9 is outside the engine's profile 1\.\.8"),
+])
+def test_infer_torch_refuses_what_tensorrt_cannot_take(fake, torch_stream, tensor, message):
+    import torch
+
+    from vitdeploy.engines.base import InputError
+
+    rt = _open(fake)
+    with pytest.raises(InputError, match=message):
+        rt.infer_torch(tensor(torch))
+    assert fake.cuda.executions == []
+    rt.close()
+
+
+# -- failed capture (item 3) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["invalidated", "enqueue refused"])
+def test_failed_capture_falls_back_to_plain_enqueue_with_one_warning(fake, how):
+    _full_trt(fake)
+    if how == "invalidated":
+        fake.cuda.invalidate_capture = True
+    else:
+        fake.trt_kwargs["fail_in_capture"] = True
+    rt = _open(fake, cuda_graph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (2, 2, 3, 2, 3):
+            assert rt.infer(_x(n)).shape == (n, 10)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert "CUDA graph capture failed for batch 2" in str(caught[0].message)
+    assert fake.cuda.captures == 2 and fake.cuda.capturing == set()  # each size tried once
+    assert fake.cuda.graphs == {} and fake.cuda.last_error is None  # CUDA's error cleared
+    assert len(fake.cuda.executions) == 5 and rt.slots[0].graphs == {}
+    rt.close()
+
+
+# -- TensorRT-RTX and graphs (item 4) ---------------------------------------------------------------------
+def test_rtx_uses_its_built_in_graphs_instead_of_stream_capture(fake):
+    rt = _open(fake, cuda_graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (8, 3, 4, 3, 8):
+            rt.infer(_x(n))
+    (config,) = fake.trt.created["configs"]
+    assert config.cuda_graph_strategy == fake.trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+    assert rt.slots[0].context.config is config and fake.cuda.captures == 0
+    rt.close()
+    fake.trt_kwargs = {}
+    with _open(fake):  # without cuda_graph the strategy stays DISABLED
+        pass
+    assert fake.trt.created["configs"][0].cuda_graph_strategy == "DISABLED"
+
+
+def test_rtx_names_the_runtime_uses_exist_in_the_installed_bindings():
+    """The fakes model these TensorRT-RTX calls; the installed bindings must have them, with these results."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    assert trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE != trt.CudaGraphStrategy.DISABLED
+    assert isinstance(trt.IRuntimeConfig.cuda_graph_strategy, property)
+    assert trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    assert hasattr(trt.IExecutionContext, "is_stream_capturable")  # the other way, not taken: see the runtime
+    for cls, method in ((trt.IRuntimeCache, "deserialize"), (trt.IExecutionContext, "set_input_shape"),
+                        (trt.IExecutionContext, "set_tensor_address")):
+        assert "-> bool" in getattr(cls, method).__doc__, f"{cls.__name__}.{method} no longer returns bool"
+    assert "256-byte aligned" in trt.IExecutionContext.set_device_memory.__doc__
+
+
+# -- pycuda (item 5) ----------------------------------------------------------------------------------------
+def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
+    """pycuda.driver with its thread rule: a context is current only on the thread that pushed it;
+    ``pycuda.autoinit`` makes one current on the importing thread."""
+    tls = threading.local()
+
+    def stack() -> list:
+        return tls.__dict__.setdefault("stack", [])
+
+    class LogicError(RuntimeError):
+        pass
+
+    def need(what: str) -> None:
+        if not stack():
+            raise LogicError(f"{what} failed: invalid device context - no currently active context?")
+
+    class Ctx:
+        def __init__(self, dev: int) -> None:
+            self.dev = dev
+
+        def push(self) -> None:
+            stack().append(self)
+
+    class Context:
+        @staticmethod
+        def pop() -> None:
+            if not stack():
+                raise LogicError("cuCtxPopCurrent failed: invalid device context")
+            stack().pop()
+
+    class Device:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        @staticmethod
+        def count() -> int:
+            return 2
+
+        def retain_primary_context(self) -> Ctx:
+            return Ctx(self.n)
+
+        def make_context(self) -> Ctx:
+            c = Ctx(self.n)
+            c.push()
+            return c
+
+    class Alloc(int):
+        def free(self) -> None:
+            need("cuMemFree")
+            gpu.free(int(self))
+
+    class Stream:
+        def __init__(self) -> None:
+            need("cuStreamCreate")
+            self.handle = gpu.stream()
+
+        def synchronize(self) -> None:
+            need("cuStreamSynchronize")
+            gpu.sync(self.handle)
+
+        def wait_for_event(self, event: object) -> None:
+            need("cuStreamWaitEvent")
+            gpu.wait_event(self.handle, event.ev)
+
+    class Event:
+        def __init__(self) -> None:
+            need("cuEventCreate")
+            self.ev = gpu.event()
+
+        def record(self, stream: Stream) -> None:
+            need("cuEventRecord")
+            gpu.record(self.ev, stream.handle)
+
+        def synchronize(self) -> None:
+            need("cuEventSynchronize")
+
+        def time_till(self, other: object) -> float:
+            need("cuEventElapsedTime")
+            return 0.25
+
+    def mem_alloc(n: int) -> Alloc:
+        need("cuMemAlloc")
+        return Alloc(gpu.malloc(n))
+
+    def pagelocked_empty(shape: tuple, dtype: object) -> np.ndarray:
+        need("cuMemHostAlloc")
+        return np.zeros(shape, dtype)
+
+    def memcpy_htod_async(dst: int, src: np.ndarray, stream: Stream) -> None:
+        need("cuMemcpyHtoDAsync")
+        gpu.queue(stream.handle, frozenset({int(dst)}))
+
+    def memcpy_dtoh_async(dst: np.ndarray, src: int, stream: Stream) -> None:
+        need("cuMemcpyDtoHAsync")
+        gpu.queue(stream.handle, frozenset({int(src)}))
+
+    driver = types.ModuleType("pycuda.driver")
+    for name, value in dict(init=lambda: None, Device=Device, Context=Context, mem_alloc=mem_alloc,
+                            pagelocked_empty=pagelocked_empty, Stream=Stream, Event=Event, LogicError=LogicError,
+                            memcpy_htod_async=memcpy_htod_async, memcpy_dtoh_async=memcpy_dtoh_async).items():
+        setattr(driver, name, value)
+    autoinit = types.ModuleType("pycuda.autoinit")
+    autoinit.context = Device(0).make_context()  # current on this (the importing) thread only
+    package = types.ModuleType("pycuda")
+    package.driver, package.autoinit = driver, autoinit
+    gpu.thread_device = lambda: stack()[-1].dev if stack() else None  # TensorRT needs a current context
+    return {"pycuda": package, "pycuda.driver": driver, "pycuda.autoinit": autoinit}
+
+
+@pytest.fixture
+def pycuda(fake, monkeypatch):
+    """The real PyCuda layer over a fake pycuda that enforces its per-thread context."""
+    _full_trt(fake)
+    for name, module in _fake_pycuda(fake.cuda).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(cuda_memory, "device_memory", REAL_DEVICE_MEMORY)
+    return fake
+
+
+def test_pycuda_runs_calls_from_any_thread(pycuda):
+    rt = _open(pycuda, memory="pycuda")
+    assert rt.cuda.name == "pycuda"
+    assert _in_thread(rt.infer, _x(3)).shape == (3, 10)  # the batcher's worker thread
+    assert rt.infer(_x(2)).shape == (2, 10)
+    _in_thread(rt.close)
+    assert pycuda.cuda.allocs == set()
+
+
+def test_pycuda_refuses_cuda_graphs_when_the_runtime_opens(pycuda):
+    with pytest.raises(VitDeployError, match=r"--cuda-graph needs CUDA stream capture, which pycuda does not have: "
+                                             r"pip install 'vitdeploy\[cuda\]'"):
+        _open(pycuda, memory="pycuda", cuda_graph=True)
+    assert pycuda.cuda.allocs == set()
+
+
+# -- devices (item 6) -----------------------------------------------------------------------------------------
+def test_engine_runs_on_the_device_asked_for_in_every_thread(fake):
+    from vitdeploy.engines import open_runtime
+
+    rt = open_runtime(fake.engine, device="cuda:1")
+    assert rt.device == 1 and "cuda:1" in rt.describe()
+    assert {c.device for c in fake.trt.created["contexts"]} == {1}
+
+    def from_a_thread_on_device_0() -> np.ndarray:
+        fake.cuda.tls.device = 0  # this thread last worked on cuda:0
+        return rt.infer(_x(2))
+
+    assert _in_thread(from_a_thread_on_device_0).shape == (2, 10)
+    assert rt.infer(_x(3)).shape == (3, 10)
+    _in_thread(rt.close)
+    assert fake.cuda.allocs == set()
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cpu", r"a TensorRT engine runs on an NVIDIA GPU, not on --device cpu: use --device cuda"),
+    ("cuda:2", r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0\.\.cuda:1"),
+    ("tpu", r"--device 'tpu': a TensorRT engine runs on cuda or cuda:N"),
+])
+def test_devices_an_engine_cannot_run_on_are_refused(fake, device, message):
+    from vitdeploy.engines import open_runtime
+
+    with pytest.raises(VitDeployError, match=message):
+        open_runtime(fake.engine, device=device)
+    assert fake.cuda.allocs == set()
+
+
+def test_cuda_python_layer_selects_its_device_on_each_thread(monkeypatch):
+    calls: list[tuple[str, int]] = []
+    rt = types.ModuleType("cuda.bindings.runtime")
+    rt.cudaGetDeviceCount = lambda: (0, 2)
+    rt.cudaSetDevice = lambda d: (calls.append((threading.current_thread().name, d)) or (0,))
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = rt
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+    layer = REAL_DEVICE_MEMORY("cuda-python", device=1)
+
+    def use() -> None:
+        with layer.activate():
+            pass
+
+    use()
+    t = threading.Thread(target=use, name="worker")
+    t.start()
+    t.join()
+    assert calls == [("MainThread", 1), ("worker", 1)]
+    with pytest.raises(cuda_memory.CudaError, match=r"cuda:2 does not exist: this machine has 2 CUDA device"):
+        REAL_DEVICE_MEMORY("cuda-python", device=2)
+
+
+def test_cuda_python_layer_reports_an_invalidated_capture_and_clears_the_error(monkeypatch):
+    last = {"error": 0}
+    rt = types.ModuleType("cuda.bindings.runtime")
+    rt.cudaGetDeviceCount = lambda: (0, 1)
+
+    def end_capture(stream: int) -> tuple:
+        last["error"] = 901
+        return 901, None
+
+    def get_last_error() -> tuple:
+        err, last["error"] = last["error"], 0
+        return (err,)
+
+    rt.cudaStreamEndCapture = end_capture
+    rt.cudaGetLastError = get_last_error
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = rt
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+    layer = REAL_DEVICE_MEMORY("cuda-python")
+    with pytest.raises(cuda_memory.CaptureInvalidated, match="cudaErrorStreamCaptureInvalidated"):
+        layer.end_capture(5)
+    layer.clear_error()
+    assert last["error"] == 0
+
+
+# -- several contexts on one engine ----------------------------------------------------------------------
+def test_instances_keep_several_batches_in_flight(fake, torch_stream):
+    """Two threads, two instances: both calls are on the GPU at once (each waits in sync for the other),
+    on two streams with their own buffers and scratch, and nothing races."""
+    _full_trt(fake)
+    rt = _open(fake, instances=2, cuda_graph=True)
+    assert rt.instances == 2 and "2 instances" in rt.describe()
+    both_in_flight = threading.Barrier(2, timeout=5)
+    sync = fake.cuda.sync
+
+    def sync_when_both_are_in_flight(stream: int) -> None:
+        if stream not in fake.cuda.capturing and fake.cuda.pending.get(stream):
+            both_in_flight.wait()
+        sync(stream)
+
+    fake.cuda.sync = sync_when_both_are_in_flight
+    outs = []
+    threads = [threading.Thread(target=lambda n=n: outs.append(rt.infer(_x(n)))) for n in (3, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.shape[0] for o in outs) == [3, 5] and not both_in_flight.broken
+    fake.cuda.sync = sync
+    a, b = rt.slots
+    assert len({a.stream, b.stream}) == 2 and not {a.d_in, a.d_out, a.scratch} & {b.d_in, b.d_out, b.scratch}
+    for _ in range(5):  # a mixed load from four threads: no Race, no stale graph
+        _threads(*[(lambda: rt.infer_torch(FakeCudaTensor(2))) if i % 2 else (lambda i=i: rt.infer(_x(i + 2)))
+                   for i in range(4)])
+    rt.close()
+    assert fake.cuda.allocs == set() and fake.cuda.streams == set()
+
+
 # -- close -------------------------------------------------------------------------------------------
 def test_close_frees_everything_once_and_later_calls_fail_clearly(fake, torch_stream):
+    _full_trt(fake)
     rt = _open(fake, cuda_graph=True)
     rt.infer(_x(2))
     rt.infer(_x(3))  # two captured graphs
@@ -338,9 +955,9 @@ def test_close_frees_everything_once_and_later_calls_fail_clearly(fake, torch_st
     rt.close()
     rt.close()  # idempotent
     assert fake.cuda.allocs == set() and fake.cuda.streams == set() and fake.cuda.events == set()
-    assert fake.cuda.graphs == set() and fake.cuda.pinned_arrays == []
-    assert sorted(fake.cuda.freed) == sorted(["graph"] * 2 + ["event"] * 6 + ["stream", "device", "device", "pinned"])
-    assert rt.engine is None and rt.context is None and rt.runtime is None
+    assert fake.cuda.graphs == {} and fake.cuda.pinned_arrays == []
+    assert sorted(fake.cuda.freed) == sorted(["graph"] * 2 + ["event"] * 6 + ["stream"] + ["device"] * 3 + ["pinned"])
+    assert rt.engine is None and rt.runtime is None and rt.slots[0].context is None
     for call in (lambda: rt.infer(_x(1)), lambda: rt.infer_torch(FakeCudaTensor(1))):
         with pytest.raises(VitDeployError, match=r"runtime for m\.engine is closed"):
             call()
@@ -348,20 +965,20 @@ def test_close_frees_everything_once_and_later_calls_fail_clearly(fake, torch_st
 
 def test_close_waits_for_a_call_in_flight(fake):
     rt = _open(fake)
-    rt.lock.acquire()  # a call in flight holds the lock
+    slot = rt._free.get()  # a call in flight holds the slot
     closer = threading.Thread(target=rt.close)
     closer.start()
     time.sleep(0.1)
     assert closer.is_alive() and fake.cuda.freed == []  # nothing freed under the running call
-    rt.lock.release()
+    rt._free.put(slot)
     closer.join(5)
     assert not closer.is_alive() and "device" in fake.cuda.freed
 
 
 def test_context_manager_saves_runtime_cache_atomically(fake, tmp_path):
-    (tmp_path / "m.rtcache").write_bytes(b"old")
+    (tmp_path / "m.rtcache").write_bytes(b"kernels:old")
     with _open(fake) as rt:
-        assert fake.trt.created["caches"][0].loaded == b"old"
+        assert fake.trt.created["caches"][0].loaded == b"kernels:old"
         rt.infer(_x(1))
     assert (tmp_path / "m.rtcache").read_bytes() == b"kernels:old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.json", "m.rtcache"]  # no temp files
@@ -373,14 +990,28 @@ def test_context_manager_saves_runtime_cache_atomically(fake, tmp_path):
     assert not (tmp_path / "m.rtcache").exists()
 
 
+def test_runtime_cache_another_release_made_is_reported_and_replaced(fake, tmp_path):
+    (tmp_path / "m.rtcache").write_bytes(b"from another driver")
+    with pytest.warns(UserWarning, match=r"ignoring runtime cache m\.rtcache \(made by another TensorRT-RTX, GPU "
+                                         r"or driver\): kernels compile again"):
+        rt = _open(fake)
+    rt.close()
+    assert (tmp_path / "m.rtcache").read_bytes() == b"kernels:"
+
+
 def test_runtime_cache_only_for_tensorrt_rtx(fake, tmp_path):
-    fake.flavour = "tensorrt"
-    write_engine(fake.engine, b"fake-engine-1", _sidecar(flavour="tensorrt", trt_version="10.16.1.11"),
-                 durable=False)
-    fake.trt_kwargs = {"version": "10.16.1.11"}
+    _full_trt(fake)
     with _open(fake):
         pass
     assert not (tmp_path / "m.rtcache").exists() and fake.trt.created["caches"] == []
+
+
+def test_engine_layers_sets_the_input_shape_before_inspecting(fake):
+    from vitdeploy.engines.tensorrt_runtime import engine_layers
+
+    info = engine_layers(fake.engine)
+    assert info["Layers"] == ["conv", "matmul"] and info["shape"] == [2, 3, 8, 8]  # the profile's opt
+    assert fake.cuda.allocs == set()
 
 
 # -- failures ----------------------------------------------------------------------------------------
@@ -396,15 +1027,6 @@ def test_corrupt_engine_is_refused_and_nothing_leaks(fake):
     with pytest.raises(VitDeployError, match=r"TensorRT could not load .*rebuild it with `vitdeploy build`"):
         _open(fake)
     assert fake.cuda.allocs == set() and fake.cuda.streams == set()
-
-
-def test_captured_enqueue_failure_is_an_error(fake):
-    fake.trt_kwargs = {"fail_in_capture": True}
-    rt = _open(fake, cuda_graph=True)
-    with pytest.raises(VitDeployError, match=r"enqueue failed while capturing a CUDA graph.*without --cuda-graph"):
-        rt.infer(_x(2))
-    assert fake.cuda.capturing == set() and fake.cuda.graphs == set() and rt.graphs == {}
-    rt.close()
 
 
 def test_bf16_io_is_refused_by_name(fake):
@@ -450,10 +1072,16 @@ def test_publish_removes_only_old_leftovers_of_killed_builds(tmp_path):
     assert not old.exists() and fresh.exists()  # a build publishing beside us keeps its folder
 
 
-# -- version rules -----------------------------------------------------------------------------------
+# -- version rules (item 8) ----------------------------------------------------------------------------
 @pytest.mark.parametrize(("built", "here", "compatible", "ok"), [
     ("10.9.0.34", "10.16.1.11", True, True),  # a later runtime (as strings, "10.16" < "10.9")
     ("10.16.1.11", "11.4.0.106", True, True),  # 10 -> 11
+    ("8.6.1.6", "10.16.1.11", True, True),  # 8 -> 10
+    ("11.1.0.1", "11.4.0.106", True, True),  # later 11.x
+    ("8.6.1.6", "11.4.0.106", True, False),  # 8 -> 11: not supported
+    ("9.3.0.1", "10.16.1.11", True, False),  # 9 -> 10: not supported
+    ("10.16.1.11", "12.0.0.1", True, False),  # two majors on, or a major TensorRT has not promised
+    ("11.4.0.106", "10.16.1.11", True, False),  # an older major
     ("10.16.1.11", "10.9.0.34", True, False),  # an older runtime (as strings, "10.9" > "10.16")
     ("10.16.1.11", "10.16.1.11", False, True),
     ("10.16.1", "10.16.1.0", False, True),  # the same version, written two ways
@@ -468,6 +1096,17 @@ def test_version_rules(built, here, compatible, ok):
     else:
         with pytest.raises(VitDeployError, match=f"built with tensorrt {built}.*this is {here}: rebuild"):
             check_compatible(side, "tensorrt", here, ("NVIDIA L4", "sm89"))
+
+
+@pytest.mark.parametrize("compatible", [False, True])
+def test_rtx_engines_run_only_on_the_release_that_built_them(compatible):
+    from vitdeploy.engines.tensorrt_runtime import check_compatible
+
+    side = _sidecar(trt_version="1.7.1.116", options={"version_compatible": compatible})
+    check_compatible(side, "tensorrt_rtx", "1.7.1.116", ("NVIDIA GeForce RTX 4090", "sm89"))
+    with pytest.raises(VitDeployError, match=r"built with tensorrt_rtx 1\.7\.1\.116; this is 1\.8\.0\.12: TensorRT-RTX "
+                                             r"engines run only on the release that built them: rebuild"):
+        check_compatible(side, "tensorrt_rtx", "1.8.0.12", ("NVIDIA GeForce RTX 4090", "sm89"))
 
 
 @pytest.mark.parametrize("compatible", [False, True])
@@ -542,7 +1181,9 @@ def test_current_gpu_through_cuda_bindings(monkeypatch):
 # -- on a GPU --------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
-    """Build with a flavour that runs on this GPU (by compute capability), run it, compare with ONNX Runtime."""
+    """Build with a flavour that runs on this GPU (by compute capability), then, with graphs off and on
+    and two instances, alternate batch sizes (8, 3, 4, 3, 8, and 11 = 8 + 3) and call infer and
+    infer_torch from two threads at once: every answer matches ONNX Runtime's."""
     import importlib.util
 
     from vitdeploy.engines import open_runtime
@@ -550,25 +1191,44 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
 
     gpu = tb.current_gpu()
     if gpu is None:
-        pytest.skip("needs an NVIDIA GPU to run an engine")
+        pytest.skip("needs an NVIDIA GPU to run an engine (none visible: no driver or no device)")
     runnable = [f for f in flavours_for(gpu[1]) if importlib.util.find_spec(f)]
     if not runnable:
         wanted = " or ".join(FLAVOUR_TITLES[f] for f in flavours_for(gpu[1]))
         pytest.skip(f"{gpu[0]} ({gpu[1]}) runs engines of {wanted}, which is not installed here")
     torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("infer_torch needs torch with CUDA")
     digits_onnx = request.getfixturevalue("digits_onnx")  # after the skips: exporting takes a while
     flavour = {"tensorrt": "tensorrt", "tensorrt_rtx": "rtx"}[runnable[0]]
     tb.build_engine(digits_onnx["fp16"], tmp_path / "m.engine", tb.BuildOptions(flavour=flavour, max_batch=8))
-    x = np.random.default_rng(0).standard_normal((11, 3, 224, 224)).astype(np.float32)
     with open_runtime(digits_onnx["fp16"]) as ort:
+        x = np.random.default_rng(0).standard_normal((11, *ort.spec.shape)).astype(np.float32)
         ref = ort.infer(x)
+    sizes = (8, 3, 4, 3, 8, 11)
     for graph in (False, True):
-        with open_runtime(tmp_path / "m.engine", cuda_graph=graph) as rt:
-            assert np.abs(rt.infer(x) - ref).max() < 5e-2
-            out = rt.infer_torch(torch.from_numpy(x[:4]).cuda())
-            assert out.is_cuda and out.shape == (4, 10)
-            assert np.abs(out.float().cpu().numpy() - ref[:4]).max() < 5e-2
-            assert np.abs(rt.infer(x[:3]) - ref[:3]).max() < 5e-2  # host path after a zero-copy call
+        with open_runtime(tmp_path / "m.engine", cuda_graph=graph, instances=2) as rt:
+            def host(rt=rt) -> list[float]:
+                return [float(np.abs(rt.infer(x[:n]) - ref[:n]).max()) for n in sizes]
+
+            def device(rt=rt) -> list[float]:
+                errs = []
+                for n in sizes[:-1]:
+                    out = rt.infer_torch(torch.from_numpy(x[:n]).cuda())
+                    assert out.is_cuda and out.shape == (n, 10)
+                    errs.append(float(np.abs(out.float().cpu().numpy() - ref[:n]).max()))
+                return errs
+
+            results: dict[str, list[float]] = {}
+            threads = [threading.Thread(target=lambda f=f, k=k, r=results: r.__setitem__(k, f()))
+                       for k, f in (("host", host), ("device", device))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert set(results) == {"host", "device"}, "a thread failed (see its traceback above)"
+            assert max(results["host"] + results["device"]) < 5e-2, (graph, results)
+            assert max(host()) < 5e-2  # and once more from this thread, after the zero-copy calls
         with pytest.raises(VitDeployError, match="is closed"):
             rt.infer(x[:1])
     if runnable[0] == "tensorrt_rtx":

@@ -42,7 +42,8 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     availability); anything else -> our torch model via :func:`vitdeploy.load_model`.
     ``options`` go to the backend (threads, dtype, compile, config, seed, ...); with a plan, only
     ``threads`` may be given (it overrides the plan's), any other option bypasses the plan.
-    ``use_plan=False`` ignores a plan.
+    ``use_plan=False`` ignores a plan. An engine runs on ``device`` ``cuda`` / ``auto`` (device 0) or
+    ``cuda:N``, never ``cpu``; its options include ``cuda_graph`` and ``instances`` (contexts in flight).
     """
     if backend not in BACKENDS:
         raise VitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -77,9 +78,9 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
         return OpenVinoRuntime(path, **options)
     if kind != "engine":
         raise VitDeployError(f"the TensorRT backend runs engines: build one with `vitdeploy build {path}`")
-    from vitdeploy.engines.tensorrt_runtime import TensorRTRuntime
+    from vitdeploy.engines.tensorrt_runtime import TensorRTRuntime, parse_device
 
-    return TensorRTRuntime(path, **options)
+    return TensorRTRuntime(path, device=parse_device(device), **options)
 
 
 def _cpu_only(device: str) -> bool:

@@ -4,11 +4,19 @@ Only what the runtime needs: device and pinned host buffers, a stream, async cop
 timing and for ordering two streams, and CUDA-graph capture; and the matching destroy call for each
 thing it creates. Both implementations raise :class:`CudaError` with the CUDA error name, so a
 machine without a driver fails with one clear line.
+
+A layer is bound to one device (``cuda:N``). CUDA's current device and pycuda's current context
+belong to a thread, so every call into the layer or into TensorRT runs inside ``with
+layer.activate():``, on whichever thread makes it: cuda-python selects the device there
+(``cudaSetDevice``, per thread), pycuda pushes its context there and pops it after. pycuda has no
+stream capture (``can_capture`` is False): its runtime refuses ``--cuda-graph``.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +27,13 @@ from vitdeploy.errors import VitDeployError
 
 class CudaError(VitDeployError):
     pass
+
+
+class CaptureInvalidated(CudaError):
+    """cudaStreamEndCapture reported cudaErrorStreamCaptureInvalidated: the capture ended, no graph."""
+
+
+_CAPTURE_INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
 
 
 @dataclass
@@ -33,19 +48,33 @@ class CudaPython:
     """NVIDIA's cuda-python runtime bindings (``cuda.bindings.runtime``, or ``cuda.cudart``)."""
 
     name = "cuda-python"
+    can_capture = True
 
-    def __init__(self) -> None:
+    def __init__(self, device: int = 0) -> None:
         from vitdeploy.sysinfo import cudart as find_cudart
 
         cudart = find_cudart()
         if cudart is None:
             raise ImportError("cuda-python is not installed")
         self.rt = cudart
+        self.device = device
         self._pinned: list[int] = []
         err, count = cudart.cudaGetDeviceCount()
         self._check(err, "cudaGetDeviceCount")
         if count == 0:
             raise CudaError("no CUDA device found")
+        if not 0 <= device < count:
+            raise CudaError(f"cuda:{device} does not exist: this machine has {count} CUDA device(s)")
+
+    @contextmanager
+    def activate(self) -> Iterator[None]:
+        """Make this layer's device current on the calling thread (cudaSetDevice is per thread)."""
+        self._call("cudaSetDevice", self.device)
+        yield
+
+    def clear_error(self) -> None:
+        """Read and reset CUDA's last error (cudaGetLastError), so it does not fail a later call."""
+        self.rt.cudaGetLastError()
 
     def _check(self, err: Any, what: str) -> None:
         if int(err) != 0:
@@ -119,7 +148,12 @@ class CudaPython:
         self._call("cudaStreamBeginCapture", stream, mode)
 
     def end_capture(self, stream: int) -> CudaGraph:
-        graph = self._call("cudaStreamEndCapture", stream)
+        """The captured graph, instantiated; :class:`CaptureInvalidated` when the capture was invalidated
+        (the stream has left capture mode either way; call :meth:`clear_error` then)."""
+        err, graph = self.rt.cudaStreamEndCapture(stream)
+        if int(err) == _CAPTURE_INVALIDATED:
+            raise CaptureInvalidated("cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated")
+        self._check(err, "cudaStreamEndCapture")
         try:
             return CudaGraph(graph, self._call("cudaGraphInstantiate", graph, 0))
         except CudaError:
@@ -135,18 +169,41 @@ class CudaPython:
 
 
 class PyCuda:
-    """pycuda (the design card's choice); needs the CUDA toolkit to install."""
+    """pycuda (the design card's choice); needs the CUDA toolkit to install.
+
+    It holds the device's primary context (the one the CUDA runtime, and so TensorRT, uses) and
+    pushes it on the calling thread in :meth:`activate`: a pycuda context is current only on the
+    thread that pushed it. No stream capture: pycuda's releases lack ``Stream.begin_capture``.
+    """
 
     name = "pycuda"
+    can_capture = False
 
-    def __init__(self) -> None:
-        import pycuda.autoinit  # type: ignore[import-not-found]  # noqa: F401
+    def __init__(self, device: int = 0) -> None:
         import pycuda.driver as cuda  # type: ignore[import-not-found]
 
+        cuda.init()
+        count = cuda.Device.count()
+        if not 0 <= device < count:
+            raise CudaError(f"cuda:{device} does not exist: this machine has {count} CUDA device(s)")
         self.cuda = cuda
+        self.device = device
+        self.context = cuda.Device(device).retain_primary_context()
         self._allocs: dict[int, Any] = {}
         self._streams: dict[int, Any] = {}
         self._pinned: list[np.ndarray] = []
+
+    @contextmanager
+    def activate(self) -> Iterator[None]:
+        """Push the device's primary context on the calling thread; pop it afterwards."""
+        self.context.push()
+        try:
+            yield
+        finally:
+            self.cuda.Context.pop()
+
+    def clear_error(self) -> None:
+        pass  # pycuda raises on each failing call; there is no last error to reset
 
     def malloc(self, nbytes: int) -> int:
         alloc = self.cuda.mem_alloc(nbytes)
@@ -207,26 +264,27 @@ class PyCuda:
         pass  # pycuda frees an event when the object goes
 
     def begin_capture(self, stream: int) -> None:
-        self._streams[stream].begin_capture()
+        raise CudaError("pycuda has no CUDA stream capture: for --cuda-graph, pip install 'vitdeploy[cuda]'")
 
     def end_capture(self, stream: int) -> CudaGraph:
-        graph = self._streams[stream].end_capture()
-        return CudaGraph(graph, graph.instance())
+        raise CudaError("pycuda has no CUDA stream capture")
 
     def launch(self, graph: CudaGraph, stream: int) -> None:
-        graph.exec.launch(self._streams[stream])
+        raise CudaError("pycuda has no CUDA graphs")
 
     def destroy_graph(self, graph: CudaGraph) -> None:
-        pass  # pycuda frees graphs when the objects go
+        pass  # no graph is ever made
 
 
-def device_memory(prefer: str = "auto") -> CudaPython | PyCuda:
-    """cuda-python if installed, else pycuda; a one-line error naming what to install."""
-    order = {"auto": (CudaPython, PyCuda), "cuda-python": (CudaPython,), "pycuda": (PyCuda,)}[prefer]
+def device_memory(prefer: str = "auto", device: int = 0) -> CudaPython | PyCuda:
+    """cuda-python if installed, else pycuda, bound to ``cuda:device``; a one-line error naming what to install."""
+    orders = {"auto": (CudaPython, PyCuda), "cuda-python": (CudaPython,), "pycuda": (PyCuda,)}
+    if prefer not in orders:
+        raise CudaError(f"memory layer {prefer!r}: choose {', '.join(orders)}")
     missing = []
-    for impl in order:
+    for impl in orders[prefer]:
         try:
-            return impl()
+            return impl(device)
         except ImportError:
             missing.append(impl.name)
     raise CudaError(f"no CUDA Python layer: pip install 'vitdeploy[cuda]' (cuda-python); tried {', '.join(missing)}")
