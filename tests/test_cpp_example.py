@@ -2,14 +2,20 @@
 
 Without a GPU it runs up to ``createInferRuntime`` (full TensorRT) or ``deserializeCudaEngine``
 (TensorRT-RTX), where the CUDA driver is missing; everything before that is real: the sidecar is
-parsed with nlohmann/json, its flavour is checked, and its labels and I/O names are read.
+parsed with nlohmann/json, its flavour, I/O types and version compatibility are checked, the batch
+file is read and converted to the input's type, and its labels and I/O names are read.
 Headers: TensorRT's public API (third_party/tensorrt, vendored), CUDA's from the
-nvidia-cuda-runtime-cu12 / nvidia-cuda-nvcc-cu12 wheels; the runtime library from
-tensorrt-lean-cu13-libs (`pip install -e '.[cpp-example]'`).
+nvidia-cuda-runtime-cu12 / nvidia-cuda-nvcc-cu12 wheels (`pip install -e '.[cpp-example]'`).
+Libraries: the lean runtime (-DUSE_TENSORRT_LEAN=ON, version-compatible engines only) links
+libnvinfer_lean from the tensorrt-lean-cu13-libs wheel of that extra; the default configuration links
+full libnvinfer, which no registry reachable here ships (PyPI's tensorrt-cu13-libs is a stub that
+downloads from pypi.nvidia.com), so it is built and run where one is found and skipped, with that
+reason, elsewhere; its configure step runs everywhere.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import json
 import os
@@ -17,6 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,65 +66,218 @@ def _toolchain() -> dict[str, Path]:
             "nvinfer_lean": lean / "libnvinfer_lean.so.11"}
 
 
-def _cmake_build(build_dir: Path, library: Path, rtx: bool, tools: dict[str, Path]) -> Path:
-    configure = [
+NO_NVINFER = ("full libnvinfer not found (no tensorrt_libs package, none on the library path): PyPI's "
+              "tensorrt-cu13-libs is a stub that downloads from pypi.nvidia.com; pip install "
+              "--extra-index-url https://pypi.nvidia.com tensorrt-cu13-libs to build the default configuration")
+
+
+def _full_nvinfer() -> Path | None:
+    """libnvinfer.so.11/.10 from NVIDIA's tensorrt-cu1x-libs wheel (package tensorrt_libs) or the system."""
+    libs = _package_dir("tensorrt_libs")
+    found = sorted(libs.glob("libnvinfer.so.1[01]")) if libs else []
+    if found:
+        return found[-1]
+    name = ctypes.util.find_library("nvinfer")
+    if name is None:
+        return None
+    done = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True)
+    paths = [line.rsplit("=> ", 1)[-1] for line in done.stdout.splitlines() if name in line]
+    return Path(paths[0]) if paths else None
+
+
+def _configure(build_dir: Path, library: Path | None, tools: dict[str, Path], rtx: bool = False,
+               lean: bool = False) -> subprocess.CompletedProcess:
+    cmd = [
         "cmake", "-S", str(EXAMPLE), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-        f"-DUSE_TENSORRT_RTX={'ON' if rtx else 'OFF'}",
-        f"-DTENSORRT_INCLUDE_DIR={TRT_INCLUDE}", f"-DTENSORRT_LIBRARY={library}",
+        f"-DUSE_TENSORRT_RTX={'ON' if rtx else 'OFF'}", f"-DUSE_TENSORRT_LEAN={'ON' if lean else 'OFF'}",
+        f"-DTENSORRT_INCLUDE_DIR={TRT_INCLUDE}",
         f"-DCUDA_INCLUDE_DIRS={tools['cuda_include']};{tools['crt_include']}", f"-DCUDART_LIBRARY={tools['cudart']}",
     ]
-    for cmd in (configure, ["cmake", "--build", str(build_dir)]):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{' '.join(cmd[:2])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    if library is not None:
+        cmd.append(f"-DTENSORRT_LIBRARY={library}")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _cmake_build(build_dir: Path, library: Path, tools: dict[str, Path], rtx: bool = False, lean: bool = False) -> Path:
+    done = _configure(build_dir, library, tools, rtx, lean)
+    assert done.returncode == 0, f"cmake configure failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    done = subprocess.run(["cmake", "--build", str(build_dir)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"cmake --build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     exe = build_dir / "vit_infer"
     assert exe.is_file()
     return exe
 
 
 @pytest.fixture(scope="module")
-def tensorrt_example(tmp_path_factory) -> Path:
-    """The example built against full TensorRT (its lean runtime library)."""
+def lean_example(tmp_path_factory) -> Path:
+    """The example built against TensorRT's lean runtime (-DUSE_TENSORRT_LEAN=ON, libnvinfer_lean)."""
     tools = _toolchain()
-    return _cmake_build(tmp_path_factory.mktemp("cpp-trt"), tools["nvinfer_lean"], rtx=False, tools=tools)
+    return _cmake_build(tmp_path_factory.mktemp("cpp-lean"), tools["nvinfer_lean"], tools, lean=True)
 
 
-def _sidecar(engine: Path, flavour: str, labels: list[str]) -> None:
+@pytest.fixture(scope="module")
+def full_example(tmp_path_factory) -> Path:
+    """The example's default configuration, against full libnvinfer where one is found."""
+    tools = _toolchain()
+    library = _full_nvinfer()
+    if library is None:
+        pytest.skip(NO_NVINFER)
+    return _cmake_build(tmp_path_factory.mktemp("cpp-trt"), library, tools)
+
+
+def _sidecar(engine: Path, flavour: str, labels: list[str], dtypes: tuple[str, str] = ("float", "float"),
+             input_shape: tuple[int, ...] = (-1, 3, 224, 224), version_compatible: bool = True) -> None:
     """A sidecar as `vitdeploy build` writes it (through its one typed home), UTF-8 as written."""
     from vitdeploy.engines.sidecar import EngineSidecar, TensorIO, sidecar_path
 
+    batch_free = list(input_shape[1:])
     side = EngineSidecar(
         flavour=flavour, trt_version="11.1.0", targets=["sm90"], precision="fp16",
-        io=[TensorIO("pixel_values", "input", [-1, 3, 224, 224], "float"),
-            TensorIO("logits", "output", [-1, len(labels)], "float")],
-        profile={"min": [1, 3, 224, 224], "opt": [1, 3, 224, 224], "max": [4, 3, 224, 224]},
-        model={"labels": labels},
+        io=[TensorIO("pixel_values", "input", list(input_shape), dtypes[0]),
+            TensorIO("logits", "output", [-1, len(labels)], dtypes[1])],
+        profile={"min": [1, *batch_free], "opt": [1, *batch_free], "max": [4, *batch_free]},
+        options={"version_compatible": version_compatible}, model={"labels": labels},
     )
     sidecar_path(engine).write_text(json.dumps(side.to_dict(), ensure_ascii=False), encoding="utf-8")
 
 
-def _run(exe: Path, engine: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(exe), str(engine), str(engine.with_suffix(".f32")), "1"],
-                          capture_output=True, text=True, timeout=120)
+def _run(exe: Path, engine: Path, n: int = 1, batch: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run the example on ``engine`` with a batch file: ``batch``, or n normalized float32 images."""
+    data = batch if batch is not None else np.zeros((n, 3, 224, 224), np.float32).tobytes()
+    batch_file = engine.with_suffix(".bin")
+    batch_file.write_bytes(data)
+    return subprocess.run([str(exe), str(engine), str(batch_file), str(n)], capture_output=True, text=True, timeout=120)
 
 
-def test_tensorrt_build_runs_to_create_infer_runtime(tensorrt_example, tmp_path):
-    engine = tmp_path / "vit.engine"
+def _engine(tmp_path: Path, name: str = "vit.engine", **sidecar) -> Path:
+    engine = tmp_path / name
     engine.write_bytes(b"\0" * 64)
-    _sidecar(engine, "tensorrt", TRICKY_LABELS)
-    done = _run(tensorrt_example, engine)
+    _sidecar(engine, sidecar.pop("flavour", "tensorrt"), sidecar.pop("labels", TRICKY_LABELS), **sidecar)
+    return engine
+
+
+def _at_the_cuda_boundary(done: subprocess.CompletedProcess) -> None:
+    """TensorRT's own boundary on a machine without a GPU driver, and the program's one line."""
     assert done.returncode == 1, done.stderr
-    # the sidecar was read with a JSON parser: names, labels (quotes, comma, bracket, UTF-8) all counted
-    assert "TensorRT 11.1.0, fp16, input pixel_values, output logits, 3 labels" in done.stderr
-    # then TensorRT's own boundary on a machine without a GPU driver, and the program's one line
     assert "CUDA initialization failure" in done.stderr
     assert "createInferRuntime failed" in done.stderr and "needs an NVIDIA GPU" in done.stderr
 
 
-def test_refuses_an_engine_of_the_other_flavour(tensorrt_example, tmp_path):
-    engine = tmp_path / "rtx.engine"
-    engine.write_bytes(b"\0" * 64)
-    _sidecar(engine, "tensorrt_rtx", ["a"])
-    done = _run(tensorrt_example, engine)
+@pytest.mark.parametrize("build", ["lean", "full"])
+def test_tensorrt_build_runs_to_create_infer_runtime(build, request, tmp_path):
+    exe = request.getfixturevalue(f"{build}_example")
+    engine = _engine(tmp_path, version_compatible=build == "lean")
+    done = _run(exe, engine)
+    # the sidecar was read with a JSON parser: names, types, labels (quotes, comma, bracket, UTF-8) all counted
+    title = "TensorRT (lean runtime)" if build == "lean" else "TensorRT"
+    assert (f"{title} 11.1.0, fp16, input pixel_values (float32), output logits (float32), 3 labels"
+            in done.stderr), done.stderr
+    _at_the_cuda_boundary(done)
+
+
+def test_lean_runtime_refuses_an_engine_that_is_not_version_compatible(lean_example, tmp_path):
+    """libnvinfer_lean deserializes only version-compatible engines (NVIDIA/TensorRT #3307): say so up front."""
+    done = _run(lean_example, _engine(tmp_path, version_compatible=False))
+    assert done.returncode == 1
+    assert "was not built with --version-compatible" in done.stderr and "runs only version-compatible" in done.stderr
+    assert "-DUSE_TENSORRT_LEAN" in done.stderr and "createInferRuntime" not in done.stderr
+
+
+def test_default_configuration_is_full_nvinfer_not_the_lean_runtime(tmp_path):
+    """The default links full libnvinfer; the lean runtime is an option, named as what it is, never a stand-in."""
+    tools = _toolchain()
+
+    def refused(done: subprocess.CompletedProcess) -> str:
+        assert done.returncode != 0, done.stdout[-2000:]
+        return " ".join(done.stderr.split())  # CMake wraps its messages
+
+    said = refused(_configure(tmp_path / "lean-as-full", tools["nvinfer_lean"], tools))
+    assert "is TensorRT's lean runtime, which runs only version-compatible engines" in said
+    assert "-DUSE_TENSORRT_LEAN=ON" in said
+    both = _configure(tmp_path / "rtx-lean", tools["nvinfer_lean"], tools, rtx=True, lean=True)
+    assert "TensorRT-RTX has none" in refused(both)
+    if _full_nvinfer() is None:  # nothing to find here: the configure step says what to do
+        said = refused(_configure(tmp_path / "none", None, tools))
+        assert "TensorRT not found" in said and "runs only engines built with --version-compatible" in said
+
+
+@pytest.mark.parametrize(("dtypes", "shape", "batch", "said"), [
+    (("half", "half"), (-1, 3, 224, 224), None, "input pixel_values (float16), output logits (float16)"),
+    (("uint8", "float"), (-1, 224, 224, 3), np.zeros((2, 224, 224, 3), np.uint8).tobytes(),
+     "input pixel_values (uint8), output logits (float32)"),
+])
+def test_float16_and_uint8_io_run_to_the_cuda_boundary(lean_example, tmp_path, dtypes, shape, batch, said):
+    """--fp16-io (float32 file converted to float16) and --uint8-input (uint8 NHWC pixels) engines."""
+    done = _run(lean_example, _engine(tmp_path, dtypes=dtypes, input_shape=shape), n=2, batch=batch)
+    assert said in done.stderr, done.stderr
+    _at_the_cuda_boundary(done)
+
+
+@pytest.mark.parametrize(("dtypes", "shape", "message"), [
+    (("uint8", "float"), (-1, 224, 224, 3),  # a float32 file for a uint8 engine
+     "has 1204224 bytes, expected 301056: 301056 uint8 pixels for input pixel_values (uint8)"),
+    (("half", "float"), (-1, 3, 224, 224), None),  # the right file: no refusal
+    (("bf16", "float"), (-1, 3, 224, 224), "pixel_values is bf16; this program handles float32, float16 and uint8"),
+    (("float", "int8"), (-1, 3, 224, 224), "logits is int8; this program handles float32, float16 and uint8"),
+    (("float", "uint8"), (-1, 3, 224, 224), "a uint8 output is not logits"),
+])
+def test_io_type_refusals_before_tensorrt(lean_example, tmp_path, dtypes, shape, message):
+    done = _run(lean_example, _engine(tmp_path, dtypes=dtypes, input_shape=shape), n=2)
+    assert done.returncode == 1
+    if message is None:
+        _at_the_cuda_boundary(done)
+    else:
+        assert message in done.stderr and "createInferRuntime" not in done.stderr, done.stderr
+
+
+HALF_CHECK = r"""
+#include "io_types.h"
+#include <cstdio>
+#include <vector>
+// stdin: float32 values; stdout: their float16 bits, then every float16 bit pattern as float32
+int main() {
+  std::vector<float> in;
+  float v;
+  while (std::fread(&v, 4, 1, stdin) == 1) in.push_back(v);
+  for (float x : in) { const uint16_t h = vit::floatToHalf(x); std::fwrite(&h, 2, 1, stdout); }
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const float f = vit::halfToFloat(static_cast<uint16_t>(b));
+    std::fwrite(&f, 4, 1, stdout);
+  }
+}
+"""
+
+
+def test_float16_conversions_match_numpy_bit_for_bit(tmp_path):
+    """The example's float32 <-> float16 conversions (io_types.h) against numpy's, on random bit patterns,
+    the rounding ties, subnormals, overflow and every half value."""
+    tools = _toolchain()
+    (tmp_path / "check.cpp").write_text(HALF_CHECK)
+    cmd = ["c++", "-std=c++17", "-O1", "-Wall", "-Wno-deprecated-declarations", f"-I{EXAMPLE}", f"-I{TRT_INCLUDE}",
+           f"-I{tools['cuda_include']}", f"-I{tools['crt_include']}", str(tmp_path / "check.cpp"),
+           "-o", str(tmp_path / "check")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        (rng.standard_normal(50_000) * 10).astype(np.float32), (rng.standard_normal(50_000) * 1e-5).astype(np.float32),
+        np.float32([0, -0.0, 65504, 65519.99, 65520, 1e-8, 2**-25, 2**-25 * 1.0000001, 2**-24 * 1.5, 2**-24 * 2.5,
+                    1 + 2**-11, 1 + 3 * 2**-11, np.inf, -np.inf, np.nan])])
+    out = subprocess.run([str(tmp_path / "check")], input=x.tobytes(), capture_output=True, timeout=60).stdout
+    half = np.frombuffer(out[:2 * len(x)], np.uint16)
+    with np.errstate(all="ignore"):
+        ref = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(half[~nan], ref[~nan]) and np.isnan(half[nan].view(np.float16)).all()
+    back = np.frombuffer(out[2 * len(x):], np.float32)
+    every = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    assert np.array_equal(np.isnan(back), np.isnan(every)) and np.array_equal(back[~np.isnan(back)],
+                                                                              every[~np.isnan(every)])
+
+
+def test_refuses_an_engine_of_the_other_flavour(lean_example, tmp_path):
+    done = _run(lean_example, _engine(tmp_path, "rtx.engine", flavour="tensorrt_rtx", labels=["a"]))
     assert done.returncode == 1
     assert "is a tensorrt_rtx engine" in done.stderr and "-DUSE_TENSORRT_RTX=ON" in done.stderr
     assert "createInferRuntime" not in done.stderr  # refused before touching TensorRT
@@ -128,16 +288,16 @@ def test_refuses_an_engine_of_the_other_flavour(tensorrt_example, tmp_path):
     ('{"format": "vitdeploy-engine/1", "flavour": "tensorrt"}', "is malformed"),
     ('{"labels": ["a"]}', "is not a vitdeploy engine sidecar"),
 ])
-def test_bad_sidecar_is_one_clear_line(tensorrt_example, tmp_path, text, message):
+def test_bad_sidecar_is_one_clear_line(lean_example, tmp_path, text, message):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"\0")
     engine.with_suffix(".json").write_text(text)
-    done = _run(tensorrt_example, engine)
+    done = _run(lean_example, engine)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vit_infer: sidecar ") and message in lines[0], done.stderr
     engine.with_suffix(".json").unlink()
-    done = _run(tensorrt_example, engine)
+    done = _run(lean_example, engine)
     assert done.returncode == 1 and "has no sidecar" in done.stderr
 
 
@@ -151,12 +311,13 @@ def test_tensorrt_rtx_branch_builds_without_its_headers_and_runs_a_real_engine(t
     from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
     from vitdeploy.exporters import ExportOptions, export_onnx
 
-    exe = _cmake_build(tmp_path / "build-rtx", rtx_libs / "libtensorrt_rtx.so.1", rtx=True, tools=tools)
+    exe = _cmake_build(tmp_path / "build-rtx", rtx_libs / "libtensorrt_rtx.so.1", tools, rtx=True)
     onnx_path = export_onnx(tiny_checkpoint, tmp_path / "tiny.onnx", options=ExportOptions(dynamic_batch=True)).path
     engine = tmp_path / "tiny.engine"
     build_engine(onnx_path, engine, BuildOptions(flavour="rtx", compute_capabilities=["sm89"], max_batch=4))
     done = _run(exe, engine)
     assert done.returncode == 1, done.stderr
-    assert "TensorRT-RTX" in done.stderr and ", 6 labels" in done.stderr  # the tiny model's 6 classes
+    assert "TensorRT-RTX" in done.stderr and "input pixel_values (float32)" in done.stderr
+    assert ", 6 labels" in done.stderr  # the tiny model's 6 classes
     assert f"cannot deserialize {engine}" in done.stderr
     assert "CUDA" in done.stderr  # TensorRT-RTX's reason: no CUDA driver here

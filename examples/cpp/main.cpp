@@ -1,21 +1,31 @@
-// Load a vitdeploy engine, read its flavour, I/O names and labels from its JSON sidecar, run one
+// Load a vitdeploy engine, read its flavour, I/O names, types and labels from its JSON sidecar, run one
 // batch of preprocessed images and print the top-5 classes of each.
 //
-//   vit_infer model.engine batch.f32 N
+//   vit_infer model.engine batch.bin N
 //
-// batch.f32: N x 3 x H x W float32, already normalized (write it from Python with
-// vitdeploy.preprocess.load_images(paths, prep).tofile("batch.f32")).
+// batch.bin holds what the engine's input takes, as Python writes it:
+//   float32 or float16 input (--fp16-io): N x 3 x H x W float32, normalized,
+//     vitdeploy.preprocess.load_images(paths, prep).tofile("batch.bin"); converted here for float16;
+//   uint8 input (--uint8-input): N x H x W x 3 uint8 pixels, load_images(paths, prep, uint8=True).tofile(...).
+// The output may be float32 or float16. The I/O types are read from the engine (getTensorDataType) and
+// must agree with the sidecar's; other types are refused.
 // Built with -DUSE_TENSORRT_RTX=ON (VITDEPLOY_TENSORRT_RTX) it links TensorRT-RTX and runs TensorRT-RTX
-// engines; otherwise full TensorRT. The API used here is common to both, so either branch compiles
-// against either flavour's headers.
+// engines; otherwise full TensorRT: libnvinfer by default, or with -DUSE_TENSORRT_LEAN=ON
+// (VITDEPLOY_TENSORRT_LEAN) the lean runtime libnvinfer_lean, which runs only engines built with
+// `vitdeploy build --version-compatible` (NVIDIA/TensorRT #3307). The API used here is common to both
+// flavours, so either branch compiles against either flavour's headers.
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
 
 #include <nlohmann/json.hpp>
 
+#include "io_types.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -30,7 +40,11 @@ static const char* kFlavourTitle = "TensorRT-RTX";
 static const char* kOtherBuild = "configure without -DUSE_TENSORRT_RTX and link full TensorRT";
 #else
 static const char* kFlavour = "tensorrt";
+#ifdef VITDEPLOY_TENSORRT_LEAN
+static const char* kFlavourTitle = "TensorRT (lean runtime)";
+#else
 static const char* kFlavourTitle = "TensorRT";
+#endif
 static const char* kOtherBuild = "configure with -DUSE_TENSORRT_RTX=ON and link TensorRT-RTX";
 #endif
 static const char* kSidecarFormat = "vitdeploy-engine/1";
@@ -61,16 +75,25 @@ static std::string readFile(const std::string& path) {
   return ss.str();
 }
 
-// What the program needs from the engine's sidecar (vitdeploy/engines/sidecar.py writes it).
-struct Sidecar {
-  std::string flavour, trtVersion, precision, input, output;
-  std::vector<std::string> labels;
-};
-
 [[noreturn]] static void fail(const std::string& msg) {
   std::cerr << "vit_infer: " << msg << std::endl;
   std::exit(1);
 }
+
+// One I/O tensor as the sidecar lists it: shape with -1 for the batch of a dynamic profile.
+struct Tensor {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  nvinfer1::DataType type = nvinfer1::DataType::kFLOAT;
+};
+
+// What the program needs from the engine's sidecar (vitdeploy/engines/sidecar.py writes it).
+struct Sidecar {
+  std::string flavour, trtVersion, precision;
+  Tensor input, output;
+  bool versionCompatible = false;
+  std::vector<std::string> labels;
+};
 
 static Sidecar readSidecar(const std::string& path) {
   using nlohmann::json;
@@ -90,84 +113,134 @@ static Sidecar readSidecar(const std::string& path) {
     s.trtVersion = j.at("trt_version").get<std::string>();
     s.precision = j.value("precision", "unknown");
     for (const auto& t : j.at("io")) {
-      const auto mode = t.at("mode").get<std::string>();
-      (mode == "input" ? s.input : s.output) = t.at("name").get<std::string>();
+      Tensor& io = t.at("mode").get<std::string>() == "input" ? s.input : s.output;
+      io.name = t.at("name").get<std::string>();
+      io.dtype = t.at("dtype").get<std::string>();
+      io.shape = t.at("shape").get<std::vector<int64_t>>();
     }
+    const auto options = j.find("options");
+    if (options != j.end() && options->is_object()) s.versionCompatible = options->value("version_compatible", false);
     const auto model = j.find("model");
     if (model != j.end() && model->is_object() && model->contains("labels"))
       s.labels = model->at("labels").get<std::vector<std::string>>();
   } catch (const json::exception& e) {
     fail("sidecar " + path + " is malformed (" + e.what() + "): rebuild the engine with `vitdeploy build`");
   }
-  if (s.input.empty() || s.output.empty()) fail("sidecar " + path + " lists no input or no output tensor");
+  if (s.input.name.empty() || s.output.name.empty()) fail("sidecar " + path + " lists no input or no output tensor");
+  if (s.input.shape.size() < 2 || s.output.shape.size() != 2)
+    fail("sidecar " + path + " has an input or output shape this program does not handle: [N, ...] in, [N, classes] out");
   return s;
 }
 
-int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::cerr << "usage: vit_infer model.engine batch.f32 N" << std::endl;
-    return 2;
-  }
-  const std::string enginePath = argv[1];
-  const int n = std::stoi(argv[3]);
-  const auto dot = enginePath.find_last_of('.');
-  const auto slash = enginePath.find_last_of('/');
-  const std::string stem = (dot == std::string::npos || (slash != std::string::npos && dot < slash))
-                               ? enginePath : enginePath.substr(0, dot);
-  const Sidecar side = readSidecar(stem + ".json");
+// Refuse, before TensorRT is touched, what this build cannot run: the other flavour, I/O types other than
+// float32/float16/uint8, and (lean runtime) an engine that is not version-compatible.
+static void checkSidecar(Sidecar& side, const std::string& enginePath) {
   if (side.flavour != kFlavour)
     fail(enginePath + " is a " + side.flavour + " engine (" + side.trtVersion + "); this program runs " + kFlavour +
          " engines: " + kOtherBuild + ", or rebuild the engine with `vitdeploy build --trt " +
          (std::string(kFlavour) == "tensorrt" ? "tensorrt" : "rtx") + "`");
-  const auto& labels = side.labels;
-  std::cerr << "engine " << enginePath << ": " << kFlavourTitle << " " << side.trtVersion << ", " << side.precision
-            << ", input " << side.input << ", output " << side.output << ", " << labels.size() << " labels"
-            << std::endl;
+  for (Tensor* t : {&side.input, &side.output})
+    if (!vit::parseDataType(t->dtype, t->type))
+      fail(enginePath + ": " + t->name + " is " + t->dtype + "; this program handles float32, float16 and uint8 "
+           "I/O (export with --fp16-io, --uint8-input or neither)");
+  if (side.output.type == nvinfer1::DataType::kUINT8) fail(enginePath + ": a uint8 output is not logits");
+#ifdef VITDEPLOY_TENSORRT_LEAN
+  if (!side.versionCompatible)
+    fail(enginePath + " was not built with --version-compatible, and this program links TensorRT's lean runtime "
+         "(libnvinfer_lean), which runs only version-compatible engines: rebuild it with `vitdeploy build "
+         "--version-compatible`, or configure without -DUSE_TENSORRT_LEAN to link full libnvinfer");
+#endif
+}
 
-  Logger logger;
-  std::unique_ptr<nvinfer1::IRuntime> runtime{nvinfer1::createInferRuntime(logger)};
-  if (!runtime || logger.errors)
-    fail(std::string("createInferRuntime failed (the ") + kFlavourTitle + " error above): " + kFlavourTitle +
-         " needs an NVIDIA GPU with a driver new enough for its CUDA version");
-  const std::string plan = readFile(enginePath);
-  std::unique_ptr<nvinfer1::ICudaEngine> engine{runtime->deserializeCudaEngine(plan.data(), plan.size())};
-  if (!engine)
-    fail("cannot deserialize " + enginePath + " (the " + kFlavourTitle + " error above): where it names another GPU or " +
-         kFlavourTitle + " version, rebuild the engine on this one with `vitdeploy build`");
-  std::unique_ptr<nvinfer1::IExecutionContext> context{engine->createExecutionContext()};
+static size_t volume(const std::vector<int64_t>& shape, int n) {
+  size_t v = static_cast<size_t>(n);
+  for (size_t i = 1; i < shape.size(); ++i) v *= static_cast<size_t>(shape[i]);
+  return v;
+}
 
-  const char* input = side.input.c_str();
-  const char* output = side.output.c_str();
-  if (engine->getTensorIOMode(input) != nvinfer1::TensorIOMode::kINPUT ||
-      engine->getTensorIOMode(output) != nvinfer1::TensorIOMode::kOUTPUT)
-    fail(enginePath + " has no input " + side.input + " / output " + side.output + " as its sidecar says: rebuild both");
-  nvinfer1::Dims inDims = engine->getTensorShape(input);
-  inDims.d[0] = n;
-  if (!context->setInputShape(input, inDims)) { std::cerr << "batch " << n << " is outside the profile" << std::endl; return 1; }
-  const size_t inCount = std::accumulate(inDims.d, inDims.d + inDims.nbDims, size_t{1}, std::multiplies<size_t>());
-  const nvinfer1::Dims outDims = context->getTensorShape(output);
-  const int classes = outDims.d[outDims.nbDims - 1];
-
-  std::string hostIn = readFile(argv[2]);
-  if (hostIn.size() != inCount * sizeof(float)) {
-    std::cerr << "batch file has " << hostIn.size() << " bytes, expected " << inCount * sizeof(float) << std::endl;
-    return 1;
+// The batch file as the engine's input type wants it: uint8 pixels as they are, float32 as it is or
+// converted to float16.
+static std::string hostInput(const std::string& path, const Tensor& in, int n) {
+  const size_t count = volume(in.shape, n);
+  const bool pixels = in.type == nvinfer1::DataType::kUINT8;
+  std::string raw = readFile(path);
+  const size_t expected = count * (pixels ? 1 : sizeof(float));
+  if (raw.size() != expected)
+    fail("batch file " + path + " has " + std::to_string(raw.size()) + " bytes, expected " + std::to_string(expected) +
+         ": " + std::to_string(count) + (pixels ? " uint8 pixels" : " float32 values") + " for input " + in.name +
+         " (" + vit::dataTypeName(in.type) + ")");
+  if (in.type != nvinfer1::DataType::kHALF) return raw;
+  std::string half(count * sizeof(uint16_t), '\0');
+  for (size_t i = 0; i < count; ++i) {
+    float v;
+    std::memcpy(&v, raw.data() + i * sizeof v, sizeof v);
+    const uint16_t h = vit::floatToHalf(v);
+    std::memcpy(&half[i * sizeof h], &h, sizeof h);
   }
-  std::vector<float> hostOut(static_cast<size_t>(n) * classes);
-  void *dIn = nullptr, *dOut = nullptr;
+  return half;
+}
+
+// The engine is the authority on its I/O: it must be what the sidecar said (and the host buffer was made for).
+static void checkEngine(const nvinfer1::ICudaEngine& engine, const Sidecar& side, const std::string& enginePath) {
+  for (const Tensor* t : {&side.input, &side.output}) {
+    const auto mode = t == &side.input ? nvinfer1::TensorIOMode::kINPUT : nvinfer1::TensorIOMode::kOUTPUT;
+    if (engine.getTensorIOMode(t->name.c_str()) != mode)
+      fail(enginePath + " has no " + (t == &side.input ? "input " : "output ") + t->name + " as its sidecar says: rebuild both");
+    const nvinfer1::DataType type = engine.getTensorDataType(t->name.c_str());
+    if (type != t->type)
+      fail(enginePath + ": " + t->name + " is " + vit::dataTypeName(type) + " in the engine but " +
+           vit::dataTypeName(t->type) + " in its sidecar: rebuild both with `vitdeploy build`");
+  }
+  const nvinfer1::Dims dims = engine.getTensorShape(side.input.name.c_str());
+  for (int i = 1; i < dims.nbDims; ++i)
+    if (dims.nbDims != static_cast<int>(side.input.shape.size()) || dims.d[i] != side.input.shape[i])
+      fail(enginePath + ": input " + side.input.name + " has another shape in the engine than in its sidecar: rebuild both");
+}
+
+// Run one batch; the logits as float32, [n, classes].
+static std::vector<float> infer(nvinfer1::ICudaEngine& engine, const Sidecar& side, const std::string& hostIn, int n) {
+  std::unique_ptr<nvinfer1::IExecutionContext> context{engine.createExecutionContext()};
+  if (!context) fail("createExecutionContext failed (the TensorRT error above; often too little free GPU memory)");
+  const char* input = side.input.name.c_str();
+  const char* output = side.output.name.c_str();
+  nvinfer1::Dims inDims = engine.getTensorShape(input);
+  inDims.d[0] = n;
+  if (!context->setInputShape(input, inDims)) fail("batch " + std::to_string(n) + " is outside the engine's profile");
+  const nvinfer1::Dims outDims = context->getTensorShape(output);
+  const size_t classes = static_cast<size_t>(outDims.d[outDims.nbDims - 1]);
+  const nvinfer1::DataType outType = engine.getTensorDataType(output);
+  std::vector<char> hostOut(static_cast<size_t>(n) * classes * vit::dataTypeSize(outType));
+  void *dIn = nullptr, *dOut = nullptr;  // cudaMalloc's 256-byte alignment is what TensorRT requires
   CHECK_CUDA(cudaMalloc(&dIn, hostIn.size()));
-  CHECK_CUDA(cudaMalloc(&dOut, hostOut.size() * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dOut, hostOut.size()));
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
-  context->setTensorAddress(input, dIn);
-  context->setTensorAddress(output, dOut);
+  if (!context->setTensorAddress(input, dIn) || !context->setTensorAddress(output, dOut))
+    fail("setTensorAddress failed (the TensorRT error above)");
   CHECK_CUDA(cudaMemcpyAsync(dIn, hostIn.data(), hostIn.size(), cudaMemcpyHostToDevice, stream));
-  if (!context->enqueueV3(stream)) { std::cerr << "enqueue failed" << std::endl; return 1; }
-  CHECK_CUDA(cudaMemcpyAsync(hostOut.data(), dOut, hostOut.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  if (!context->enqueueV3(stream)) fail("enqueueV3 failed (the TensorRT error above)");
+  CHECK_CUDA(cudaMemcpyAsync(hostOut.data(), dOut, hostOut.size(), cudaMemcpyDeviceToHost, stream));
   CHECK_CUDA(cudaStreamSynchronize(stream));
+  cudaFree(dIn);
+  cudaFree(dOut);
+  cudaStreamDestroy(stream);
+  std::vector<float> logits(static_cast<size_t>(n) * classes);
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (outType == nvinfer1::DataType::kHALF) {
+      uint16_t h;
+      std::memcpy(&h, hostOut.data() + i * sizeof h, sizeof h);
+      logits[i] = vit::halfToFloat(h);
+    } else {
+      std::memcpy(&logits[i], hostOut.data() + i * sizeof(float), sizeof(float));
+    }
+  }
+  return logits;
+}
 
+static void printTop5(const std::vector<float>& logits, int n, const std::vector<std::string>& labels) {
+  const int classes = static_cast<int>(logits.size() / static_cast<size_t>(n));
   for (int b = 0; b < n; ++b) {
-    const float* row = hostOut.data() + static_cast<size_t>(b) * classes;
+    const float* row = logits.data() + static_cast<size_t>(b) * classes;
     const float mx = *std::max_element(row, row + classes);
     std::vector<double> p(classes);
     double sum = 0;
@@ -182,8 +255,43 @@ int main(int argc, char** argv) {
                 << " " << p[idx[j]] / sum;
     std::cout << std::endl;
   }
-  cudaFree(dIn);
-  cudaFree(dOut);
-  cudaStreamDestroy(stream);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    std::cerr << "usage: vit_infer model.engine batch.bin N" << std::endl;
+    return 2;
+  }
+  const std::string enginePath = argv[1];
+  const int n = std::atoi(argv[3]);
+  if (n < 1) fail(std::string("N must be a positive batch size, not ") + argv[3]);
+  const auto dot = enginePath.find_last_of('.');
+  const auto slash = enginePath.find_last_of('/');
+  const std::string stem = (dot == std::string::npos || (slash != std::string::npos && dot < slash))
+                               ? enginePath : enginePath.substr(0, dot);
+  Sidecar side = readSidecar(stem + ".json");
+  checkSidecar(side, enginePath);
+  const std::string hostIn = hostInput(argv[2], side.input, n);
+  std::cerr << "engine " << enginePath << ": " << kFlavourTitle << " " << side.trtVersion << ", " << side.precision
+            << ", input " << side.input.name << " (" << vit::dataTypeName(side.input.type) << "), output "
+            << side.output.name << " (" << vit::dataTypeName(side.output.type) << "), " << side.labels.size()
+            << " labels" << (side.versionCompatible ? ", version-compatible" : "") << std::endl;
+
+  Logger logger;
+  std::unique_ptr<nvinfer1::IRuntime> runtime{nvinfer1::createInferRuntime(logger)};
+  if (!runtime || logger.errors)
+    fail(std::string("createInferRuntime failed (the ") + kFlavourTitle + " error above): " + kFlavourTitle +
+         " needs an NVIDIA GPU with a driver new enough for its CUDA version");
+#ifndef VITDEPLOY_TENSORRT_RTX
+  // a version-compatible plan carries the lean runtime it runs on: host code TensorRT loads only when allowed
+  if (side.versionCompatible) runtime->setEngineHostCodeAllowed(true);
+#endif
+  const std::string plan = readFile(enginePath);
+  std::unique_ptr<nvinfer1::ICudaEngine> engine{runtime->deserializeCudaEngine(plan.data(), plan.size())};
+  if (!engine)
+    fail("cannot deserialize " + enginePath + " (the " + kFlavourTitle + " error above): where it names another GPU or " +
+         kFlavourTitle + " version, rebuild the engine on this one with `vitdeploy build`");
+  checkEngine(*engine, side, enginePath);
+  printTop5(infer(*engine, side, hostIn, n), n, side.labels);
   return 0;
 }
