@@ -249,6 +249,7 @@ class FakeContext:
         self.memory: object = None if user_managed else ("own", id(self))
         self.shape: tuple | None = None
         self.addresses: dict[str, int] = {}
+        self.changes = 0  # shape or address changes: each one changes the context's internal state
         self.ran: set[tuple] = set()  # shapes enqueued plainly (TensorRT's lazy setup done)
         self.error = engine.error  # TensorRT reports through the runtime's logger
 
@@ -258,7 +259,9 @@ class FakeContext:
             raise WrongDevice(f"context of cuda:{self.device} used on a thread whose current device is {here}")
 
     def state(self) -> tuple:
-        return self.shape, tuple(sorted(self.addresses.items())), self.memory
+        """What a captured graph bakes in. Setting a shape back to the captured one does not restore it:
+        TensorRT's internal state for the shapes in between has replaced it."""
+        return self.shape, tuple(sorted(self.addresses.items())), self.memory, self.changes
 
     def set_device_memory(self, memory: int, size: int) -> None:
         assert self.user_managed, "set_device_memory on a context that allocates its own memory"
@@ -270,6 +273,7 @@ class FakeContext:
         if name != "pixel_values" or len(shape) != 4 or shape[1:] != (3, 8, 8) or not 1 <= shape[0] <= MAX_BATCH:
             self.error(f"setInputShape: {shape} is outside the profile")
             return False
+        self.changes += shape != self.shape
         self.shape = shape
         return True
 
@@ -277,6 +281,7 @@ class FakeContext:
         if ptr % 256:
             self.error(f"setTensorAddress: {ptr:#x} is not 256-byte aligned")
             return False
+        self.changes += self.addresses.get(name) != ptr
         self.addresses[name] = ptr
         return True
 
@@ -474,6 +479,12 @@ class FakeCudaTensor:
     def is_contiguous(self) -> bool:
         return self.contiguous_
 
+    def contiguous(self) -> FakeCudaTensor:  # torch copies a non-contiguous tensor
+        return self if self.contiguous_ else FakeCudaTensor(self.shape[0], self.dtype, self.device.index)
+
+    def to(self, dtype: object) -> FakeCudaTensor:  # torch converts (a copy) when the dtype differs
+        return self if dtype == self.dtype else FakeCudaTensor(self.shape[0], dtype, self.device.index)
+
     def data_ptr(self) -> int:
         return self.ptr
 
@@ -487,6 +498,15 @@ def torch_stream(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=777))
+    empty = torch.empty
+
+    def cuda_empty(*size, dtype=None, device=None, **kw):  # torch.empty on a CUDA device, without one
+        if device is None or torch.device(device).type != "cuda":
+            return empty(*size, dtype=dtype, device=device, **kw)
+        shape = tuple(size[0]) if len(size) == 1 else size
+        return FakeCudaTensor(shape[0], dtype, torch.device(device).index, shape=shape)
+
+    monkeypatch.setattr(torch, "empty", cuda_empty)
     return 777
 
 
@@ -606,11 +626,12 @@ def test_captured_sizes_are_bounded(fake):
 # -- checked results (item 2) --------------------------------------------------------------------------
 def test_shape_outside_the_profile_is_an_error_not_ignored(fake, torch_stream):
     rt = _open(fake)
+    assert rt.infer(_x(2)).shape == (2, 10)  # the context now holds shape 2: ignoring the refusal runs that
     with pytest.raises(VitDeployError, match=r"TensorRT refused input shape \(9, 3, 8, 8\) for pixel_values "
                                              r"\(the engine takes \[1\.\.8, 3, 8, 8\]\): setInputShape"):
         rt.run_device(0x10000, 0x20000, (9, 3, 8, 8), torch_stream)
-    assert fake.cuda.executions == []
-    assert rt.infer(_x(2)).shape == (2, 10)  # the runtime still works
+    assert len(fake.cuda.executions) == 1
+    assert rt.infer(_x(3)).shape == (3, 10)  # the runtime still works
     rt.close()
 
 
@@ -836,8 +857,8 @@ def test_engine_runs_on_the_device_asked_for_in_every_thread(fake):
     from vitdeploy.engines import open_runtime
 
     rt = open_runtime(fake.engine, device="cuda:1")
-    assert rt.device == 1 and "cuda:1" in rt.describe()
     assert {c.device for c in fake.trt.created["contexts"]} == {1}
+    assert rt.device == 1 and "cuda:1" in rt.describe()
 
     def from_a_thread_on_device_0() -> np.ndarray:
         fake.cuda.tls.device = 0  # this thread last worked on cuda:0
