@@ -306,7 +306,7 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False) -
         message = f"{path.name} fails its golden set on {bad.runtime}: {bad.verdict.reason()}"
         if not allow_drift:
             where = f"verdict cached in {verified_path(path).name}" if outcome.cached else "checked on first load"
-            raise DriftError(f"{message} ({where}). This runtime or machine answers differently from export: "
+            raise DriftError(f"{message}; {where}. This runtime or machine answers differently from export: "
                              "re-export or rebuild here, or run anyway with --allow-drift")
         log.warning("%s; running anyway (--allow-drift)", message)
     return outcome
@@ -344,10 +344,15 @@ def check_built_engine(engine: str | Path) -> dict[str, Any]:
                               "flavour": side.flavour, "trt_version": side.trt_version}
     why = "the ONNX it was built from carries no golden set" if artifact_golden(engine) is None else (
         engine_cannot_run_here(engine))
-    if why:
+    result = None
+    if not why:
+        try:
+            result = verify_artifact(engine, backend="tensorrt").results[0]
+        except Exception as e:  # the build stands; that it would not run here is the verdict
+            why = f"it did not run here ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+    if result is None:
         record.update(verified=False, passed=None, reason=f"not verified: {why}")
     else:
-        result = verify_artifact(engine, backend="tensorrt").results[0]
         record.update(verified=True, passed=result.verdict.passed, reason=result.verdict.reason(),
                       gpu=sysinfo.gpus()[0], driver=_driver_version(), runtime=result.runtime,
                       summary=result.verdict.summary(), seconds=round(result.seconds, 3),

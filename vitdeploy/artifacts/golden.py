@@ -299,8 +299,8 @@ def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[tuple
         c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         t = ((xx / max(w - 1, 1)) * rng.uniform(0.2, 1) + (yy / max(h - 1, 1)) * rng.uniform(0.2, 1)) / 2
         arr = c0 * (1 - t[..., None]) + c1 * t[..., None]
-        grain = rng.normal(0, 12, (max(h // 8, 1), max(w // 8, 1), 3))
-        arr += np.kron(grain, np.ones((8, 8, 1)))[:h, :w] if h >= 8 and w >= 8 else 0
+        grain = rng.normal(0, 12, (-(-h // 8), -(-w // 8), 3))  # one value per 8x8 block
+        arr += np.kron(grain, np.ones((8, 8, 1)))[:h, :w]
         image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(image)
         for _ in range(3):

@@ -1,0 +1,285 @@
+"""The golden set: made at export, carried by every artifact, checked by verify, build and the first load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vitdeploy.artifacts.golden import MAX_BYTES, GoldenError, GoldenSet, make_golden_set, synthetic_images
+from vitdeploy.cli import main
+from vitdeploy.engines import open_runtime
+from vitdeploy.exporters import ExportOptions, export_onnx, read_onnx_metadata
+from vitdeploy.metrics import TOLERANCES
+from vitdeploy.preprocess import Preprocessing
+from vitdeploy.verify import (
+    DriftError,
+    artifact_golden,
+    first_load_check,
+    open_verified,
+    verified_path,
+    verify_artifact,
+)
+
+
+@pytest.fixture(scope="module")
+def golden_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny 224x224 ViT exported (dynamic batch, FP32): its golden set is 4 synthetic images."""
+    out = tmp_path_factory.mktemp("golden") / "m.onnx"
+    return export_onnx(tiny_checkpoint, out, options=ExportOptions(dynamic_batch=True)).path
+
+
+def _copy(src: Path, folder: Path, name: str = "m.onnx") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(src, folder / name))
+
+
+def _tamper(src: Path, dst: Path, mean: float | None = None, weight_scale: float | None = None) -> Path:
+    """A copy of ``src`` whose metadata says another mean, or whose classifier weight is scaled."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
+
+    model = onnx.load(str(src))
+    if mean is not None:
+        meta = ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props})
+        meta.preprocessing["mean"] = [mean] * 3
+        set_metadata(model, meta)
+    if weight_scale is not None:
+        init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * weight_scale, init.name))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+# --- made at export -------------------------------------------------------------------------------------
+def test_export_stores_a_golden_set_with_torch_fp32_logits(golden_onnx, tiny_checkpoint):
+    import torch
+    from PIL import Image
+
+    from vitdeploy import load_model
+
+    golden = read_onnx_metadata(golden_onnx).golden
+    assert golden is not None and len(golden.images) == 4 and golden.source == "synthetic (seed 0)"
+    assert golden.nbytes <= MAX_BYTES and golden.precision == "fp32"
+    assert golden.tolerance == {**TOLERANCES["fp32"], "top1_margin": 0.05}
+    model = load_model(tiny_checkpoint).eval()
+    for im in golden.images:
+        # an independent preprocessing (PIL bilinear to 224, /255, (x - 0.5) / 0.5), then torch FP32
+        img = Image.open(io.BytesIO(im.png))
+        assert img.format == "PNG" and img.size != (224, 224)  # the resize is part of what is checked
+        x = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), np.float32) / 255
+        x = ((x - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(np.ascontiguousarray(x))).numpy()[0]
+        np.testing.assert_allclose(im.logits, ref, atol=1e-5)
+        assert im.top_k == list(np.argsort(-ref)[:5])
+    stored = json.loads(next(p.value for p in __import__("onnx").load(str(golden_onnx)).metadata_props
+                             if p.key == "vitdeploy.golden"))
+    assert base64.b64decode(stored["images"][0]["png"]).startswith(b"\x89PNG")
+
+
+def test_golden_images_folder_is_used_and_the_set_stays_small(tiny_checkpoint, images, tmp_path):
+    report = export_onnx(tiny_checkpoint, tmp_path / "g.onnx", options=ExportOptions(golden_images=images))
+    golden = read_onnx_metadata(report.path).golden
+    names = [im.name for im in golden.images]
+    assert names == sorted(p.relative_to(images).as_posix() for p in images.rglob("*.*"))  # all 6 (<= 8)
+    assert golden.source == f"images from {images.name}" and report.golden.passed
+    assert report.golden_bytes == golden.nbytes <= MAX_BYTES
+    # photos too big for the budget are shrunk until the set fits
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    noisy = [(f"n{i}", Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8))) for i in range(4)]
+    small = make_golden_set(noisy, Preprocessing(), lambda x: x.mean(axis=(2, 3)), "fp32", "noise", max_bytes=60_000)
+    assert small.nbytes <= 60_000 and all(max(Image.open(io.BytesIO(i.png)).size) < 300 for i in small.images)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(format="other"), "not a vitdeploy golden set"),
+    (lambda d: d["images"][0].update(png=base64.b64encode(b"GIF89a...").decode()), "is not a PNG"),
+    (lambda d: d["tolerance"].pop("min_cosine"), "tolerance"),
+    (lambda d: d.update(images=[]), "needs 1 to"),
+])
+def test_a_malformed_golden_set_is_one_clear_error(golden_onnx, change, message):
+    data = json.loads(read_onnx_metadata(golden_onnx).golden.to_json())
+    change(data)
+    with pytest.raises(GoldenError, match=message):
+        GoldenSet.from_json(json.dumps(data))
+
+
+def test_a_huge_image_is_refused_before_decoding(golden_onnx):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 10)).save(buf, format="PNG")
+    data = json.loads(read_onnx_metadata(golden_onnx).golden.to_json())
+    data["images"][0]["png"] = base64.b64encode(buf.getvalue()).decode()
+    with pytest.raises(GoldenError, match="over 1024 pixels a side"):
+        GoldenSet.from_json(json.dumps(data))
+
+
+# --- vitdeploy verify -------------------------------------------------------------------------------------
+def test_verify_passes_on_onnxruntime_openvino_and_a_tuned_plan(golden_onnx, tmp_path):
+    from vitdeploy.engines.plan import MachineKey, PathChoice, TunePlan, plan_path
+    from vitdeploy.io import sha256_file
+
+    for backend in ("onnxruntime", "openvino"):
+        report = verify_artifact(golden_onnx, backend=backend)
+        assert report.passed and len(report.results) == 1 and len(report.results[0].verdict.rows) == 4
+        assert report.results[0].runtime.startswith(backend)
+    path = _copy(golden_onnx, tmp_path)
+    TunePlan(path.name, sha256_file(path), MachineKey.current(), PathChoice("openvino", {"threads": 1}, "ov"),
+             PathChoice("onnxruntime", {"threads": 1}, "ort"), throughput_batch=2).write(plan_path(path))
+    report = verify_artifact(path, backend="auto", device="cpu")  # both of the plan's paths are checked
+    assert report.passed and [r.runtime.split("[")[0] for r in report.results] == ["openvino", "onnxruntime"]
+    r = CliRunner().invoke(main, ["verify", str(golden_onnx), "--backend", "onnxruntime,openvino"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("synthetic-3") == 2 and "PASSED" in r.output
+
+
+@pytest.mark.parametrize("tamper", [{"mean": 0.45}, {"weight_scale": 1.05}], ids=["metadata-mean", "weights"])
+def test_a_tampered_artifact_fails_verify_naming_the_image(golden_onnx, tmp_path, tamper):
+    bad = _tamper(golden_onnx, tmp_path / "bad.onnx", **tamper)
+    for backend in ("onnxruntime", "openvino"):
+        report = verify_artifact(bad, backend=backend)
+        assert report.failed and "golden image 'synthetic-" in report.reason()
+        assert "max abs error" in report.reason()
+    r = CliRunner().invoke(main, ["verify", str(bad)])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("Error: drift: bad.onnx on onnxruntime")
+    assert "golden image 'synthetic-" in r.output and "DRIFT" in r.output
+
+
+# --- first load -------------------------------------------------------------------------------------------
+@pytest.fixture
+def count_checks(monkeypatch):
+    import vitdeploy.verify as verify
+
+    calls = []
+    real = verify.verify_runtime
+
+    def spy(rt, golden):
+        calls.append(rt.describe())
+        return real(rt, golden)
+
+    monkeypatch.setattr(verify, "verify_runtime", spy)
+    return calls
+
+
+def test_first_load_checks_once_per_target_and_reuses_the_verdict(golden_onnx, tmp_path, count_checks):
+    path = _copy(golden_onnx, tmp_path)
+    with open_verified(path, backend="onnxruntime", threads=1):
+        pass
+    cache = verified_path(path)
+    assert cache.name == "m.verified.json" and len(count_checks) == 1
+    first = cache.read_bytes()
+    with open_verified(path, backend="onnxruntime", threads=1) as rt:
+        assert rt.infer(np.zeros((1, 3, 224, 224), np.float32)).shape == (1, 6)
+    assert len(count_checks) == 1 and cache.read_bytes() == first  # reused, not rewritten
+    with open_verified(path, backend="openvino", threads=1):  # another runtime: another check, one more entry
+        pass
+    assert len(count_checks) == 2
+    entries = json.loads(cache.read_text())["entries"]
+    assert [e["results"][0]["passed"] for e in entries] == [True, True]
+    assert entries[0]["key"]["artifact_sha256"] == entries[1]["key"]["artifact_sha256"]
+    assert {"onnxruntime", "openvino", "pillow", "numpy"} <= set(entries[0]["key"]["libraries"])
+    with open_verified(path, backend="onnxruntime", threads=1, verify=False):
+        pass
+    assert len(count_checks) == 2
+
+
+def test_a_failed_verdict_refuses_to_open_unless_allowed(golden_onnx, tmp_path, count_checks, caplog):
+    bad = _tamper(golden_onnx, tmp_path / "bad.onnx", mean=0.45)
+    with pytest.raises(DriftError, match=r"bad.onnx fails its golden set on onnxruntime.*golden image 'synthetic-\d+' "
+                                         r"drifted: max abs error .*; checked on first load"):
+        open_verified(bad, backend="onnxruntime")
+    assert len(count_checks) == 1 and verified_path(bad).is_file()
+    with pytest.raises(DriftError, match=r"; verdict cached in bad\.verified\.json"):  # refused again, from the cache
+        open_verified(bad, backend="onnxruntime")
+    assert len(count_checks) == 1
+    with caplog.at_level(logging.WARNING, logger="vitdeploy.verify"), \
+            open_verified(bad, backend="onnxruntime", allow_drift=True) as rt:
+        assert rt.spec.shape == (3, 224, 224)
+    assert "running anyway (--allow-drift)" in caplog.text
+    r = CliRunner().invoke(main, ["predict", "-m", str(bad), str(tmp_path / "x.png")])
+    assert r.exit_code == 1 and "golden image 'synthetic-" in r.output and "--allow-drift" in r.output
+
+
+def test_a_runtime_with_perturbed_output_fails_the_first_load(golden_onnx, tmp_path):
+    """A real ONNX Runtime session behind a wrapper that adds 1e-3 to one logit: the check catches it."""
+    from vitdeploy.engines.base import Runtime
+
+    class Perturbed(Runtime):
+        backend = "perturbed"
+
+        def __init__(self, inner: Runtime) -> None:
+            self.inner, self.spec, self.metadata = inner, inner.spec, inner.metadata
+
+        def _run(self, batch: np.ndarray) -> np.ndarray:
+            out = self.inner._run(batch).copy()
+            out[:, 0] += 1e-3
+            return out
+
+    path = _copy(golden_onnx, tmp_path)
+    with open_runtime(path, backend="onnxruntime") as inner:
+        assert first_load_check(path, inner).passed
+        with pytest.raises(DriftError, match="fails its golden set on perturbed: golden image 'synthetic-0'"):
+            first_load_check(path, Perturbed(inner))
+
+
+def test_cli_predict_verifies_on_first_load_and_no_verify_skips(golden_onnx, images, tmp_path):
+    path = _copy(golden_onnx, tmp_path)
+    img = str(next(images.rglob("*.png")))
+    r = CliRunner().invoke(main, ["predict", "-m", str(path), "--no-verify", img])
+    assert r.exit_code == 0, r.output
+    assert not verified_path(path).exists()
+    r = CliRunner().invoke(main, ["predict", "-m", str(path), img])
+    assert r.exit_code == 0, r.output
+    assert json.loads(verified_path(path).read_text())["entries"][0]["results"][0]["passed"] is True
+
+
+# --- build and Triton carry it ------------------------------------------------------------------------------
+def test_build_copies_the_golden_set_and_records_not_verified_without_a_gpu(golden_onnx, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
+    from vitdeploy import sysinfo
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    if sysinfo.cuda_devices():
+        pytest.skip("checks the ahead-of-time build on a machine without a GPU")
+    src = _copy(golden_onnx, tmp_path)
+    r = CliRunner().invoke(main, ["build", str(src), "--trt", "rtx", "--compute-capability", "sm89",
+                                  "--max-batch", "4"])
+    assert r.exit_code == 0, r.output
+    assert "golden set: not verified: no GPU here (in the sidecar)" in r.output
+    engine = tmp_path / "m.engine"
+    side = EngineSidecar.read(engine)
+    assert side.verification["verified"] is False and side.verification["reason"] == "not verified: no GPU here"
+    assert side.verification["trt_version"] == side.trt_version
+    assert artifact_golden(engine).to_json() == read_onnx_metadata(golden_onnx).golden.to_json()
+    r = CliRunner().invoke(main, ["verify", str(engine)])
+    assert r.exit_code == 0 and "m.engine: not verified here: no GPU here" in r.output
+
+
+def test_triton_writes_golden_json_beside_the_model(golden_onnx, tmp_path):
+    from vitdeploy.serving.triton import write_triton_repo
+
+    out = write_triton_repo(golden_onnx, tmp_path / "repo", name="m")
+    written = GoldenSet.read(out.config.parent / "golden.json")
+    assert written.to_json() == read_onnx_metadata(golden_onnx).golden.to_json()
+
+
+def test_synthetic_images_are_deterministic():
+    a = [np.asarray(im) for _, im in synthetic_images(2, (40, 30), seed=0)]
+    b = [np.asarray(im) for _, im in synthetic_images(2, (40, 30), seed=0)]
+    assert all((x == y).all() for x, y in zip(a, b, strict=True)) and a[0].shape == (40, 30, 3)
+    assert not (a[0] == a[1]).all()
