@@ -99,8 +99,11 @@ class FakeCuda:
 
     @contextmanager
     def activate(self):
-        self.tls.device = self.device  # what cudaSetDevice does, for this thread only
-        yield
+        previous, self.tls.device = self.thread_device(), self.device  # cudaSetDevice: for this thread only
+        try:
+            yield
+        finally:
+            self.tls.device = previous
 
     def clear_error(self) -> None:
         self.last_error = None
@@ -885,9 +888,17 @@ def test_devices_an_engine_cannot_run_on_are_refused(fake, device, message):
 
 def test_cuda_python_layer_selects_its_device_on_each_thread(monkeypatch):
     calls: list[tuple[str, int]] = []
+    current = threading.local()
     rt = types.ModuleType("cuda.bindings.runtime")
     rt.cudaGetDeviceCount = lambda: (0, 2)
-    rt.cudaSetDevice = lambda d: (calls.append((threading.current_thread().name, d)) or (0,))
+    rt.cudaGetDevice = lambda: (0, getattr(current, "device", 0))
+
+    def set_device(d: int) -> tuple:
+        calls.append((threading.current_thread().name, d))
+        current.device = d
+        return (0,)
+
+    rt.cudaSetDevice = set_device
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = rt
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
@@ -902,7 +913,8 @@ def test_cuda_python_layer_selects_its_device_on_each_thread(monkeypatch):
     t = threading.Thread(target=use, name="worker")
     t.start()
     t.join()
-    assert calls == [("MainThread", 1), ("worker", 1)]
+    # selected for the call, and the thread's own device current again after it
+    assert calls == [("MainThread", 1), ("MainThread", 0), ("worker", 1), ("worker", 0)]
     with pytest.raises(cuda_memory.CudaError, match=r"cuda:2 does not exist: this machine has 2 CUDA device"):
         REAL_DEVICE_MEMORY("cuda-python", device=2)
 

@@ -68,9 +68,16 @@ class CudaPython:
 
     @contextmanager
     def activate(self) -> Iterator[None]:
-        """Make this layer's device current on the calling thread (cudaSetDevice is per thread)."""
-        self._call("cudaSetDevice", self.device)
-        yield
+        """Make this layer's device current on the calling thread (cudaSetDevice is per thread), and
+        the thread's previous device current again afterwards (torch, say, keeps working where it was)."""
+        previous = int(self._call("cudaGetDevice"))
+        if previous != self.device:
+            self._call("cudaSetDevice", self.device)
+        try:
+            yield
+        finally:
+            if previous != self.device:
+                self._call("cudaSetDevice", previous)
 
     def clear_error(self) -> None:
         """Read and reset CUDA's last error (cudaGetLastError), so it does not fail a later call."""
