@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy.io import onnx_external_data
 
 
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
-    from vitdeploy.exporters.metadata import ArtifactMetadata
+    from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
     from vitdeploy.exporters.onnx_export import histogram
     from vitdeploy.exporters.precision import qdq_coverage
 
@@ -38,13 +39,12 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     def shape(vi: Any) -> list[Any]:
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
+    onnx_external_data(model, path.parent)  # a location outside the file's folder is refused here
     props = {p.key: p.value for p in model.metadata_props}
+    # no vitdeploy metadata: None; metadata that is there but invalid: its one-line error
+    meta = ArtifactMetadata.from_props(props).to_dict() if any(k.startswith(PREFIX) for k in props) else None
     qdq = qdq_coverage(model)
     ort_cpu = _onnxruntime_cpu(path, model) if qdq["q_nodes"] else None
-    try:
-        meta: dict[str, Any] | None = ArtifactMetadata.from_props(props).to_dict()
-    except VitDeployError:
-        meta = None
     return {
         "path": str(path), "kind": "onnx", "bytes": path.stat().st_size,
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from vitdeploy.errors import VitDeployError
 
 
 def check_output_dir(path: Path) -> None:
@@ -78,9 +82,14 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     Its name carries this host and process id (see :func:`remove_dead_staging`)."""
     target = Path(target)
     check_output_dir(target)
-    prefix = f".vitdeploy-{target.name}.{_host()}.{os.getpid()}."
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=target.resolve().parent) as d:
+    with tempfile.TemporaryDirectory(prefix=staging_prefix(target), dir=target.resolve().parent) as d:
         yield Path(d)
+
+
+def staging_prefix(target: str | Path) -> str:
+    """The name prefix of this process's staging folders for ``target``: ``.vitdeploy-<name>.<host>.<pid>.``
+    (what :func:`remove_dead_staging` recognizes)."""
+    return f".vitdeploy-{Path(target).name}.{_host()}.{os.getpid()}."
 
 
 def _host() -> str:
@@ -123,6 +132,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _identity(path: Path) -> tuple[int, ...]:
+    """What a rename keeps and a new file (even one reusing a freed inode number) does not."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def publish_file_set(files: dict[Path, Path], last: Path, stale: list[Path] | tuple[Path, ...] = (),
                      durable: bool = True) -> None:
     """Rename staged files onto their targets (``{target: staged}``): every other file first, ``last``
@@ -138,8 +153,15 @@ def publish_file_set(files: dict[Path, Path], last: Path, stale: list[Path] | tu
         make_readable(staged)
         if durable:
             _fsync(staged)
+    identities = {t: _identity(files[t]) for t in order}
     for target in order:
-        os.replace(files[target], target)
+        try:
+            os.replace(files[target], target)
+        except FileNotFoundError:
+            # a reader completed this rename for us (the engine sidecar's recovery moves a staged
+            # sidecar into place): the very file we staged is there now, so the publish is done
+            if not (target.exists() and _identity(target) == identities[target]):
+                raise
     if durable:
         for folder in folders:
             _fsync(folder)
@@ -166,23 +188,63 @@ def _onnx_tensors(model: Any) -> Iterator[Any]:
                 graphs.extend(attr.graphs)
 
 
-def _external_locations(model: Any) -> list[str]:
-    names: list[str] = []
+def _external_locations(model: Any) -> list[tuple[str, str]]:
+    """``(tensor name, location)`` of every tensor stored as external data (each location once)."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
     for tensor in _onnx_tensors(model):
         if tensor.data_location == 1:  # TensorProto.EXTERNAL
-            loc = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            if loc and loc not in names:
-                names.append(loc)
-    return names
+            loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if loc not in seen:
+                seen.add(loc)
+                out.append((tensor.name, loc))
+    return out
+
+
+def external_data_path(folder: str | Path, location: str, tensor: str = "?") -> Path:
+    """The file an ONNX external-data ``location`` names, checked to stay inside ``folder`` (the ONNX
+    file's own folder): a location that is empty, absolute, has a ``..`` part, or resolves (through
+    symlinks) outside the folder is refused with VitDeployError naming the tensor and the location.
+    Every reader and writer of external data (publish cleanup, triton, loading, inspect) goes through it."""
+    def refuse(why: str) -> VitDeployError:
+        return VitDeployError(f"ONNX tensor {tensor!r} keeps its data at {location!r}, {why}: external data "
+                              "must sit in the ONNX file's own folder; re-export the model with `vitdeploy export`")
+
+    parts = location.replace("\\", "/").split("/")
+    if not location or "\x00" in location:
+        raise refuse("which is not a file name")
+    if location.startswith(("/", "\\")) or os.path.isabs(location) or re.match(r"^[A-Za-z]:", location):
+        raise refuse("an absolute path")
+    if ".." in parts:
+        raise refuse("a path with '..'")
+    root = Path(folder).resolve()
+    try:
+        resolved = (root / location).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise refuse("which cannot be resolved") from None
+    if resolved == root or not resolved.is_relative_to(root):
+        raise refuse(f"which resolves outside the folder (to {resolved})")
+    return Path(folder) / location
+
+
+def onnx_external_data(model: Any, folder: str | Path) -> list[Path]:
+    """The checked external-data files of a loaded ``onnx.ModelProto`` whose file sits in ``folder``
+    (see :func:`external_data_path`); raises VitDeployError on the first location that leaves it."""
+    return [external_data_path(folder, loc, name) for name, loc in _external_locations(model)]
 
 
 def onnx_external_files(path: str | Path) -> list[Path]:
     """The external-data files an ONNX file references (its ``location`` entries), beside it; only the
-    graph is read. A copier (``vitdeploy triton``) copies exactly these, never a stale ``*.data``."""
+    graph is read. A copier (``vitdeploy triton``) copies exactly these, never a stale ``*.data``.
+    A location outside the file's folder is refused (VitDeployError, see :func:`external_data_path`)."""
     import onnx
 
     path = Path(path)
-    return [path.parent / n for n in _external_locations(onnx.load(str(path), load_external_data=False))]
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, a missing file, ...
+        raise VitDeployError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    return onnx_external_data(model, path.parent)
 
 
 def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list[Path]:
@@ -196,7 +258,8 @@ def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list
     model = onnx.load(str(staged), load_external_data=False)
     files: dict[Path, Path] = {}
     renamed: dict[str, str] = {}
-    for loc in _external_locations(model):
+    for name, loc in _external_locations(model):
+        external_data_path(staged.parent, loc, name)
         new = content_name(staged.parent / loc, target.name)
         os.replace(staged.parent / loc, staged.parent / new)
         renamed[loc] = new
@@ -209,9 +272,33 @@ def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list
         onnx.save_model(model, str(staged))
     stale = [target.with_name(target.name + ".data"), *target.parent.glob(glob.escape(target.name) + ".*.data")]
     if target.is_file() and target.stat().st_size < 1 << 26:  # a bigger graph file holds its weights inline
-        with contextlib.suppress(Exception):  # an unreadable old file has no references to keep
+        # an unreadable old file has no references to remove; one naming files outside its folder
+        # (VitDeployError) gets none of them removed
+        with contextlib.suppress(Exception):
             stale += onnx_external_files(target)
     files[target] = staged
     publish_file_set(files, last=target, stale=stale, durable=durable)
     remove_dead_staging(target)
     return [t for t in files if t != target]
+
+
+MAX_JSON_BYTES = 16 << 20  # sidecars, tune plans: a few KB; anything near this is not ours
+
+
+def read_json_file(path: str | Path, what: str, fix: str, max_bytes: int = MAX_JSON_BYTES,
+                   word: str = "corrupt") -> Any:
+    """Parse a small JSON file we wrote (a sidecar, a tune plan); one-line VitDeployError (``what`` is
+    ``word`` (the reason): ``fix``) for a file that is unreadable, too big, not UTF-8, not JSON or
+    nested too deep."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise VitDeployError(f"{what} is {word} ({size} bytes, more than any we write): {fix}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise VitDeployError(f"{what} is unreadable ({e.strerror or type(e).__name__}): {fix}") from None
+    except RecursionError:
+        raise VitDeployError(f"{what} is {word} (nested too deep): {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise VitDeployError(f"{what} is {word} ({type(e).__name__}): {fix}") from None

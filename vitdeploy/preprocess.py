@@ -8,6 +8,7 @@ Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is left on.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
     from vitdeploy.config import ViTConfig
 
+MAX_IMAGE_SIDE = 1024  # an artifact's input side; ViT-H/14 at 518 is the largest we know of
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -45,9 +48,31 @@ class Preprocessing:
                    config.interpolation)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(tuple(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("crop_pct"),
-                   d.get("interpolation", "bilinear"))
+    def from_dict(cls, d: Any) -> Preprocessing:
+        """Type and check an artifact's preprocessing (untrusted: it comes from a file). VitDeployError,
+        one line, for a value that would make every image fail, cost unbounded memory or give NaN."""
+        def bad(problem: str) -> VitDeployError:
+            return VitDeployError(f"the artifact's preprocessing {problem}: re-export the model with "
+                                  "`vitdeploy export`")
+
+        if not isinstance(d, dict):
+            raise bad(f"is a {type(d).__name__}, not an object")
+        size = d.get("image_size")
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                type(v) is int and 1 <= v <= MAX_IMAGE_SIDE for v in size)):
+            raise bad(f"image_size {size!r} is not [height, width] from 1 to {MAX_IMAGE_SIDE}")
+        mean, std = _numbers(d.get("mean")), _numbers(d.get("std"))
+        if mean is None:
+            raise bad(f"mean {d.get('mean')!r} is not 1 or 3 finite numbers")
+        if std is None or min(std) <= 0:
+            raise bad(f"std {d.get('std')!r} is not 1 or 3 finite numbers above 0")
+        crop = d.get("crop_pct")
+        if crop is not None and not (type(crop) in (int, float) and 0 < crop <= 1):
+            raise bad(f"crop_pct {crop!r} is not in (0, 1]")
+        interpolation = d.get("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise bad(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        return cls((size[0], size[1]), mean, std, None if crop is None else float(crop), interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
@@ -84,6 +109,15 @@ class Preprocessing:
         arr = np.asarray(pixels, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+def _numbers(value: Any) -> tuple[float, ...] | None:
+    """1 or 3 finite numbers (a per-channel mean or std), or None."""
+    if not (isinstance(value, list | tuple) and len(value) in (1, 3)):
+        return None
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in value):
+        return None
+    return tuple(float(v) for v in value)
 
 
 def open_image(source: str | Path | bytes) -> PILImage.Image:

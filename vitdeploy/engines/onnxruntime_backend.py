@@ -13,6 +13,7 @@ import numpy as np
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
+from vitdeploy.io import onnx_external_data
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
 DYNAMIC_MAX_BATCH = 256  # larger requests to a dynamic-batch artifact are split to bound memory
@@ -284,6 +285,7 @@ class OnnxRuntime(Runtime):
         if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
             return None
         if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
+            onnx_external_data(model, self.path.parent)  # refuses locations outside the file's folder
             onnx.load_external_data_for_model(model, str(self.path.parent))
         self.qdq_rewritten = qdq_activations_to_uint8(model)
         if not self.qdq_rewritten or model.ByteSize() > _PROTOBUF_LIMIT:

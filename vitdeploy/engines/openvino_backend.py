@@ -17,7 +17,8 @@ import numpy as np
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.engines.onnxruntime_backend import DYNAMIC_MAX_BATCH
 from vitdeploy.errors import VitDeployError
-from vitdeploy.exporters.metadata import ArtifactMetadata, read_onnx_metadata
+from vitdeploy.exporters.metadata import ArtifactMetadata, NoMetadataError, read_onnx_metadata
+from vitdeploy.io import onnx_external_files
 from vitdeploy.sysinfo import usable_cpus
 
 
@@ -31,6 +32,7 @@ class OpenVinoRuntime(Runtime):
         except ImportError:
             raise VitDeployError("the OpenVINO backend needs openvino: pip install 'vitdeploy[openvino]'") from None
         self.path = Path(path)
+        onnx_external_files(self.path)  # refuses external data outside the file's folder, naming the tensor
         core = ov.Core()
         try:
             model = core.read_model(str(self.path))
@@ -61,7 +63,7 @@ class OpenVinoRuntime(Runtime):
         self.spec = InputSpec(port.get_any_name(), dtype, tuple(dims[1:]), lo, hi)
         try:
             self.metadata: ArtifactMetadata | None = read_onnx_metadata(self.path)
-        except VitDeployError:
+        except NoMetadataError:  # a plain ONNX runs; invalid metadata is refused (its one-line error)
             self.metadata = None
 
     def describe(self) -> str:

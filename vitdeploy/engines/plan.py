@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,44 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is a {type(value).__name__}, not a list")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is not an integer from {low} to {high}")
+    return value
+
+
+def _threads(value: Any) -> bool:
+    return type(value) is int and 1 <= value <= 4096
+
+
+# What a plan's path may pass to each backend's runtime (its constructor's keyword arguments, with their
+# accepted values; tests/test_hostile_files.py checks the names against the constructors' signatures).
+# A plan only chooses CPU paths, so device, engine_cache and the like are not among them.
+PATH_OPTIONS: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"threads": _threads, "qdq_activations": ("auto", "int8", "uint8"),
+                    "optimization": ("disable", "basic", "extended", "all")},
+    "openvino": {"threads": _threads, "precision_hint": ("f32", "bf16", "f16"), "hint": ("LATENCY", "THROUGHPUT")},
+}
+
+
 @dataclass(frozen=True)
 class MachineKey:
     """What must be equal for a measured ranking to hold: CPU, ISA, cores and the runtimes' versions."""
@@ -60,9 +99,16 @@ class MachineKey:
         return {"cpu": self.cpu, "flags": list(self.flags), "cpus": self.cpus, "libraries": dict(self.libraries)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MachineKey:
-        return cls(str(d["cpu"]), tuple(d["flags"]), int(d["cpus"]),
-                   tuple((k, d["libraries"].get(k)) for k in KEY_LIBRARIES))
+    def from_dict(cls, d: Any) -> MachineKey:
+        d = _obj(d, "machine")
+        flags, libs = _list(d["flags"], "machine.flags"), _obj(d["libraries"], "machine.libraries")
+        if not all(isinstance(f, str) for f in flags):
+            raise ValueError("machine.flags are not strings")
+        versions = tuple((k, libs.get(k)) for k in KEY_LIBRARIES)
+        if not all(v is None or isinstance(v, str) for _, v in versions):
+            raise ValueError("machine.libraries versions are not strings")
+        return cls(_text(d["cpu"], "machine.cpu"), tuple(flags), _int(d["cpus"], "machine.cpus", 1, 1 << 20),
+                   versions)
 
     def difference(self, other: MachineKey) -> str | None:
         """None when equal, else what differs, as ``plan value -> this machine's value``."""
@@ -93,10 +139,20 @@ class PathChoice:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PathChoice:
-        if d.get("backend") not in ("onnxruntime", "openvino") or not isinstance(d.get("options"), dict):
-            raise ValueError(f"bad path {d!r}")
-        return cls(d["backend"], dict(d["options"]), str(d.get("label", "")))
+    def from_dict(cls, d: Any) -> PathChoice:
+        """A path from a plan file: the backend and every option checked against what that backend's
+        runtime accepts (:data:`PATH_OPTIONS`), so nothing unknown reaches a constructor."""
+        d = _obj(d, "path")
+        backend, options = d.get("backend"), _obj(d.get("options"), "path options")
+        if backend not in PATH_OPTIONS:
+            raise ValueError(f"path backend {backend!r} is not one of {', '.join(PATH_OPTIONS)}")
+        for key, value in options.items():
+            accepted = PATH_OPTIONS[backend].get(key)
+            if accepted is None:
+                raise ValueError(f"{backend} takes no option {key!r} (it takes {', '.join(PATH_OPTIONS[backend])})")
+            if not (accepted(value) if callable(accepted) else value in accepted):
+                raise ValueError(f"{backend} option {key}={value!r} is out of range")
+        return cls(backend, dict(options), _text(d.get("label", ""), "path label"))
 
 
 @dataclass
@@ -117,15 +173,20 @@ class TunePlan:
                 "candidates": self.candidates}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TunePlan:
+    def from_dict(cls, d: Any) -> TunePlan:
+        """Type a plan's JSON; ValueError/KeyError/TypeError on anything malformed (see :meth:`read`)."""
+        d = _obj(d, "plan")
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"format {d.get('format')!r} is not {PLAN_FORMAT}")
-        tb = int(d["throughput_batch"])
-        if tb < 1:
-            raise ValueError("throughput_batch must be >= 1")
-        return cls(str(d["artifact"]), str(d["artifact_sha256"]), MachineKey.from_dict(d["machine"]),
-                   PathChoice.from_dict(d["latency"]), PathChoice.from_dict(d["throughput"]), tb,
-                   list(d.get("candidates", [])))
+        sha = _text(d["artifact_sha256"], "artifact_sha256")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ValueError("artifact_sha256 is not a SHA-256")
+        candidates = _list(d.get("candidates", []), "candidates")
+        if not all(isinstance(c, dict) for c in candidates):
+            raise ValueError("candidates are not objects")
+        return cls(_text(d["artifact"], "artifact"), sha, MachineKey.from_dict(d["machine"]),
+                   PathChoice.from_dict(d["latency"]), PathChoice.from_dict(d["throughput"]),
+                   _int(d["throughput_batch"], "throughput_batch", 1, 1 << 16), candidates)
 
     def write(self, path: str | Path) -> None:
         from vitdeploy.io import atomic_write_bytes
@@ -134,10 +195,15 @@ class TunePlan:
 
     @classmethod
     def read(cls, path: str | Path) -> TunePlan:
+        """The plan at ``path``; a one-line VitDeployError for any file that is not a valid plan."""
+        from vitdeploy.io import read_json_file
+
+        fix = "rerun `vitdeploy tune`"
+        data = read_json_file(path, f"tune plan {path}", fix, max_bytes=1 << 20, word="unreadable")
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise VitDeployError(f"tune plan {path} is unreadable ({e}): rerun `vitdeploy tune`") from None
+            return cls.from_dict(data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise VitDeployError(f"tune plan {path} is unreadable ({type(e).__name__}: {e}): {fix}") from None
 
     def mismatch(self, artifact: str | Path, machine: MachineKey | None = None) -> str | None:
         """Why this plan does not hold for ``artifact`` here, or None when it does."""

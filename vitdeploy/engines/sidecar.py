@@ -13,6 +13,8 @@ Flavour names live here too: ``tensorrt`` (full TensorRT, the ``tensorrt`` modul
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,60 @@ def sidecar_path(engine: str | Path) -> Path:
     return Path(engine).with_suffix(".json")
 
 
+MAX_DIM = 1 << 31  # a tensor dimension or batch above this is not a real engine's
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is a {type(value).__name__}, not a list")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _dims(value: Any, what: str, dynamic: bool) -> list[int]:
+    dims = _list(value, what)
+    low = -1 if dynamic else 1
+    if not dims or any(type(d) is not int or not (low <= d < MAX_DIM) or d == 0 for d in dims):
+        raise ValueError(f"{what} {dims!r} is not a shape (integers from {low} to {MAX_DIM - 1}, no 0)")
+    return dims
+
+
+def _tensor_io(value: Any) -> list[TensorIO]:
+    io = []
+    for t in _list(value, "io"):
+        t = _obj(t, "io entry")
+        mode = _text(t["mode"], "io mode")
+        if mode not in ("input", "output"):
+            raise ValueError(f"io mode {mode!r}")
+        io.append(TensorIO(_text(t["name"], "io name"), mode, _dims(t["shape"], "io shape", True),
+                           _text(t["dtype"], "io dtype")))
+    if sorted({t.mode for t in io}) != ["input", "output"]:
+        raise ValueError("io needs an input and an output")
+    return io
+
+
+def _profile(value: Any, io: list[TensorIO]) -> dict[str, list[int]]:
+    profile = {k: _dims(_obj(value, "profile")[k], f"profile {k}", False) for k in ("min", "opt", "max")}
+    rank = len(next(t for t in io if t.mode == "input").shape)
+    if any(len(v) != rank for v in profile.values()) or not all(
+            a <= b <= c for a, b, c in zip(profile["min"], profile["opt"], profile["max"], strict=True)):
+        raise ValueError(f"profile {profile} is not min <= opt <= max shapes of the input's rank {rank}")
+    return profile
+
+
 @dataclass(frozen=True)
 class TensorIO:
     name: str
@@ -80,6 +136,7 @@ class EngineSidecar:
     model: dict[str, Any] | None = None
     engine_bytes: int | None = None
     engine_sha256: str | None = None
+    verification: dict[str, Any] | None = None  # build's golden-set check (vitdeploy.verify), or why none ran
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -111,7 +168,7 @@ class EngineSidecar:
             "onnx": {"path": self.onnx_path, "sha256": self.onnx_sha256},
             "engine": {"bytes": self.engine_bytes, "sha256": self.engine_sha256},
             "options": self.options, "build_seconds": self.build_seconds, "built_at": self.built_at,
-            "vitdeploy_version": self.vitdeploy_version, "model": self.model,
+            "vitdeploy_version": self.vitdeploy_version, "model": self.model, "verification": self.verification,
         }
 
     def to_json(self) -> str:
@@ -119,7 +176,9 @@ class EngineSidecar:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "sidecar") -> EngineSidecar:
-        """Validate and type a sidecar's JSON; VitDeployError naming the problem and the fix."""
+        """Validate and type a sidecar's JSON; VitDeployError naming the problem and the fix. Every field
+        is checked for its type (a sidecar is untrusted input), and the engine's size and SHA-256 are
+        required: without them a reader could pair an engine with another build's sidecar."""
         fix = "rebuild the engine with `vitdeploy build`"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise VitDeployError(f"{where} is not a vitdeploy engine sidecar ({FORMAT}): {fix}")
@@ -127,25 +186,38 @@ class EngineSidecar:
             flavour = data["flavour"]
             if flavour not in FLAVOURS:
                 raise ValueError(f"flavour {flavour!r}")
-            io = [TensorIO(str(t["name"]), str(t["mode"]), [int(d) for d in t["shape"]], str(t["dtype"]))
-                  for t in data["io"]]
-            if sorted({t.mode for t in io}) != ["input", "output"]:
-                raise ValueError("io needs an input and an output")
-            profile = {k: [int(d) for d in data["profile"][k]] for k in ("min", "opt", "max")}
-            engine = data.get("engine") or {}
-            onnx = data.get("onnx") or {}
-            options = data.get("options") or {}
+            io = _tensor_io(data["io"])
+            profile = _profile(data["profile"], io)
+            onnx = _obj(data.get("onnx"), "onnx")
+            engine = _obj(data.get("engine"), "engine")
+            engine_bytes, engine_sha256 = engine.get("bytes"), engine.get("sha256")
+            if type(engine_bytes) is not int or engine_bytes < 0:
+                raise ValueError(f"engine.bytes {engine_bytes!r} is not a byte count")
+            if not isinstance(engine_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", engine_sha256):
+                raise ValueError(f"engine.sha256 {engine_sha256!r} is not a SHA-256")
+            options = _obj(data.get("options"), "options")
             model = data.get("model")
-            if not isinstance(options, dict) or not (model is None or isinstance(model, dict)):
-                raise ValueError("options/model")
+            if model not in (None, {}):  # {}: built from a foreign ONNX, no metadata to check
+                from vitdeploy.exporters.metadata import ArtifactMetadata
+
+                ArtifactMetadata.from_dict(_obj(model, "model"))  # one clear error for bad preprocessing/labels
+            seconds = data.get("build_seconds", 0.0)
+            if type(seconds) not in (int, float) or not math.isfinite(seconds):
+                raise ValueError(f"build_seconds {seconds!r}")
             return cls(
-                flavour=flavour, trt_version=str(data["trt_version"]), targets=[str(t) for t in data["targets"]],
-                precision=str(data.get("precision", "unknown")), io=io, profile=profile,
-                onnx_path=str(onnx.get("path", "")), onnx_sha256=str(onnx.get("sha256", "")), gpu=data.get("gpu"),
-                options=options, build_seconds=float(data.get("build_seconds", 0.0)),
-                built_at=str(data.get("built_at", "")), vitdeploy_version=str(data.get("vitdeploy_version", "")),
-                model=model, engine_bytes=engine.get("bytes"), engine_sha256=engine.get("sha256"),
+                flavour=flavour, trt_version=_text(data["trt_version"], "trt_version"),
+                targets=[_text(t, "targets") for t in _list(data["targets"], "targets")],
+                precision=_text(data.get("precision", "unknown"), "precision"), io=io, profile=profile,
+                onnx_path=_text(onnx.get("path", ""), "onnx.path"),
+                onnx_sha256=_text(onnx.get("sha256", ""), "onnx.sha256"),
+                gpu=None if data.get("gpu") is None else _text(data["gpu"], "gpu"), options=options,
+                build_seconds=float(seconds), built_at=_text(data.get("built_at", ""), "built_at"),
+                vitdeploy_version=_text(data.get("vitdeploy_version", ""), "vitdeploy_version"),
+                model=model, engine_bytes=engine_bytes, engine_sha256=engine_sha256,
+                verification=data.get("verification") if isinstance(data.get("verification"), dict) else None,
             )
+        except VitDeployError as e:
+            raise VitDeployError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError, StopIteration) as e:
             raise VitDeployError(f"{where} is malformed ({type(e).__name__}: {e}): {fix}") from None
 
@@ -179,12 +251,9 @@ class EngineSidecar:
         side = sidecar_path(engine)
         if not side.is_file():
             raise VitDeployError(f"{engine} has no sidecar {side.name}: rebuild it with `vitdeploy build`")
-        try:
-            data = json.loads(side.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VitDeployError(
-                f"sidecar {side} is corrupt ({e.__class__.__name__}): rebuild with `vitdeploy build`"
-            ) from None
+        from vitdeploy.io import read_json_file
+
+        data = read_json_file(side, f"sidecar {side}", "rebuild with `vitdeploy build`")
         return cls.from_dict(data, where=f"sidecar {side}")
 
     def _mismatch(self, engine: Path, data: bytes | None = None) -> str | None:
@@ -193,8 +262,6 @@ class EngineSidecar:
 
         from vitdeploy.io import sha256_file
 
-        if self.engine_bytes is None and self.engine_sha256 is None:
-            return None  # sidecars written before the engine's hash was recorded
         size = len(data) if data is not None else engine.stat().st_size
         if self.engine_bytes is not None and size != self.engine_bytes:
             return f"{size} bytes, the sidecar says {self.engine_bytes}"
@@ -216,14 +283,18 @@ def _complete_publish(path: Path, data: bytes | None) -> EngineSidecar | None:
     import contextlib
     import os
 
+    from vitdeploy.io import read_json_file
+
     name = sidecar_path(path).name
     for folder in path.resolve().parent.glob(_staging_pattern(path)):
         staged = folder / name
-        try:
-            candidate = EngineSidecar.from_dict(json.loads(staged.read_text()))
-        except (OSError, ValueError, VitDeployError):
+        if not staged.is_file():
             continue
-        if candidate.engine_sha256 is None or candidate._mismatch(path, data) is not None:
+        try:
+            candidate = EngineSidecar.from_dict(read_json_file(staged, f"sidecar {staged}", ""))
+        except VitDeployError:
+            continue
+        if candidate._mismatch(path, data) is not None:
             continue
         with contextlib.suppress(FileNotFoundError):  # another reader may have completed it first
             os.replace(staged, sidecar_path(path))

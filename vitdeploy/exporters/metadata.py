@@ -8,11 +8,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitdeploy.errors import VitDeployError
 
+if TYPE_CHECKING:
+    from vitdeploy.artifacts.golden import GoldenSet
+
 PREFIX = "vitdeploy."
+KNOWN = ("version", "config", "preprocessing", "labels", "precision", "batch", "source", "source_sha256")
+REQUIRED = KNOWN[:6]
+JSON_FIELDS = ("config", "preprocessing", "labels")  # the fields ONNX metadata_props hold as JSON text
+MAX_LABELS = 1 << 20
 
 
 @dataclass
@@ -28,6 +35,13 @@ class ArtifactMetadata:
     source: str = ""
     source_sha256: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def golden(self) -> GoldenSet | None:
+        """The golden set the artifact carries (``vitdeploy.golden``; see vitdeploy.artifacts.golden), or None."""
+        from vitdeploy.artifacts.golden import GoldenSet
+
+        return GoldenSet.from_extra(self.extra)
 
     def to_props(self) -> dict[str, str]:
         props = {
@@ -51,22 +65,55 @@ class ArtifactMetadata:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArtifactMetadata:
-        known = ("version", "config", "preprocessing", "labels", "precision", "batch", "source", "source_sha256")
-        missing = [k for k in known[:6] if k not in d]
+    def from_dict(cls, d: Any) -> ArtifactMetadata:
+        """Type and check metadata read from an artifact (untrusted): every opener (ONNX Runtime, OpenVINO,
+        the engine sidecar, inspect, serve) gets one clear VitDeployError for a bad field, never a
+        crash later. Unknown keys are kept as text in ``extra``."""
+        if not isinstance(d, dict):
+            raise _bad(f"is a {type(d).__name__}, not an object")
+        missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise VitDeployError(f"artifact metadata lacks {', '.join(missing)}: re-export with `vitdeploy export`")
-        return cls(**{k: d[k] for k in known if k in d}, extra={k: str(v) for k, v in d.items() if k not in known})
+        for key in ("version", "precision", "batch", "source", "source_sha256"):
+            if key in d and not isinstance(d[key], str):
+                raise _bad(f"field {key} is a {type(d[key]).__name__}, not a string")
+        labels = d["labels"]
+        if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise _bad("labels are not a list of strings")
+        config = d["config"]
+        if not isinstance(config, dict):
+            raise _bad("config is not an object")
+        num_labels = config.get("num_labels", 1)
+        if type(num_labels) is not int or not 1 <= num_labels <= MAX_LABELS:
+            raise _bad(f"config.num_labels {num_labels!r} is not a count from 1 to {MAX_LABELS}")
+        from vitdeploy.preprocess import Preprocessing
+
+        Preprocessing.from_dict(d["preprocessing"])  # its own one-line error
+        extra = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in d.items() if k not in KNOWN}
+        return cls(**{k: d[k] for k in KNOWN if k in d}, extra=extra)
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ArtifactMetadata:
         d: dict[str, Any] = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
         if not d:
-            raise VitDeployError("this ONNX carries no vitdeploy metadata: export it with `vitdeploy export`")
-        for key in ("config", "preprocessing", "labels"):
+            raise NoMetadataError("this ONNX carries no vitdeploy metadata: export it with `vitdeploy export`")
+        for key in JSON_FIELDS:
             if key in d:
-                d[key] = json.loads(d[key])
+                try:
+                    d[key] = json.loads(d[key])
+                except RecursionError:
+                    raise _bad(f"field {key} is nested too deep") from None
+                except (ValueError, TypeError) as e:
+                    raise _bad(f"field {key} is not JSON ({type(e).__name__})") from None
         return cls.from_dict(d)
+
+
+class NoMetadataError(VitDeployError):
+    """An ONNX without vitdeploy metadata (a plain ONNX: it runs, with no labels or preprocessing)."""
+
+
+def _bad(problem: str) -> VitDeployError:
+    return VitDeployError(f"the artifact's metadata {problem}: re-export the model with `vitdeploy export`")
 
 
 def set_metadata(model: Any, meta: ArtifactMetadata) -> None:

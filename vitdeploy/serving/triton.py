@@ -8,8 +8,10 @@ Two layouts, one I/O:
   engine of either TensorRT flavour. This is how a TensorRT-RTX engine serves in Triton: Triton's
   TensorRT backend is full TensorRT and cannot load it.
 
-The model folder is written in a staging folder beside it and renamed into place, so a failed write
-leaves no half-written model for Triton to load.
+The model folder is written in a staging folder on the repository's file system (beside it, or inside
+it under a hidden name when the repository is a mount point: see :func:`_stage_dir`) and renamed into
+place, so a failed write leaves no half-written model for Triton to load. config.pbtxt is rendered
+through Triton's ModelConfig protobuf, and every name and number in it is validated first.
 """
 
 from __future__ import annotations
@@ -92,12 +94,83 @@ def _triton_type(dtype: str) -> str:
                              "float16 or uint8 input") from None
 
 
-def _dims(dims: list[Any]) -> str:
-    return "[" + ", ".join(str(d) for d in dims) + "]"
+MAX_TRITON_BATCH = 1 << 16  # max_batch_size and preferred sizes: anything above is not a real profile
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,255}")
 
 
-def _param(key: str, value: str) -> str:
-    return f"parameters: {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value)} }} }}"
+def _check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _TENSOR_NAME.fullmatch(value):
+        raise VitDeployError(f"{what} {value!r} is not a tensor name Triton's config may hold (letters, digits, "
+                             "'_', '.', ':', '/', '-'): re-export the model with `vitdeploy export`")
+    return value
+
+
+def _check_dims(what: str, dims: list[Any]) -> list[int]:
+    if not all(type(d) is int and (d == -1 or 1 <= d < 1 << 31) for d in dims):
+        raise VitDeployError(f"{what} dims {dims!r} are not sizes (-1 or 1..2^31-1): re-export the model")
+    return list(dims)
+
+
+def _check_count(what: str, value: Any, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise VitDeployError(f"{what} {value!r} is not an integer from {low} to {high}")
+    return value
+
+
+def _check_labels(labels: list[str]) -> list[str]:
+    """labels.txt holds one label a line: a label with a line break would shift every label after it."""
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or any(c in label for c in "\r\n\x00"):
+            raise VitDeployError(f"label {i} ({label!r}) holds a line break: Triton's labels.txt takes one label a "
+                                 "line; fix the labels and re-export the model")
+    return labels
+
+
+@dataclass
+class _Config:
+    """What config.pbtxt says, validated before it is rendered through Triton's own schema."""
+
+    name: str
+    header: dict[str, str]  # {"backend": "python"} or {"platform": ...}
+    max_batch: int
+    io: _ArtifactIO
+    in_dims: list[int]
+    out_dims: list[int]
+    out_type: str
+    kind: str
+    instances: int
+    preferred: list[int]
+    max_queue_delay_us: int
+    parameters: dict[str, str]
+
+
+def _render_config(c: _Config) -> str:
+    """config.pbtxt through tritonclient's ModelConfig protobuf and text_format: every string is
+    escaped by protobuf, so no name or path from an artifact can add a field."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2 as mc
+    except ImportError:
+        raise VitDeployError("writing a Triton repository needs tritonclient: pip install 'vitdeploy[triton]'"
+                             ) from None
+    cfg = mc.ModelConfig(name=c.name, max_batch_size=c.max_batch, **c.header)
+    inp = cfg.input.add(name=_check_name("input name", c.io.input), data_type=mc.DataType.Value(
+        _triton_type(c.io.in_dtype)))
+    inp.dims.extend(_check_dims("input", c.in_dims))
+    out = cfg.output.add(name=_check_name("output name", c.io.output), data_type=mc.DataType.Value(c.out_type))
+    out.dims.extend(_check_dims("output", c.out_dims))
+    if c.io.labels:
+        out.label_filename = "labels.txt"
+    if c.max_batch > 0:
+        cfg.dynamic_batching.preferred_batch_size.extend(
+            [_check_count("preferred batch size", b, 1, c.max_batch) for b in c.preferred])
+        cfg.dynamic_batching.max_queue_delay_microseconds = _check_count(
+            "--max-queue-delay-us", c.max_queue_delay_us, 0, 60_000_000)
+    cfg.instance_group.add(count=_check_count("--instances", c.instances, 1, 1024),
+                           kind=mc.ModelInstanceGroup.Kind.Value(f"KIND_{c.kind.upper()}"))
+    for key, value in c.parameters.items():
+        cfg.parameters[key].string_value = value
+    return text_format.MessageToString(cfg)
 
 
 def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None = None, max_batch: int | None = None,
@@ -165,62 +238,32 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
             raise VitDeployError(f"--max-batch {mb} exceeds the engine's profile maximum {limit}")
     model_file = "model.plan" if io.kind == "engine" and not python else (
         "model.onnx" if io.kind == "onnx" else "model.engine")
-    header = ['backend: "python"'] if python else [
-        f'platform: "{"tensorrt_plan" if io.kind == "engine" else "onnxruntime_onnx"}"']
-    out_type = "TYPE_FP32" if python else _triton_type(io.out_dtype)  # the Runtime returns float32 logits
-    lines = [
-        f'name: "{name}"',
-        *header,
-        f"max_batch_size: {mb}",
-        "input [",
-        f'  {{ name: "{io.input}" data_type: {_triton_type(io.in_dtype)} dims: {_dims(in_dims)} }}',
-        "]",
-        "output [",
-        f'  {{ name: "{io.output}" data_type: {out_type} dims: {_dims(out_dims)}'
-        + (' label_filename: "labels.txt"' if io.labels else "") + " }",
-        "]",
-    ]
-    if mb > 0:
-        prefs = preferred or [b for b in (4, 8, 16, 32, 64) if b <= mb] or [mb]
-        lines += ["dynamic_batching {", f"  preferred_batch_size: {_dims(prefs)}",
-                  f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
-    lines += ["instance_group [", f"  {{ count: {instances} kind: KIND_{kind.upper()} }}", "]"]
+    header = {"backend": "python"} if python else {
+        "platform": "tensorrt_plan" if io.kind == "engine" else "onnxruntime_onnx"}
+    params: dict[str, str] = {}
     if python:
-        lines += [_param("VITDEPLOY_ARTIFACT", model_file), _param("VITDEPLOY_BACKEND", runtime),
-                  _param("VITDEPLOY_OPTIONS", json.dumps(runtime_options or {}))]
+        params = {"VITDEPLOY_ARTIFACT": model_file, "VITDEPLOY_BACKEND": runtime,
+                  "VITDEPLOY_OPTIONS": json.dumps(runtime_options or {})}
         if execution_env is not None:
-            lines.append(_param("EXECUTION_ENV_PATH", str(Path(execution_env).resolve())))
+            params["EXECUTION_ENV_PATH"] = str(Path(execution_env).resolve())
+    _check_count("max_batch_size", mb, 0, MAX_TRITON_BATCH)
+    config = _render_config(_Config(
+        name, header, mb, io, in_dims, out_dims,
+        "TYPE_FP32" if python else _triton_type(io.out_dtype),  # the Runtime returns float32 logits
+        kind, instances, preferred or [b for b in (4, 8, 16, 32, 64) if b <= mb] or [mb], max_queue_delay_us,
+        params))
+    _check_labels(io.labels)
 
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     model_dir = repo / name
-    # staged beside the repository, not in it: Triton takes every folder in a repository for a model
-    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.vitdeploy-{name}.", dir=repo.resolve().parent))
+    stage = _stage_dir(repo, name)
     try:
-        version = stage / "1"
-        version.mkdir()
-        shutil.copyfile(artifact, version / model_file)
-        if io.kind == "onnx":
-            from vitdeploy.io import onnx_external_files
-
-            for data in onnx_external_files(artifact):  # the names the graph references, kept as they are
-                shutil.copyfile(data, version / data.name)
-            if python:
-                from vitdeploy.engines.plan import plan_path
-
-                if plan_path(artifact).is_file():  # `vitdeploy tune`'s plan (keyed by the file's hash) goes along
-                    shutil.copyfile(plan_path(artifact), plan_path(version / model_file))
-        elif python:
-            from vitdeploy.engines.sidecar import sidecar_path
-
-            shutil.copyfile(sidecar_path(artifact), sidecar_path(version / model_file))
-        if python:
-            shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
-        if io.labels:
-            (stage / "labels.txt").write_text("\n".join(io.labels) + "\n")
-        (stage / "config.pbtxt").write_text("\n".join(lines) + "\n")
+        _fill_model_dir(stage, artifact, io, model_file, python)
+        (stage / "config.pbtxt").write_text(config)
         for p in stage.rglob("*"):
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            if p.is_dir() or p.name in ("config.pbtxt", "labels.txt", "model.py"):
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)  # what we wrote; copies keep their own mode
         os.chmod(stage, 0o755)
         _swap_in(stage, model_dir)
     finally:
@@ -228,6 +271,63 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
             shutil.rmtree(stage, ignore_errors=True)
     return TritonRepo(model_dir, model_dir / "config.pbtxt", model_dir / "1" / model_file,
                       model_dir / "labels.txt" if io.labels else None, backend)
+
+
+
+def _stage_dir(repo: Path, name: str) -> Path:
+    """A new empty folder on the repository's file system, so the finished model folder renames into
+    place. Beside the repository when its parent is on the same file system: Triton never sees it.
+    Inside it when the repository is a file system of its own (a container volume, a mount point),
+    under a hidden name carrying this host and process id: Triton in explicit mode (``--load-model``)
+    leaves it alone, but Triton scans hidden folders too (a polling Triton logs "Poll failed" for it
+    while the write runs), so the folders that killed writers left there are removed here first."""
+    from vitdeploy.io import remove_dead_staging, staging_prefix
+
+    repo = repo.resolve()
+    if os.stat(repo.parent).st_dev == os.stat(repo).st_dev:
+        return Path(tempfile.mkdtemp(prefix=f".{repo.name}.vitdeploy-{name}.", dir=repo.parent))
+    target = repo / f"staging-{name}"  # named .vitdeploy-staging-<name>.<host>.<pid>.*
+    remove_dead_staging(target)
+    return Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=repo))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy the bytes and the permission bits (a 0600 key stays 0600), nothing else."""
+    shutil.copyfile(src, dst)
+    shutil.copymode(src, dst)
+
+
+def _fill_model_dir(stage: Path, artifact: Path, io: _ArtifactIO, model_file: str, python: bool) -> None:
+    """Version folder ``1`` with the artifact and what travels with it, and labels.txt. External data
+    is copied only from inside the ONNX's own folder (onnx_external_files refuses anything else)."""
+    version = stage / "1"
+    version.mkdir()
+    _copy(artifact, version / model_file)
+    if io.kind == "onnx":
+        from vitdeploy.io import onnx_external_files
+
+        for data in onnx_external_files(artifact):  # the names the graph references, kept as they are
+            dst = version / data.relative_to(artifact.parent)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _copy(data, dst)
+        if python:
+            from vitdeploy.engines.plan import plan_path
+
+            if plan_path(artifact).is_file():  # `vitdeploy tune`'s plan (keyed by the file's hash) goes along
+                _copy(plan_path(artifact), plan_path(version / model_file))
+    elif python:
+        from vitdeploy.engines.sidecar import sidecar_path
+
+        _copy(sidecar_path(artifact), sidecar_path(version / model_file))
+    if python:
+        shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
+    if io.labels:
+        (stage / "labels.txt").write_text("\n".join(io.labels) + "\n")
+    from vitdeploy.verify import artifact_golden
+
+    golden = artifact_golden(artifact)
+    if golden is not None:  # the artifact's golden set, for checking the served model (vitdeploy.verify)
+        golden.write(stage / "golden.json")
 
 
 def _swap_in(stage: Path, model_dir: Path) -> None:
@@ -238,8 +338,7 @@ def _swap_in(stage: Path, model_dir: Path) -> None:
         return
     if not model_dir.is_dir():
         raise VitDeployError(f"{model_dir} exists and is not a folder: remove it or choose another --name")
-    old = Path(tempfile.mkdtemp(prefix=f".{model_dir.parent.name}.vitdeploy-old-{model_dir.name}.",
-                                dir=model_dir.parent.resolve().parent))
+    old = _stage_dir(model_dir.parent, f"old-{model_dir.name}")
     os.replace(model_dir, old / model_dir.name)
     try:
         os.replace(stage, model_dir)
@@ -488,7 +587,8 @@ def start_tritonserver(local: LocalTriton, repo: str | Path, models: list[str] |
                "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
                "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
                "--exit-on-error", "true", "--exit-timeout-secs", "10", *(extra_args or [])]
-        names = models if models is not None else sorted(p.name for p in Path(repo).iterdir() if p.is_dir())
+        names = models if models is not None else sorted(
+            p.name for p in Path(repo).iterdir() if p.is_dir() and not p.name.startswith("."))
         cmd += [f"--load-model={m}" for m in names]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=local.environ(),

@@ -1,0 +1,522 @@
+"""Untrusted files (issue 18, files): an artifact names nothing outside its own folder, and every file
+vitdeploy reads (ONNX metadata, engine sidecar, tune plan) is validated, so a hostile or corrupt one
+gets one line of VitDeployError, never another exception, and never touches a file elsewhere.
+
+The artifacts here are hand-made ONNX graphs (Flatten + MatMul on a [N, 3, 8, 8] input) that ONNX
+Runtime runs for real: they load in milliseconds, and each test edits exactly the field it attacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitdeploy.errors import VitDeployError
+
+W = (np.arange(192 * 3, dtype=np.float32).reshape(192, 3) - 288) / 1000
+
+
+def good_metadata(**over: object) -> dict:
+    meta = {"version": "0.0", "config": {"num_labels": 3, "image_size": 8},
+            "preprocessing": {"image_size": [8, 8], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                              "crop_pct": None, "interpolation": "bilinear"},
+            "labels": ["cat", "dog", "eel"], "precision": "fp32", "batch": "dynamic"}
+    meta.update(over)
+    return meta
+
+
+def tiny_onnx(path: Path, location: str | None = None, meta: dict | None = None, props: dict | None = None,
+              input_name: str = "pixel_values", output_name: str = "logits") -> Path:
+    """A real ONNX file: logits = flatten(pixels) @ W. ``location``: W is stored as external data there
+    (relative to the file's folder, or absolute; the caller writes the bytes). ``meta``: vitdeploy
+    metadata (JSON-encoded as export writes it); ``props``: raw metadata_props, as given."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(W, "W")
+    if location is not None:
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", "0"), ("length", str(W.nbytes))):
+            entry = w.external_data.add()
+            entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", [input_name], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"],
+                                                                                       [output_name])],
+        "tiny", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if meta is not None:
+        props = {**(props or {}), **{f"vitdeploy.{k}": v if isinstance(v, str) else json.dumps(v)
+                                     for k, v in meta.items()}}
+    for key, value in (props or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    """A file outside every artifact folder, holding W's bytes (so a follower would even load it)."""
+    path = tmp_path / "secret" / "canary.bin"
+    path.parent.mkdir()
+    path.write_bytes(W.tobytes())
+    os.chmod(path, 0o600)
+    return path
+
+
+def hostile_locations(tmp_path: Path, secret: Path) -> dict[str, str]:
+    """External-data locations that leave the folder ``tmp_path / 'v'``: '..', absolute, a symlink."""
+    link = tmp_path / "v" / "link.bin"
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(secret)
+    return {"dotdot": "../secret/canary.bin", "absolute": str(secret), "symlink": "link.bin"}
+
+
+# -- 1. publish never deletes, and no reader follows, a file outside the artifact's folder ---------------
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
+def test_publish_never_deletes_files_outside_the_folder(tmp_path, secret, kind):
+    from vitdeploy.io import publish_onnx, staging_dir
+
+    location = hostile_locations(tmp_path, secret)[kind]
+    target = tiny_onnx(tmp_path / "v" / "m.onnx", location)
+    with staging_dir(target) as stage:  # a re-export onto the hostile file
+        tiny_onnx(stage / "m.onnx", "m.onnx.data")
+        shutil.copyfile(secret, stage / "m.onnx.data")
+        data = publish_onnx(stage / "m.onnx", target, durable=False)
+    assert secret.read_bytes() == W.tobytes()  # the canary is still there
+    assert [p.name for p in data] == [f"m.onnx.{hashlib.sha256(W.tobytes()).hexdigest()[:16]}.data"]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_readers_refuse_external_data_outside_the_folder(tmp_path, secret, kind):
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.inspection import inspect_artifact
+    from vitdeploy.io import onnx_external_files
+
+    location = hostile_locations(tmp_path, secret)[kind]
+    onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", location, meta=good_metadata())
+    readers = {"onnx_external_files": lambda: onnx_external_files(onnx_path),
+               "inspect": lambda: inspect_artifact(onnx_path),
+               "onnxruntime": lambda: open_runtime(onnx_path, backend="onnxruntime")}
+    pytest.importorskip("openvino")
+    readers["openvino"] = lambda: open_runtime(onnx_path, backend="openvino")
+    for name, read in readers.items():
+        with pytest.raises(VitDeployError) as e:
+            read()
+        assert "\n" not in str(e.value), name
+        if name != "onnxruntime":  # ONNX Runtime refuses first, in its own words (it names the tensor too)
+            assert "'W'" in str(e.value) and repr(location) in str(e.value), (name, str(e.value))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_triton_copies_nothing_from_outside_the_folder(tmp_path, secret, kind):
+    from vitdeploy.serving.triton import write_triton_repo
+
+    location = hostile_locations(tmp_path, secret)[kind]
+    onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", location, meta=good_metadata())
+    for backend in ("native", "python"):
+        with pytest.raises(VitDeployError, match=r"tensor 'W' keeps its data at .*outside|tensor 'W' .*absolute|"
+                                                 r"tensor 'W' .*'\.\.'"):
+            write_triton_repo(onnx_path, tmp_path / "repo", name="m", backend=backend)
+    assert not any(p.is_file() for p in (tmp_path / "repo").rglob("*"))  # nothing copied, nothing staged
+    assert not list((tmp_path).glob(".repo.*"))
+
+
+# -- 2. triton keeps file modes -------------------------------------------------------------------------
+def test_triton_keeps_the_mode_of_copied_files(tmp_path):
+    from vitdeploy.serving.triton import write_triton_repo
+
+    onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", "m.onnx.data", meta=good_metadata())
+    (tmp_path / "v" / "m.onnx.data").write_bytes(W.tobytes())
+    os.chmod(tmp_path / "v" / "m.onnx.data", 0o600)
+    os.chmod(onnx_path, 0o640)
+    out = write_triton_repo(onnx_path, tmp_path / "repo", name="m")
+    version = out.model_dir / "1"
+    assert (version / "m.onnx.data").read_bytes() == W.tobytes()
+    assert oct((version / "m.onnx.data").stat().st_mode & 0o777) == oct(0o600)
+    assert oct(out.model_file.stat().st_mode & 0o777) == oct(0o640)
+    assert oct(out.config.stat().st_mode & 0o777) == oct(0o644)
+
+
+# -- 3. config.pbtxt through Triton's own schema; names, numbers and labels checked -----------------------
+INJECTION = 'x" dims: [ 1 ] }\n]\nparameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "/tmp/evil" } }\ninput [\n{ name: "y'
+
+
+def _parse(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("where", ["input_name", "output_name"])
+def test_config_pbtxt_injection_through_tensor_names_is_refused(tmp_path, where):
+    pytest.importorskip("tritonclient.grpc")
+    from vitdeploy.serving.triton import write_triton_repo
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata(), **{where: INJECTION})
+    for backend in ("native", "python"):
+        with pytest.raises(VitDeployError, match=r"name .* is not a tensor name Triton's config may hold"):
+            write_triton_repo(onnx_path, tmp_path / "repo", name="m", backend=backend)
+    assert not (tmp_path / "repo" / "m").exists()
+
+
+def test_config_pbtxt_is_rendered_by_protobuf(tmp_path):
+    """Strings that need escaping (a quote, a newline, a backslash in the execution env's path) come back
+    exactly, and no field appears that we did not set."""
+    pytest.importorskip("tritonclient.grpc")
+    from vitdeploy.serving.triton import write_triton_repo
+
+    env = tmp_path / 'env "x"\n} parameters { key: "k" \\'
+    env.mkdir()
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
+    out = write_triton_repo(onnx_path, tmp_path / "repo", name="m", backend="python", execution_env=env,
+                            runtime_options={"threads": 2})
+    cfg = _parse(out.config)
+    assert {k: v.string_value for k, v in cfg.parameters.items()} == {
+        "VITDEPLOY_ARTIFACT": "model.onnx", "VITDEPLOY_BACKEND": "auto", "VITDEPLOY_OPTIONS": '{"threads": 2}',
+        "EXECUTION_ENV_PATH": str(env.resolve())}
+    assert [i.name for i in cfg.input] == ["pixel_values"] and [o.name for o in cfg.output] == ["logits"]
+    assert (out.model_dir / "labels.txt").read_text() == "cat\ndog\neel\n"
+
+
+@pytest.mark.parametrize("max_batch", [10**30, 2**40, -3])
+def test_absurd_max_batch_is_refused(tmp_path, max_batch):
+    pytest.importorskip("tritonclient.grpc")
+    from vitdeploy.serving.triton import write_triton_repo
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
+    with pytest.raises(VitDeployError, match="max_batch_size|--max-batch"):
+        write_triton_repo(onnx_path, tmp_path / "repo", name="m", max_batch=max_batch)
+    assert not (tmp_path / "repo" / "m").exists()
+
+
+@pytest.mark.parametrize("label", ["two\nlines", "carriage\rreturn"])
+def test_label_with_a_line_break_is_refused(tmp_path, label):
+    pytest.importorskip("tritonclient.grpc")
+    from vitdeploy.serving.triton import write_triton_repo
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata(labels=["cat", label, "eel"]))
+    with pytest.raises(VitDeployError, match=r"label 1 .* holds a line break"):
+        write_triton_repo(onnx_path, tmp_path / "repo", name="m")
+    assert not (tmp_path / "repo" / "m").exists()
+
+
+# -- 4. corrupt tune plans and sidecars -------------------------------------------------------------------
+def _plan_dict(onnx_path: Path, **over: object) -> dict:
+    from vitdeploy.engines.plan import MachineKey
+    from vitdeploy.io import sha256_file
+
+    choice = {"backend": "onnxruntime", "options": {"threads": 1}, "label": "onnxruntime, 1 thread"}
+    plan = {"format": "vitdeploy-tune/1", "artifact": onnx_path.name, "artifact_sha256": sha256_file(onnx_path),
+            "machine": MachineKey.current().to_dict(), "latency": choice, "throughput": copy.deepcopy(choice),
+            "throughput_batch": 4, "candidates": []}
+    plan.update(over)
+    return plan
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+PLAN_CASES = {
+    "list": "[]", "null": "null", "number": "7", "latency list": {"latency": []},
+    "latency null": {"latency": None}, "machine list": {"machine": []}, "flags str": {"machine": "x"},
+    "batch str": {"throughput_batch": "4"}, "batch float": {"throughput_batch": 4.5},
+    "batch huge": {"throughput_batch": 10**30}, "deep": _nested(100_000),
+    "deep in field": "DEEP", "unknown option": {"latency": {"backend": "onnxruntime", "options": {"bogus": 1}}},
+    "constructor arg": {"latency": {"backend": "onnxruntime", "options": {"path": "/etc/passwd"}}},
+    "device option": {"throughput": {"backend": "openvino", "options": {"device": "GPU"}}},
+    "bad threads": {"latency": {"backend": "onnxruntime", "options": {"threads": "many"}}},
+    "bad hint": {"latency": {"backend": "openvino", "options": {"hint": []}}},
+    "bad backend": {"latency": {"backend": "torch", "options": {}}},
+    "options list": {"latency": {"backend": "onnxruntime", "options": []}},
+    "candidates dict": {"candidates": {"a": 1}},
+}
+
+
+@pytest.mark.parametrize("case", PLAN_CASES)
+def test_corrupt_plan_is_refused_in_one_line(tmp_path, case):
+    from vitdeploy.engines.plan import TunePlan, plan_path
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
+    value = PLAN_CASES[case]
+    if value == "DEEP":
+        text = json.dumps(_plan_dict(onnx_path)).replace('"candidates": []', '"candidates": ' + _nested(50_000))
+    else:
+        text = value if isinstance(value, str) else json.dumps(_plan_dict(onnx_path, **value))
+    plan_path(onnx_path).write_text(text)
+    with pytest.raises(VitDeployError, match=r"tune plan .* is unreadable .*: rerun `vitdeploy tune`") as e:
+        TunePlan.read(plan_path(onnx_path))
+    assert "\n" not in str(e.value)
+
+
+def test_matching_plan_with_unknown_options_is_ignored_by_open_runtime(tmp_path, caplog):
+    import logging
+
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.engines.plan import plan_path
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
+    bad = {"backend": "onnxruntime", "options": {"threads": 1, "optimisation": "all"}}
+    plan_path(onnx_path).write_text(json.dumps(_plan_dict(onnx_path, latency=bad)))
+    x = np.ones((2, 3, 8, 8), np.float32)
+    with caplog.at_level(logging.WARNING, logger="vitdeploy"), open_runtime(onnx_path, device="cpu") as rt:
+        assert rt.backend == "onnxruntime"  # the plan is ignored, the default path runs
+        np.testing.assert_allclose(rt.infer(x), x.reshape(2, -1) @ W, rtol=1e-5, atol=1e-5)
+    assert any("takes no option 'optimisation'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_valid_plan_still_opens_its_path(tmp_path):
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.engines.plan import plan_path
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
+    good = {"backend": "onnxruntime", "options": {"threads": 1, "qdq_activations": "int8", "optimization": "basic"}}
+    plan_path(onnx_path).write_text(json.dumps(_plan_dict(onnx_path, latency=good, throughput=good)))
+    with open_runtime(onnx_path, device="cpu") as rt:
+        assert rt.backend == "planned" and rt.threads == 1
+
+
+def test_plan_options_match_the_runtime_constructors():
+    """The allow-list names only keyword arguments the runtimes' constructors really take."""
+    import inspect
+
+    from vitdeploy.engines.onnxruntime_backend import QDQ_ACTIVATIONS, OnnxRuntime
+    from vitdeploy.engines.openvino_backend import OpenVinoRuntime
+    from vitdeploy.engines.plan import PATH_OPTIONS
+
+    for backend, cls in (("onnxruntime", OnnxRuntime), ("openvino", OpenVinoRuntime)):
+        assert set(PATH_OPTIONS[backend]) <= set(inspect.signature(cls.__init__).parameters) - {"self", "path"}
+    assert PATH_OPTIONS["onnxruntime"]["qdq_activations"] == QDQ_ACTIVATIONS
+
+
+@pytest.fixture
+def engine(tmp_path) -> Path:
+    """An engine file (bytes only: nothing here deserializes it) and its sidecar, written by write_engine."""
+    from vitdeploy.engines.sidecar import EngineSidecar, TensorIO, write_engine
+
+    side = EngineSidecar(flavour="tensorrt_rtx", trt_version="1.7.1.116", targets=["sm89"], precision="fp32",
+                         io=[TensorIO("pixel_values", "input", [-1, 3, 8, 8], "float"),
+                             TensorIO("logits", "output", [-1, 3], "float")],
+                         profile={"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [4, 3, 8, 8]},
+                         onnx_path="m.onnx", model=good_metadata())
+    path = tmp_path / "m.engine"
+    write_engine(path, b"fake-engine-1", side, durable=False)
+    return path
+
+
+def _edit_sidecar(engine: Path, edit) -> None:
+    side = engine.with_suffix(".json")
+    data = json.loads(side.read_text())
+    edit(data)
+    side.write_text(json.dumps(data))
+
+
+SIDECAR_CASES = {
+    "onnx str": lambda d: d.update(onnx="x"),
+    "engine str": lambda d: d.update(engine="x"),
+    "sha null": lambda d: d["engine"].update(sha256=None),
+    "bytes null": lambda d: d["engine"].update(bytes=None),
+    "engine null": lambda d: d.update(engine=None),
+    "engine missing": lambda d: d.pop("engine"),
+    "bytes str": lambda d: d["engine"].update(bytes="13"),
+    "sha short": lambda d: d["engine"].update(sha256="abc"),
+    "io dict": lambda d: d.update(io={"name": "x"}),
+    "io entry list": lambda d: d.update(io=[[1, 2]]),
+    "shape str": lambda d: d["io"][0].update(shape="3x8x8"),
+    "shape float": lambda d: d["io"][0].update(shape=[-1, 3.5, 8, 8]),
+    "profile list": lambda d: d.update(profile=[1, 2]),
+    "profile 1e30": lambda d: d["profile"].update(max=[10**30, 3, 8, 8]),
+    "profile order": lambda d: d["profile"].update(min=[8, 3, 8, 8]),
+    "targets str": lambda d: d.update(targets="sm89"),
+    "options list": lambda d: d.update(options=[1]),
+    "model list": lambda d: d.update(model=[1]),
+    "model bad std": lambda d: d["model"]["preprocessing"].update(std=[0, 1, 1]),
+    "name int": lambda d: d["io"][0].update(name=5),
+    "seconds str": lambda d: d.update(build_seconds="1"),
+}
+
+
+@pytest.mark.parametrize("case", SIDECAR_CASES)
+def test_corrupt_sidecar_is_refused_in_one_line(engine, case):
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    _edit_sidecar(engine, SIDECAR_CASES[case])
+    with pytest.raises(VitDeployError, match=r"sidecar .*m\.json") as e:
+        EngineSidecar.read(engine)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "[" * 100_000 + "]" * 100_000, "\xff\xfe", '{"format": 1}'])
+def test_sidecar_that_is_not_a_sidecar_is_refused(engine, text):
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    engine.with_suffix(".json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(VitDeployError, match=r"sidecar .*m\.json") as e:
+        EngineSidecar.read(engine)
+    assert "\n" not in str(e.value)
+
+
+def test_sidecar_without_the_engine_hash_cannot_pair_with_another_engine(engine):
+    """Nulling the hash used to switch the check off: another build's engine then passed as this one."""
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    _edit_sidecar(engine, lambda d: d.update(engine={"bytes": None, "sha256": None}))
+    engine.write_bytes(b"another build")
+    with pytest.raises(VitDeployError, match="engine.bytes"):
+        EngineSidecar.read(engine)
+
+
+# -- 5. artifact metadata is checked when the artifact opens ----------------------------------------------
+def _prep(**over: object) -> dict:
+    return {**good_metadata()["preprocessing"], **over}
+
+
+METADATA_CASES = {
+    "negative size": ({"preprocessing": _prep(image_size=[-8, 8])}, "image_size"),
+    "huge size": ({"preprocessing": _prep(image_size=[3000, 3000])}, "image_size"),
+    "size str": ({"preprocessing": _prep(image_size="8")}, "image_size"),
+    "crop 0": ({"preprocessing": _prep(crop_pct=0)}, "crop_pct"),
+    "crop 2": ({"preprocessing": _prep(crop_pct=2.0)}, "crop_pct"),
+    "crop str": ({"preprocessing": _prep(crop_pct="0.9")}, "crop_pct"),
+    "interpolation": ({"preprocessing": _prep(interpolation="sinc")}, "interpolation"),
+    "nan mean": ({"preprocessing": _prep(mean=[float("nan"), 0.5, 0.5])}, "mean"),
+    "inf mean": ({"preprocessing": _prep(mean=[float("inf"), 0.5, 0.5])}, "mean"),
+    "zero std": ({"preprocessing": _prep(std=[0.0, 0.5, 0.5])}, "std"),
+    "negative std": ({"preprocessing": _prep(std=[-0.5, 0.5, 0.5])}, "std"),
+    "nan std": ({"preprocessing": _prep(std=[float("nan")] * 3)}, "std"),
+    "std 2 values": ({"preprocessing": _prep(std=[0.5, 0.5])}, "std"),
+    "prep list": ({"preprocessing": [1]}, "preprocessing"),
+    "labels not JSON": ({"labels": "['cat', 'dog'"}, "labels"),
+    "labels dict": ({"labels": {"0": "cat"}}, "labels"),
+    "labels ints": ({"labels": [1, 2, 3]}, "labels"),
+    "config list": ({"config": [1]}, "config"),
+    "num_labels str": ({"config": {"num_labels": "3"}}, "num_labels"),
+    "deep labels": ({"labels": "[" * 100_000 + "]" * 100_000}, "labels"),
+}
+
+
+@pytest.mark.parametrize("case", METADATA_CASES)
+def test_bad_metadata_is_refused_when_the_artifact_opens(tmp_path, case):
+    from vitdeploy.engines import open_runtime
+
+    over, field = METADATA_CASES[case]
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata(**over))  # a str is written as is (not JSON)
+    for backend in ("onnxruntime", "openvino"):
+        if backend == "openvino":
+            pytest.importorskip("openvino")
+        with pytest.raises(VitDeployError, match=field) as e:
+            open_runtime(onnx_path, backend=backend).close()
+        assert "\n" not in str(e.value) and "re-export" in str(e.value), str(e.value)
+
+
+def test_good_metadata_opens_and_preprocesses(tmp_path):
+    from PIL import Image
+
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.preprocess import Preprocessing
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata(
+        preprocessing=_prep(crop_pct=0.875, interpolation="bicubic", mean=[0.5], std=[0.25])))
+    with open_runtime(onnx_path) as rt:
+        prep = Preprocessing.from_dict(rt.metadata.preprocessing)
+        assert rt.labels == ["cat", "dog", "eel"]
+    assert prep == Preprocessing((8, 8), (0.5,), (0.25,), 0.875, "bicubic")
+    x = prep(Image.new("RGB", (20, 10), (255, 0, 51)))
+    np.testing.assert_allclose(x[:, 0, 0], [2.0, -2.0, -1.2], atol=1e-6)
+
+
+# -- 6. a reader that finishes a publish does not make the writer fail ------------------------------------
+def test_reader_completing_the_publish_does_not_fail_the_writer(engine, monkeypatch):
+    """A real interleaving: between the writer's engine rename and its sidecar rename, a reader opens the
+    engine, finds the new engine with the old sidecar, and completes the publish from the staging folder."""
+    from vitdeploy import io as vio
+    from vitdeploy.engines.sidecar import EngineSidecar, write_engine
+
+    old = EngineSidecar.read(engine)
+    real_replace = os.replace
+    seen = []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if Path(dst) == engine and not seen:  # the engine is in, the sidecar still staged: a reader arrives
+            seen.append(EngineSidecar.read(engine))
+
+    monkeypatch.setattr(vio.os, "replace", replace)
+    new = write_engine(engine, b"fake-engine-2", __import__("dataclasses").replace(old, precision="fp16"),
+                       durable=False)
+    monkeypatch.undo()
+    assert seen and seen[0].precision == "fp16" and seen[0].engine_sha256 == new.engine_sha256  # the reader's view
+    now = EngineSidecar.read(engine)
+    assert now.precision == "fp16" and engine.read_bytes() == b"fake-engine-2"
+    assert sorted(p.name for p in engine.parent.iterdir()) == ["m.engine", "m.json"]  # no staging left
+
+
+def test_a_different_file_at_the_target_still_fails_the_writer(tmp_path, monkeypatch):
+    """Idempotent means 'the very file we staged is in place', not 'ignore a vanished file'."""
+    from vitdeploy import io as vio
+
+    target, other = tmp_path / "m.json", tmp_path / "m.engine"
+    with vio.staging_dir(target) as stage:
+        (stage / "m.json").write_text("ours")
+        (stage / "m.engine").write_text("engine")
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst) == target:  # someone removed our staged file and put another one in place
+                os.unlink(src)
+                target.write_text("theirs")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(vio.os, "replace", replace)
+        with pytest.raises(FileNotFoundError):
+            vio.publish_file_set({other: stage / "m.engine", target: stage / "m.json"}, last=target, durable=False)
+
+
+# -- 7. `vitdeploy triton --repo MOUNTPOINT` ----------------------------------------------------------------
+def test_triton_repo_on_its_own_file_system(tmp_path, monkeypatch):
+    """The repository is a mount point: a rename between it and anything outside it fails with EXDEV,
+    as the kernel does. The model folder is staged inside it and renamed in; nothing is left behind."""
+    pytest.importorskip("tritonclient.grpc")
+    from vitdeploy.serving import triton as triton_mod
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    real_stat, real_replace = os.stat, os.replace
+
+    def inside(p) -> bool:
+        return Path(os.path.abspath(p)).is_relative_to(repo)
+
+    def stat(p, *a, **k):  # the mount: the repository and what is in it have another st_dev
+        st = real_stat(p, *a, **k)
+        if inside(p):
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1, *tuple(st)[3:]))
+        return st
+
+    def replace(src, dst):
+        if inside(src) != inside(dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(triton_mod.os, "stat", stat)
+    monkeypatch.setattr(triton_mod.os, "replace", replace)
+    onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", meta=good_metadata())
+    first = triton_mod.write_triton_repo(onnx_path, repo, name="m")
+    second = triton_mod.write_triton_repo(onnx_path, repo, name="m", backend="python")  # replaces the model
+    monkeypatch.undo()
+    assert first.model_dir == second.model_dir and _parse(second.config).backend == "python"
+    assert sorted(p.name for p in repo.iterdir()) == ["m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "v"]
