@@ -92,6 +92,15 @@ def _model_options(f: Any) -> Any:
     return f
 
 
+def _verify_options(f: Any) -> Any:
+    f = click.option("--allow-drift", is_flag=True,
+                     help="Run even when the artifact fails its golden set on this machine (for experts).")(f)
+    f = click.option("--no-verify", is_flag=True,
+                     help="Skip the first-load check of the artifact's golden set (run once per machine and "
+                     "runtime, the verdict kept in <stem>.verified.json).")(f)
+    return f
+
+
 def _quiet_exporter_logs() -> None:
     """The library leaves logging and warnings alone; this process (the CLI) hides torch.onnx's notices
     ("torchvision is not installed"), the FP16 converter's per-weight clamping warnings and ONNX Runtime's
@@ -138,14 +147,17 @@ def _config_arg(preset: str | None, config: str | None) -> str | None:
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to add to the verification inputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs torch check.")
+@click.option("--golden-images", type=click.Path(path_type=Path), default=None,
+              help="Folder of images for the golden set the artifact carries (default: calibration images, "
+              "else synthetic ones); `vitdeploy verify` checks it anywhere.")
 @click.option("--uint8-input", is_flag=True,
               help="Put preprocessing in the graph: the model takes uint8 NHWC pixels (resized, not normalized).")
 @click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT engine (see `vitdeploy build`).")
 @click.option("--compute-capability", default=None, help="With --engine: TensorRT-RTX targets, e.g. sm89,sm120.")
 def export(model: str, preset: str | None, config: str | None, seed: int | None, output: Path, batch: int,
            dynamic_batch: bool, opset: int, precision: str, fp16_io: bool, calib_dir: Path | None,
-           calib_samples: int, calib_method: str, images: Path | None, no_verify: bool, uint8_input: bool,
-           engine: bool, compute_capability: str | None) -> None:
+           calib_samples: int, calib_method: str, images: Path | None, no_verify: bool,
+           golden_images: Path | None, uint8_input: bool, engine: bool, compute_capability: str | None) -> None:
     """Export a checkpoint to ONNX (fixed image size) in FP32, FP16, INT8 or FP8, verified against torch."""
     from vitdeploy.exporters import ExportOptions, export_onnx
 
@@ -159,7 +171,7 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
     opts = ExportOptions(
         batch=batch, dynamic_batch=dynamic_batch, opset=opset, precision=precision, fp16_io=fp16_io,
         calib_dir=calib_dir, calib_samples=calib_samples, calib_method=calib_method, verify_images=images,
-        verify=not no_verify, seed=seed, uint8_input=uint8_input,
+        verify=not no_verify, seed=seed, uint8_input=uint8_input, golden_images=golden_images,
     )
     report = export_onnx(model, output, config=_config_arg(preset, config), options=opts, progress=True)
     click.echo(report.render())
@@ -170,6 +182,17 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
         bopts = BuildOptions(compute_capabilities=_split(compute_capability))
         breport = build_engine(output, engine_path, bopts, progress=True)
         click.echo(breport.render())
+        _check_built(engine_path)
+
+
+def _check_built(engine: Path) -> None:
+    """The golden set on the engine just built, where it runs; the verdict goes into its sidecar."""
+    from vitdeploy.verify import check_built_engine
+
+    record = check_built_engine(engine)
+    if record["verified"] and not record["passed"]:
+        raise click.ClickException(f"{engine.name} drifts from its golden set on {record['gpu']}: {record['reason']}")
+    click.echo(f"golden set: {record['summary'] if record['verified'] else record['reason']} (in the sidecar)")
 
 
 def _has_gpu() -> bool:
@@ -235,6 +258,7 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
         source = onnx_path
     report = build_engine(source, output or source.with_suffix(".engine"), opts, progress=True)
     click.echo(report.render())
+    _check_built(report.engine)
 
 
 @main.command()
@@ -267,7 +291,8 @@ def _render_inspect(info: dict[str, Any]) -> str:
 
 def _open(artifact: str, backend: str, threads: int | None = None, dtype: str | None = None,
           device: str = "auto", **options: Any) -> Any:
-    from vitdeploy.engines import artifact_kind, open_runtime
+    from vitdeploy.engines import artifact_kind
+    from vitdeploy.verify import open_verified
 
     kind = artifact_kind(artifact)
     if threads and backend in ("onnxruntime", "openvino", "torch", "auto") and kind != "engine":
@@ -276,7 +301,7 @@ def _open(artifact: str, backend: str, threads: int | None = None, dtype: str | 
         options["dtype"] = dtype
     if dtype and backend == "openvino":
         options["precision_hint"] = dtype
-    return open_runtime(artifact, backend=backend, device=device, **options)
+    return open_verified(artifact, backend=backend, device=device, **options)
 
 
 def _ints(value: str) -> list[int]:
@@ -310,10 +335,11 @@ def _ints(value: str) -> list[int]:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
+@_verify_options
 def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
           qdq_activations: str, json_path: Path | None,
-          csv_path: Path | None, plot_path: Path | None, wide: bool) -> None:
+          csv_path: Path | None, plot_path: Path | None, wide: bool, no_verify: bool, allow_drift: bool) -> None:
     """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch)."""
     from vitdeploy.bench import run_bench
     from vitdeploy.engines import BACKENDS, artifact_kind
@@ -338,6 +364,7 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
                     extra["compile"] = True
                 if kind == "onnx" and b in ("auto", "onnxruntime") and qdq_activations != "auto":
                     extra["qdq_activations"] = qdq_activations
+                extra.update(verify=not no_verify, allow_drift=allow_drift)
                 # torch keeps its own thread default otherwise: every CPU backend gets the same count
                 t = threads or (usable_cpus() if kind == "checkpoint" else None)
                 runtimes.append((Path(artifact).name,
@@ -395,11 +422,13 @@ def tune(artifact: Path, batch: int, threads: str | None, images: Path | None, i
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def predict(images: tuple[Path, ...], model: str, backend: str, top_k: int, as_json: bool) -> None:
+@_verify_options
+def predict(images: tuple[Path, ...], model: str, backend: str, top_k: int, as_json: bool, no_verify: bool,
+            allow_drift: bool) -> None:
     """Classify image files; preprocessing and labels come from the artifact's metadata."""
-    from vitdeploy.engines import open_runtime
+    from vitdeploy.verify import open_verified
 
-    with open_runtime(model, backend=backend) as rt:
+    with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift) as rt:
         click.echo(f"running {rt.describe()}", err=True)
         results = rt.predict_images(list(images), top_k=top_k)
     if as_json:
@@ -471,8 +500,10 @@ def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images:
 @click.option("--drain-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="On Ctrl-C/SIGTERM, seconds that readiness reports draining (requests still served) "
               "before the server stops accepting.")
+@_verify_options
 def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
-          workers: int, name: str | None, request_timeout: float, max_image_pixels: int, drain_grace: float) -> None:
+          workers: int, name: str | None, request_timeout: float, max_image_pixels: int, drain_grace: float,
+          no_verify: bool, allow_drift: bool) -> None:
     """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
     KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks."""
     try:
@@ -485,7 +516,11 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
         raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
                                    f"vitdeploy export --model {model} --output model.onnx")
     name = name or Path(model).stem
+    from vitdeploy.verify import open_verified
+
     if workers > 1:
+        if not no_verify:  # checked once here (the verdict is cached for this machine), not in every worker
+            open_verified(model, backend=backend, allow_drift=allow_drift).close()
         os.environ.update({"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
                            "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch),
                            "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
@@ -497,10 +532,9 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
                        "--drain-grace period; run one worker per container to drain behind a load balancer", err=True)
         uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers)
         return
-    from vitdeploy.engines import open_runtime
     from vitdeploy.serving.server import create_app, run_server
 
-    with open_runtime(model, backend=backend) as rt:
+    with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift) as rt:
         click.echo(f"serving {rt.describe()} as {name!r} on http://{host}:{port}")
         app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,
                          max_image_pixels=max_image_pixels, model_name=name)
@@ -544,6 +578,35 @@ def triton(artifact: Path, repo: Path, name: str | None, triton_backend: str, ru
                    "vitdeploy and numpy<2 (see README, Scale-out)")
 
 
+@main.command("verify")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--backend", "backends", default="auto", show_default=True,
+              help="Comma-separated: auto (the tune plan when one holds here), onnxruntime, openvino, tensorrt.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def verify_command(artifact: Path, backends: str, device: str, as_json: bool) -> None:
+    """Run ARTIFACT's golden set (images and torch FP32's logits, stored at export) through decode, the
+    artifact's preprocessing and the runtime; a row per image; exit 1 on drift.
+
+    The same check runs after `build` (where the engine runs) and on first load by predict, bench, eval and
+    serve (once per machine and runtime; --no-verify skips it, --allow-drift runs despite a failure)."""
+    from vitdeploy.verify import verify_artifact
+
+    reports = [verify_artifact(artifact, backend=b, device=device) for b in _split(backends) or ["auto"]]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    for r in reports:
+        if r.skipped:
+            click.echo(f"{artifact.name}: not verified here: {r.skipped}", err=as_json)
+        for table in [] if as_json else r.table():
+            _console().print(table)
+    failed = [r for r in reports if r.failed]
+    if failed:
+        raise click.ClickException(f"drift: {failed[0].reason()}")
+    if not as_json and any(r.passed for r in reports):
+        click.echo("PASSED")
+
+
 @main.command("eval")
 @click.option("--model", "-m", required=True, help="ONNX file, engine, or checkpoint (preset, folder, ...).")
 @_model_options
@@ -551,13 +614,15 @@ def triton(artifact: Path, repo: Path, name: str | None, triton_backend: str, ru
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@_verify_options
 def evaluate(model: str, preset: str | None, config: str | None, seed: int | None, data: Path, batch: int,
-             backend: str, as_json: bool) -> None:
+             backend: str, as_json: bool, no_verify: bool, allow_drift: bool) -> None:
     """Top-1 accuracy on an image folder with one sub-folder per class name."""
-    from vitdeploy.engines import open_runtime
     from vitdeploy.evaluate import evaluate_folder
+    from vitdeploy.verify import open_verified
 
-    with open_runtime(model, backend=backend, config=_config_arg(preset, config), seed=seed) as rt:
+    with open_verified(model, backend=backend, config=_config_arg(preset, config), seed=seed, verify=not no_verify,
+                       allow_drift=allow_drift) as rt:
         described = rt.describe()
         result = evaluate_folder(rt, data, batch_size=batch)
     if as_json:

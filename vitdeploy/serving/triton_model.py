@@ -38,7 +38,7 @@ class TritonPythonModel:
     """initialize: open the runtime once per instance; execute: one infer per Triton batch."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        from vitdeploy.engines import open_runtime
+        from vitdeploy.verify import open_verified  # the golden set, once per machine: a drift fails the load
 
         device = visible_device(args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", 0),
                                 os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -48,7 +48,7 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["VITDEPLOY_ARTIFACT"]
         options = json.loads(params.get("VITDEPLOY_OPTIONS") or "{}")
-        self.rt = open_runtime(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
+        self.rt = open_verified(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         self.float_input = self.rt.spec.dtype.startswith("float")
