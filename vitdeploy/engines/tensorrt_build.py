@@ -330,7 +330,9 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     if not 0 <= opts.opt_level <= 5:
         raise BuildError(f"--opt-level {opts.opt_level}: use 0..5")
     config.builder_optimization_level = opts.opt_level
-    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, opts.profiling_verbosity.upper())
+    config.profiling_verbosity = {"layer_names_only": trt.ProfilingVerbosity.LAYER_NAMES_ONLY,
+                                  "detailed": trt.ProfilingVerbosity.DETAILED,
+                                  "none": trt.ProfilingVerbosity.NONE}[opts.profiling_verbosity]
     if not opts.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     if opts.version_compatible:
