@@ -109,6 +109,8 @@ def parse_device(device: str | int) -> int:
 
 
 def _check_version(side: EngineSidecar, trt_version: str, rebuild: str) -> None:
+    from packaging.version import Version
+
     built, here = _version(side.trt_version), _version(trt_version)
     if built == here:
         return
@@ -118,8 +120,8 @@ def _check_version(side: EngineSidecar, trt_version: str, rebuild: str) -> None:
     if not side.version_compatible:
         raise VitDeployError(f"engine built with {side.flavour} {side.trt_version}; this is {trt_version}: "
                              f"{rebuild} (or build with --version-compatible)")
-    versions = isinstance(built, type(here)) and not isinstance(built, str)
-    if not (versions and here > built and (built.major == here.major or (built.major, here.major) in _CROSS_MAJOR)):
+    ordered = isinstance(built, Version) and isinstance(here, Version) and here > built
+    if not (ordered and (built.major == here.major or (built.major, here.major) in _CROSS_MAJOR)):
         raise VitDeployError(f"version-compatible engine built with {side.flavour} {side.trt_version} runs on that "
                              "release, later ones of its major version, and 8 -> 10, 10 -> 11; "
                              f"this is {trt_version}: {rebuild}")
