@@ -309,58 +309,67 @@ class FakeContext:
         return True
 
 
+STRATEGIES = types.SimpleNamespace(STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED")
+GRAPH_STRATEGIES = types.SimpleNamespace(DISABLED="DISABLED", WHOLE_GRAPH_CAPTURE="WHOLE_GRAPH_CAPTURE")
+
+
+class FakeRuntimeCache:
+    """TensorRT-RTX's runtime cache: deserialize returns False, and keeps nothing, for a foreign blob."""
+
+    def __init__(self, created: dict) -> None:
+        self.loaded = b""
+        created["caches"].append(self)
+
+    def deserialize(self, data: bytes) -> bool:
+        if not bytes(data).startswith(b"kernels:"):  # another release, GPU or driver: refused, unchanged
+            return False
+        self.loaded = bytes(data)
+        return True
+
+    def serialize(self) -> bytes:
+        return b"kernels:" + self.loaded.removeprefix(b"kernels:")
+
+
+class FakeRuntimeConfig:
+    def __init__(self, created: dict) -> None:
+        self.created = created
+        self.cuda_graph_strategy = GRAPH_STRATEGIES.DISABLED
+        self.strategy = STRATEGIES.STATIC
+        created["configs"].append(self)
+
+    def create_runtime_cache(self) -> FakeRuntimeCache:
+        return FakeRuntimeCache(self.created)
+
+    def set_runtime_cache(self, cache: FakeRuntimeCache) -> None:
+        self.cache = cache
+
+    def set_execution_context_allocation_strategy(self, strategy: str) -> None:
+        self.strategy = strategy
+
+
+class FakeInspector:
+    """The engine inspector: per-layer information needs every input shape set on its context."""
+
+    execution_context: FakeContext | None = None
+
+    def get_engine_information(self, fmt: str) -> str:
+        ctx = self.execution_context
+        if ctx is None or ctx.shape is None:
+            raise RuntimeError("engine inspector: the context's input shapes are not all specified")
+        return json.dumps({"Layers": ["conv", "matmul"], "Bindings": ["pixel_values", "logits"],
+                           "shape": list(ctx.shape)})
+
+
 def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLOAT", version: str = "1.7.1.116",
              fail_in_capture: bool = False) -> types.SimpleNamespace:
     created: dict = {"runtimes": [], "caches": [], "configs": [], "contexts": []}
     rtx = flavour == "tensorrt_rtx"
-    strategies = types.SimpleNamespace(STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE",
-                                       USER_MANAGED="USER_MANAGED")
-    graph_strategies = types.SimpleNamespace(DISABLED="DISABLED", WHOLE_GRAPH_CAPTURE="WHOLE_GRAPH_CAPTURE")
 
     class ILogger:
         Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
 
         def __init__(self) -> None:
             pass
-
-    class RuntimeCache:
-        def __init__(self) -> None:
-            self.loaded = b""
-            created["caches"].append(self)
-
-        def deserialize(self, data: bytes) -> bool:
-            if not bytes(data).startswith(b"kernels:"):  # another release, GPU or driver: refused, unchanged
-                return False
-            self.loaded = bytes(data)
-            return True
-
-        def serialize(self) -> bytes:
-            return b"kernels:" + self.loaded.removeprefix(b"kernels:")
-
-    class RuntimeConfig:
-        def __init__(self) -> None:
-            self.cuda_graph_strategy = graph_strategies.DISABLED
-            self.strategy = strategies.STATIC
-            created["configs"].append(self)
-
-        def create_runtime_cache(self) -> RuntimeCache:
-            return RuntimeCache()
-
-        def set_runtime_cache(self, cache: RuntimeCache) -> None:
-            self.cache = cache
-
-        def set_execution_context_allocation_strategy(self, strategy: str) -> None:
-            self.strategy = strategy
-
-    class Inspector:
-        execution_context = None
-
-        def get_engine_information(self, fmt: str) -> str:
-            ctx = self.execution_context
-            if ctx is None or ctx.shape is None:
-                raise RuntimeError("engine inspector: the context's input shapes are not all specified")
-            return json.dumps({"Layers": ["conv", "matmul"], "Bindings": ["pixel_values", "logits"],
-                               "shape": list(ctx.shape)})
 
     class Engine:
         num_io_tensors = 2
@@ -387,16 +396,16 @@ def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLO
         def get_tensor_shape(self, name: str) -> list[int]:
             return [-1, 3, 8, 8] if name == "pixel_values" else [-1, 10]
 
-        def create_runtime_config(self) -> RuntimeConfig:
-            return RuntimeConfig()
+        def create_runtime_config(self) -> FakeRuntimeConfig:
+            return FakeRuntimeConfig(created)
 
-        def create_engine_inspector(self) -> Inspector:
-            return Inspector()
+        def create_engine_inspector(self) -> FakeInspector:
+            return FakeInspector()
 
         def create_execution_context(self, arg: object = None) -> FakeContext:
-            config = arg if isinstance(arg, RuntimeConfig) else None
-            strategy = config.strategy if config else (arg or strategies.STATIC)
-            ctx = FakeContext(cuda, self, strategy == strategies.USER_MANAGED, fail_in_capture, rtx, config)
+            config = arg if isinstance(arg, FakeRuntimeConfig) else None
+            strategy = config.strategy if config else (arg or STRATEGIES.STATIC)
+            ctx = FakeContext(cuda, self, strategy == STRATEGIES.USER_MANAGED, fail_in_capture, rtx, config)
             created["contexts"].append(ctx)
             return ctx
 
@@ -410,9 +419,9 @@ def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLO
             return Engine(self.logger) if data.startswith(b"fake-engine") else None
 
     names = dict(__version__=version, ILogger=ILogger, Runtime=Runtime, created=created,
-                 ExecutionContextAllocationStrategy=strategies, LayerInformationFormat=types.SimpleNamespace(JSON="J"))
+                 ExecutionContextAllocationStrategy=STRATEGIES, LayerInformationFormat=types.SimpleNamespace(JSON="J"))
     if rtx:  # names only TensorRT-RTX has
-        names["CudaGraphStrategy"] = graph_strategies
+        names["CudaGraphStrategy"] = GRAPH_STRATEGIES
     return types.SimpleNamespace(**names)
 
 
@@ -721,34 +730,36 @@ def test_rtx_names_the_runtime_uses_exist_in_the_installed_bindings():
 
 
 # -- pycuda (item 5) ----------------------------------------------------------------------------------------
-def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
-    """pycuda.driver with its thread rule: a context is current only on the thread that pushed it;
-    ``pycuda.autoinit`` makes one current on the importing thread."""
-    tls = threading.local()
-
-    def stack() -> list:
-        return tls.__dict__.setdefault("stack", [])
+class PyCudaThreads:
+    """pycuda's thread rule: a context is current only on the thread that pushed it (a stack per thread)."""
 
     class LogicError(RuntimeError):
         pass
 
-    def need(what: str) -> None:
-        if not stack():
-            raise LogicError(f"{what} failed: invalid device context - no currently active context?")
+    def __init__(self, gpu: FakeCuda) -> None:
+        self.gpu, self.tls = gpu, threading.local()
 
+    def stack(self) -> list:
+        return self.tls.__dict__.setdefault("stack", [])
+
+    def need(self, what: str) -> None:
+        if not self.stack():
+            raise self.LogicError(f"{what} failed: invalid device context - no currently active context?")
+
+
+def _pycuda_contexts(threads: PyCudaThreads) -> dict[str, object]:
     class Ctx:
         def __init__(self, dev: int) -> None:
             self.dev = dev
 
         def push(self) -> None:
-            stack().append(self)
+            threads.stack().append(self)
 
     class Context:
         @staticmethod
         def pop() -> None:
-            if not stack():
-                raise LogicError("cuCtxPopCurrent failed: invalid device context")
-            stack().pop()
+            threads.need("cuCtxPopCurrent")
+            threads.stack().pop()
 
     class Device:
         def __init__(self, n: int) -> None:
@@ -766,6 +777,12 @@ def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
             c.push()
             return c
 
+    return dict(init=lambda: None, Device=Device, Context=Context, LogicError=threads.LogicError)
+
+
+def _pycuda_memory(threads: PyCudaThreads) -> dict[str, object]:
+    gpu, need = threads.gpu, threads.need
+
     class Alloc(int):
         def free(self) -> None:
             need("cuMemFree")
@@ -780,7 +797,7 @@ def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
             need("cuStreamSynchronize")
             gpu.sync(self.handle)
 
-        def wait_for_event(self, event: object) -> None:
+        def wait_for_event(self, event: Event) -> None:
             need("cuStreamWaitEvent")
             gpu.wait_event(self.handle, event.ev)
 
@@ -796,7 +813,7 @@ def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
         def synchronize(self) -> None:
             need("cuEventSynchronize")
 
-        def time_till(self, other: object) -> float:
+        def time_till(self, other: Event) -> float:
             need("cuEventElapsedTime")
             return 0.25
 
@@ -816,16 +833,22 @@ def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
         need("cuMemcpyDtoHAsync")
         gpu.queue(stream.handle, frozenset({int(src)}))
 
+    return dict(mem_alloc=mem_alloc, pagelocked_empty=pagelocked_empty, Stream=Stream, Event=Event,
+                memcpy_htod_async=memcpy_htod_async, memcpy_dtoh_async=memcpy_dtoh_async)
+
+
+def _fake_pycuda(gpu: FakeCuda) -> dict[str, types.ModuleType]:
+    """pycuda.driver with its thread rule; ``pycuda.autoinit`` makes a context current on the importing
+    thread only. TensorRT, too, needs a current context on the calling thread."""
+    threads = PyCudaThreads(gpu)
     driver = types.ModuleType("pycuda.driver")
-    for name, value in dict(init=lambda: None, Device=Device, Context=Context, mem_alloc=mem_alloc,
-                            pagelocked_empty=pagelocked_empty, Stream=Stream, Event=Event, LogicError=LogicError,
-                            memcpy_htod_async=memcpy_htod_async, memcpy_dtoh_async=memcpy_dtoh_async).items():
+    for name, value in {**_pycuda_contexts(threads), **_pycuda_memory(threads)}.items():
         setattr(driver, name, value)
     autoinit = types.ModuleType("pycuda.autoinit")
-    autoinit.context = Device(0).make_context()  # current on this (the importing) thread only
+    autoinit.context = driver.Device(0).make_context()
     package = types.ModuleType("pycuda")
     package.driver, package.autoinit = driver, autoinit
-    gpu.thread_device = lambda: stack()[-1].dev if stack() else None  # TensorRT needs a current context
+    gpu.thread_device = lambda: threads.stack()[-1].dev if threads.stack() else None
     return {"pycuda": package, "pycuda.driver": driver, "pycuda.autoinit": autoinit}
 
 
