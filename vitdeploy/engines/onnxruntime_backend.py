@@ -130,7 +130,10 @@ def onnx_batch_range(path: str | Path) -> tuple[str, tuple[int, ...], tuple[int,
     1/8/DYNAMIC_MAX_BATCH, since larger requests are split before they reach the session."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # protobuf's DecodeError and the like
+        raise VitDeployError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from None
     weights = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     if len(inputs) != 1:
