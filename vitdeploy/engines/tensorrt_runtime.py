@@ -457,10 +457,10 @@ class TensorRTRuntime(Runtime):
             ready, done = slot.events[4:6]
             cuda.record(ready, caller_stream)
             cuda.wait_event(slot.stream, ready)
-            self._bind(slot.context, in_ptr, out_ptr)
             try:
+                self._bind(slot.context, in_ptr, out_ptr)
                 self._plain(slot, shape)
-            finally:
+            finally:  # the plain context is bound to the slot's own buffers between calls, whatever happened
                 self._bind(slot.context, slot.d_in, slot.d_out)
             cuda.record(done, slot.stream)
             cuda.wait_event(caller_stream, done)
