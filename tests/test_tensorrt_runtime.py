@@ -1270,7 +1270,7 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
             def device(rt=rt) -> list[float]:
                 errs = []
                 for n in sizes[:-1]:
-                    out = rt.infer_torch(torch.from_numpy(x[:n]).cuda())
+                    out = rt.infer_torch(torch.from_numpy(x[:n]).cuda().to(getattr(torch, rt.spec.dtype)))
                     assert out.is_cuda and out.shape == (n, 10)
                     errs.append(float(np.abs(out.float().cpu().numpy() - ref[:n]).max()))
                 return errs
