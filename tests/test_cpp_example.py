@@ -51,15 +51,17 @@ def _absent(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _toolchain() -> dict[str, Path]:
-    """Paths to what the build needs; skip with the reason where something is absent."""
+def _toolchain(on_gpu: bool = False) -> dict[str, Path]:
+    """Paths to what the build needs; skip with the reason where something is absent (or, unless
+    ``on_gpu``, where a GPU is present: then only the marked GPU test runs the example)."""
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
         _absent(f"{' and '.join(missing)} not found: apt-get install cmake g++")
     runtime, nvcc, lean = (_package_dir(p) for p in ("nvidia.cuda_runtime", "nvidia.cuda_nvcc", "tensorrt_lean_libs"))
     if runtime is None or nvcc is None or lean is None:
         _absent(f"CUDA runtime/nvcc headers or TensorRT's lean runtime wheels not installed: {INSTALL_HINT}")
-    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi"], capture_output=True).returncode == 0:
+    gpu = shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi"], capture_output=True).returncode == 0
+    if gpu and not on_gpu:
         pytest.skip("a GPU is present: these tests check the example up to the CUDA boundary of a GPU-less machine")
     cudart = sorted((runtime / "lib").glob("libcudart.so.*"))
     return {"cuda_include": runtime / "include", "crt_include": nvcc / "include", "cudart": cudart[0],
@@ -321,3 +323,47 @@ def test_tensorrt_rtx_branch_builds_without_its_headers_and_runs_a_real_engine(t
     assert ", 6 labels" in done.stderr  # the tiny model's 6 classes
     assert f"cannot deserialize {engine}" in done.stderr
     assert "CUDA" in done.stderr  # TensorRT-RTX's reason: no CUDA driver here
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("io", ["float32", "fp16-io", "uint8-input"])
+def test_example_matches_onnxruntime_on_gpu(io, request, tmp_path):
+    """A version-compatible engine of each I/O kind, built with full TensorRT, run by the default build
+    (libnvinfer) and, for engines of the lean runtime's own major version, the lean one: the top-5
+    classes and their probabilities are ONNX Runtime's."""
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, current_gpu
+    from vitdeploy.exporters import ExportOptions, export_onnx
+    from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+    if current_gpu() is None:
+        pytest.skip("needs an NVIDIA GPU to run an engine (none visible: no driver or no device)")
+    trt = pytest.importorskip("tensorrt", reason="full TensorRT not installed: it builds the engines here")
+    library = _full_nvinfer()
+    if library is None:
+        pytest.skip(NO_NVINFER)
+    tools = _toolchain(on_gpu=True)
+    digits = request.getfixturevalue("digits")  # after the skips: it trains the digits model
+    onnx_path = export_onnx(digits["checkpoint"], tmp_path / "m.onnx", options=ExportOptions(
+        dynamic_batch=True, precision="fp16", fp16_io=io == "fp16-io", uint8_input=io == "uint8-input")).path
+    engine = tmp_path / "m.engine"
+    build_engine(onnx_path, engine, BuildOptions(flavour="tensorrt", max_batch=8, version_compatible=True))
+    with open_runtime(onnx_path) as ort:
+        prep = Preprocessing.from_dict(ort.metadata.preprocessing)
+        batch = load_images(find_images(digits["test"])[:4], prep, uint8=io == "uint8-input")
+        logits = ort.infer(batch).astype(np.float64)  # float32 (or uint8) in; the runtime casts for fp16-io
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    exes = [_cmake_build(tmp_path / "full", library, tools)]
+    if trt.__version__.split(".")[0] == "11":  # the lean wheel of the cpp-example extra is TensorRT 11
+        exes.append(_cmake_build(tmp_path / "lean", tools["nvinfer_lean"], tools, lean=True))
+    for exe in exes:
+        done = _run(exe, engine, n=4, batch=batch.tobytes())  # float32 for fp16-io too: the example converts
+        assert done.returncode == 0, done.stderr
+        rows = [line.split(":", 1)[1].split() for line in done.stdout.splitlines() if line.startswith("image ")]
+        assert len(rows) == 4
+        for b, row in enumerate(rows):
+            labels, probs = [int(v) for v in row[::2]], [float(v) for v in row[1::2]]
+            assert labels[0] == int(np.argmax(p[b])), (exe, b, row)
+            assert np.allclose(probs, p[b][labels], atol=2e-2), (exe, b, row, p[b][labels])
