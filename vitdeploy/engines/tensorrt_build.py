@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy import __version__, sysinfo
+from vitdeploy.dtypes import enum_name
 from vitdeploy.engines.sidecar import (
     RTX_TARGETS,
     TENSORRT,
@@ -259,7 +260,7 @@ def _make_monitor(trt: Any, phases: list[str], cancel: threading.Event, show: bo
     return Monitor()
 
 
-class _Logger:
+class Logger:
     """A trt.ILogger that keeps errors so a failed build can say why."""
 
     def __init__(self, trt: Any) -> None:
@@ -302,6 +303,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
                  on_phase: Callable[[str], None] | None = None) -> BuildReport:
     """Parse ``onnx_path``, build a strongly typed engine, publish it and its sidecar as one set.
 
+    Stages: check the request -> parse -> configure -> batch profile -> build -> publish.
     ``cancel`` (set it from any thread) or Ctrl-C stops the build at the next step; nothing is written.
     """
     opts = options or BuildOptions()
@@ -313,17 +315,56 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     flavour, targets = choose_flavour(opts.flavour, opts.compute_capabilities, gpu)  # refuse before any work
     check_options(flavour, opts)
     trt, flavour = import_tensorrt(flavour)
-    is_rtx = flavour == TENSORRT_RTX
-    cancel = cancel or threading.Event()
-    log = _Logger(trt)
+    log = Logger(trt)
     builder = trt.Builder(log.logger)
+    network, _parser = _parse(trt, builder, log, onnx_path)  # the network uses the parser's weights: keep it
+    config = _configure(trt, builder, opts, flavour, targets)
+    timing_cache = _use_timing_cache(config, opts, flavour)
+    profile = _batch_profile(network.get_input(0), opts, onnx_path.name)
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(network.get_input(0).name, profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(trt_profile)
+    cancel = cancel or threading.Event()
+    serialized, phases, seconds = _build(trt, builder, network, config, cancel, progress)
+    if on_phase:
+        for p in phases:
+            on_phase(p)
+    if cancel.is_set():
+        raise BuildCancelled("build cancelled; nothing written")
+    if serialized is None:
+        raise BuildError(f"TensorRT could not build {onnx_path.name} for {', '.join(targets)}: "
+                         f"{_first_reason(log.errors)}")
+    meta = _onnx_metadata(onnx_path)
+    side = EngineSidecar(
+        flavour=flavour, trt_version=trt.__version__, targets=targets,
+        gpu=gpu[0] if gpu and flavour != TENSORRT_RTX else None,
+        precision=meta.get("precision", "unknown"), io=_io_tensors(network), profile=profile,
+        onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        build_seconds=round(seconds, 3), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        vitdeploy_version=__version__, model=meta,
+    )
+    side = write_engine(output, serialized, side)
+    if timing_cache is not None and opts.timing_cache is not None:
+        atomic_write_bytes(opts.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return BuildReport(output, sidecar_path(output), flavour, trt.__version__, side.precision, targets,
+                       side.profile, seconds, side.engine_bytes or output.stat().st_size, phases)
+
+
+def _parse(trt: Any, builder: Any, log: Logger, onnx_path: Path) -> tuple[Any, Any]:
+    """A strongly typed network parsed from the ONNX (its external data read from beside it), and the
+    parser, which must outlive the build (the network refers to weights it holds)."""
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, log.logger)
     if not parser.parse_from_file(str(onnx_path.resolve())):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors
         joined = "; ".join(" ".join(e.split()) for e in errors) or "no error reported"
         raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} errors): {joined}")
+    return network, parser
 
+
+def _configure(trt: Any, builder: Any, opts: BuildOptions, flavour: str, targets: list[str]) -> Any:
+    """The builder config: workspace, optimization level, profiling verbosity, flags and targets."""
     config = builder.create_builder_config()
     if opts.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
@@ -342,9 +383,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         if opts.hardware_compat not in levels:
             raise BuildError(f"--hardware-compat {opts.hardware_compat!r}: choose {', '.join(levels)}")
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, levels[opts.hardware_compat])
-
-    # targets
-    if is_rtx:
+    if flavour == TENSORRT_RTX:
         unknown = [t for t in targets if not hasattr(trt.ComputeCapability, t.upper())]
         if unknown:
             raise BuildError(f"compute capability {', '.join(unknown)} is not one TensorRT-RTX {trt.__version__} "
@@ -352,19 +391,26 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         config.num_compute_capabilities = len(targets)
         for i, t in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
-    timing_cache = None
-    if opts.timing_cache is not None and not is_rtx:
-        data = opts.timing_cache.read_bytes() if opts.timing_cache.is_file() else b""
-        timing_cache = config.create_timing_cache(data)
-        config.set_timing_cache(timing_cache, False)
+    return config
 
-    # optimization profile (one input)
-    inp = network.get_input(0)
+
+def _use_timing_cache(config: Any, opts: BuildOptions, flavour: str) -> Any:
+    """Full TensorRT's timing cache from ``--timing-cache`` (TensorRT-RTX has none: its runtime cache
+    replaces it); None when not asked for."""
+    if opts.timing_cache is None or flavour == TENSORRT_RTX:
+        return None
+    data = opts.timing_cache.read_bytes() if opts.timing_cache.is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, False)
+    return cache
+
+
+def _batch_profile(inp: Any, opts: BuildOptions, name: str) -> dict[str, list[int]]:
+    """min/opt/max input shapes: the options' batch range for a dynamic batch, the file's for a static one."""
     shape = list(inp.shape)
-    dynamic = shape[0] == -1
     if any(d == -1 for d in shape[1:]):
         raise BuildError(f"input {inp.name} {shape} has dynamic non-batch dims: export with vitdeploy")
-    if dynamic:
+    if shape[0] == -1:
         lo = opts.min_batch or opts.batch or 1
         hi = opts.max_batch or opts.batch or max(lo, 32)
         mid = opts.opt_batch or opts.batch or min(max(lo, 8), hi)
@@ -374,18 +420,20 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         static = shape[0]
         asked = {v for v in (opts.batch, opts.min_batch, opts.opt_batch, opts.max_batch) if v is not None}
         if asked - {static}:
-            raise BuildError(f"{onnx_path.name} has a static batch of {static}; a profile of "
+            raise BuildError(f"{name} has a static batch of {static}; a profile of "
                              f"{sorted(asked)} cannot be satisfied: re-export with --dynamic-batch or --batch N")
         lo = mid = hi = static
     dims = shape[1:]
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, [lo, *dims], [mid, *dims], [hi, *dims])
-    config.add_optimization_profile(profile)
+    return {"min": [lo, *dims], "opt": [mid, *dims], "max": [hi, *dims]}
 
+
+def _build(trt: Any, builder: Any, network: Any, config: Any, cancel: threading.Event,
+           progress: bool) -> tuple[Any, list[str], float]:
+    """The serialized engine (None on failure), the phases TensorRT reported, and the seconds it took.
+    Ctrl-C sets ``cancel``; the monitor's next step_complete returns False and TensorRT stops."""
     phases: list[str] = []
     config.progress_monitor = _make_monitor(trt, phases, cancel, progress)
     t0 = time.perf_counter()
-    # Ctrl-C sets the cancel flag; the monitor's next step_complete returns False and TensorRT stops
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
@@ -394,36 +442,11 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    seconds = time.perf_counter() - t0
-    if on_phase:
-        for p in phases:
-            on_phase(p)
-    if cancel.is_set():
-        raise BuildCancelled("build cancelled; nothing written")
-    if serialized is None:
-        raise BuildError(f"TensorRT could not build {onnx_path.name} for {', '.join(targets)}: "
-                         f"{_first_reason(log.errors)}")
-
-    meta = _onnx_metadata(onnx_path)
-    io_tensors = [TensorIO(t.name, "input", list(t.shape), _dtype_name(t.dtype))
-                  for t in (network.get_input(i) for i in range(network.num_inputs))]
-    io_tensors += [TensorIO(t.name, "output", list(t.shape), _dtype_name(t.dtype))
-                   for t in (network.get_output(i) for i in range(network.num_outputs))]
-    side = EngineSidecar(
-        flavour=flavour, trt_version=trt.__version__, targets=targets, gpu=gpu[0] if gpu and not is_rtx else None,
-        precision=meta.get("precision", "unknown"), io=io_tensors,
-        profile={"min": [lo, *dims], "opt": [mid, *dims], "max": [hi, *dims]},
-        onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
-        options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        build_seconds=round(seconds, 3), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        vitdeploy_version=__version__, model=meta,
-    )
-    side = write_engine(output, serialized, side)
-    if timing_cache is not None and opts.timing_cache is not None:
-        atomic_write_bytes(opts.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    return BuildReport(output, sidecar_path(output), flavour, trt.__version__, side.precision, targets,
-                       side.profile, seconds, side.engine_bytes or output.stat().st_size, phases)
+    return serialized, phases, time.perf_counter() - t0
 
 
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).rsplit(".", 1)[-1].lower()
+def _io_tensors(network: Any) -> list[TensorIO]:
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    return ([TensorIO(t.name, "input", list(t.shape), enum_name(t.dtype)) for t in inputs]
+            + [TensorIO(t.name, "output", list(t.shape), enum_name(t.dtype)) for t in outputs])

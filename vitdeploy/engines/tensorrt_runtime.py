@@ -224,7 +224,7 @@ class TensorRTRuntime(Runtime):
                                  "pip install 'vitdeploy[cuda]' (cuda-python), or run without --cuda-graph")
         try:
             with self.cuda.activate():
-                self._open(data, self.rtx and runtime_cache, tb._Logger(trt), int(instances))
+                self._open(data, self.rtx and runtime_cache, tb.Logger(trt), int(instances))
         except BaseException:
             self._release(quiet=True)
             raise
