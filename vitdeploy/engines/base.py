@@ -4,10 +4,9 @@ A backend implements ``_run(batch)`` for a batch its artifact accepts; the base 
 input, splits batches larger than the artifact allows and pads smaller ones for a static batch,
 and returns exactly one row of logits per input row.
 
-Thread-safety: ``infer`` may be called from several threads on the ONNX Runtime, OpenVINO and torch
-backends (their sessions are re-entrant); the TensorRT backend serialises calls on its one
-execution context with a lock. For parallelism on one GPU, open one runtime per stream, or put a
-:class:`vitdeploy.serving.DynamicBatcher` in front.
+Thread-safety: ``infer`` may be called from several threads on every backend. ONNX Runtime,
+OpenVINO and torch sessions are re-entrant; a TensorRT runtime runs ``instances`` execution contexts
+(each with its own stream and buffers), and a call waits for a free one.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ class Runtime(abc.ABC):
     threads: int | None = None  # CPU threads the backend uses, where it has a setting
     output_name: str = "logits"  # the logits tensor's name in the artifact
     last_timing: Mapping[str, float] = MappingProxyType({})  # the last call's device phases (ms), if measured
+    instances: int = 1  # calls that can run at once without waiting for each other (TensorRT contexts)
     spec: InputSpec
     metadata: ArtifactMetadata | None
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitdeploy import dtypes
 from vitdeploy.engines.base import InputError, InputSpec, Runtime
 from vitdeploy.engines.sidecar import FLAVOUR_TITLES, TENSORRT_RTX, runs_on
 from vitdeploy.errors import VitDeployError
@@ -61,25 +62,17 @@ from vitdeploy.exporters.metadata import ArtifactMetadata
 if TYPE_CHECKING:
     from vitdeploy.engines.sidecar import EngineSidecar
 
-# TensorRT DataType names -> numpy; BF16, FP8, INT4, FP4 I/O have no numpy type: refused by name
-_NP = {"float": np.float32, "half": np.float16, "int8": np.int8, "uint8": np.uint8, "int32": np.int32,
-       "int64": np.int64, "bool": np.bool_}
 ALIGNMENT = 256  # bytes: TensorRT's requirement for tensor addresses (NvInferRuntime.h, setTensorAddress)
 MAX_GRAPHS = 8  # captured batch sizes kept per slot (each holds an execution context and a graph)
 # Version-compatible engines across major versions (TensorRT support matrix): built -> runs on
 _CROSS_MAJOR = {(8, 10), (10, 11)}
 
 
-def _enum_name(value: Any) -> str:
-    """'TensorIOMode.INPUT' -> 'input', 'DataType.HALF' -> 'half' (pybind enums print as Type.NAME)."""
-    return str(value).rsplit(".", 1)[-1].lower()
-
-
 def io_dtype(trt_name: str, tensor: str) -> np.dtype:
     """The numpy dtype of an engine I/O tensor, or a clear refusal (BF16 has no numpy type)."""
     try:
-        return np.dtype(_NP[trt_name])
-    except KeyError:
+        return dtypes.to_numpy(trt_name)
+    except VitDeployError:
         raise VitDeployError(
             f"engine tensor {tensor!r} is {trt_name}: the TensorRT runtime takes float32, float16 or integer I/O; "
             "export with float32 (or float16) inputs and outputs and keep bf16 inside the graph") from None
@@ -250,12 +243,12 @@ class TensorRTRuntime(Runtime):
             if self.use_graph:
                 self._rconfig.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        modes = {n: _enum_name(engine.get_tensor_mode(n)) for n in names}
+        modes = {n: dtypes.enum_name(engine.get_tensor_mode(n)) for n in names}
         self.input_name = next(n for n in names if modes[n] == "input")
         self.output_name = next(n for n in names if modes[n] == "output")
         lo, opt, hi = (list(s) for s in engine.get_tensor_profile_shape(self.input_name, 0))
-        in_dtype = io_dtype(_enum_name(engine.get_tensor_dtype(self.input_name)), self.input_name)
-        self.out_dtype = io_dtype(_enum_name(engine.get_tensor_dtype(self.output_name)), self.output_name)
+        in_dtype = io_dtype(dtypes.enum_name(engine.get_tensor_dtype(self.input_name)), self.input_name)
+        self.out_dtype = io_dtype(dtypes.enum_name(engine.get_tensor_dtype(self.output_name)), self.output_name)
         self.num_labels = list(engine.get_tensor_shape(self.output_name))[-1]
         self.spec = InputSpec(self.input_name, in_dtype.name, tuple(hi[1:]), lo[0], hi[0])
         self._opt_shape = tuple(opt)
