@@ -196,6 +196,10 @@ def test_first_load_checks_once_per_target_and_reuses_the_verdict(golden_onnx, t
     with open_verified(path, backend="onnxruntime", threads=1, verify=False):
         pass
     assert len(count_checks) == 2
+    shutil.copyfile(_tamper(golden_onnx, tmp_path / "t" / "bad.onnx", weight_scale=1.05), path)  # same name
+    with pytest.raises(DriftError, match="checked on first load"):  # another file: checked again, and refused
+        open_verified(path, backend="onnxruntime", threads=1)
+    assert len(count_checks) == 3
 
 
 def test_a_failed_verdict_refuses_to_open_unless_allowed(golden_onnx, tmp_path, count_checks, caplog):

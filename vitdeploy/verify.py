@@ -200,7 +200,7 @@ def _driver_version() -> str | None:
     return f"{version // 1000}.{version % 1000 // 10}" if int(err) == 0 else None
 
 
-def target_key(path: str | Path, rt: Runtime) -> dict[str, Any]:
+def target_key(path: str | Path, rt: Runtime, artifact_sha256: str | None = None) -> dict[str, Any]:
     """What must be equal for a verdict to hold: the artifact (and the metadata the runtime read), the
     runtime as opened, the library versions on the path, and the CPU or the GPU and its driver."""
     from importlib import metadata as md
@@ -216,7 +216,7 @@ def target_key(path: str | Path, rt: Runtime) -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[dist] = None
     meta = json.dumps(rt.metadata.to_dict(), sort_keys=True) if rt.metadata else ""
-    key: dict[str, Any] = {"artifact_sha256": sha256_file(path),
+    key: dict[str, Any] = {"artifact_sha256": artifact_sha256 or sha256_file(path),
                            "metadata_sha256": hashlib.sha256(meta.encode()).hexdigest(),
                            "runtime": rt.describe(), "where": rt.where, "libraries": versions}
     if rt.where == "cuda":
@@ -255,11 +255,29 @@ def _cached(entries: list[dict[str, Any]], key_hash: str) -> list[PathResult] | 
     return None
 
 
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _known_sha256(path: Path, entries: list[dict[str, Any]]) -> str | None:
+    """The artifact's SHA-256 from a cached entry whose file stamp (size, mtime, inode) is this file's:
+    hashing a 350 MB ViT-B on every load is what this saves (a file rewritten in place with its old
+    mtime restored goes unnoticed; whoever can do that can also edit the cache)."""
+    stamp = _file_stamp(path)
+    for entry in entries:
+        sha = (entry.get("key") or {}).get("artifact_sha256") if isinstance(entry.get("key"), dict) else None
+        if entry.get("artifact_stamp") == stamp and isinstance(sha, str):
+            return sha
+    return None
+
+
 def _store(path: Path, entries: list[dict[str, Any]], key: dict[str, Any], results: list[PathResult]) -> None:
     from vitdeploy.io import atomic_write_bytes
 
     key_hash = _key_hash(key)
-    entry = {"key_sha256": key_hash, "key": key, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    entry = {"key_sha256": key_hash, "key": key, "artifact_stamp": _file_stamp(path),
+             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "results": [r.to_dict() for r in results]}
     kept = [e for e in entries if e.get("key_sha256") != key_hash][-(CACHE_ENTRIES - 1):]
     try:
@@ -294,8 +312,8 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False) -
     if golden is None:
         log.info("%s carries no golden set: not verified (re-export it to add one)", path.name)
         return None
-    key = target_key(path, rt)
     entries = _read_cache(path)
+    key = target_key(path, rt, _known_sha256(path, entries))
     results = _cached(entries, _key_hash(key))
     outcome = FirstLoad(results or [], results is not None)
     if results is None:
