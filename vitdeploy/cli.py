@@ -47,7 +47,11 @@ def _console() -> Any:
 @click.version_option(__version__, prog_name="vitdeploy")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def main(debug: bool) -> None:
-    """Take a Vision Transformer from PyTorch to ONNX and TensorRT: export, build, verify, benchmark."""
+    """Take a Vision Transformer from PyTorch to ONNX and TensorRT: export, build, verify, benchmark.
+
+    Every exported artifact carries a golden set (images and torch FP32's logits). `verify` runs it on
+    demand; `build` runs it on the engine where it can; predict, bench, eval and serve run it on first
+    load on each machine (cached in <stem>.verified.json; --no-verify skips, --allow-drift overrides)."""
     if debug:
         os.environ["VITDEPLOY_DEBUG"] = "1"
 
