@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -10,12 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy import dtypes
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
 from vitdeploy.io import onnx_external_data
+from vitdeploy.sysinfo import usable_cpus
 
-_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
+INPUT_DTYPES = ("float32", "float16", "uint8")  # what the Runtime interface feeds a model
 DYNAMIC_MAX_BATCH = 256  # larger requests to a dynamic-batch artifact are split to bound memory
 QDQ_ACTIVATIONS = ("auto", "int8", "uint8")
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -209,11 +210,6 @@ def choose_providers(device: str = "auto", tensorrt_options: Callable[[], dict[s
     return providers
 
 
-def default_threads() -> int:
-    """Physical-ish core count; ONNX Runtime's own default also spins on hyper-threads."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 def _check_provider(device: str, running: list[str]) -> None:
     """Refuse a session that ONNX Runtime quietly moved off the provider ``device`` asked for (it falls
     back, with a printed "EP Error", when the provider's libraries or the GPU are missing)."""
@@ -223,6 +219,15 @@ def _check_provider(device: str, running: list[str]) -> None:
                              f"{', '.join(running)} (its EP Error above names the missing library): install "
                              "the GPU libraries onnxruntime-gpu needs (CUDA, cuDNN; TensorRT for --device tensorrt)"
                              ", or choose another --device")
+
+
+def _input_dtype(name: str, ort_type: str) -> str:
+    """The numpy name of an ONNX input's element type, when the Runtime interface can feed it."""
+    found = dtypes.lookup(ort_type).numpy if ort_type in {r.ort for r in dtypes.TABLE} else ort_type
+    if found not in INPUT_DTYPES:
+        raise VitDeployError(f"ONNX input {name!r} is {found}: vitdeploy feeds float32, float16 or uint8 pixels; "
+                             "export the model with vitdeploy")
+    return found
 
 
 class OnnxRuntime(Runtime):
@@ -242,7 +247,7 @@ class OnnxRuntime(Runtime):
         self.path = Path(path)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.intra_op_num_threads = threads or default_threads()
+        so.intra_op_num_threads = threads or usable_cpus()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -273,7 +278,7 @@ class OnnxRuntime(Runtime):
         if len(dims) < 2 or any(not isinstance(d, int) for d in dims[1:]):
             raise VitDeployError(f"{self.path}: input {inp.name} needs static non-batch dims, got {dims}")
         lo, hi = (dims[0], dims[0]) if isinstance(dims[0], int) else (1, DYNAMIC_MAX_BATCH)
-        self.spec = InputSpec(inp.name, _DTYPES.get(inp.type, "float32"), tuple(dims[1:]), lo, hi)
+        self.spec = InputSpec(inp.name, _input_dtype(inp.name, inp.type), tuple(dims[1:]), lo, hi)
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ArtifactMetadata.from_props(props) if any(k.startswith(PREFIX) for k in props) else None
 
