@@ -1,0 +1,272 @@
+"""`vitdeploy deploy`: a real bundle from the trained digits model (FP32 and INT8 ONNX, TensorRT-RTX engines built
+ahead of time where TensorRT-RTX is installed, verification, accuracy, tune, bench, Triton repository, reports),
+its resume, and report.html in a real browser (Debian's chromium, headless).
+
+The module's tests share one bundle and run in order: the first deploy (through the CLI), then a rerun that must
+redo nothing, then a changed calibration folder that must redo the INT8 artifacts only."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from html import unescape
+from html.parser import HTMLParser
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vitdeploy.cli import main
+from vitdeploy.deploy import STAGES, DeployOptions, deploy
+from vitdeploy.deploy.report_html import render
+
+RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+FAST = ["--bench-iters", "3", "--bench-warmup", "1", "--tune-iters", "3", "--tune-seconds", "0.02",
+        "--calib-samples", "40"]
+
+
+def _options(calib: Path, data: Path) -> DeployOptions:
+    """What the CLI call in the ``bundle`` fixture asks, as options (for the reruns)."""
+    return DeployOptions(precisions=("fp32", "int8"), calib_dir=calib, calib_samples=40, data=data,
+                         compute_capabilities=("sm89",) if RTX else (), bench_iters=3, bench_warmup=1, tune_iters=3,
+                         tune_seconds=0.02)
+
+
+def _subset(folder: Path, to: Path, per_class: int) -> Path:
+    for d in sorted(folder.iterdir()):
+        (to / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:per_class]:
+            shutil.copy(f, to / d.name / f.name)
+    return to
+
+
+@pytest.fixture(scope="module")
+def bundle(digits, tmp_path_factory):
+    """The first deploy, through the CLI as a user runs it: 4 training images per digit to calibrate on."""
+    root = tmp_path_factory.mktemp("deploy")
+    calib, data = _subset(digits["train"], root / "calib", 4), _subset(digits["test"], root / "test", 12)
+    out = root / "bundle"
+    args = ["deploy", "--model", str(digits["checkpoint"]), "--out", str(out), "--precision", "fp32,int8",
+            "--calib-dir", str(calib), "--data", str(data), *FAST]
+    if RTX:
+        args += ["--compute-capability", "sm89", "--trt", "rtx"]
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(main, args)
+    seconds = time.perf_counter() - t0
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    print(f"\ndeploy on the digits model: {seconds:.1f} s; report.html {(out / 'report.html').stat().st_size} bytes; "
+          + ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in report["stages"]))
+    return SimpleNamespace(out=out, calib=calib, data=data, checkpoint=digits["checkpoint"],
+                           stdout=r.stdout, report=report, seconds=seconds)
+
+
+def _rows(report: dict) -> dict[str, dict]:
+    return {r["artifact"]: r for r in report["rows"]}
+
+
+def _torch_accuracy(checkpoint: Path, data: Path) -> float:
+    """The reference: our torch model on the same images, preprocessed by the checkpoint's own config."""
+    import torch
+
+    from vitdeploy import load_model
+    from vitdeploy.preprocess import Preprocessing, labelled_images, load_images
+
+    model = load_model(checkpoint)
+    files, classes = labelled_images(data)
+    x = load_images(files, Preprocessing.from_config(model.config))
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x)).numpy().argmax(-1)
+    return float(np.mean(pred == np.array([int(c) for c in classes])))
+
+
+def test_bundle_holds_every_artifact_verified_measured_and_served(bundle):
+    rows = _rows(bundle.report)
+    onnx = {"onnx/digits_vit-fp32.onnx", "onnx/digits_vit-int8.onnx"}
+    engines = {"engines/digits_vit-fp32-rtx.engine", "engines/digits_vit-int8-rtx.engine"} if RTX else set()
+    assert set(rows) == onnx | engines
+    assert [s["name"] for s in bundle.report["stages"]] == [s.name for s in STAGES] == [
+        "export", "build", "verify", "accuracy", "tune", "bench", "triton", "report"]
+    for name in onnx:
+        r = rows[name]
+        assert r["verdict"] == "passed", r
+        assert "golden set: passed" in r["verdict_detail"]
+        assert set(r["latency_ms"]) == {"1", "8"} and all(v > 0 for v in r["latency_ms"].values())
+        plan = json.loads((bundle.out / name).with_suffix(".tune.json").read_text())
+        assert plan["latency"]["backend"] in r["paths"]["1"] and plan["throughput"]["backend"] in r["paths"]["8"]
+        assert (bundle.out / "triton" / Path(name).stem / "config.pbtxt").is_file()
+        assert 'platform: "onnxruntime_onnx"' in (bundle.out / "triton" / Path(name).stem / "config.pbtxt").read_text()
+    # accuracy: the FP32 file agrees with torch on the same images; INT8 stays close
+    reference = _torch_accuracy(bundle.checkpoint, bundle.data)
+    assert reference > 0.85
+    assert abs(rows["onnx/digits_vit-fp32.onnx"]["accuracy"] - reference) < 0.005
+    assert rows["onnx/digits_vit-int8.onnx"]["accuracy"] > reference - 0.05
+    for name in engines:  # built ahead of time here; no GPU to run them, and the report says so
+        r = rows[name]
+        assert (bundle.out / name).stat().st_size > 0 and r["targets"] == ["sm89"]
+        assert r["verdict"] == "not verified here" and "no GPU" in r["verdict_detail"]
+        assert r["latency_ms"] == {} and "no GPU" in r["bench_note"]
+        assert (bundle.out / "triton" / Path(name).stem / "config.pbtxt").is_file()
+    if not RTX:
+        assert bundle.report["units"]["build:engines"]["status"] == "not possible"
+
+
+def test_summary_ends_with_the_bundle_and_the_fastest_verified_path(bundle):
+    lines = bundle.stdout.strip().splitlines()
+    passed = [r for r in bundle.report["rows"] if r["verdict"] == "passed"]
+    best = min(passed, key=lambda r: r["latency_ms"]["1"])
+    assert lines[-2].startswith(f"bundle: {bundle.out} (report.html")
+    assert lines[-1].startswith(f"fastest verified path here: {best['artifact']} on {best['paths']['1']}: "
+                                f"{best['latency_ms']['1']:.2f} ms at batch 1")
+
+
+def test_row_commands_reproduce_the_row(bundle, tmp_path):
+    """The FP32 row's export command, run as written (output elsewhere), writes the same bytes."""
+    row = _rows(bundle.report)["onnx/digits_vit-fp32.onnx"]
+    argv = shlex.split(row["commands"][0])
+    assert argv[:2] == ["vitdeploy", "export"]
+    argv[argv.index("--output") + 1] = str(tmp_path / "again.onnx")
+    r = CliRunner().invoke(main, argv[1:])
+    assert r.exit_code == 0, r.output
+    again, original = tmp_path / "again.onnx", bundle.out / row["artifact"]
+    assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    int8 = _rows(bundle.report)["onnx/digits_vit-int8.onnx"]["commands"][0]
+    assert f"--calib-dir {bundle.calib}" in int8 and "--calib-samples 40" in int8
+
+
+def _statuses(report: dict) -> dict[str, str]:
+    return {k: u["status"] for k, u in report["units"].items()}
+
+
+def test_second_run_redoes_nothing(bundle):
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    result = deploy(bundle.checkpoint, bundle.out, _options(bundle.calib, bundle.data), log=lines.append)
+    seconds = time.perf_counter() - t0
+    statuses = _statuses(result.report)
+    assert set(statuses) == set(_statuses(bundle.report))
+    assert all(s in ("skipped", "not possible") for s in statuses.values()), statuses
+    assert sum(s == "skipped" for s in statuses.values()) >= 12
+    for stage in result.report["stages"][:-1]:
+        assert stage.get("done", 0) == stage.get("failed", 0) == 0, stage
+    assert any("export   digits_vit-int8.onnx: skipped" in line for line in lines)
+    # the figures are the first run's, reused
+    assert _rows(result.report)["onnx/digits_vit-fp32.onnx"]["latency_ms"] == \
+        _rows(bundle.report)["onnx/digits_vit-fp32.onnx"]["latency_ms"]
+    assert seconds < bundle.seconds / 3, (seconds, bundle.seconds)
+
+
+def test_changed_calibration_folder_redoes_the_int8_artifacts_only(bundle):
+    for d in bundle.calib.iterdir():  # one image fewer per digit: other calibration data, other golden images
+        sorted(d.iterdir())[0].unlink()
+    before = (bundle.out / "onnx/digits_vit-int8.onnx").read_bytes()
+    result = deploy(bundle.checkpoint, bundle.out, _options(bundle.calib, bundle.data))
+    statuses = _statuses(result.report)
+    assert statuses["export:digits_vit-int8.onnx"] == "done"
+    assert (bundle.out / "onnx/digits_vit-int8.onnx").read_bytes() != before
+    for uid, status in statuses.items():
+        if "int8" in uid:
+            assert status in ("done", "not possible"), (uid, status)
+        elif uid != "build:engines":
+            assert status in ("skipped", "not possible"), (uid, status)
+    assert _rows(result.report)["onnx/digits_vit-int8.onnx"]["verdict"] == "passed"
+
+
+# --- report.html ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium; a skip where it is not installed, a failure where VITDEPLOY_REQUIRE names it."""
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "chromium is not installed (apt-get install -y chromium)"
+        if "chromium" in os.environ.get("VITDEPLOY_REQUIRE", ""):  # CI: a skip is not a pass
+            pytest.fail(f"{reason}, and VITDEPLOY_REQUIRE names chromium")
+        pytest.skip(reason)
+    return path
+
+
+def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+class _Page(HTMLParser):
+    """The artifact rows and the images of a dumped DOM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[str] = []
+        self.images: list[dict[str, str | None]] = []
+        self.body: dict[str, str | None] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "tr" and a.get("class") == "artifact-row":
+            self.rows.append(a["data-artifact"] or "")
+        elif tag == "img":
+            self.images.append(a)
+        elif tag == "body":
+            self.body = a
+
+
+def test_report_html_in_a_real_browser(chromium, bundle, tmp_path):
+    from PIL import Image
+
+    html = bundle.out / "report.html"
+    text = html.read_text()
+    report = json.loads((bundle.out / "report.json").read_text())  # the last run's, as the page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)  # nothing from the network
+    assert "Content-Security-Policy" in text and "default-src 'none'" in unescape(text)
+    shot = tmp_path / "report.png"
+    _headless(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", html.as_uri())
+    image = Image.open(shot)
+    assert image.size == (1280, 2000)
+    pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # a page, not a blank
+    print(f"\nscreenshot {shot} ({shot.stat().st_size} bytes)")
+
+    dom = _headless(chromium, tmp_path / "profile2", "--virtual-time-budget=5000", "--dump-dom", html.as_uri()).stdout
+    page = _Page()
+    page.feed(dom)
+    assert page.body.get("data-loaded") == "yes"  # the inline script ran after load
+    assert page.rows == [r["artifact"] for r in report["rows"]]
+    golden = [im for g in report["golden"] for im in g["images"]]
+    assert len(page.images) == len(golden) >= 8  # FP32's synthetic set and INT8's from the calibration images
+    for img in page.images:
+        png = base64.b64decode(str(img["src"]).split(",", 1)[1])
+        width, height = Image.open(BytesIO(png)).size
+        assert (img.get("data-natural-width"), img.get("data-natural-height")) == (str(width), str(height)), img["alt"]
+    for im in golden:  # each image with the reference's top-5 under it
+        top5 = "".join(f'<li>{t["label"]} <span class="muted">{t["probability"] * 100:.1f}%</span></li>'
+                       for t in im["top5"])
+        assert f"<figcaption>{im['name']}<ol>{top5}</ol></figcaption>" in text
+
+
+def test_report_html_escapes_every_text(bundle):
+    hostile = '<script>alert("x")</script>&<img src=x onerror=alert(1)>'
+    report = {**bundle.report, "source": hostile, "command": hostile,
+              "rows": [{**r, "verdict_detail": hostile, "commands": [hostile]} for r in bundle.report["rows"]],
+              "golden": [{**g, "source": hostile, "images": []} for g in bundle.report["golden"]]}
+    page = render(report)
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+
+
+def test_deploy_refuses_bad_options_in_one_line(tmp_path):
+    for args, words in ((["--precision", "int8"], "needs --calib-dir"), (["--precision", "fp7"], "choose from fp32")):
+        r = CliRunner().invoke(main, ["deploy", "--model", "vit-tiny-patch16-224", "--out", str(tmp_path / "b"), *args])
+        assert r.exit_code == 1 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "b").exists()
