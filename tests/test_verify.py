@@ -287,3 +287,49 @@ def test_synthetic_images_are_deterministic():
     b = [np.asarray(im) for _, im in synthetic_images(2, (40, 30), seed=0)]
     assert all((x == y).all() for x, y in zip(a, b, strict=True)) and a[0].shape == (40, 30, 3)
     assert not (a[0] == a[1]).all()
+
+
+def test_write_tensors_gives_the_preprocessed_batch_and_expected_logits(golden_onnx, tmp_path):
+    """What a program without an image decoder (the C++ example) checks: the raw batch, run by a plain
+    ONNX Runtime session, gives the stored logits and top-1."""
+    import onnxruntime as ort
+
+    r = CliRunner().invoke(main, ["verify", str(golden_onnx), "--backend", "onnxruntime",
+                                  "--write-tensors", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "t" / "golden_tensors.json").read_text())
+    assert manifest["input"] == {"file": "golden_input.bin", "dtype": "float32", "shape": [4, 3, 224, 224]}
+    x = np.fromfile(tmp_path / "t" / "golden_input.bin", "<f4").reshape(manifest["input"]["shape"])
+    expected = np.fromfile(tmp_path / "t" / "golden_logits.bin", "<f4").reshape(manifest["logits"]["shape"])
+    out = ort.InferenceSession(str(golden_onnx), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    assert manifest["top1"] == list(expected.argmax(1)) and manifest["images"][0] == "synthetic-0"
+
+
+@pytest.mark.gpu
+def test_build_verifies_the_engine_on_a_gpu(golden_onnx, tmp_path):
+    """Where the engine runs (a GPU its flavour supports, that TensorRT installed), build verifies it and
+    records GPU, driver, TensorRT version and figures; verify and the first load pass on it."""
+    import importlib.util
+
+    from vitdeploy import sysinfo
+    from vitdeploy.engines.sidecar import EngineSidecar, flavours_for
+
+    gpus = sysinfo.cuda_devices()
+    if not gpus:
+        pytest.skip("needs an NVIDIA GPU to run an engine")
+    runnable = [f for f in flavours_for(gpus[0].compute_capability) if importlib.util.find_spec(f)]
+    if not runnable:
+        pytest.skip(f"no TensorRT flavour that runs on {gpus[0].describe()} is installed")
+    src = _copy(golden_onnx, tmp_path)
+    flavour = {"tensorrt": "tensorrt", "tensorrt_rtx": "rtx"}[runnable[0]]
+    r = CliRunner().invoke(main, ["build", str(src), "--trt", flavour, "--max-batch", "4"])
+    assert r.exit_code == 0, r.output
+    engine = tmp_path / "m.engine"
+    record = EngineSidecar.read(engine).verification
+    assert record["verified"] is True and record["passed"] is True and record["gpu"] == gpus[0].describe()
+    assert record["trt_version"] and len(record["rows"]) == 4 and record["driver"]
+    assert verify_artifact(engine).passed
+    with open_verified(engine) as rt:
+        assert rt.where == "cuda"
+    assert json.loads(verified_path(engine).read_text())["entries"][0]["key"]["driver"] == record["driver"]

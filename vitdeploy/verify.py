@@ -23,11 +23,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitdeploy.artifacts.golden import GoldenSet, GoldenVerdict
 from vitdeploy.engines import Runtime, artifact_kind, open_runtime
 from vitdeploy.errors import VitDeployError
+
+if TYPE_CHECKING:
+    from vitdeploy.exporters.metadata import ArtifactMetadata
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +49,59 @@ def verified_path(artifact: str | Path) -> Path:
     return p.with_name(p.stem + ".verified.json")
 
 
-def artifact_golden(path: str | Path) -> GoldenSet | None:
-    """The golden set an ONNX (its metadata) or an engine (its sidecar) carries; None when it has none."""
+def artifact_metadata(path: str | Path) -> ArtifactMetadata | None:
+    """The metadata an ONNX (its metadata_props) or an engine (its sidecar) carries; None when it has none."""
+    from vitdeploy.exporters.metadata import ArtifactMetadata, read_onnx_metadata
+
     kind = artifact_kind(path)
     if kind == "onnx":
-        from vitdeploy.exporters.metadata import read_onnx_metadata
-
         try:
-            meta = read_onnx_metadata(path)
+            return read_onnx_metadata(path)
         except VitDeployError:
             return None
-        return meta.golden
     if kind == "engine":
         from vitdeploy.engines.sidecar import EngineSidecar
-        from vitdeploy.exporters.metadata import ArtifactMetadata
 
         side = EngineSidecar.read(path)
-        return ArtifactMetadata.from_dict(side.model).golden if side.model else None
+        return ArtifactMetadata.from_dict(side.model) if side.model else None
     return None
+
+
+def artifact_golden(path: str | Path) -> GoldenSet | None:
+    """The golden set an ONNX (its metadata) or an engine (its sidecar) carries; None when it has none."""
+    meta = artifact_metadata(path)
+    return meta.golden if meta is not None else None
+
+
+def write_golden_tensors(path: str | Path, folder: str | Path) -> Path:
+    """The golden set as the artifact's runtime takes it, for programs without Pillow (the C++ example):
+    ``golden_input.bin`` (the preprocessed batch: float32 NCHW, or uint8 NHWC for a model with its
+    preprocessing in the graph), ``golden_logits.bin`` (float32 [N, labels]), both raw little-endian, and
+    ``golden_tensors.json`` naming shapes, dtypes, images, expected top-1 and the tolerance."""
+    import numpy as np
+
+    from vitdeploy.io import atomic_write_bytes
+    from vitdeploy.preprocess import Preprocessing
+
+    meta = artifact_metadata(path)
+    golden = meta.golden if meta is not None else None
+    if meta is None or golden is None:
+        raise VitDeployError(f"{path} carries no golden set: export it again with `vitdeploy export`")
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    pixels = np.stack([prep.pixels(im) for im in golden.decoded()])
+    batch = pixels if meta.extra.get("input") == "uint8_nhwc" else prep.normalize(pixels).astype("<f4")
+    logits = np.stack([im.logits for im in golden.images]).astype("<f4")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "golden_input.bin", np.ascontiguousarray(batch).tobytes())
+    atomic_write_bytes(out / "golden_logits.bin", logits.tobytes())
+    manifest = {"format": "vitdeploy-golden-tensors/1", "artifact": Path(path).name,
+                "input": {"file": "golden_input.bin", "dtype": batch.dtype.name, "shape": list(batch.shape)},
+                "logits": {"file": "golden_logits.bin", "dtype": "float32", "shape": list(logits.shape)},
+                "images": [im.name for im in golden.images], "top1": [int(r.argmax()) for r in logits],
+                "precision": golden.precision, "tolerance": golden.tolerance}
+    atomic_write_bytes(out / "golden_tensors.json", json.dumps(manifest, indent=2).encode())
+    return out / "golden_tensors.json"
 
 
 # --- running the check --------------------------------------------------------------------------------
