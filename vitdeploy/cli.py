@@ -588,14 +588,19 @@ def triton(artifact: Path, repo: Path, name: str | None, triton_backend: str, ru
               help="Comma-separated: auto (the tune plan when one holds here), onnxruntime, openvino, tensorrt.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def verify_command(artifact: Path, backends: str, device: str, as_json: bool) -> None:
+@click.option("--write-tensors", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the golden set preprocessed (golden_input.bin, golden_logits.bin, "
+              "golden_tensors.json) to this folder, for programs without an image decoder (the C++ example).")
+def verify_command(artifact: Path, backends: str, device: str, as_json: bool, write_tensors: Path | None) -> None:
     """Run ARTIFACT's golden set (images and torch FP32's logits, stored at export) through decode, the
     artifact's preprocessing and the runtime; a row per image; exit 1 on drift.
 
     The same check runs after `build` (where the engine runs) and on first load by predict, bench, eval and
     serve (once per machine and runtime; --no-verify skips it, --allow-drift runs despite a failure)."""
-    from vitdeploy.verify import verify_artifact
+    from vitdeploy.verify import verify_artifact, write_golden_tensors
 
+    if write_tensors is not None:
+        click.echo(f"wrote {write_golden_tensors(artifact, write_tensors)}", err=as_json)
     reports = [verify_artifact(artifact, backend=b, device=device) for b in _split(backends) or ["auto"]]
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
