@@ -89,6 +89,7 @@ def inspect_engine(path: Path) -> dict[str, Any]:
         "flavour": side.flavour, "trt_version": side.trt_version, "targets": side.targets,
         "precision": side.precision, "io": [vars(t) for t in side.io], "profile": side.profile,
         "onnx_sha256": side.onnx_sha256, "engine_sha256": side.engine_sha256, "build_seconds": side.build_seconds,
+        "verification": (side.verification or {}).get("summary") or (side.verification or {}).get("reason"),
         "model": side.model,
     }
     gpu = current_gpu()
