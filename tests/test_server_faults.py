@@ -6,18 +6,13 @@ none hangs past its timeout, and the server keeps serving afterwards."""
 import contextlib
 import io
 import json
-import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +22,7 @@ from vitdeploy.engines.base import Runtime
 from vitdeploy.serving import batcher as batcher_module
 from vitdeploy.serving.batcher import DynamicBatcher, RequestTimeout, WorkerDied
 
-from .http_server import Server, free_port
+from .http_server import ServeProcess, Server
 
 SHAPE = (3, 64, 64)
 FAIL, SHORT = 1234.0, 4321.0  # markers in pixel [0, 0, 0]: the runtime raises / returns one row too few
@@ -349,44 +344,6 @@ def test_cpu_work_runs_off_the_event_loop(runtime, monkeypatch):
 
 
 # -- a real `vitdeploy serve` process ----------------------------------------------------------------------
-class ServeProcess:
-    def __init__(self, model, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "vitdeploy"
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - a file, not a pipe: the log must never block
-        self.proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-    def output(self):
-        self.log.seek(0)
-        return self.log.read()
-
-    def __enter__(self):
-        import httpx
-
-        deadline = time.perf_counter() + 90
-        while time.perf_counter() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise AssertionError("vitdeploy serve did not become ready in 90 s")
-
-    def peak_rss_mb(self):
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
-
-
 def _png_bomb(width, height):
     """A valid all-black RGB PNG of width x height, a few hundred KB on the wire."""
     def chunk(tag, data):

@@ -129,8 +129,27 @@ def test_failure_fails_only_its_batch(runtime):
             else:
                 failed += 1
                 assert isinstance(err, ArithmeticError)
+        assert batcher.alive and batcher.failure is None  # the failures did not take the worker down
+        assert np.abs(batcher.infer(x[1], timeout=5) - expected[1]).max() < 1e-4
     assert failed >= 12 and ok > 400 and batcher.stats.failed == failed
-    assert batcher._worker.is_alive() is False  # shut down cleanly after the failures
+
+
+def test_shutdown_reports_a_worker_that_keeps_running(runtime):
+    """shutdown() says whether the worker stopped: one stuck in an inference is reported (False), and the
+    request queued behind it is refused at once; once the inference returns, the worker stops."""
+    gate = Gate(runtime)
+    gate.open.clear()
+    batcher = DynamicBatcher(gate, max_batch_size=1, max_delay_ms=0)
+    running = batcher.submit(_inputs(1)[0])
+    time.sleep(0.1)  # the worker holds the first request at the gate
+    pending = batcher.submit(_inputs(1, seed=1)[0])
+    t0 = time.perf_counter()
+    assert batcher.shutdown(drain=False, timeout=0.3) is False
+    assert 0.25 < time.perf_counter() - t0 < 2 and batcher._worker.is_alive()
+    assert isinstance(pending.exception(0), BatcherClosed)
+    gate.open.set()
+    assert running.result(5).shape == (7,)  # the inference under way is still answered
+    assert batcher.shutdown(timeout=5) is True and not batcher._worker.is_alive()
 
 
 def test_shutdown_drains_or_fails_pending(runtime):

@@ -253,8 +253,11 @@ class DynamicBatcher:
             r.future.set_result(rows)
 
     # -- shutdown --------------------------------------------------------------------------
-    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; ``drain`` runs what is queued, otherwise it fails with BatcherClosed."""
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop taking requests; ``drain`` runs what is queued, otherwise it fails with BatcherClosed.
+
+        True once the worker has stopped; False if it is still running after ``timeout`` seconds (stuck in
+        an inference that does not return): the caller should not release what that inference uses."""
         with self._cond:
             self._closed = True
             self._drain = drain
@@ -266,6 +269,11 @@ class DynamicBatcher:
                         r.future.set_exception(BatcherClosed("the batcher shut down before this request ran"))
             self._cond.notify_all()
         self._worker.join(timeout)
+        if self._worker.is_alive():
+            log.warning("the batcher's worker is still running %s s after shutdown (an inference has not "
+                        "returned)", timeout)
+            return False
+        return True
 
     def __enter__(self) -> DynamicBatcher:
         return self

@@ -43,6 +43,17 @@ def json_cost(body: bytes | bytearray, end: int | None = None) -> int:
     return 2 * end + JSON_BYTES_PER_ITEM * items
 
 
+def upfront_cost(declared: int, content_type: str, encoding: str | None) -> int:
+    """What a body of ``declared`` bytes typically costs once parsed, reserved before it is read (the exact
+    cost, known once it is, is then charged without waiting): JSON floats take ~5x their text, a binary
+    tensor 2x (the body and the batch), images and compressed bodies are sized by their header later."""
+    if encoding and encoding != "identity":
+        return 4 * declared
+    if content_type.startswith(("application/octet-stream", "image/", "multipart/")):
+        return 2 * declared
+    return 5 * declared
+
+
 def image_cost(body: bytes, pixels: int) -> int:
     return len(body) + IMAGE_BYTES_PER_PIXEL * pixels
 
@@ -138,6 +149,14 @@ class Lease:
 
     def grow_to(self, total: int) -> bool:
         return self.grow(total - self.held)
+
+    def shrink_to(self, total: int) -> None:
+        """Give back what is held beyond ``total`` (an estimate that was too high)."""
+        with self._lock:
+            extra = max(0, self.held - total)
+            self.held -= extra
+        if extra:
+            self.budget.give(extra)
 
     def release(self) -> int:
         with self._lock:

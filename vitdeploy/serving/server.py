@@ -57,7 +57,9 @@ from vitdeploy.serving.limits import (
     key_matches,
     non_finite_reason,
     trim_memory,
+    upfront_cost,
 )
+from vitdeploy.sysinfo import usable_cpus
 
 log = logging.getLogger("vitdeploy.serve")
 
@@ -145,8 +147,8 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         yield
         begin_drain()
         # uvicorn has finished in-flight requests; run what is queued, then release what we own
-        await run_in_threadpool(batcher.shutdown, True, request_timeout)
-        if owns_runtime:
+        stopped = await run_in_threadpool(batcher.shutdown, True, request_timeout)
+        if owns_runtime and stopped:  # never close a runtime an inference still runs on
             runtime.close()
 
     app = FastAPI(title="vitdeploy", version=_version(), lifespan=lifespan)
@@ -244,7 +246,7 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         if width * height > pixel_limit:
             raise HTTPFailure(413, "too_large", f"image of {width * height} pixels is over this server's limit of "
                               f"{pixel_limit} (--max-image-pixels): send a smaller image")
-        intake.charge(lease, lease.held + image_cost(body, width * height), "decoding this image")
+        intake.settle(lease, len(body) + image_cost(body, width * height), "decoding this image")
         try:
             image = open_image(body)
         except ImageError as e:
@@ -269,14 +271,14 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         body = await intake.read_body(request, lease, start)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            intake.charge(lease, 2 * len(body), "reading this form")
-            body = await run_in_threadpool(_multipart_file, body, ctype)
+            intake.settle(lease, 2 * len(body), "reading this form")
+            body = await intake.cpu(_multipart_file, body, ctype)
         if not body:
             raise HTTPFailure(400, "bad_input", "empty body: send image bytes")
-        x = await run_in_threadpool(decode_image, body, lease, rid)
+        x = await intake.cpu(decode_image, body, lease, rid)
         del body
         logits = await infer(x, start)
-        return await run_in_threadpool(top_k_json, logits, k), "application/json", {}
+        return await intake.cpu(top_k_json, logits, k), "application/json", {}
 
     async def logits_work(request: Request, lease: Lease, start: float, rid: str) -> tuple[bytes, str, dict]:
         binary = request.headers.get("content-type", "").startswith("application/octet-stream")
@@ -287,13 +289,13 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
             if declared is not None and declared != want and not request.headers.get("content-encoding"):
                 raise _bad(f"body has {declared} bytes; X-Shape {dims} float32 needs {want}")
         body = await intake.read_body(request, lease, start)
-        x = await run_in_threadpool(_decode_tensor, body, dims, model, lease, intake)
+        x = await intake.cpu(_decode_tensor, body, dims, model, lease, intake)
         del body
         out = await infer(x, start)
         if request.headers.get("accept") == "application/octet-stream":
-            raw = await run_in_threadpool(lambda: np.ascontiguousarray(out, "<f4").tobytes())
+            raw = await intake.cpu(lambda: np.ascontiguousarray(out, "<f4").tobytes())
             return raw, "application/octet-stream", {"X-Shape": ",".join(map(str, out.shape))}
-        return await run_in_threadpool(_json_bytes, {"logits": out.tolist()}), "application/json", {}
+        return await intake.cpu(_json_bytes, {"logits": out.tolist()}), "application/json", {}
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Any:
@@ -377,10 +379,10 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
 
     async def v2_work(request: Request, lease: Lease, start: float, rid: str) -> tuple[bytes, str, dict]:
         body = await intake.read_body(request, lease, start)
-        req = await run_in_threadpool(_parse_v2_request, body, request.headers, model, lease, intake)
+        req = await intake.cpu(_parse_v2_request, body, request.headers, model, lease, intake)
         del body
         out = await infer(req.x, start)
-        content, headers = await run_in_threadpool(_v2_response, out, model_name, model.output_name, req)
+        content, headers = await intake.cpu(_v2_response, out, model_name, model.output_name, req)
         return content, "application/octet-stream" if req.binary_output else "application/json", headers
 
     @app.post("/v2/models/{name}/infer")
@@ -410,8 +412,28 @@ class _Intake:
     """Reads request bodies within the limits: size, idle time, the request's deadline and the memory budget."""
 
     def __init__(self, budget: MemoryBudget, body_limit: int, body_timeout: float, request_timeout: float) -> None:
+        import anyio
+
         self.budget, self.body_limit = budget, body_limit
         self.body_timeout, self.request_timeout = body_timeout, request_timeout
+        # decoding, inflating and parsing run in at most one thread per CPU: more would only queue for the
+        # GIL and the cores, and starve the event loop (a /healthz probe waits behind every runnable thread)
+        self.cpu_slots = anyio.CapacityLimiter(max(2, usable_cpus()))
+
+    async def cpu(self, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` in a worker thread, within the CPU slots."""
+        import functools
+
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=self.cpu_slots)
+
+    def settle(self, lease: Lease, total: int, what: str) -> None:
+        """The exact cost is known: hold ``total`` bytes, giving back what the up-front estimate held beyond it."""
+        if total <= lease.held:
+            lease.shrink_to(total)
+        else:
+            self.charge(lease, total, what)
 
     def charge(self, lease: Lease, total: int, what: str) -> None:
         """Hold ``total`` bytes for this request (not waiting: a request holding memory never waits for more)."""
@@ -429,9 +451,13 @@ class _Intake:
         declared = _content_length(request.headers)
         if declared is not None and declared > self.body_limit:
             raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes")
-        first = declared if declared is not None else min(self.body_limit, INFLATE_STEP)
-        if not lease.fits(first):
-            self.charge(lease, first, "this body")
+        if declared is None:
+            first = min(self.body_limit, INFLATE_STEP)
+        else:
+            first = min(upfront_cost(declared, request.headers.get("content-type", ""),
+                                     request.headers.get("content-encoding")), self.budget.capacity)
+            if not lease.fits(declared):
+                self.charge(lease, declared, "this body")
         remaining = self.request_timeout - (time.perf_counter() - start)
         if not await lease.reserve(first, max(0.0, remaining)):
             raise HTTPFailure(503, "memory", "the server's memory budget is in use by other requests: retry",
@@ -450,9 +476,7 @@ class _Intake:
                 break
         encoding = request.headers.get("content-encoding")
         if encoding and encoding != "identity":
-            from starlette.concurrency import run_in_threadpool
-
-            return await run_in_threadpool(_inflate, body, encoding, self, lease)
+            return await self.cpu(_inflate, body, encoding, self, lease)
         return body
 
     async def _receive(self, request: Any, start: float) -> dict[str, Any]:
@@ -538,7 +562,7 @@ def _json_bytes(payload: Any) -> bytes:
 
 def _json_load(body: bytearray, end: int, lease: Lease, intake: _Intake, what: str) -> Any:
     """Parse ``body[:end]`` once its worst-case cost fits the memory budget; deep nesting is a 400, not a 500."""
-    intake.charge(lease, lease.held + json_cost(body, end), what)
+    intake.settle(lease, len(body) + json_cost(body, end), what)
     try:
         return json.loads(body if end == len(body) else bytes(body[:end]))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -643,6 +667,7 @@ def _parse_v2_request(body: Any, headers: Any, model: _ModelIO, lease: Lease, in
             raise _bad(f"input {model.input_name!r} of shape {shape} {model.datatype} needs "
                        f"{count * dtype.itemsize} bytes of binary data; binary_data_size is {str(size)[:20]} and "
                        f"the body holds {len(binary)}")
+        intake.charge(lease, max(lease.held, 2 * len(body)), "this tensor")  # the body, and its copy in a batch
         x = np.frombuffer(binary, dtype).reshape(shape)
     else:
         if len(binary):
@@ -709,6 +734,7 @@ def _inflate(body: bytearray, encoding: str, intake: _Intake, lease: Lease) -> b
     inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
     out = bytearray()
     data: bytes = bytes(body)
+    sent = len(data)
     del body
     try:
         while True:
@@ -717,7 +743,7 @@ def _inflate(body: bytearray, encoding: str, intake: _Intake, lease: Lease) -> b
             out += chunk
             if len(out) > limit:
                 raise HTTPFailure(413, "too_large", f"request body over {limit} bytes once decompressed")
-            intake.charge(lease, lease.held + len(chunk), "decompressing this body")
+            intake.charge(lease, max(lease.held, 2 * sent + len(out)), "decompressing this body")
             if not data and len(chunk) < INFLATE_STEP:
                 break
     except zlib.error:
@@ -733,6 +759,7 @@ def _decode_tensor(body: bytearray, dims: tuple[int, ...] | None, model: _ModelI
         want = math.prod(dims) * 4
         if want != len(body):
             raise _bad(f"body has {len(body)} bytes; X-Shape {dims} float32 needs {want}")
+        intake.settle(lease, 2 * len(body), "this tensor")  # the body, and its copy in a batch
         x = np.frombuffer(body, dtype="<f4").reshape(dims)
     else:
         payload = _json_load(body, len(body), lease, intake, "the JSON body")

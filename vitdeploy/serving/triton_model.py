@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils  # only inside Triton's Python backend
 
+from vitdeploy.engines.base import InputError
+from vitdeploy.serving.limits import non_finite_reason
+
 
 def visible_device(kind: str, device_id: str | int, visible: str | None) -> str | None:
     """CUDA_VISIBLE_DEVICES for a GPU instance: Triton gives each instance (its own stub process) a
@@ -54,10 +57,9 @@ class TritonPythonModel:
         self.float_input = self.rt.spec.dtype.startswith("float")
 
     def _check(self, x: np.ndarray) -> str | None:
-        """A reason to refuse one request's input, or None. Triton already checked shape and dtype."""
-        if self.float_input and not np.isfinite(x).all():
-            return f"input {self.input_name} holds NaN or infinite values: send normalized pixels"
-        return None
+        """A reason to refuse one request's input, or None. Triton already checked shape and dtype; the
+        rest is the rule `vitdeploy serve` applies (non-finite input is refused)."""
+        return non_finite_reason(x, self.input_name)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         inputs: list[np.ndarray | None] = []
@@ -85,9 +87,7 @@ class TritonPythonModel:
                     try:
                         rows[i] = self.rt.infer(x)
                     except Exception as e:
-                        code = pb_utils.TritonError.INVALID_ARG if type(e).__name__ == "InputError" else (
-                            pb_utils.TritonError.INTERNAL)
-                        errors[i] = (f"{type(e).__name__}: {e}", code)
+                        errors[i] = self._refusal(e)
         responses = []
         for out, error in zip(rows, errors, strict=True):
             if out is None:
@@ -98,6 +98,15 @@ class TritonPythonModel:
                 tensor = pb_utils.Tensor(self.output_name, np.ascontiguousarray(out, dtype=np.float32))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
         return responses
+
+    def _refusal(self, e: Exception) -> tuple[str, int]:
+        """The client's message for a request the runtime failed: our own words; the details go to the log."""
+        pb_utils.Logger.log_error(f"vitdeploy model: a request failed: {type(e).__name__}: {e}")
+        if isinstance(e, InputError):
+            return (f"input {self.input_name} was refused by the model: send a batch of its input shape and "
+                    f"datatype", pb_utils.TritonError.INVALID_ARG)
+        return ("the model failed on this request; the Triton server log has the details",
+                pb_utils.TritonError.INTERNAL)
 
     def finalize(self) -> None:
         self.rt.close()
