@@ -15,6 +15,7 @@ random trials; as a script: ``python tests/test_atomic.py --trials 20`` (prints 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import signal
@@ -69,6 +70,20 @@ def _wait_ready(proc: subprocess.Popen) -> None:
     assert line.strip() == "ready", f"child did not start: {line!r}"
 
 
+def snapshot(target: Path) -> str | None:
+    """What a reader reads: the SHA-256 over the graph file and every data file it references (name and
+    bytes), or None when there is no target. Raises FileNotFoundError when a referenced file is missing."""
+    from vitdeploy.io import onnx_external_files
+
+    if not target.exists():
+        return None
+    h = hashlib.sha256(target.read_bytes())
+    for f in onnx_external_files(target):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def logits(target: Path) -> np.ndarray | None:
     """The target's output, or None when there is no target; raises if it is there but broken."""
     import onnxruntime as ort
@@ -100,13 +115,15 @@ class Trials:
         self.target = root / "out" / "model.onnx"
         self.target.parent.mkdir()
         self.refs: dict[str, np.ndarray] = {}
+        self.digests: dict[str, str | None] = {}
         self.seconds = 0.0
         for name in ("B", "A"):  # one full export of each: references, and how long one takes
             t0 = time.perf_counter()
             self._export(name)
             self.seconds = max(self.seconds, time.perf_counter() - t0)
             self.refs[name] = logits(self.target)
-        assert not np.array_equal(self.refs["A"], self.refs["B"])
+            self.digests[name] = snapshot(self.target)
+        assert not np.array_equal(self.refs["A"], self.refs["B"]) and self.digests["A"] != self.digests["B"]
         self.current = "A"
         self.tally: dict[str, int] = {"old": 0, "new": 0}
 
@@ -116,11 +133,19 @@ class Trials:
         export_onnx(self.ckpt[name], self.target, options=ExportOptions(**OPTIONS))
 
     def state(self) -> str:
+        """'A' or 'B' when the files a reader finds are, byte for byte, the complete set of that export
+        (and load to its logits); otherwise what is wrong, in words."""
+        try:
+            digest = snapshot(self.target)
+        except FileNotFoundError as e:
+            return f"torn: a referenced data file is missing ({Path(e.filename).name})"
+        name = next((n for n, d in self.digests.items() if d == digest), None)
+        if name is None:
+            return "no target" if digest is None else f"torn: the files are neither export's set ({digest[:12]})"
         out = logits(self.target)
-        for name, ref in self.refs.items():
-            if out is not None and np.array_equal(out, ref):
-                return name
-        raise AssertionError("the target loads but is neither the old nor the new export")
+        if not np.array_equal(out, self.refs[name]):
+            return f"the files are {name}'s, but they load to other logits"
+        return name
 
     def trial(self, kill_at_replace: int = -1, delay: float | None = None) -> str:
         new = "B" if self.current == "A" else "A"
@@ -130,7 +155,10 @@ class Trials:
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=300)
+        self.killed = proc.returncode == -signal.SIGKILL
         now = self.state()
+        if now not in self.refs:
+            return now  # a torn or missing target: the caller's assertion shows it
         self.tally["new" if now == new else "old"] += 1
         self.current = now
         return "new" if now == new else "old"
@@ -140,6 +168,7 @@ class Trials:
         killed exports' staging folders and unreferenced data files are gone too)."""
         self._export("A")
         assert np.array_equal(logits(self.target), self.refs["A"])
+        assert snapshot(self.target) == self.digests["A"]  # an export is byte for byte repeatable
         return sorted(p.name for p in self.target.parent.iterdir())
 
 
@@ -149,18 +178,24 @@ def trials(tmp_path_factory) -> Trials:
 
 
 def test_killed_at_each_rename_leaves_old_or_new(trials):
-    # renames into the target's folder: the data file to its content-hashed name (in the staging
-    # folder), the data file into place, the graph into place: killed before any of them, the old set
-    # stays (the graph's rename is the switch); the clean export after it leaves exactly one set
-    assert [trials.trial(kill_at_replace=k) for k in range(3)] == ["old", "old", "old"]
+    # renames into the target's folder (the staged files', the data file to its content-hashed name,
+    # the data file into place, the graph into place): killed before each of them in turn, the old set
+    # stays (the graph's rename is the switch), until an export gets past them all and the new set is
+    # there; the clean export after it leaves exactly one set
+    outcomes = []
+    for k in range(20):
+        outcomes.append(trials.trial(kill_at_replace=k))
+        if not trials.killed:
+            break
+    assert len(outcomes) >= 4 and outcomes == ["old"] * (len(outcomes) - 1) + ["new"], outcomes
     files = trials.clean_export()
     assert len(files) == 2 and files[0] == "model.onnx" and files[1].startswith("model.onnx.")
 
 
 def test_killed_at_random_moments_leaves_old_or_new(trials):
     rng = random.Random(0)
-    for _ in range(2):
-        trials.trial(delay=rng.uniform(0, trials.seconds))
+    outcomes = [trials.trial(delay=rng.uniform(0, trials.seconds)) for _ in range(2)]
+    assert [o for o in outcomes if o not in ("old", "new")] == []
     assert len(trials.clean_export()) == 2
 
 
@@ -168,7 +203,8 @@ def test_killed_at_random_moments_leaves_old_or_new(trials):
 def test_killed_at_20_random_moments(trials):
     rng = random.Random(1)
     outcomes = [trials.trial(delay=rng.uniform(0, trials.seconds * 1.1)) for _ in range(20)]
-    assert set(outcomes) <= {"old", "new"}
+    # each outcome is what a reader found after the kill, by content: the old set, the new set, or words
+    assert [o for o in outcomes if o not in ("old", "new")] == []
     assert len(trials.clean_export()) == 2
 
 

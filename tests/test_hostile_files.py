@@ -151,7 +151,8 @@ def test_triton_keeps_the_mode_of_copied_files(tmp_path):
 
 
 # -- 3. config.pbtxt through Triton's own schema; names, numbers and labels checked -----------------------
-INJECTION = 'x" dims: [ 1 ] }\n]\nparameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "/tmp/evil" } }\ninput [\n{ name: "y'
+INJECTION = ('x" dims: [ 1 ] }\n]\nparameters: { key: "EXECUTION_ENV_PATH" value: { string_value: "/tmp/evil" } }'
+             '\ninput [\n{ name: "y')
 
 
 def _parse(path: Path):
@@ -198,7 +199,7 @@ def test_absurd_max_batch_is_refused(tmp_path, max_batch):
     from vitdeploy.serving.triton import write_triton_repo
 
     onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
-    with pytest.raises(VitDeployError, match="max_batch_size|--max-batch"):
+    with pytest.raises(VitDeployError, match=r"max_batch_size|--max-batch"):
         write_triton_repo(onnx_path, tmp_path / "repo", name="m", max_batch=max_batch)
     assert not (tmp_path / "repo" / "m").exists()
 
@@ -376,7 +377,7 @@ def test_sidecar_without_the_engine_hash_cannot_pair_with_another_engine(engine)
 
     _edit_sidecar(engine, lambda d: d.update(engine={"bytes": None, "sha256": None}))
     engine.write_bytes(b"another build")
-    with pytest.raises(VitDeployError, match="engine.bytes"):
+    with pytest.raises(VitDeployError, match=r"engine\.bytes"):
         EngineSidecar.read(engine)
 
 
@@ -487,20 +488,15 @@ def test_a_different_file_at_the_target_still_fails_the_writer(tmp_path, monkeyp
 
 
 # -- 7. `vitdeploy triton --repo MOUNTPOINT` ----------------------------------------------------------------
-def test_triton_repo_on_its_own_file_system(tmp_path, monkeypatch):
-    """The repository is a mount point: a rename between it and anything outside it fails with EXDEV,
-    as the kernel does. The model folder is staged inside it and renamed in; nothing is left behind."""
-    pytest.importorskip("tritonclient.grpc")
-    from vitdeploy.serving import triton as triton_mod
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def as_mount_point(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make ``folder`` behave as a file system of its own: what is in it has another st_dev, and a rename
+    between it and anything outside fails with EXDEV, as the kernel's does (tests/test_triton.py too)."""
     real_stat, real_replace = os.stat, os.replace
 
     def inside(p) -> bool:
-        return Path(os.path.abspath(p)).is_relative_to(repo)
+        return Path(os.path.abspath(p)).is_relative_to(folder)
 
-    def stat(p, *a, **k):  # the mount: the repository and what is in it have another st_dev
+    def stat(p, *a, **k):
         st = real_stat(p, *a, **k)
         if inside(p):
             return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1, *tuple(st)[3:]))
@@ -511,8 +507,19 @@ def test_triton_repo_on_its_own_file_system(tmp_path, monkeypatch):
             raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(triton_mod.os, "stat", stat)
-    monkeypatch.setattr(triton_mod.os, "replace", replace)
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_triton_repo_on_its_own_file_system(tmp_path, monkeypatch):
+    """The repository is a mount point: a rename between it and anything outside it fails with EXDEV,
+    as the kernel does. The model folder is staged inside it and renamed in; nothing is left behind."""
+    pytest.importorskip("tritonclient.grpc")
+    from vitdeploy.serving import triton as triton_mod
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    as_mount_point(monkeypatch, repo)
     onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", meta=good_metadata())
     first = triton_mod.write_triton_repo(onnx_path, repo, name="m")
     second = triton_mod.write_triton_repo(onnx_path, repo, name="m", backend="python")  # replaces the model
@@ -520,3 +527,167 @@ def test_triton_repo_on_its_own_file_system(tmp_path, monkeypatch):
     assert first.model_dir == second.model_dir and _parse(second.config).backend == "python"
     assert sorted(p.name for p in repo.iterdir()) == ["m"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "v"]
+
+
+# -- property-based: arbitrary and near-valid JSON into the metadata, sidecar and plan readers -------------
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+FUZZ = hypothesis.settings(max_examples=300, deadline=None, derandomize=True,
+                           suppress_health_check=[hypothesis.HealthCheck.too_slow])
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=24)
+
+
+# one of each JSON type and the edge values: what a near-valid document most often gets wrong
+TYPE_SWAPS = st.sampled_from([None, True, 0, -1, 2**63, 1e308, float("nan"), float("-inf"), "", "x", [], [[]], {},
+                              {"a": None}])
+
+
+def _paths(doc, prefix=()):
+    """Every place in a JSON document: dict keys and list indices, depth first."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in items:
+        yield (*prefix, key)
+        yield from _paths(value, (*prefix, key))
+
+
+@st.composite
+def near_valid(draw, base: dict):
+    """``base`` with one place replaced by arbitrary JSON, deleted, or (a list) given an extra item."""
+    doc = copy.deepcopy(base)
+    path = draw(st.sampled_from(list(_paths(doc))))
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    action = draw(st.sampled_from(["replace", "delete", "append"]))
+    value = draw(st.one_of(TYPE_SWAPS, JSON))
+    if action == "delete":
+        del parent[path[-1]]
+    elif action == "append" and isinstance(parent[path[-1]], list):
+        parent[path[-1]].append(value)
+    else:
+        parent[path[-1]] = value
+    return doc
+
+
+def _refused_or_valid(read, value, kind):
+    """The property: ``read(value)`` gives an instance of ``kind`` or a one-line VitDeployError."""
+    try:
+        out = read(value)
+    except VitDeployError as e:
+        assert str(e) and "\n" not in str(e), str(e)
+        return None
+    assert isinstance(out, kind), out
+    return out
+
+
+def _valid_sidecar() -> dict:
+    from vitdeploy.engines.sidecar import EngineSidecar, TensorIO
+
+    return EngineSidecar(flavour="tensorrt", trt_version="10.16.1.11", targets=["sm89"], precision="fp16",
+                         io=[TensorIO("pixel_values", "input", [-1, 3, 8, 8], "float"),
+                             TensorIO("logits", "output", [-1, 3], "float")],
+                         profile={"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [4, 3, 8, 8]},
+                         onnx_path="m.onnx", onnx_sha256="0" * 64, gpu="NVIDIA L4", options={"fp16": True},
+                         model=good_metadata(), engine_bytes=13, engine_sha256="ab" * 32).to_dict()
+
+
+def _valid_plan() -> dict:
+    from vitdeploy.engines.plan import MachineKey
+
+    choice = {"backend": "openvino", "options": {"threads": 2, "precision_hint": "f32", "hint": "LATENCY"},
+              "label": "openvino"}
+    return {"format": "vitdeploy-tune/1", "artifact": "m.onnx", "artifact_sha256": "cd" * 32,
+            "machine": MachineKey.current().to_dict(), "latency": choice,
+            "throughput": {"backend": "onnxruntime", "options": {"threads": 1}, "label": ""},
+            "throughput_batch": 4, "candidates": [{"label": "x", "ms": 1.0}]}
+
+
+def _read_metadata(d):
+    from vitdeploy.exporters.metadata import ArtifactMetadata
+    from vitdeploy.preprocess import Preprocessing
+
+    meta = ArtifactMetadata.from_dict(d)
+    Preprocessing.from_dict(meta.preprocessing)  # valid metadata has usable preprocessing
+    again = ArtifactMetadata.from_props(meta.to_props())  # and survives the trip through ONNX metadata_props
+    assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(meta.to_dict(), sort_keys=True)
+    return meta
+
+
+def _read_plan_file(folder: Path):
+    from vitdeploy.engines.plan import TunePlan
+
+    def read(value):
+        path = folder / "m.tune.json"
+        path.write_text(value if isinstance(value, str) else json.dumps(value))
+        plan = TunePlan.read(path)
+        assert TunePlan.from_dict(json.loads(json.dumps(plan.to_dict()))).to_dict() == plan.to_dict()
+        return plan
+    return read
+
+
+def test_valid_documents_are_accepted():
+    """The fuzz bases are valid: a refusal of a mutation is the mutation's doing."""
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    assert EngineSidecar.from_dict(_valid_sidecar()).engine_bytes == 13
+    assert _read_metadata(good_metadata()).labels == ["cat", "dog", "eel"]
+
+
+def _read_sidecar(d):
+    """A sidecar accepted is one a runtime can use: the engine's size and hash, I/O, and a round trip."""
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    side = EngineSidecar.from_dict(d)
+    assert type(side.engine_bytes) is int and len(side.engine_sha256 or "") == 64
+    assert side.input.shape and side.output.shape and side.title
+    assert EngineSidecar.from_dict(json.loads(side.to_json())).to_dict() == side.to_dict()
+    return side
+
+
+@FUZZ
+@hypothesis.given(JSON)
+def test_fuzz_sidecar_arbitrary_json(value):
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    _refused_or_valid(_read_sidecar, value, EngineSidecar)
+
+
+@FUZZ
+@hypothesis.given(near_valid(_valid_sidecar()))
+def test_fuzz_sidecar_near_valid(doc):
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    _refused_or_valid(_read_sidecar, doc, EngineSidecar)
+
+
+@FUZZ
+@hypothesis.given(st.one_of(JSON, near_valid(good_metadata())))
+def test_fuzz_metadata_dict(doc):
+    from vitdeploy.exporters.metadata import ArtifactMetadata
+
+    _refused_or_valid(_read_metadata, doc, ArtifactMetadata)
+
+
+@FUZZ
+@hypothesis.given(st.dictionaries(
+    st.sampled_from(["vitdeploy.version", "vitdeploy.config", "vitdeploy.preprocessing", "vitdeploy.labels",
+                     "vitdeploy.precision", "vitdeploy.batch", "vitdeploy.golden", "vitdeploy.x", "other"]),
+    st.one_of(st.text(max_size=30), JSON.map(json.dumps)), max_size=9))
+def test_fuzz_metadata_props(props):
+    """ONNX metadata_props as a hostile file carries them: any keys, any text, JSON or not."""
+    from vitdeploy.exporters.metadata import ArtifactMetadata
+
+    _refused_or_valid(ArtifactMetadata.from_props, props, ArtifactMetadata)
+
+
+@FUZZ
+@hypothesis.given(st.one_of(JSON, near_valid(_valid_plan()), st.text(max_size=40)))
+def test_fuzz_plan_file(tmp_path_factory, doc):
+    from vitdeploy.engines.plan import TunePlan
+
+    _refused_or_valid(_read_plan_file(tmp_path_factory.getbasetemp()), doc, TunePlan)

@@ -128,8 +128,8 @@ def test_python_backend_config(small_onnx, tmp_path):
                       "VITDEPLOY_OPTIONS": '{"threads": 2}', "EXECUTION_ENV_PATH": str(env.resolve())}
     assert (out.model_dir / "1" / "model.py").read_text() == Path(triton_mod.__file__).with_name(
         "triton_model.py").read_text()
-    assert sorted(p.name for p in out.model_dir.rglob("*")) == ["1", "config.pbtxt", "labels.txt", "model.onnx",
-                                                                "model.py"]
+    assert sorted(p.name for p in out.model_dir.rglob("*")) == ["1", "config.pbtxt", "golden.json", "labels.txt",
+                                                                "model.onnx", "model.py"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -356,6 +356,45 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_reason(local_triton, 
     with pytest.raises(VitDeployError, match=r"(?s)tritonserver did not become ready.*load failed for model 'broken'"):
         triton_mod.start_tritonserver(local_triton, tmp_path / "repo", log_dir=tmp_path, timeout=60)
     assert time.monotonic() - started < 60  # it exits on the error; nothing waits for the timeout
+
+
+def test_repository_on_a_mount_point_and_a_killed_writers_staging(local_triton, small_onnx, tmp_path, monkeypatch):
+    """`--repo MOUNTPOINT`: the model folder is staged inside the repository (a rename across file systems
+    fails). Triton does NOT skip hidden folders: a Triton loading every folder (--model-control-mode none,
+    what a plain `tritonserver --model-repository` does) refuses to start beside a killed writer's staging
+    folder. So the next write removes such folders of dead writers, and that Triton then starts and serves."""
+    import socket
+
+    from tests.test_hostile_files import as_mount_point
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with monkeypatch.context() as m:
+        as_mount_point(m, repo)
+        out = triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", backend="python",
+                                           execution_env=local_triton.env, runtime_options={"threads": 1})
+    assert sorted(p.name for p in repo.iterdir()) == ["small"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname().replace(".", "_")
+    leftover = repo / f".vitdeploy-staging-small.{host}.{dead.pid}.x1y2"  # what a writer killed mid-copy leaves
+    shutil.copytree(out.model_dir, leftover)
+    (leftover / "1" / "model.onnx").write_bytes(b"half a file")
+    every_folder = ["--model-control-mode", "none"]
+    with pytest.raises(VitDeployError, match=r"(?s)Poll failed for model directory '\.vitdeploy-staging-small"):
+        triton_mod.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
+    with monkeypatch.context() as m:
+        as_mount_point(m, repo)
+        triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", backend="python",
+                                     execution_env=local_triton.env, runtime_options={"threads": 1})
+    assert sorted(p.name for p in repo.iterdir()) == ["small"]  # the dead writer's folder is gone
+    server = triton_mod.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
+    try:
+        x = _pixels(30, 2)
+        with open_runtime(small_onnx["dynamic"]) as rt:
+            np.testing.assert_allclose(_grpc_infer(server.grpc_url, "small", x), rt.infer(x), rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()
 
 
 # -- one client, two servers -------------------------------------------------------------------------------
