@@ -23,6 +23,7 @@ from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -141,6 +142,12 @@ def test_row_commands_reproduce_the_row(bundle, tmp_path):
     assert r.exit_code == 0, r.output
     again, original = tmp_path / "again.onnx", bundle.out / row["artifact"]
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    # every command of every row, and the deploy command, is one the CLI takes as written
+    for command in [bundle.report["command"], *(c for r in bundle.report["rows"] for c in r["commands"])]:
+        argv = shlex.split(command)
+        sub = main.get_command(click.Context(main), argv[1])
+        assert sub is not None, command
+        sub.make_context(argv[1], argv[2:])  # raises on an unknown option or a bad value
     int8 = _rows(bundle.report)["onnx/digits_vit-int8.onnx"]["commands"][0]
     assert f"--calib-dir {bundle.calib}" in int8 and "--calib-samples 40" in int8
 
@@ -165,6 +172,27 @@ def test_second_run_redoes_nothing(bundle):
     assert _rows(result.report)["onnx/digits_vit-fp32.onnx"]["latency_ms"] == \
         _rows(bundle.report)["onnx/digits_vit-fp32.onnx"]["latency_ms"]
     assert seconds < bundle.seconds / 3, (seconds, bundle.seconds)
+
+
+def test_an_interrupted_run_keeps_the_units_it_finished(bundle, monkeypatch):
+    """Ctrl-C during bench: the FP32 tune redone before it (its plan was deleted) is not redone next time."""
+    import vitdeploy.bench
+
+    (bundle.out / "onnx/digits_vit-fp32.tune.json").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(vitdeploy.bench, "measure", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            deploy(bundle.checkpoint, bundle.out, _options(bundle.calib, bundle.data))
+    manifest = json.loads((bundle.out / "manifest.json").read_text())["units"]
+    assert manifest["tune:digits_vit-fp32.onnx"]["status"] == "done"
+    statuses = _statuses(deploy(bundle.checkpoint, bundle.out, _options(bundle.calib, bundle.data)).report)
+    assert statuses["tune:digits_vit-fp32.onnx"] == "skipped"
+    assert statuses["bench:digits_vit-fp32.onnx"] == "done"  # its input, the plan, changed
+    assert statuses["export:digits_vit-fp32.onnx"] == statuses["bench:digits_vit-int8.onnx"] == "skipped"
 
 
 def test_changed_calibration_folder_redoes_the_int8_artifacts_only(bundle):

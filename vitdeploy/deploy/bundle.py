@@ -7,9 +7,12 @@ wrote. A later run whose unit has the same inputs, and whose files are still the
 the record instead of redoing the work ("skipped"). So a changed calibration folder changes the INT8
 export's inputs only, and from there only the units downstream of the INT8 files.
 
+The records are written to ``manifest.json`` after every unit, so a run stopped half-way (Ctrl-C, a
+crash) keeps what it finished, and into ``report.json`` at the end.
+
 Bundle layout: ``onnx/`` (the ONNX files, their tune plans and first-load verdicts), ``engines/``
-(TensorRT engines and sidecars), ``triton/`` (a Triton model repository), ``report.json``,
-``report.html``.
+(TensorRT engines and sidecars), ``triton/`` (a Triton model repository), ``manifest.json``,
+``report.json``, ``report.html``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ REPORT_FORMAT = "vitdeploy-deploy/1"
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 DONE, SKIPPED, FAILED, NOT_POSSIBLE = "done", "skipped", "failed", "not possible"
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
+MANIFEST = "manifest.json"  # every unit's record, rewritten after each unit (an interrupted run keeps its work)
 
 
 @dataclass
@@ -186,6 +190,7 @@ def run_unit(b: Bundle, stage: str, name: str, key: dict[str, Any], work: Callab
         record.update(seconds=round(time.perf_counter() - t0, 3))
     record.update(stage=stage, unit=name, key=key_hash)
     b.units[uid] = record
+    write_manifest(b)
     reason = f": {record['reason']}" if record.get("reason") else ""
     took = f" in {record['seconds']:.1f} s" if record["status"] == DONE else ""
     b.log(f"  {stage:<8} {name}: {record['status']}{took}{reason}")
@@ -234,8 +239,16 @@ def machine_key() -> dict[str, Any]:
             "gpus": sysinfo.gpus()}
 
 
+def write_manifest(b: Bundle) -> None:
+    """The records so far, this run's over the last run's (those this run has not reached yet are kept)."""
+    from vitdeploy.io import atomic_write_bytes
+
+    units = {**b.previous, **b.units}
+    atomic_write_bytes(b.out / MANIFEST, json.dumps({"format": REPORT_FORMAT, "units": units}).encode())
+
+
 def read_previous(path: Path) -> dict[str, dict[str, Any]]:
-    """The units of the last run's report.json; nothing (all is redone) when it is missing or not ours."""
+    """The unit records of the last run's manifest; nothing (all is redone) when it is missing or not ours."""
     import logging
 
     try:
@@ -287,7 +300,7 @@ def deploy(source: str | Path, out: str | Path, options: DeployOptions | None = 
     if out.exists() and not out.is_dir():
         raise VitDeployError(f"--out {out} is a file: name a folder for the bundle")
     out.mkdir(parents=True, exist_ok=True)
-    b = Bundle(str(source), out, opts, read_previous(out / REPORT_JSON), log or (lambda _m: None), progress)
+    b = Bundle(str(source), out, opts, read_previous(out / MANIFEST), log or (lambda _m: None), progress)
     b.source_key = source_key(b)
     for stage in STAGES:
         b.log(f"[{stage.name}] {stage.what}")
