@@ -1,0 +1,351 @@
+"""Hostile clients against a live `vitdeploy serve` (issue 18, items 8-14), loopback only, bounded in count and time.
+
+    python benchmarks/hostile_clients.py [MODEL.onnx] [--json out.json]
+
+Starts `vitdeploy serve` with default flags on a tiny ViT (224x224 input, exported first when no model is
+given), then runs the catalogue: memory (a dense 100 MB JSON body, 6300x6300 palette PNGs, a burst of
+max-batch requests), slow and idle clients (stalled 100 MB uploads, 100 connections with partial or no
+request head), 20 gzip bombs, malformed numbers and shapes, NaN and infinity, garbage images, and a
+second server with an API key and TLS. A probe asks /healthz every 20 ms throughout and samples the
+server's RSS. Per attack it prints the status codes, the time, the server's peak RSS during the attack
+and its RSS after, and the slowest /healthz answer; it fails (exit 1) if any /healthz took 100 ms or more,
+if any answer was a 500 or not JSON, or if peak RSS went over the memory budget plus the idle footprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.serving.limits import MiB, default_memory_budget
+from vitdeploy.sysinfo import cpu_model
+
+HEALTHZ_LIMIT = 0.1
+
+
+def tiny_model(folder: Path) -> Path:
+    from vitdeploy import save_model
+    from vitdeploy.checkpoints import build_model
+    from vitdeploy.config import ViTConfig
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    patch_size=32, num_labels=10)
+    save_model(build_model(cfg, seed=0), folder / "tiny.safetensors")
+    return export_onnx(folder / "tiny.safetensors", folder / "tiny.onnx",
+                       options=ExportOptions(dynamic_batch=True)).path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Serve:
+    """`vitdeploy serve MODEL --name m` on a free loopback port, with a /healthz and RSS probe."""
+
+    def __init__(self, model: Path, *flags: str, scheme: str = "http", verify: Any = True) -> None:
+        self.port = free_port()
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - never a pipe that could fill
+        exe = Path(sys.executable).parent / "vitdeploy"
+        self.proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--port", str(self.port),
+                                      "--name", "m", *flags], stdout=self.log, stderr=subprocess.STDOUT)
+        self.samples: list[tuple[float, float, float]] = []  # (time, healthz seconds, RSS MB)
+        self._stop = threading.Event()
+
+    def start(self) -> Serve:
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"vitdeploy serve exited:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2, verify=self.verify).status_code in (200, 401):
+                    threading.Thread(target=self._probe, daemon=True).start()
+                    time.sleep(0.2)
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise SystemExit("vitdeploy serve did not start in 120 s")
+
+    def _probe(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=10, verify=self.verify) as c:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    c.get(self.url + "/healthz")
+                    latency = time.perf_counter() - t0
+                except httpx.TransportError:
+                    latency = float("inf")
+                self.samples.append((time.time(), latency, self.rss("VmRSS")))
+                time.sleep(0.02)
+
+    def rss(self, key: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+# -- the attacks: each returns the status codes it saw (and raises nothing) --------------------------------
+def _post_all(url: str, bodies: list[tuple[str, bytes, dict[str, Any]]], workers: int = 8,
+              verify: Any = True) -> list[Any]:
+    import httpx
+
+    def one(item: tuple[str, bytes, dict[str, Any]]) -> Any:
+        path, body, headers = item
+        try:
+            r = httpx.post(url + path, content=body, headers=headers, timeout=60, verify=verify)
+        except httpx.TransportError as e:
+            return type(e).__name__
+        try:
+            if r.headers.get("content-type", "").startswith("application/json"):
+                json.loads(r.text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+        except ValueError:
+            return f"{r.status_code} (not JSON)"
+        return r.status_code if r.status_code < 500 or "Traceback" not in r.text else f"{r.status_code} (traceback)"
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, bodies))
+
+
+def palette_png(width: int, height: int) -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (1 + width)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
+            + chunk(b"PLTE", b"\0\0\0\xff\xff\xff") + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def attack_dense_json(srv: Serve) -> list[Any]:
+    body = b'{"inputs": [' + b"0.0," * 25_000_000 + b"0.0]}"  # 100 MB, 25 M values: ~1.4 GB parsed
+    return _post_all(srv.url, [("/v1/logits", body, {"content-type": "application/json"})] * 2)
+
+
+def attack_png_bombs(srv: Serve) -> list[Any]:
+    return _post_all(srv.url, [("/v1/classify", palette_png(6300, 6300), {})] * 3)
+
+
+def attack_burst(srv: Serve) -> list[Any]:
+    x = np.random.default_rng(0).standard_normal((32, 3, 224, 224), dtype=np.float32)
+    headers = {"content-type": "application/octet-stream", "x-shape": "32,3,224,224"}
+    return _post_all(srv.url, [("/v1/logits", x.tobytes(), headers)] * 16, workers=16)
+
+
+def attack_stalled_uploads(srv: Serve) -> list[Any]:
+    socks = []
+    for _ in range(8):
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"POST /v1/logits HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                  b"X-Shape: 32,3,224,224\r\nContent-Length: 19267584\r\n\r\n" + b"\0" * 4_000_000)
+        socks.append(s)
+    return [_answer_or_close(s, 20) for s in socks]
+
+
+def attack_idle_connections(srv: Serve) -> list[Any]:
+    socks = []
+    for i in range(100):
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        if i % 2:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        socks.append(s)
+    with ThreadPoolExecutor(20) as pool:
+        return list(pool.map(lambda s: _answer_or_close(s, 20), socks))
+
+
+def _answer_or_close(sock: socket.socket, seconds: float) -> str:
+    """What the server did with a stalled connection: its status line, or 'closed', or 'still open'."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return "still open"
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+
+
+def attack_gzip_bombs(srv: Serve) -> list[Any]:
+    bomb = gzip.compress(b"\0" * 114_000_000, 9)
+    return _post_all(srv.url, [("/v2/models/m/infer", bomb, {"content-encoding": "gzip"})] * 20, workers=20)
+
+
+def attack_malformed(srv: Serve) -> list[Any]:
+    v2 = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [2**54, 3, 224, 224],
+                      "parameters": {"binary_data_size": 0}}]}
+    return _post_all(srv.url, [
+        ("/v2/models/m/infer", b"{}", {"inference-header-content-length": "\u00b2".encode("latin-1")}),
+        ("/v2/models/m/infer", json.dumps(v2).encode(), {}),
+        ("/v1/logits", b"", {"content-type": "application/octet-stream", "x-shape": f"{2**52},3,224,224"}),
+        ("/v1/logits", b"[" * 100_000, {"content-type": "application/json"}),
+        ("/v2/models/m/infer", b"[" * 100_000, {}),
+    ])
+
+
+def attack_non_finite(srv: Serve) -> list[Any]:
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    v2 = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, 224, 224],
+                      "data": x.ravel().tolist()}]}
+    y = np.zeros((1, 3, 224, 224), np.float32)
+    y[0, 1, 2, 3] = np.inf
+    return _post_all(srv.url, [
+        ("/v1/logits", json.dumps({"inputs": x.tolist()}).encode(), {"content-type": "application/json"}),
+        ("/v2/models/m/infer", json.dumps(v2).encode(), {}),
+        ("/v1/logits", y.tobytes(), {"content-type": "application/octet-stream", "x-shape": "1,3,224,224"}),
+    ])
+
+
+def attack_garbage_images(srv: Serve) -> list[Any]:
+    import httpx
+
+    leaks = []
+    for body in (b"GIF89a" + b"\xff" * 200, b"\x89PNG\r\n\x1a\n" + b"\0" * 64, os.urandom(4096)):
+        r = httpx.post(srv.url + "/v1/classify", content=body, timeout=30)
+        leaks.append(r.status_code if "0x" not in r.text and "PIL" not in r.text else f"{r.status_code} (leak)")
+    return leaks
+
+
+def tls_server(model: Path, folder: Path) -> Serve:
+    """A second server with an API key file (probes public) and a self-signed certificate."""
+    cert, key, keyfile = folder / "cert.pem", folder / "key.pem", folder / "api.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    keyfile.write_text("hostile-test-key\n")
+    return Serve(model, "--api-key-file", str(keyfile), "--public-probes", "--ssl-certfile", str(cert),
+                 "--ssl-keyfile", str(key), scheme="https", verify=str(cert))
+
+
+def attack_auth_and_tls(srv: Serve, folder: Path) -> list[Any]:
+    import httpx
+
+    x = np.zeros((1, 3, 224, 224), np.float32).tobytes()
+    binary = {"content-type": "application/octet-stream", "x-shape": "1,3,224,224"}
+    codes = _post_all(srv.url, [("/v1/logits", x, binary), ("/v1/logits", x, {**binary, "authorization": "Bearer no"}),
+                                ("/v1/logits", x, {**binary, "authorization": "Bearer hostile-test-key"})],
+                      verify=srv.verify)
+    try:
+        httpx.get(srv.url.replace("https", "http") + "/healthz", timeout=5)
+        codes.append("plain HTTP answered")
+    except httpx.TransportError:
+        codes.append("plain HTTP refused")
+    warn = subprocess.run([str(Path(sys.executable).parent / "vitdeploy"), "serve", "--model",
+                           str(folder / "missing.onnx"), "--host", "0.0.0.0"], capture_output=True, text=True)
+    codes.append("0.0.0.0 warned" if "warning: serving on 0.0.0.0" in warn.stderr else "0.0.0.0 not warned")
+    return codes
+
+
+ATTACKS: list[tuple[str, str, Callable[[Serve], list[Any]], set[Any]]] = [
+    ("8", "2 x 100 MB dense JSON (wrong shape)", attack_dense_json, {413}),
+    ("8", "3 x 6300x6300 palette PNG (4.9 KB)", attack_png_bombs, {413}),
+    ("8", "16 x max-batch binary (19 MB each) at once", attack_burst, {200, 503}),
+    ("9", "8 stalled 19 MB uploads (4 MB sent)", attack_stalled_uploads, {"408"}),
+    ("9", "100 connections, half a head or none", attack_idle_connections, {"closed"}),
+    ("10", "20 gzip bombs (111 KB -> 114 MB)", attack_gzip_bombs, {413, 503}),
+    ("11", "superscript length, 2**54 shapes, 100k '['", attack_malformed, {400}),
+    ("12", "NaN / Inf in JSON and binary", attack_non_finite, {400}),
+    ("13", "garbage images", attack_garbage_images, {400}),
+]
+
+
+def run_attack(srv: Serve, item: str, name: str, attack: Callable[[], list[Any]], allowed: set[Any],
+               budget_mb: float, base_mb: float) -> dict[str, Any]:
+    t0 = time.time()
+    codes = attack()
+    seconds = time.time() - t0
+    time.sleep(0.3)
+    window = [s for s in srv.samples if t0 <= s[0] <= time.time()]
+    worst = max((s[1] for s in window), default=float("nan"))
+    peak = max((s[2] for s in window), default=float("nan"))
+    ok = (set(codes) <= allowed and worst < HEALTHZ_LIMIT and peak <= base_mb + budget_mb)
+    row = {"item": item, "attack": name, "codes": dict(collections.Counter(map(str, codes))),
+           "seconds": round(seconds, 2), "peak_rss_mb": round(peak), "rss_after_mb": round(srv.rss()),
+           "healthz_worst_ms": round(worst * 1e3, 1), "probes": len(window), "ok": ok}
+    print(f"{item:>3} {name:<44} {row['codes']!s:<28} {seconds:6.2f} s  peak {peak:5.0f} MB  "
+          f"after {row['rss_after_mb']:5.0f} MB  /healthz worst {worst * 1e3:6.1f} ms ({len(window)})  "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", help="a dynamic-batch ONNX of 224x224 input (default: export a tiny ViT)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp())
+    model = Path(args.model) if args.model else tiny_model(folder)
+    budget_mb = default_memory_budget(3 * 224 * 224 * 4, 32) / MiB
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); model {model.name}; default flags "
+          f"(max batch 32, memory budget {budget_mb:.0f} MiB)")
+    srv = Serve(model).start()
+    rows = []
+    try:
+        base = srv.rss()
+        print(f"server idle RSS {base:.0f} MB\n{'':>3} {'attack':<44} {'answers':<28} {'time':>8}")
+        for item, name, attack, allowed in ATTACKS:
+            rows.append(run_attack(srv, item, name, lambda a=attack: a(srv), allowed, budget_mb, base))
+        rows[-1]["server_peak_rss_mb"] = round(srv.rss("VmHWM"))
+        print(f"server peak RSS over all attacks (VmHWM): {srv.rss('VmHWM'):.0f} MB, budget {budget_mb:.0f} MiB "
+              f"+ idle {base:.0f} MB")
+    finally:
+        srv.stop()
+    second = tls_server(model, folder).start()
+    try:
+        rows.append(run_attack(second, "14", "API key + TLS (none, wrong, right key)",
+                               lambda: attack_auth_and_tls(second, folder),
+                               {401, 200, "plain HTTP refused", "0.0.0.0 warned"}, budget_mb, second.rss()))
+    finally:
+        second.stop()
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
+    failed = [r["attack"] for r in rows if not r["ok"]]
+    print("all attacks handled" if not failed else f"FAILED: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
