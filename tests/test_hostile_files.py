@@ -120,6 +120,19 @@ def test_readers_refuse_external_data_outside_the_folder(tmp_path, secret, kind)
             assert "'W'" in str(e.value) and repr(location) in str(e.value), (name, str(e.value))
 
 
+def test_engine_build_refuses_a_symlinked_data_file(tmp_path, secret):
+    """TensorRT's ONNX parser refuses '..' and absolute locations itself, but follows a symlink."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
+    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+
+    location = hostile_locations(tmp_path, secret)["symlink"]
+    onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", location, meta=good_metadata())
+    with pytest.raises(VitDeployError, match=r"tensor 'W' keeps its data at 'link\.bin', which resolves outside"):
+        build_engine(onnx_path, tmp_path / "v" / "m.engine",
+                     BuildOptions(flavour="rtx", compute_capabilities=["sm89"], max_batch=2))
+    assert not (tmp_path / "v" / "m.engine").exists()
+
+
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
 def test_triton_copies_nothing_from_outside_the_folder(tmp_path, secret, kind):
     from vitdeploy.serving.triton import write_triton_repo

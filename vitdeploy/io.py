@@ -247,6 +247,20 @@ def onnx_external_files(path: str | Path) -> list[Path]:
     return onnx_external_data(model, path.parent)
 
 
+def check_onnx_external_data(path: str | Path) -> None:
+    """Refuse an ONNX file whose external data leaves its folder (see :func:`external_data_path`), before
+    a loader that would follow it (TensorRT's parser follows a symlink). A file that is not readable ONNX
+    passes: the loader reports it in its own words."""
+    import onnx
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, a missing file, ...
+        return
+    onnx_external_data(model, path.parent)
+
+
 def publish_onnx(staged: Path, target: str | Path, durable: bool = True) -> list[Path]:
     """Publish an ONNX file written at ``staged`` (inside ``staging_dir(target)``), with its external
     data if any, onto ``target``: each data file is renamed ``<target name>.<content hash>.data`` and the

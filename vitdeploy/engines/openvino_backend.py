@@ -18,7 +18,7 @@ from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.engines.onnxruntime_backend import DYNAMIC_MAX_BATCH
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata, NoMetadataError, read_onnx_metadata
-from vitdeploy.io import onnx_external_files
+from vitdeploy.io import check_onnx_external_data
 from vitdeploy.sysinfo import usable_cpus
 
 
@@ -32,7 +32,7 @@ class OpenVinoRuntime(Runtime):
         except ImportError:
             raise VitDeployError("the OpenVINO backend needs openvino: pip install 'vitdeploy[openvino]'") from None
         self.path = Path(path)
-        onnx_external_files(self.path)  # refuses external data outside the file's folder, naming the tensor
+        check_onnx_external_data(self.path)  # refuses external data outside the file's folder, naming the tensor
         core = ov.Core()
         try:
             model = core.read_model(str(self.path))

@@ -33,7 +33,7 @@ from vitdeploy.engines.sidecar import (
     write_engine,
 )
 from vitdeploy.errors import VitDeployError
-from vitdeploy.io import atomic_write_bytes, check_output_dir, sha256_file
+from vitdeploy.io import atomic_write_bytes, check_onnx_external_data, check_output_dir, sha256_file
 
 __all__ = [
     "RTX_TARGETS",
@@ -310,6 +310,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     onnx_path, output = Path(onnx_path), Path(output)
     if not onnx_path.is_file():
         raise BuildError(f"ONNX file {onnx_path} does not exist")
+    check_onnx_external_data(onnx_path)  # TensorRT's parser follows a symlinked data file out of the folder
     check_output_dir(output)
     gpu = current_gpu()
     flavour, targets = choose_flavour(opts.flavour, opts.compute_capabilities, gpu)  # refuse before any work
