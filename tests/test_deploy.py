@@ -294,7 +294,12 @@ def test_report_html_escapes_every_text(bundle):
 
 
 def test_deploy_refuses_bad_options_in_one_line(tmp_path):
-    for args, words in ((["--precision", "int8"], "needs --calib-dir"), (["--precision", "fp7"], "choose from fp32")):
+    for args, words in ((["--precision", "int8"], "needs --calib-dir"), (["--precision", "fp7"], "choose from fp32"),
+                        (["--compute-capability", "sm90", "--trt", "rtx"], "sm90" if RTX else "no TensorRT")):
         r = CliRunner().invoke(main, ["deploy", "--model", "vit-tiny-patch16-224", "--out", str(tmp_path / "b"), *args])
         assert r.exit_code == 1 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "b").exists()
+    r = CliRunner().invoke(main, ["deploy", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "b"),
+                                  "--precision", "fp32"])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        f"Error: no ONNX exported, nothing to deploy: checkpoint {tmp_path / 'none.safetensors'} does not exist")

@@ -296,6 +296,10 @@ def deploy(source: str | Path, out: str | Path, options: DeployOptions | None = 
 
     opts = options or DeployOptions()
     opts.check()
+    if opts.compute_capabilities or opts.trt != "auto":  # engines asked for: refuse targets no TensorRT can build
+        from vitdeploy.engines.tensorrt_build import BuildOptions, check_build_targets
+
+        check_build_targets(BuildOptions(flavour=opts.trt, compute_capabilities=list(opts.compute_capabilities)))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VitDeployError(f"--out {out} is a file: name a folder for the bundle")

@@ -54,6 +54,8 @@ def export_stage(b: Bundle) -> None:
         record = run_unit(b, "export", path.name, key, lambda p=path, e=eopts: _export(b, p, e))
         if _ok(record):
             b.artifacts.append(Artifact("onnx", precision, path))
+    if not b.artifacts:
+        raise VitDeployError(f"no ONNX exported, nothing to deploy: {record['reason']}")
 
 
 def _export(b: Bundle, path: Path, eopts: Any) -> Work:
