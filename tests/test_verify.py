@@ -168,9 +168,9 @@ def count_checks(monkeypatch):
     calls = []
     real = verify.verify_runtime
 
-    def spy(rt, golden):
+    def spy(rt, golden, options=None):
         calls.append(rt.describe())
-        return real(rt, golden)
+        return real(rt, golden, options)
 
     monkeypatch.setattr(verify, "verify_runtime", spy)
     return calls
@@ -239,6 +239,22 @@ def test_a_runtime_with_perturbed_output_fails_the_first_load(golden_onnx, tmp_p
         assert first_load_check(path, inner).passed
         with pytest.raises(DriftError, match="fails its golden set on perturbed: golden image 'synthetic-0'"):
             first_load_check(path, Perturbed(inner))
+
+
+def test_a_runtime_computing_in_bf16_is_held_to_the_bf16_tolerance(golden_onnx, tmp_path):
+    """OpenVINO's bf16 hint (bench --dtype bf16, or a tune plan's choice) on an FP32 file: tune's bf16 guard
+    applies, not FP32's 1e-4, so the path tune chose is not refused; the verdict says which applied."""
+    golden = read_onnx_metadata(golden_onnx).golden
+    ref = np.stack([im.logits for im in golden.images])
+    off = ref * 1.03  # 3% off each logit: bf16-sized, far past FP32's 1e-4
+    assert not golden.check(off).passed and golden.check(off, compute="bf16").passed
+    assert golden.check(off, compute="bf16").precision == "bf16"
+    assert not golden.check(off + 0.2, compute="bf16").passed  # and bf16's tolerance still has a bound
+    path = _copy(golden_onnx, tmp_path)
+    with open_verified(path, backend="openvino", precision_hint="bf16"):
+        pass
+    (entry,) = json.loads(verified_path(path).read_text())["entries"]
+    assert entry["results"][0]["precision"] == "bf16" and entry["results"][0]["passed"]
 
 
 def test_cli_predict_verifies_on_first_load_and_no_verify_skips(golden_onnx, images, tmp_path):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,19 +118,29 @@ class PathResult:
         return {"runtime": self.runtime, "seconds": self.seconds, **self.verdict.to_dict()}
 
 
-def verify_runtime(rt: Runtime, golden: GoldenSet) -> list[PathResult]:
-    """Run ``golden`` through ``rt``: decode, ``rt``'s preprocessing (from its metadata), inference.
-    A tuned plan's paths are each checked (its throughput path runs batches the golden set would not)."""
+def compute_precision(options: Mapping[str, Any] | None) -> str | None:
+    """The number format a runtime opened with ``options`` computes in when that is not its file's:
+    OpenVINO's bf16 or f16 hint (``bench --dtype``, or a tune plan's choice); None otherwise."""
+    return {"bf16": "bf16", "f16": "fp16"}.get(str((options or {}).get("precision_hint")))
+
+
+def verify_runtime(rt: Runtime, golden: GoldenSet, options: Mapping[str, Any] | None = None) -> list[PathResult]:
+    """Run ``golden`` through ``rt`` (opened with ``options``): decode, ``rt``'s preprocessing (from its
+    metadata), inference. A tuned plan's paths are each checked (its throughput path runs batches the
+    golden set would not), each with the tolerance of the format it computes in."""
     from vitdeploy.engines.plan import PlannedRuntime
 
-    paths = [rt]
+    paths = [(rt, compute_precision(options))]
     if isinstance(rt, PlannedRuntime):
-        paths = list({id(r): r for r in (rt.runtime_for(1), rt.runtime_for(rt.plan.throughput_batch))}.values())
+        plan = rt.plan
+        paths = [(rt.runtime_for(1), compute_precision(plan.latency.options))]
+        if rt.runtime_for(plan.throughput_batch) is not paths[0][0]:
+            paths.append((rt.runtime_for(plan.throughput_batch), compute_precision(plan.throughput.options)))
     images = golden.decoded()
     out = []
-    for r in paths:
+    for r, compute in paths:
         t0 = time.perf_counter()
-        verdict = golden.check(r.infer(rt.preprocess(images)))
+        verdict = golden.check(r.infer(rt.preprocess(images)), compute=compute)
         out.append(PathResult(r.describe(), verdict, time.perf_counter() - t0))
     return out
 
@@ -220,7 +231,7 @@ def verify_artifact(path: str | Path, backend: str = "auto", device: str = "auto
             return report
     with open_runtime(path, backend=backend, device=device, **options) as rt:
         report.labels = rt.labels
-        report.results = verify_runtime(rt, golden)
+        report.results = verify_runtime(rt, golden, options)
     return report
 
 
@@ -338,7 +349,8 @@ class FirstLoad:
         return all(r.verdict.passed for r in self.results)
 
 
-def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False) -> FirstLoad | None:
+def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False,
+                     options: Mapping[str, Any] | None = None) -> FirstLoad | None:
     """Verify ``rt`` (opened on ``path``) against the artifact's golden set, once per target: the
     verdict is cached in ``<stem>.verified.json`` under :func:`target_key`. A failed verdict raises
     :class:`DriftError` naming the image and the drift, unless ``allow_drift`` (then a warning).
@@ -355,7 +367,7 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False) -
     results = _cached(entries, _key_hash(key))
     outcome = FirstLoad(results or [], results is not None)
     if results is None:
-        outcome.results = verify_runtime(rt, golden)
+        outcome.results = verify_runtime(rt, golden, options)
         _store(path, entries, key, outcome.results)
     bad = next((r for r in outcome.results if not r.verdict.passed), None)
     if bad is not None:
@@ -376,7 +388,7 @@ def open_verified(path: str | Path, backend: str = "auto", device: str = "auto",
     if not verify:
         return rt
     try:
-        first_load_check(path, rt, allow_drift=allow_drift)
+        first_load_check(path, rt, allow_drift=allow_drift, options=options)
     except BaseException:
         rt.close()
         raise

@@ -45,7 +45,11 @@ TOP_K = 5
 # Top-1 must match where the reference's best logit leads the runner-up by more than this x the
 # logits' scale. fp32/fp16: tune's decisive margin (0.05). int8/fp8 may move each logit by up to
 # 0.5/0.8 x scale (their max-abs tolerance), so a lead must be larger before a flip is drift.
-TOP1_MARGIN = {"fp32": 0.05, "fp16": 0.05, "int8": 0.25, "fp8": 0.4}
+TOP1_MARGIN = {"fp32": 0.05, "fp16": 0.05, "bf16": 0.1, "int8": 0.25, "fp8": 0.4}
+# A runtime may compute in a lossier format than its file (OpenVINO's bf16 hint, which tune may choose):
+# the lossier format's tolerance applies then. bf16 is tune's guard (8 significant bits, fp16 has 11).
+COMPUTE_TOLERANCES = {**TOLERANCES, "bf16": {"max_abs_rel": 0.1, "min_cosine": 0.995}}
+LOSSINESS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
 class GoldenError(VitDeployError):
@@ -55,9 +59,16 @@ class GoldenError(VitDeployError):
 def tolerance_for(precision: str) -> dict[str, float]:
     """The check's tolerance: export's parity tolerance for ``precision`` (:data:`TOLERANCES`), per image,
     plus the top-1 margin."""
-    if precision not in TOLERANCES:
+    if precision not in COMPUTE_TOLERANCES:
         raise GoldenError(f"no golden tolerance for precision {precision!r}: use fp32, fp16, int8 or fp8")
-    return {**TOLERANCES[precision], "top1_margin": TOP1_MARGIN[precision]}
+    return {**COMPUTE_TOLERANCES[precision], "top1_margin": TOP1_MARGIN[precision]}
+
+
+def lossier(a: str, b: str | None) -> str:
+    """The lossier of two number formats (``a`` when ``b`` is None or unknown)."""
+    if b is None or b not in LOSSINESS or a not in LOSSINESS:
+        return a
+    return max(a, b, key=LOSSINESS.index)
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -179,15 +190,18 @@ class GoldenSet:
 
         return [open_image(im.png) for im in self.images]
 
-    def check(self, outputs: np.ndarray) -> GoldenVerdict:
-        """Compare a runtime's logits for :meth:`decoded` (in order) with the stored ones."""
+    def check(self, outputs: np.ndarray, compute: str | None = None) -> GoldenVerdict:
+        """Compare a runtime's logits for :meth:`decoded` (in order) with the stored ones; ``compute``: the
+        format the runtime computes in, when lossier than the artifact's (its tolerance applies then)."""
         out = np.asarray(outputs, dtype=np.float32)
         want = (len(self.images), self.images[0].logits.size)
         if out.shape != want:
             raise GoldenError(f"the runtime gave logits of shape {out.shape} for the golden set, expected {want}: "
                               "the artifact and its golden set describe different models")
-        rows = [_row(im.name, im.logits, out[i], self.tolerance) for i, im in enumerate(self.images)]
-        return GoldenVerdict(self.precision, dict(self.tolerance), rows)
+        precision = lossier(self.precision, compute)
+        tol = self.tolerance if precision == self.precision else tolerance_for(precision)
+        rows = [_row(im.name, im.logits, out[i], tol) for i, im in enumerate(self.images)]
+        return GoldenVerdict(precision, dict(tol), rows)
 
     # -- (de)serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
