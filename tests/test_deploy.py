@@ -142,6 +142,14 @@ def test_row_commands_reproduce_the_row(bundle, tmp_path):
     assert r.exit_code == 0, r.output
     again, original = tmp_path / "again.onnx", bundle.out / row["artifact"]
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    # its Triton command writes the same model configuration
+    argv = shlex.split(row["commands"][-1])
+    assert argv[:2] == ["vitdeploy", "triton"]
+    argv[argv.index("--repo") + 1] = str(tmp_path / "repo")
+    r = CliRunner().invoke(main, argv[1:])
+    assert r.exit_code == 0, r.output
+    config = "digits_vit-fp32/config.pbtxt"
+    assert (tmp_path / "repo" / config).read_text() == (bundle.out / "triton" / config).read_text()
     # every command of every row, and the deploy command, is one the CLI takes as written
     for command in [bundle.report["command"], *(c for r in bundle.report["rows"] for c in r["commands"])]:
         argv = shlex.split(command)

@@ -148,6 +148,11 @@ class Bundle:
         return [a for a in self.artifacts if a.kind == "onnx"]
 
 
+def model_name(path: Path) -> str:
+    """The artifact's Triton model name (a folder and a URL part)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+
+
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:400] or type(e).__name__
 

@@ -23,6 +23,7 @@ from vitdeploy.deploy.bundle import (
     SKIPPED,
     Artifact,
     Bundle,
+    model_name,
 )
 
 
@@ -71,6 +72,11 @@ def row_commands(b: Bundle, a: Artifact) -> list[str]:
     batches = ",".join(map(str, o.bench_batches))
     cmds.append(f"vitdeploy bench {path} --batch {batches} --warmup {o.bench_warmup} --iters {o.bench_iters}"
                 + (" --device cpu" if a.kind == "onnx" else ""))
+    triton = (b.record("triton", model_name(a.path)) or {}).get("result")
+    if triton:
+        args = triton["args"]
+        cmds.append(f"vitdeploy triton {path} --repo {_q(b.out / 'triton')} --name {model_name(a.path)} --max-batch "
+                    f"{args['max_batch']} --kind {args['kind']} --backend {args['backend']}")
     return cmds
 
 

@@ -3,7 +3,6 @@ unit of work through :func:`vitdeploy.deploy.bundle.run_unit` (which skips what 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from vitdeploy.deploy.bundle import (
     folder_key,
     library_key,
     machine_key,
+    model_name,
     one_line,
     run_unit,
 )
@@ -246,7 +246,7 @@ def triton_stage(b: Bundle) -> None:
     gpu = bool(sysinfo.gpus())
     for a in b.artifacts:
         args = triton_args(a, b.options.max_batch, gpu)
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", a.path.stem)
+        name = model_name(a.path)
         key = {"artifact": b.sha(a.path), "args": args, "name": name, "libraries": library_key()}
         run_unit(b, "triton", name, key, lambda a=a, args=args, name=name: _triton(b, a, name, args))
 
