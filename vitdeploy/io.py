@@ -1,4 +1,6 @@
-"""Atomic file writes: a temporary file in the target's folder, renamed into place when complete."""
+"""Files, the base layer: atomic writes (a temporary file in the target's folder, renamed into place when
+complete) and multi-file publishing; the one check that an ONNX file's external data stays in its folder
+(:func:`external_data_path`); bounded, one-line-error reading of the small JSON files we write."""
 
 from __future__ import annotations
 

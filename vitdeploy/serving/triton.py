@@ -186,11 +186,57 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
     written as ``EXECUTION_ENV_PATH``; it needs vitdeploy, the runtime's library and numpy < 2.
     """
     artifact = Path(artifact)
+    io = _artifact_io(artifact)
+    python = backend == "python"
+    name, kind = _check_request(artifact, io, name, kind, backend, runtime, execution_env, runtime_options)
+    mb, in_dims, out_dims = _batching(artifact, io, python, max_batch)
+    model_file = "model.plan" if io.kind == "engine" and not python else (
+        "model.onnx" if io.kind == "onnx" else "model.engine")
+    header = {"backend": "python"} if python else {
+        "platform": "tensorrt_plan" if io.kind == "engine" else "onnxruntime_onnx"}
+    params: dict[str, str] = {}
+    if python:
+        params = {"VITDEPLOY_ARTIFACT": model_file, "VITDEPLOY_BACKEND": runtime,
+                  "VITDEPLOY_OPTIONS": json.dumps(runtime_options or {})}
+        if execution_env is not None:
+            params["EXECUTION_ENV_PATH"] = str(Path(execution_env).resolve())
+    config = _render_config(_Config(
+        name, header, mb, io, in_dims, out_dims,
+        "TYPE_FP32" if python else _triton_type(io.out_dtype),  # the Runtime returns float32 logits
+        kind, instances, preferred or [b for b in (4, 8, 16, 32, 64) if b <= mb] or [mb], max_queue_delay_us,
+        params))
+    _check_labels(io.labels)
+
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    model_dir = repo / name
+    stage = _stage_dir(repo, name)
+    try:
+        _fill_model_dir(stage, artifact, io, model_file, python)
+        (stage / "config.pbtxt").write_text(config)
+        for p in stage.rglob("*"):
+            if p.is_dir() or p.name in _WRITTEN:
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)  # what we wrote; copies keep their own mode
+        os.chmod(stage, 0o755)
+        _swap_in(stage, model_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return TritonRepo(model_dir, model_dir / "config.pbtxt", model_dir / "1" / model_file,
+                      model_dir / "labels.txt" if io.labels else None, backend)
+
+
+_WRITTEN = ("config.pbtxt", "labels.txt", "model.py", "golden.json")  # files of a model folder we write
+
+
+def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str | None, backend: str,
+                   runtime: str, execution_env: str | Path | None,
+                   runtime_options: dict[str, Any] | None) -> tuple[str, str]:
+    """Refuse option combinations that cannot work; -> (model name, instance kind)."""
     if backend not in TRITON_BACKENDS:
         raise VitDeployError(f"--backend {backend!r}: choose native or python")
     if runtime not in RUNTIME_BACKENDS:
         raise VitDeployError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
-    io = _artifact_io(artifact)
     python = backend == "python"
     if python and runtime != "auto":
         fits = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "engine"}[runtime]
@@ -210,8 +256,9 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
             "and cannot load it. Write it with --backend python (Triton runs it through vitdeploy's TensorRT-RTX "
             "runtime), or build a full-TensorRT engine with `vitdeploy build --trt tensorrt` for tensorrt_plan")
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", artifact.stem)
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise VitDeployError(f"--name {name!r}: use letters, digits, '_' and '-' (it is a folder and a URL part)")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
+        raise VitDeployError(f"--name {name!r}: use up to 128 letters, digits, '_' and '-' (it is a folder and a "
+                             "URL part)")
     kind = kind or ("cpu" if python and io.kind == "onnx" else "gpu")
     if kind not in ("gpu", "cpu"):
         raise VitDeployError("--kind: gpu or cpu")
@@ -220,7 +267,11 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
     if execution_env is not None and not Path(execution_env).exists():
         raise VitDeployError(f"--execution-env {execution_env}: no such folder or archive; make a serving venv "
                              "with numpy<2 and vitdeploy (see README, Scale-out)")
+    return name, kind
 
+
+def _batching(artifact: Path, io: _ArtifactIO, python: bool, max_batch: int | None) -> tuple[int, list[int], list[int]]:
+    """max_batch_size and the per-request dims Triton's config declares."""
     in_dims, out_dims = list(io.in_dims), list(io.out_dims)
     if python:
         # vitdeploy's Runtime splits and pads to the artifact's batch limits, so Triton may batch freely
@@ -236,42 +287,8 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
         mb = max_batch or limit or 32
         if limit is not None and mb > limit:
             raise VitDeployError(f"--max-batch {mb} exceeds the engine's profile maximum {limit}")
-    model_file = "model.plan" if io.kind == "engine" and not python else (
-        "model.onnx" if io.kind == "onnx" else "model.engine")
-    header = {"backend": "python"} if python else {
-        "platform": "tensorrt_plan" if io.kind == "engine" else "onnxruntime_onnx"}
-    params: dict[str, str] = {}
-    if python:
-        params = {"VITDEPLOY_ARTIFACT": model_file, "VITDEPLOY_BACKEND": runtime,
-                  "VITDEPLOY_OPTIONS": json.dumps(runtime_options or {})}
-        if execution_env is not None:
-            params["EXECUTION_ENV_PATH"] = str(Path(execution_env).resolve())
-    _check_count("max_batch_size", mb, 0, MAX_TRITON_BATCH)
-    config = _render_config(_Config(
-        name, header, mb, io, in_dims, out_dims,
-        "TYPE_FP32" if python else _triton_type(io.out_dtype),  # the Runtime returns float32 logits
-        kind, instances, preferred or [b for b in (4, 8, 16, 32, 64) if b <= mb] or [mb], max_queue_delay_us,
-        params))
-    _check_labels(io.labels)
-
-    repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-    model_dir = repo / name
-    stage = _stage_dir(repo, name)
-    try:
-        _fill_model_dir(stage, artifact, io, model_file, python)
-        (stage / "config.pbtxt").write_text(config)
-        for p in stage.rglob("*"):
-            if p.is_dir() or p.name in ("config.pbtxt", "labels.txt", "model.py"):
-                os.chmod(p, 0o755 if p.is_dir() else 0o644)  # what we wrote; copies keep their own mode
-        os.chmod(stage, 0o755)
-        _swap_in(stage, model_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-    return TritonRepo(model_dir, model_dir / "config.pbtxt", model_dir / "1" / model_file,
-                      model_dir / "labels.txt" if io.labels else None, backend)
-
+    _check_count("max_batch_size (--max-batch)", mb, 0, MAX_TRITON_BATCH)
+    return mb, in_dims, out_dims
 
 
 def _stage_dir(repo: Path, name: str) -> Path:
