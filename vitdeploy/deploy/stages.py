@@ -179,15 +179,12 @@ def tune_stage(b: Bundle) -> None:
 
 
 def tune_candidates(a: Artifact) -> list[Any]:
-    """tune's CPU paths for this file, less those lossier than the file itself (OpenVINO's bf16 hint on an
-    FP32 or FP16 file): the first-load check holds a path to the golden tolerance of the file's precision,
-    so such a path, though within tune's own bf16 guard, would be refused when the bundle's artifact loads."""
+    """The CPU paths ``vitdeploy tune`` tries for this file here (they are part of the tune unit's inputs: a
+    path that becomes possible, OpenVINO installed, redoes the tune)."""
     from vitdeploy.engines.plan import MachineKey
-    from vitdeploy.tune import LOSSINESS, candidate_paths, thread_counts
+    from vitdeploy.tune import candidate_paths, thread_counts
 
-    rank = LOSSINESS.index(a.precision) if a.precision in LOSSINESS else len(LOSSINESS)
-    paths = candidate_paths(a.path, thread_counts(), list(MachineKey.current().flags))
-    return [c for c in paths if c.options.get("precision_hint") != "bf16" or rank > LOSSINESS.index("bf16")]
+    return candidate_paths(a.path, thread_counts(), list(MachineKey.current().flags))
 
 
 def _tune(b: Bundle, a: Artifact, paths: list[Any]) -> Work:
