@@ -182,6 +182,19 @@ def trim_memory() -> None:
         _trimming.release()
 
 
+M_MMAP_THRESHOLD = -3
+
+
+def return_large_frees(threshold: int = MiB) -> None:
+    """glibc: allocations of ``threshold`` bytes and more come from mmap, so freeing one (a request body, a
+    parsed array) gives its memory back at once. glibc's own threshold grows after every large free (up to
+    32 MiB), which keeps request-sized buffers on the heap and RSS high after a burst. Process-wide: for the
+    serving process only (`run_server`, the ``--workers`` factory). A no-op off glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
 _LIBC: list[Any] = []
 
 

@@ -35,6 +35,7 @@ import math
 import os
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from vitdeploy.serving.limits import (
     json_cost,
     key_matches,
     non_finite_reason,
+    return_large_frees,
     trim_memory,
     upfront_cost,
 )
@@ -192,9 +194,12 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         try:
             content, media_type, headers = await work(request, lease, start, rid)
         except HTTPFailure as e:
+            _forget_frames(e)
             return failure(endpoint, rid, e, v2)
         except Exception as e:
-            return unexpected(endpoint, rid, e, v2)
+            response = unexpected(endpoint, rid, e, v2)
+            _forget_frames(e)
+            return response
         finally:
             if lease.release() >= TRIM_AFTER_BYTES:
                 asyncio.get_running_loop().run_in_executor(None, trim_memory)
@@ -416,9 +421,9 @@ class _Intake:
 
         self.budget, self.body_limit = budget, body_limit
         self.body_timeout, self.request_timeout = body_timeout, request_timeout
-        # decoding, inflating and parsing run in at most one thread per CPU: more would only queue for the
-        # GIL and the cores, and starve the event loop (a /healthz probe waits behind every runnable thread)
-        self.cpu_slots = anyio.CapacityLimiter(max(2, usable_cpus()))
+        # decoding, inflating and parsing run in one thread per CPU but one (left to the event loop): more would
+        # only queue for the GIL and the cores, and a /healthz probe would wait behind every runnable thread
+        self.cpu_slots = anyio.CapacityLimiter(max(1, usable_cpus() - 1))
 
     async def cpu(self, func: Callable[..., Any], *args: Any) -> Any:
         """``func(*args)`` in a worker thread, within the CPU slots."""
@@ -462,21 +467,38 @@ class _Intake:
         if not await lease.reserve(first, max(0.0, remaining)):
             raise HTTPFailure(503, "memory", "the server's memory budget is in use by other requests: retry",
                               {"Retry-After": "1"})
-        body = bytearray()
-        while True:
-            message = await self._receive(request, start)
-            if message["type"] == "http.disconnect":
-                raise HTTPFailure(499, "disconnected", "the client disconnected before sending its body")
-            body += message.get("body", b"")
-            if len(body) > self.body_limit:
-                raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
-                                  {"Connection": "close"})
-            self.charge(lease, max(lease.held, len(body)), "this body")
-            if not message.get("more_body", False):
-                break
+        body = await self._receive_all(request, lease, start, declared)
         encoding = request.headers.get("content-encoding")
         if encoding and encoding != "identity":
             return await self.cpu(_inflate, body, encoding, self, lease)
+        return body
+
+    async def _receive_all(self, request: Any, lease: Lease, start: float, declared: int | None) -> bytearray:
+        """The body's bytes; with a Content-Length into one buffer of that size (growing a buffer on the
+        event loop copies it again and again, and stalls every other request)."""
+        body = bytearray(declared or 0)  # zero pages: memory is touched only as bytes arrive
+        view, got = memoryview(body), 0
+        try:
+            while True:
+                message = await self._receive(request, start)
+                if message["type"] == "http.disconnect":
+                    raise HTTPFailure(499, "disconnected", "the client disconnected before sending its body")
+                chunk = message.get("body", b"")
+                if got + len(chunk) > len(body):  # no (or a wrong) Content-Length: grow
+                    if got + len(chunk) > self.body_limit:
+                        raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
+                                          {"Connection": "close"})
+                    view.release()
+                    body += bytes(max(len(chunk), min(len(body), self.body_limit - len(body))))
+                    view = memoryview(body)
+                    self.charge(lease, max(lease.held, len(body)), "this body")
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
+                if not message.get("more_body", False):
+                    break
+        finally:
+            view.release()
+        del body[got:]
         return body
 
     async def _receive(self, request: Any, start: float) -> dict[str, Any]:
@@ -512,6 +534,13 @@ class BearerKey:
                 return
         await self.app(scope, receive, send)
 
+
+
+def _forget_frames(e: BaseException) -> None:
+    """Drop the locals of the frames a failure passed through (a body, an inflated buffer, parsed JSON): a
+    traceback in a reference cycle would keep them until the next garbage collection, past the trim."""
+    traceback.clear_frames(e.__traceback__)
+    e.__traceback__ = None
 
 
 def _digits(raw: str, limit: int = 18) -> int | None:
@@ -826,6 +855,7 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_grace:
                 self.timer.cancel()
             super().handle_exit(sig, frame)
 
+    return_large_frees()
     DrainingServer(uvicorn_config(app, host, port, graceful_timeout, log_level, **limits)).run()
 
 
@@ -837,6 +867,7 @@ def app_from_env() -> Any:
     model = env.get("VITDEPLOY_SERVE_MODEL")
     if not model:
         raise VitDeployError("VITDEPLOY_SERVE_MODEL is not set")
+    return_large_frees()
     runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
     return create_app(runtime, int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32")),
