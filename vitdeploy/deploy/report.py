@@ -40,8 +40,8 @@ def deploy_command(b: Bundle) -> str:
             parts += [flag, _q(value)]
     if o.calib_dir is not None:
         parts += ["--calib-samples", str(o.calib_samples)]
-    parts += ["--trt", o.trt, "--max-batch", str(o.max_batch), "--bench-iters", str(o.bench_iters),
-              "--tune-iters", str(o.tune_iters), "--tune-seconds", f"{o.tune_seconds:g}"]
+    parts += ["--trt", o.trt, "--max-batch", str(o.max_batch), "--bench-iters", str(o.bench_iters), "--bench-warmup",
+              str(o.bench_warmup), "--tune-iters", str(o.tune_iters), "--tune-seconds", f"{o.tune_seconds:g}"]
     return " ".join(parts)
 
 
