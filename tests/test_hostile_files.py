@@ -437,6 +437,21 @@ def test_bad_metadata_is_refused_when_the_artifact_opens(tmp_path, case):
         assert "\n" not in str(e.value) and "re-export" in str(e.value), str(e.value)
 
 
+def test_a_plain_onnx_without_metadata_still_opens(tmp_path):
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.inspection import inspect_artifact
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", props={"producer.note": "not ours"})
+    assert inspect_artifact(onnx_path)["model"] is None
+    x = np.ones((1, 3, 8, 8), np.float32)
+    for backend in ("onnxruntime", "openvino"):
+        if backend == "openvino":
+            pytest.importorskip("openvino")
+        with open_runtime(onnx_path, backend=backend) as rt:
+            assert rt.metadata is None
+            np.testing.assert_allclose(rt.infer(x), x.reshape(1, -1) @ W, rtol=1e-4, atol=1e-4)
+
+
 def test_good_metadata_opens_and_preprocesses(tmp_path):
     from PIL import Image
 
@@ -696,6 +711,18 @@ def test_fuzz_metadata_props(props):
     from vitdeploy.exporters.metadata import ArtifactMetadata
 
     _refused_or_valid(ArtifactMetadata.from_props, props, ArtifactMetadata)
+
+
+@FUZZ
+@hypothesis.given(st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode()))
+def test_fuzz_sidecar_file_bytes(tmp_path_factory, data):
+    """Any bytes as the sidecar file beside an engine: read through EngineSidecar.read."""
+    from vitdeploy.engines.sidecar import EngineSidecar
+
+    engine = tmp_path_factory.getbasetemp() / "fuzz.engine"
+    engine.write_bytes(b"fake-engine")
+    engine.with_suffix(".json").write_bytes(data)
+    _refused_or_valid(EngineSidecar.read, engine, EngineSidecar)
 
 
 @FUZZ
