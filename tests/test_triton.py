@@ -128,8 +128,12 @@ def test_python_backend_config(small_onnx, tmp_path):
                       "VITDEPLOY_OPTIONS": '{"threads": 2}', "EXECUTION_ENV_PATH": str(env.resolve())}
     assert (out.model_dir / "1" / "model.py").read_text() == Path(triton_mod.__file__).with_name(
         "triton_model.py").read_text()
-    assert sorted(p.name for p in out.model_dir.rglob("*")) == ["1", "config.pbtxt", "golden.json", "labels.txt",
-                                                                "model.onnx", "model.py"]
+    assert sorted(p.name for p in out.model_dir.rglob("*")) == ["1", "config.pbtxt", "golden.json", "golden_input",
+                                                                "labels.txt", "model.onnx", "model.py", "warmup"]
+    # Triton warms the smallest and largest batch with the golden set's first image, preprocessed
+    assert [(w.batch_size, w.inputs["pixel_values"].input_data_file) for w in cfg.model_warmup] == [
+        (1, "golden_input"), (32, "golden_input")]
+    assert (out.model_dir / "warmup" / "golden_input").stat().st_size == 4 * int(np.prod(SHAPE))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -31,6 +31,8 @@ from vitdeploy.engines import Runtime, artifact_kind, open_runtime
 from vitdeploy.errors import VitDeployError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vitdeploy.exporters.metadata import ArtifactMetadata
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,18 @@ def artifact_golden(path: str | Path) -> GoldenSet | None:
     return meta.golden if meta is not None else None
 
 
+def golden_batch(meta: ArtifactMetadata, golden: GoldenSet) -> np.ndarray:
+    """The golden images decoded and preprocessed with ``meta``'s preprocessing, as the artifact takes
+    them: float32 NCHW, or uint8 NHWC pixels for a model with its preprocessing in the graph."""
+    import numpy as np
+
+    from vitdeploy.preprocess import Preprocessing
+
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    pixels = np.stack([prep.pixels(im) for im in golden.decoded()])
+    return pixels if meta.extra.get("input") == "uint8_nhwc" else prep.normalize(pixels).astype("<f4")
+
+
 def write_golden_tensors(path: str | Path, folder: str | Path) -> Path:
     """The golden set as the artifact's runtime takes it, for programs without Pillow (the C++ example):
     ``golden_input.bin`` (the preprocessed batch: float32 NCHW, or uint8 NHWC for a model with its
@@ -82,15 +96,12 @@ def write_golden_tensors(path: str | Path, folder: str | Path) -> Path:
     import numpy as np
 
     from vitdeploy.io import atomic_write_bytes
-    from vitdeploy.preprocess import Preprocessing
 
     meta = artifact_metadata(path)
     golden = meta.golden if meta is not None else None
     if meta is None or golden is None:
         raise VitDeployError(f"{path} carries no golden set: export it again with `vitdeploy export`")
-    prep = Preprocessing.from_dict(meta.preprocessing)
-    pixels = np.stack([prep.pixels(im) for im in golden.decoded()])
-    batch = pixels if meta.extra.get("input") == "uint8_nhwc" else prep.normalize(pixels).astype("<f4")
+    batch = golden_batch(meta, golden)
     logits = np.stack([im.logits for im in golden.images]).astype("<f4")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

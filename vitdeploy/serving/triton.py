@@ -142,6 +142,10 @@ class _Config:
     preferred: list[int]
     max_queue_delay_us: int
     parameters: dict[str, str]
+    warmup: list[int]  # batch sizes Triton warms with the golden set's first image (none without a golden set)
+
+
+WARMUP_FILE = "golden_input"  # in the model folder's warmup/: one preprocessed golden image, raw
 
 
 def _render_config(c: _Config) -> str:
@@ -170,6 +174,10 @@ def _render_config(c: _Config) -> str:
                            kind=mc.ModelInstanceGroup.Kind.Value(f"KIND_{c.kind.upper()}"))
     for key, value in c.parameters.items():
         cfg.parameters[key].string_value = value
+    for batch in c.warmup:  # Triton runs these before the model is ready
+        warm = cfg.model_warmup.add(name=f"golden_batch_{batch}", batch_size=batch)
+        warm.inputs[inp.name].CopyFrom(mc.ModelWarmup.Input(data_type=inp.data_type, dims=inp.dims,
+                                                            input_data_file=WARMUP_FILE))
     return text_format.MessageToString(cfg)
 
 
@@ -200,11 +208,12 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
                   "VITDEPLOY_OPTIONS": json.dumps(runtime_options or {})}
         if execution_env is not None:
             params["EXECUTION_ENV_PATH"] = str(Path(execution_env).resolve())
+    warm_input = _warmup_input(artifact, io, in_dims)
     config = _render_config(_Config(
         name, header, mb, io, in_dims, out_dims,
         "TYPE_FP32" if python else _triton_type(io.out_dtype),  # the Runtime returns float32 logits
         kind, instances, preferred or [b for b in (4, 8, 16, 32, 64) if b <= mb] or [mb], max_queue_delay_us,
-        params))
+        params, [] if warm_input is None else sorted({1, mb}) if mb > 0 else [1]))
     _check_labels(io.labels)
 
     repo = Path(repo)
@@ -214,6 +223,9 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
     try:
         _fill_model_dir(stage, artifact, io, model_file, python)
         (stage / "config.pbtxt").write_text(config)
+        if warm_input is not None:
+            (stage / "warmup").mkdir()
+            (stage / "warmup" / WARMUP_FILE).write_bytes(warm_input)
         for p in stage.rglob("*"):
             if p.is_dir() or p.name in _WRITTEN:
                 os.chmod(p, 0o755 if p.is_dir() else 0o644)  # what we wrote; copies keep their own mode
@@ -226,7 +238,24 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
                       model_dir / "labels.txt" if io.labels else None, backend)
 
 
-_WRITTEN = ("config.pbtxt", "labels.txt", "model.py", "golden.json")  # files of a model folder we write
+_WRITTEN = ("config.pbtxt", "labels.txt", "model.py", "golden.json", WARMUP_FILE)  # the files we write
+
+
+def _warmup_input(artifact: Path, io: _ArtifactIO, in_dims: list[int]) -> bytes | None:
+    """The golden set's first image as the config's input takes it (its dtype; repeated to the whole
+    static batch when the batch is part of the dims), raw; None when the artifact carries no golden set."""
+    import numpy as np
+
+    from vitdeploy.dtypes import to_numpy
+    from vitdeploy.verify import artifact_metadata, golden_batch
+
+    meta = artifact_metadata(artifact)
+    golden = meta.golden if meta is not None else None
+    if meta is None or golden is None:
+        return None
+    x = golden_batch(meta, golden)[:1].astype(to_numpy(_triton_type(io.in_dtype)))
+    x = np.repeat(x, in_dims[0], axis=0) if len(in_dims) == x.ndim else x[0]
+    return np.ascontiguousarray(x).tobytes()
 
 
 def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str | None, backend: str,
