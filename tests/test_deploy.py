@@ -274,7 +274,11 @@ def test_report_html_in_a_real_browser(chromium, bundle, tmp_path):
     assert image.size == (1280, 2000)
     pixels = np.asarray(image.convert("L"), dtype=np.float32)
     assert pixels.std() > 10  # a page, not a blank
-    print(f"\nscreenshot {shot} ({shot.stat().st_size} bytes)")
+    keep = os.environ.get("VITDEPLOY_SCREENSHOT")  # CI: where to keep the screenshot for the record
+    if keep:
+        Path(keep).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, keep)
+    print(f"\nscreenshot {keep or shot} ({shot.stat().st_size} bytes)")
 
     dom = _headless(chromium, tmp_path / "profile2", "--virtual-time-budget=5000", "--dump-dom", html.as_uri()).stdout
     page = _Page()
@@ -301,6 +305,16 @@ def test_report_html_escapes_every_text(bundle):
     page = render(report)
     assert "<script>alert" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
+
+
+def test_report_html_of_a_bundle_with_nothing_measured(bundle):
+    """No row benchmarked or evaluated, no golden set: the page still renders, saying so."""
+    report = {**bundle.report, "rows": [{**r, "latency_ms": {}, "throughput": {}, "paths": {}, "accuracy": None}
+                                        for r in bundle.report["rows"]], "golden": [], "fastest": None}
+    page = render(report)
+    assert "nothing measured" in page and "no accuracy measured (give --data DIR)" in page
+    assert "No artifact was both verified and benchmarked on this machine." in page
+    assert page.count('class="artifact-row"') == len(report["rows"]) and "<img" not in page
 
 
 def test_deploy_refuses_bad_options_in_one_line(tmp_path):
