@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import traceback
@@ -507,7 +508,10 @@ class _Intake:
         try:
             if wait <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(request.receive(), wait)
+            if sys.version_info < (3, 11):
+                return await asyncio.wait_for(request.receive(), wait)
+            async with asyncio.timeout(wait):  # a timer, not a task per chunk as wait_for makes
+                return await request.receive()
         except asyncio.TimeoutError:
             what = (f"no data for {self.body_timeout:g} s" if wait == self.body_timeout
                     else f"not all sent within the {self.request_timeout:g} s request timeout")
