@@ -162,11 +162,13 @@ def hash_json(value: Any) -> str:
 
 
 def _outputs_hold(b: Bundle, outputs: Any) -> bool:
+    """Every file a record names is still there, inside the bundle, with the bytes it had."""
     if not isinstance(outputs, dict):
         return False
+    root = b.out.resolve()
     for rel, sha in outputs.items():
-        p = b.out / rel
-        if not p.is_file() or (sha is not None and b.sha(p) != sha):
+        p = (b.out / str(rel)).resolve()
+        if not p.is_relative_to(root) or not p.is_file() or (sha is not None and b.sha(p) != sha):
             return False
     return True
 
