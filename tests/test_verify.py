@@ -376,3 +376,24 @@ def test_the_triton_python_model_loads_verified_and_refuses_a_drifting_artifact(
     assert entry["results"][0]["passed"] is True
     with pytest.raises(VitDeployError, match=r"(?s)load failed for model 'bad'.*golden image 'synthetic-\d' drifted"):
         triton_mod.start_tritonserver(local, repo, models=["bad"], log_dir=tmp_path / "bad", timeout=120)
+
+
+def test_warm_up_runs_each_batch_size_once_with_a_golden_image(golden_onnx):
+    from vitdeploy.engines.base import Runtime
+    from vitdeploy.verify import warm_up
+
+    class Counting(Runtime):
+        backend = "counting"
+
+        def __init__(self, inner: Runtime) -> None:
+            self.inner, self.spec, self.metadata, self.seen = inner, inner.spec, inner.metadata, []
+
+        def _run(self, batch: np.ndarray) -> np.ndarray:
+            self.seen.append(batch.copy())
+            return self.inner._run(batch)
+
+    with open_runtime(golden_onnx, backend="onnxruntime") as inner:
+        rt = Counting(inner)
+        assert sorted(warm_up(rt, (1, 8, 8))) == [1, 8]
+        first = rt.preprocess(read_onnx_metadata(golden_onnx).golden.decoded()[:1])
+    assert [len(b) for b in rt.seen] == [1, 8] and all((b == first).all() for b in rt.seen)

@@ -588,7 +588,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
         raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
                                    f"vitdeploy export --model {model} --output model.onnx")
     name = name or Path(model).stem
-    from vitdeploy.verify import open_verified
+    from vitdeploy.verify import open_verified, warm_up
 
     if workers > 1:
         if not no_verify:  # checked once here (the verdict is cached for this machine), not in every worker
@@ -612,6 +612,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     from vitdeploy.serving.server import create_app, run_server
 
     with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift) as rt:
+        warm_up(rt, (1, max_batch))  # the smallest and largest batch the batcher forms, before it listens
         scheme = "https" if server_limits["ssl_certfile"] else "http"
         click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port}")
         app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -244,6 +244,21 @@ def verify_artifact(path: str | Path, backend: str = "auto", device: str = "auto
         report.labels = rt.labels
         report.results = verify_runtime(rt, golden, options)
     return report
+
+
+def warm_up(rt: Runtime, batch_sizes: Iterable[int]) -> dict[int, float]:
+    """Run each batch size once (the golden set's first image repeated; zeros without a golden set), so
+    the first requests do not pay for allocation, kernel choice or graph capture; seconds per size."""
+    import numpy as np
+
+    golden = rt.metadata.golden if rt.metadata else None
+    one = rt.preprocess(golden.decoded()[:1]) if golden else np.zeros((1, *rt.spec.shape), rt.spec.dtype)
+    seconds = {}
+    for batch in sorted(set(batch_sizes)):
+        t0 = time.perf_counter()
+        rt.infer(np.repeat(one, batch, axis=0))
+        seconds[batch] = time.perf_counter() - t0
+    return seconds
 
 
 # --- first load on a target ---------------------------------------------------------------------------
