@@ -54,7 +54,6 @@ class TritonPythonModel:
         self.rt = open_verified(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
-        self.float_input = self.rt.spec.dtype.startswith("float")
 
     def _check(self, x: np.ndarray) -> str | None:
         """A reason to refuse one request's input, or None. Triton already checked shape and dtype; the
