@@ -273,7 +273,7 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         if runtime.metadata is None:
             raise HTTPFailure(400, "no_metadata", "this artifact has no preprocessing metadata: "
                               "use /v1/logits or re-export it with vitdeploy")
-        k = _top_k(request.query_params.get("top_k"), max(1, num_labels))
+        k = _top_k(request.query_params.get("top_k"), num_labels if num_labels > 0 else 1000)
         body = await intake.read_body(request, lease, start)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
