@@ -365,18 +365,10 @@ def check_golden(session: Any, golden: GoldenSet, config: Any, opts: ExportOptio
     return golden.check(np.concatenate(outs))
 
 
-def export_onnx(source: Any, output: str | Path, config: Any = None, options: ExportOptions | None = None,
-                progress: bool = False) -> ExportReport:
-    """Export ``source`` (anything :func:`vitdeploy.load_model` takes) to ``output``; see ExportOptions."""
-    import onnx
+def _check_options(opts: ExportOptions) -> tuple[int, list[str], list[Path]]:
+    """Refuse options that cannot work before any work is done; -> (opset, notes, calibration files)."""
+    from vitdeploy.preprocess import find_images
 
-    from vitdeploy.checkpoints import resolve
-    from vitdeploy.exporters import precision as prec
-    from vitdeploy.preprocess import Preprocessing, find_images, open_image
-
-    opts = options or ExportOptions()
-    output = Path(output)
-    check_output_dir(output)
     if opts.precision not in TOLERANCES:
         raise ExportError(f"unknown precision {opts.precision!r}: choose fp32, fp16, int8 or fp8")
     notes: list[str] = []
@@ -403,6 +395,73 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         raise ExportError("give --batch N (static) or --dynamic-batch, not both")
     if opts.golden_images is not None:
         find_images(opts.golden_images)  # a wrong folder is refused before the export's work
+    return opset, notes, calib_files
+
+
+def _verify_staged(tmp: Path, model: Any, cfg: Any, opts: ExportOptions, batch: int | None,
+                   golden: GoldenSet) -> tuple[Comparison, GoldenVerdict]:
+    """The staged file against torch (:func:`verify_onnx`) and against its own golden set, on one ONNX
+    Runtime session; ExportError (nothing written) past the precision's tolerance."""
+    tolerance = TOLERANCES[opts.precision]
+    session = _verification_session(tmp, opts.precision)
+    comparison = verify_onnx(tmp, model, cfg, opts, batch, session=session)
+    if not comparison.within(**tolerance):
+        raise ExportError(
+            f"{opts.precision} ONNX disagrees with torch beyond tolerance "
+            f"(max abs <= {tolerance['max_abs_rel']:g} x scale, cosine >= {tolerance['min_cosine']}): "
+            f"{comparison.summary()}; nothing written"
+        )
+    verdict = check_golden(session, golden, cfg, opts, batch)
+    if not verdict.passed:
+        raise ExportError(f"the {opts.precision} ONNX fails its own golden set on ONNX Runtime: "
+                          f"{verdict.reason()}; nothing written")
+    return comparison, verdict
+
+
+def _to_precision(proto: Any, fp32_path: Path, tmp: Path, large: bool, prep: Any, calib_files: list[Path],
+                  opts: ExportOptions, batch: int | None, progress: bool,
+                  notes: list[str]) -> tuple[Any, bool, dict[str, int] | None]:
+    """The FP32 graph (``proto``, or ``fp32_path`` when it is large) in ``opts.precision``; INT8/FP8 are
+    calibrated and written to ``tmp``. -> (proto, large, Q/DQ coverage)."""
+    import onnx
+
+    from vitdeploy.exporters import precision as prec
+    from vitdeploy.preprocess import open_image
+
+    qdq = None
+    if opts.precision == "fp16":
+        # FP16 halves the weights: ViT-H's proto fits under 2 GB again
+        proto = prec.to_fp16(proto if proto is not None else onnx.load(str(fp32_path)),
+                             keep_io_types=not opts.fp16_io)
+        large = proto.ByteSize() > opts.external_data_bytes
+    elif opts.precision in ("int8", "fp8"):
+        if proto is not None:
+            _save(proto, fp32_path, large=False)
+        to_input = prep.pixels if opts.uint8_input else prep  # calibrate on what the graph takes
+        batches = prec.calibration_batches(calib_files, lambda f: to_input(open_image(f)), batch, progress)
+        prec.quantize(fp32_path, tmp, INPUT_NAME, batches, opts.precision, opts.calib_method,
+                      external_data=large)
+        proto = onnx.load(str(tmp), load_external_data=not large)
+        qdq = prec.qdq_coverage(proto)
+        notes.append(f"calibrated on {len(calib_files)} images from {opts.calib_dir} ({opts.calib_method}"
+                     f"{', distribution for fp8' if opts.precision == 'fp8' else ''})")
+    elif proto is None:
+        proto = onnx.load(str(fp32_path), load_external_data=True)
+    return proto, large, qdq
+
+
+def export_onnx(source: Any, output: str | Path, config: Any = None, options: ExportOptions | None = None,
+                progress: bool = False) -> ExportReport:
+    """Export ``source`` (anything :func:`vitdeploy.load_model` takes) to ``output``; see ExportOptions."""
+    import onnx
+
+    from vitdeploy.checkpoints import resolve
+    from vitdeploy.preprocess import Preprocessing
+
+    opts = options or ExportOptions()
+    output = Path(output)
+    check_output_dir(output)
+    opset, notes, calib_files = _check_options(opts)
 
     t0 = time.perf_counter()
     loaded = resolve(source, config, seed=opts.seed)
@@ -436,7 +495,6 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         source=str(loaded.source), source_sha256=loaded.sha256 or "",
         extra=extra,
     )
-    qdq = None
     with staging_dir(output) as tmpdir:
         (Path(tmpdir) / "out").mkdir()
         tmp = Path(tmpdir) / "out" / output.name
@@ -444,43 +502,13 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         if large:
             ir.save(model_ir, fp32_path, external_data=fp32_path.name + ".data")
         del model_ir
-        if opts.precision == "fp16":
-            # FP16 halves the weights: ViT-H's proto fits under 2 GB again
-            proto = prec.to_fp16(proto if proto is not None else onnx.load(str(fp32_path)),
-                                 keep_io_types=not opts.fp16_io)
-            large = proto.ByteSize() > opts.external_data_bytes
-        elif opts.precision in ("int8", "fp8"):
-            if proto is not None:
-                _save(proto, fp32_path, large=False)
-            to_input = prep.pixels if opts.uint8_input else prep  # calibrate on what the graph takes
-            batches = prec.calibration_batches(calib_files, lambda f: to_input(open_image(f)), batch, progress)
-            prec.quantize(fp32_path, tmp, INPUT_NAME, batches, opts.precision, opts.calib_method,
-                          external_data=large)
-            proto = onnx.load(str(tmp), load_external_data=not large)
-            qdq = prec.qdq_coverage(proto)
-            notes.append(f"calibrated on {len(calib_files)} images from {opts.calib_dir} ({opts.calib_method}"
-                         f"{', distribution for fp8' if opts.precision == 'fp8' else ''})")
-        elif proto is None:
-            proto = onnx.load(str(fp32_path), load_external_data=True)
+        proto, large, qdq = _to_precision(proto, fp32_path, tmp, large, prep, calib_files, opts, batch, progress,
+                                          notes)
         set_metadata(proto, meta)
         _save(proto, tmp, large)
         onnx.checker.check_model(str(tmp), full_check=not large)
-        comparison = verdict = None
         tolerance = TOLERANCES[opts.precision]
-        if opts.verify:
-            session = _verification_session(tmp, opts.precision)
-            comparison = verify_onnx(tmp, model, cfg, opts, batch, session=session)
-            if not comparison.within(**tolerance):
-                raise ExportError(
-                    f"{opts.precision} ONNX disagrees with torch beyond tolerance "
-                    f"(max abs <= {tolerance['max_abs_rel']:g} x scale, cosine >= {tolerance['min_cosine']}): "
-                    f"{comparison.summary()}; nothing written"
-                )
-            verdict = check_golden(session, golden, cfg, opts, batch)
-            del session
-            if not verdict.passed:
-                raise ExportError(f"the {opts.precision} ONNX fails its own golden set on ONNX Runtime: "
-                                  f"{verdict.reason()}; nothing written")
+        comparison, verdict = _verify_staged(tmp, model, cfg, opts, batch, golden) if opts.verify else (None, None)
         data_files = publish_onnx(tmp, output)
         if large:
             notes.append(f"weights in {', '.join(f.name for f in data_files)} (ONNX external data: the model "
