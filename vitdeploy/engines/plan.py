@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy import schema
 from vitdeploy.engines.base import Runtime
 from vitdeploy.errors import VitDeployError
+from vitdeploy.sysinfo import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +35,6 @@ def plan_path(artifact: str | Path) -> Path:
     """``m.onnx`` -> ``m.tune.json`` (same folder, same stem)."""
     p = Path(artifact)
     return p.with_name(p.stem + ".tune.json")
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _obj(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} is a {type(value).__name__}, not an object")
-    return value
-
-
-def _list(value: Any, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ValueError(f"{what} is a {type(value).__name__}, not a list")
-    return value
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} is a {type(value).__name__}, not a string")
-    return value
-
-
-def _int(value: Any, what: str, low: int, high: int) -> int:
-    if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"{what} {value!r} is not an integer from {low} to {high}")
-    return value
 
 
 def _threads(value: Any) -> bool:
@@ -100,15 +73,15 @@ class MachineKey:
 
     @classmethod
     def from_dict(cls, d: Any) -> MachineKey:
-        d = _obj(d, "machine")
-        flags, libs = _list(d["flags"], "machine.flags"), _obj(d["libraries"], "machine.libraries")
+        d = schema.obj(d, "machine")
+        flags, libs = schema.array(d["flags"], "machine.flags"), schema.obj(d["libraries"], "machine.libraries")
         if not all(isinstance(f, str) for f in flags):
             raise ValueError("machine.flags are not strings")
         versions = tuple((k, libs.get(k)) for k in KEY_LIBRARIES)
         if not all(v is None or isinstance(v, str) for _, v in versions):
             raise ValueError("machine.libraries versions are not strings")
-        return cls(_text(d["cpu"], "machine.cpu"), tuple(flags), _int(d["cpus"], "machine.cpus", 1, 1 << 20),
-                   versions)
+        cpus = schema.integer(d["cpus"], "machine.cpus", 1, 1 << 20)
+        return cls(schema.text(d["cpu"], "machine.cpu"), tuple(flags), cpus, versions)
 
     def difference(self, other: MachineKey) -> str | None:
         """None when equal, else what differs, as ``plan value -> this machine's value``."""
@@ -142,8 +115,8 @@ class PathChoice:
     def from_dict(cls, d: Any) -> PathChoice:
         """A path from a plan file: the backend and every option checked against what that backend's
         runtime accepts (:data:`PATH_OPTIONS`), so nothing unknown reaches a constructor."""
-        d = _obj(d, "path")
-        backend, options = d.get("backend"), _obj(d.get("options"), "path options")
+        d = schema.obj(d, "path")
+        backend, options = d.get("backend"), schema.obj(d.get("options"), "path options")
         if backend not in PATH_OPTIONS:
             raise ValueError(f"path backend {backend!r} is not one of {', '.join(PATH_OPTIONS)}")
         for key, value in options.items():
@@ -152,7 +125,7 @@ class PathChoice:
                 raise ValueError(f"{backend} takes no option {key!r} (it takes {', '.join(PATH_OPTIONS[backend])})")
             if not (accepted(value) if callable(accepted) else value in accepted):
                 raise ValueError(f"{backend} option {key}={value!r} is out of range")
-        return cls(backend, dict(options), _text(d.get("label", ""), "path label"))
+        return cls(backend, dict(options), schema.text(d.get("label", ""), "path label"))
 
 
 @dataclass
@@ -175,18 +148,18 @@ class TunePlan:
     @classmethod
     def from_dict(cls, d: Any) -> TunePlan:
         """Type a plan's JSON; ValueError/KeyError/TypeError on anything malformed (see :meth:`read`)."""
-        d = _obj(d, "plan")
+        d = schema.obj(d, "plan")
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"format {d.get('format')!r} is not {PLAN_FORMAT}")
-        sha = _text(d["artifact_sha256"], "artifact_sha256")
+        sha = schema.text(d["artifact_sha256"], "artifact_sha256")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ValueError("artifact_sha256 is not a SHA-256")
-        candidates = _list(d.get("candidates", []), "candidates")
+        candidates = schema.array(d.get("candidates", []), "candidates")
         if not all(isinstance(c, dict) for c in candidates):
             raise ValueError("candidates are not objects")
-        return cls(_text(d["artifact"], "artifact"), sha, MachineKey.from_dict(d["machine"]),
+        return cls(schema.text(d["artifact"], "artifact"), sha, MachineKey.from_dict(d["machine"]),
                    PathChoice.from_dict(d["latency"]), PathChoice.from_dict(d["throughput"]),
-                   _int(d["throughput_batch"], "throughput_batch", 1, 1 << 16), candidates)
+                   schema.integer(d["throughput_batch"], "throughput_batch", 1, 1 << 16), candidates)
 
     def write(self, path: str | Path) -> None:
         from vitdeploy.io import atomic_write_bytes

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitdeploy import schema
 from vitdeploy.errors import VitDeployError
 from vitdeploy.sysinfo import RTX_COMPUTE_CAPABILITIES, TRT_FLAVOURS, trt_flavours_for
 
@@ -59,28 +60,8 @@ def sidecar_path(engine: str | Path) -> Path:
 MAX_DIM = 1 << 31  # a tensor dimension or batch above this is not a real engine's
 
 
-def _obj(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} is a {type(value).__name__}, not an object")
-    return value
-
-
-def _list(value: Any, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ValueError(f"{what} is a {type(value).__name__}, not a list")
-    return value
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} is a {type(value).__name__}, not a string")
-    return value
-
-
 def _dims(value: Any, what: str, dynamic: bool) -> list[int]:
-    dims = _list(value, what)
+    dims = schema.array(value, what)
     low = -1 if dynamic else 1
     if not dims or any(type(d) is not int or not (low <= d < MAX_DIM) or d == 0 for d in dims):
         raise ValueError(f"{what} {dims!r} is not a shape (integers from {low} to {MAX_DIM - 1}, no 0)")
@@ -89,20 +70,21 @@ def _dims(value: Any, what: str, dynamic: bool) -> list[int]:
 
 def _tensor_io(value: Any) -> list[TensorIO]:
     io = []
-    for t in _list(value, "io"):
-        t = _obj(t, "io entry")
-        mode = _text(t["mode"], "io mode")
+    for t in schema.array(value, "io"):
+        t = schema.obj(t, "io entry", optional=True)
+        mode = schema.text(t["mode"], "io mode")
         if mode not in ("input", "output"):
             raise ValueError(f"io mode {mode!r}")
-        io.append(TensorIO(_text(t["name"], "io name"), mode, _dims(t["shape"], "io shape", True),
-                           _text(t["dtype"], "io dtype")))
+        io.append(TensorIO(schema.text(t["name"], "io name"), mode, _dims(t["shape"], "io shape", True),
+                           schema.text(t["dtype"], "io dtype")))
     if sorted({t.mode for t in io}) != ["input", "output"]:
         raise ValueError("io needs an input and an output")
     return io
 
 
 def _profile(value: Any, io: list[TensorIO]) -> dict[str, list[int]]:
-    profile = {k: _dims(_obj(value, "profile")[k], f"profile {k}", False) for k in ("min", "opt", "max")}
+    shapes = schema.obj(value, "profile", optional=True)
+    profile = {k: _dims(shapes[k], f"profile {k}", False) for k in ("min", "opt", "max")}
     rank = len(next(t for t in io if t.mode == "input").shape)
     if any(len(v) != rank for v in profile.values()) or not all(
             a <= b <= c for a, b, c in zip(profile["min"], profile["opt"], profile["max"], strict=True)):
@@ -188,31 +170,32 @@ class EngineSidecar:
                 raise ValueError(f"flavour {flavour!r}")
             io = _tensor_io(data["io"])
             profile = _profile(data["profile"], io)
-            onnx = _obj(data.get("onnx"), "onnx")
-            engine = _obj(data.get("engine"), "engine")
+            onnx = schema.obj(data.get("onnx"), "onnx", optional=True)
+            engine = schema.obj(data.get("engine"), "engine", optional=True)
             engine_bytes, engine_sha256 = engine.get("bytes"), engine.get("sha256")
             if type(engine_bytes) is not int or engine_bytes < 0:
                 raise ValueError(f"engine.bytes {engine_bytes!r} is not a byte count")
             if not isinstance(engine_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", engine_sha256):
                 raise ValueError(f"engine.sha256 {engine_sha256!r} is not a SHA-256")
-            options = _obj(data.get("options"), "options")
+            options = schema.obj(data.get("options"), "options", optional=True)
             model = data.get("model")
             if model not in (None, {}):  # {}: built from a foreign ONNX, no metadata to check
                 from vitdeploy.exporters.metadata import ArtifactMetadata
 
-                ArtifactMetadata.from_dict(_obj(model, "model"))  # one clear error for bad preprocessing/labels
+                # one clear error for bad preprocessing or labels
+                ArtifactMetadata.from_dict(schema.obj(model, "model", optional=True))
             seconds = data.get("build_seconds", 0.0)
             if type(seconds) not in (int, float) or not math.isfinite(seconds):
                 raise ValueError(f"build_seconds {seconds!r}")
             return cls(
-                flavour=flavour, trt_version=_text(data["trt_version"], "trt_version"),
-                targets=[_text(t, "targets") for t in _list(data["targets"], "targets")],
-                precision=_text(data.get("precision", "unknown"), "precision"), io=io, profile=profile,
-                onnx_path=_text(onnx.get("path", ""), "onnx.path"),
-                onnx_sha256=_text(onnx.get("sha256", ""), "onnx.sha256"),
-                gpu=None if data.get("gpu") is None else _text(data["gpu"], "gpu"), options=options,
-                build_seconds=float(seconds), built_at=_text(data.get("built_at", ""), "built_at"),
-                vitdeploy_version=_text(data.get("vitdeploy_version", ""), "vitdeploy_version"),
+                flavour=flavour, trt_version=schema.text(data["trt_version"], "trt_version"),
+                targets=[schema.text(t, "targets") for t in schema.array(data["targets"], "targets")],
+                precision=schema.text(data.get("precision", "unknown"), "precision"), io=io, profile=profile,
+                onnx_path=schema.text(onnx.get("path", ""), "onnx.path"),
+                onnx_sha256=schema.text(onnx.get("sha256", ""), "onnx.sha256"),
+                gpu=None if data.get("gpu") is None else schema.text(data["gpu"], "gpu"), options=options,
+                build_seconds=float(seconds), built_at=schema.text(data.get("built_at", ""), "built_at"),
+                vitdeploy_version=schema.text(data.get("vitdeploy_version", ""), "vitdeploy_version"),
                 model=model, engine_bytes=engine_bytes, engine_sha256=engine_sha256,
                 verification=data.get("verification") if isinstance(data.get("verification"), dict) else None,
             )
