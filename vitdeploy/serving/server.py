@@ -202,7 +202,9 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
             _forget_frames(e)
             return response
         finally:
-            if lease.release() >= TRIM_AFTER_BYTES:
+            # trim once the burst is over: malloc_trim holds the allocator's locks while it walks the heap,
+            # and every thread that allocates meanwhile (the event loop too) waits
+            if lease.release() >= TRIM_AFTER_BYTES and budget.used == 0:
                 asyncio.get_running_loop().run_in_executor(None, trim_memory)
         m_latency.labels(endpoint).observe(time.perf_counter() - start)
         m_requests.labels(endpoint, "200").inc()
@@ -771,12 +773,13 @@ def _inflate(body: bytearray, encoding: str, intake: _Intake, lease: Lease) -> b
     del body
     try:
         while True:
+            # charged before the step: the chunk it makes and the buffer it grows are already covered
+            intake.charge(lease, max(lease.held, 2 * sent + len(out) + 2 * INFLATE_STEP), "decompressing this body")
             chunk = inflater.decompress(data, INFLATE_STEP)
             data = inflater.unconsumed_tail
             out += chunk
             if len(out) > limit:
                 raise HTTPFailure(413, "too_large", f"request body over {limit} bytes once decompressed")
-            intake.charge(lease, max(lease.held, 2 * sent + len(out)), "decompressing this body")
             if not data and len(chunk) < INFLATE_STEP:
                 break
     except zlib.error:
