@@ -329,12 +329,13 @@ def test_build_verifies_the_engine_on_a_gpu(golden_onnx, tmp_path):
     import importlib.util
 
     from vitdeploy import sysinfo
-    from vitdeploy.engines.sidecar import EngineSidecar, flavours_for
+    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.sysinfo import trt_flavours_for
 
     gpus = sysinfo.cuda_devices()
     if not gpus:
         pytest.skip("needs an NVIDIA GPU to run an engine")
-    runnable = [f for f in flavours_for(gpus[0].compute_capability) if importlib.util.find_spec(f)]
+    runnable = [f for f in trt_flavours_for(gpus[0].compute_capability) if importlib.util.find_spec(f)]
     if not runnable:
         pytest.skip(f"no TensorRT flavour that runs on {gpus[0].describe()} is installed")
     src = _copy(golden_onnx, tmp_path)
