@@ -1243,14 +1243,14 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
     import importlib.util
 
     from vitdeploy.engines import open_runtime
-    from vitdeploy.engines.sidecar import FLAVOUR_TITLES, flavours_for
+    from vitdeploy.sysinfo import TRT_FLAVOURS, trt_flavours_for
 
     gpu = tb.current_gpu()
     if gpu is None:
         pytest.skip("needs an NVIDIA GPU to run an engine (none visible: no driver or no device)")
-    runnable = [f for f in flavours_for(gpu[1]) if importlib.util.find_spec(f)]
+    runnable = [f for f in trt_flavours_for(gpu[1]) if importlib.util.find_spec(f)]
     if not runnable:
-        wanted = " or ".join(FLAVOUR_TITLES[f] for f in flavours_for(gpu[1]))
+        wanted = " or ".join(TRT_FLAVOURS[f] for f in trt_flavours_for(gpu[1]))
         pytest.skip(f"{gpu[0]} ({gpu[1]}) runs engines of {wanted}, which is not installed here")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -398,3 +398,17 @@ def test_warm_up_runs_each_batch_size_once_with_a_golden_image(golden_onnx):
         assert sorted(warm_up(rt, (1, 8, 8))) == [1, 8]
         first = rt.preprocess(read_onnx_metadata(golden_onnx).golden.decoded()[:1])
     assert [len(b) for b in rt.seen] == [1, 8] and all((b == first).all() for b in rt.seen)
+
+
+def test_tune_never_chooses_a_path_that_fails_the_golden_set(golden_onnx, tmp_path):
+    """tune's own guard compares paths with each other on random tensors, so a preprocessing drift (the
+    metadata's mean changed) passes it; the golden set catches it and no plan is written."""
+    from vitdeploy.engines.plan import plan_path
+    from vitdeploy.errors import VitDeployError
+    from vitdeploy.tune import tune
+
+    bad = _tamper(golden_onnx, tmp_path / "bad.onnx", mean=0.45)
+    with pytest.raises(VitDeployError, match=r"no CPU path passed the accuracy guard.*golden set: golden image "
+                                             r"'synthetic-\d' drifted"):
+        tune(bad, batch=2, threads=[1], iters=3)
+    assert not plan_path(bad).exists()

@@ -21,21 +21,16 @@ from typing import Any
 
 from vitdeploy import schema
 from vitdeploy.errors import VitDeployError
-from vitdeploy.sysinfo import RTX_COMPUTE_CAPABILITIES, TRT_FLAVOURS, trt_flavours_for
+from vitdeploy.sysinfo import TRT_FLAVOURS, trt_flavours_for
 
 FORMAT = "vitdeploy-engine/1"
 
 TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt_rtx"
 FLAVOURS = (TENSORRT, TENSORRT_RTX)
-FLAVOUR_TITLES = TRT_FLAVOURS
 # what users type (--trt) -> flavour (= the Python module's name)
 _ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "full": TENSORRT,
             "rtx": TENSORRT_RTX, "tensorrt_rtx": TENSORRT_RTX, "tensorrt-rtx": TENSORRT_RTX}
-# TensorRT-RTX runs RTX-class GPUs only; sm90 (Hopper), sm100/sm103 (Blackwell datacenter), sm110 and the
-# rest need full TensorRT (the table lives in sysinfo, beside the GPU query)
-RTX_TARGETS = RTX_COMPUTE_CAPABILITIES
-flavours_for = trt_flavours_for
 
 
 def flavour_name(text: str) -> str:
@@ -49,7 +44,7 @@ def flavour_name(text: str) -> str:
 
 def runs_on(flavour: str, compute_capability: str) -> bool:
     """Whether engines of ``flavour`` can run on a GPU of ``compute_capability`` at all."""
-    return flavour in flavours_for(compute_capability)
+    return flavour in trt_flavours_for(compute_capability)
 
 
 def sidecar_path(engine: str | Path) -> Path:
@@ -131,7 +126,7 @@ class EngineSidecar:
 
     @property
     def title(self) -> str:
-        return FLAVOUR_TITLES[self.flavour]
+        return TRT_FLAVOURS[self.flavour]
 
     @property
     def version_compatible(self) -> bool:

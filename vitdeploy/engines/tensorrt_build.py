@@ -22,21 +22,19 @@ from typing import Any
 from vitdeploy import __version__, sysinfo
 from vitdeploy.dtypes import enum_name
 from vitdeploy.engines.sidecar import (
-    RTX_TARGETS,
     TENSORRT,
     TENSORRT_RTX,
     EngineSidecar,
     TensorIO,
     flavour_name,
-    flavours_for,
     sidecar_path,
     write_engine,
 )
 from vitdeploy.errors import VitDeployError
 from vitdeploy.io import atomic_write_bytes, check_onnx_external_data, check_output_dir, sha256_file
+from vitdeploy.sysinfo import RTX_COMPUTE_CAPABILITIES, trt_flavours_for
 
 __all__ = [
-    "RTX_TARGETS",
     "BuildCancelled",
     "BuildError",
     "BuildOptions",
@@ -116,15 +114,16 @@ def choose_flavour(requested: str, compute_capabilities: list[str], gpu: tuple[s
         return TENSORRT, [gpu[1]]
     if want == TENSORRT_RTX or targets:
         if targets:
-            bad = [t for t in targets if t not in RTX_TARGETS]
+            bad = [t for t in targets if t not in RTX_COMPUTE_CAPABILITIES]
             if bad:
-                raise BuildError(f"TensorRT-RTX cannot run on {', '.join(bad)} (it runs {', '.join(RTX_TARGETS)}): "
-                                 f"for {', '.join(bad)} build with full TensorRT (--trt tensorrt) on such a GPU")
+                raise BuildError(f"TensorRT-RTX cannot run on {', '.join(bad)} (it runs "
+                                 f"{', '.join(RTX_COMPUTE_CAPABILITIES)}): for {', '.join(bad)} build with full "
+                                 "TensorRT (--trt tensorrt) on such a GPU")
             return TENSORRT_RTX, targets
         if gpu is None:
             raise BuildError("no GPU here to build for: name the targets, e.g. --compute-capability sm89,sm120 "
-                             f"(TensorRT-RTX supports {', '.join(RTX_TARGETS)})")
-        if TENSORRT_RTX not in flavours_for(gpu[1]):
+                             f"(TensorRT-RTX supports {', '.join(RTX_COMPUTE_CAPABILITIES)})")
+        if TENSORRT_RTX not in trt_flavours_for(gpu[1]):
             raise BuildError(f"TensorRT-RTX cannot run on {gpu[1]} ({gpu[0]}): build with full TensorRT "
                              "(--trt tensorrt), or name RTX-class targets with --compute-capability")
         return TENSORRT_RTX, [gpu[1]]
@@ -132,12 +131,12 @@ def choose_flavour(requested: str, compute_capabilities: list[str], gpu: tuple[s
     if gpu is None:
         if installed(TENSORRT_RTX):
             raise BuildError("no GPU here to build for: name the targets, e.g. --compute-capability sm89,sm120 "
-                             f"(TensorRT-RTX supports {', '.join(RTX_TARGETS)})")
+                             f"(TensorRT-RTX supports {', '.join(RTX_COMPUTE_CAPABILITIES)})")
         if installed(TENSORRT):
             raise BuildError("full TensorRT builds on the GPU it targets and none is visible here; "
                              "on a CPU machine use TensorRT-RTX (--trt rtx --compute-capability sm89)")
         raise BuildError(f"no TensorRT found: {_INSTALL[TENSORRT]}; or {_INSTALL[TENSORRT_RTX]}")
-    runnable = flavours_for(gpu[1])
+    runnable = trt_flavours_for(gpu[1])
     for flavour in runnable:
         if installed(flavour):
             return flavour, [gpu[1]]
@@ -388,7 +387,8 @@ def _configure(trt: Any, builder: Any, opts: BuildOptions, flavour: str, targets
         unknown = [t for t in targets if not hasattr(trt.ComputeCapability, t.upper())]
         if unknown:
             raise BuildError(f"compute capability {', '.join(unknown)} is not one TensorRT-RTX {trt.__version__} "
-                             f"builds for ({', '.join(RTX_TARGETS)}): upgrade tensorrt-rtx or drop the target")
+                             f"builds for ({', '.join(RTX_COMPUTE_CAPABILITIES)}): upgrade tensorrt-rtx or drop "
+                             "the target")
         config.num_compute_capabilities = len(targets)
         for i, t in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)

@@ -55,9 +55,10 @@ import numpy as np
 
 from vitdeploy import dtypes
 from vitdeploy.engines.base import InputError, InputSpec, Runtime
-from vitdeploy.engines.sidecar import FLAVOUR_TITLES, TENSORRT_RTX, runs_on
+from vitdeploy.engines.sidecar import TENSORRT_RTX, runs_on
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata
+from vitdeploy.sysinfo import TRT_FLAVOURS
 
 if TYPE_CHECKING:
     from vitdeploy.engines.sidecar import EngineSidecar
@@ -132,7 +133,7 @@ def check_compatible(side: EngineSidecar, trt_module: str, trt_version: str, gpu
         raise VitDeployError("running a TensorRT engine needs an NVIDIA GPU; none is visible here")
     name, cc = gpu
     if not runs_on(side.flavour, cc):
-        raise VitDeployError(f"{FLAVOUR_TITLES[side.flavour]} cannot run on {cc} ({name}); build with full "
+        raise VitDeployError(f"{TRT_FLAVOURS[side.flavour]} cannot run on {cc} ({name}); build with full "
                              f"TensorRT: `vitdeploy build {source} --trt tensorrt` on this GPU")
     if side.hardware_compat == "ampere+":
         if int(cc[2:]) < 80:
