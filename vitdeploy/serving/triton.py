@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitdeploy import dtypes
 from vitdeploy.errors import VitDeployError
 
-# numpy dtype names (ONNX) and TensorRT's names (engine sidecars) -> Triton's data types
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float": "TYPE_FP32", "float16": "TYPE_FP16", "half": "TYPE_FP16",
-                 "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8"}
+# the I/O types a ViT artifact has (numpy names from ONNX, TensorRT's from engine sidecars)
+_IO_TYPES = ("float32", "float16", "bfloat16", "uint8", "int8")
 TRITON_BACKENDS = ("native", "python")
 RUNTIME_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 
@@ -87,11 +87,12 @@ def _artifact_io(path: Path) -> _ArtifactIO:
 
 
 def _triton_type(dtype: str) -> str:
-    try:
-        return _TRITON_TYPES[dtype]
-    except KeyError:
-        raise VitDeployError(f"tensor type {dtype!r} has no Triton data type here: export as float32, "
-                             "float16 or uint8 input") from None
+    """Triton's data type for an I/O tensor's numpy or TensorRT type name."""
+    row = dtypes.lookup(dtype) if dtype in {n for r in dtypes.TABLE for n in (r.numpy, r.trt)} else None
+    if row is not None and row.numpy in _IO_TYPES:
+        return row.triton
+    raise VitDeployError(f"tensor type {dtype!r} has no Triton data type here: export as float32, "
+                         "float16 or uint8 input")
 
 
 MAX_TRITON_BATCH = 1 << 16  # max_batch_size and preferred sizes: anything above is not a real profile
