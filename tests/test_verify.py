@@ -402,12 +402,13 @@ def test_warm_up_runs_each_batch_size_once_with_a_golden_image(golden_onnx):
 
 def test_tune_never_chooses_a_path_that_fails_the_golden_set(golden_onnx, tmp_path):
     """tune's own guard compares paths with each other on random tensors, so a preprocessing drift (the
-    metadata's mean changed) passes it; the golden set catches it and no plan is written."""
+    metadata's mean changed) passes it; the golden set catches it and no plan is written. (A drift as small
+    as mean 0.45 passes the bf16 paths' looser tolerance on this random model: 0.018 x scale, cosine 0.9965.)"""
     from vitdeploy.engines.plan import plan_path
     from vitdeploy.errors import VitDeployError
     from vitdeploy.tune import tune
 
-    bad = _tamper(golden_onnx, tmp_path / "bad.onnx", mean=0.45)
+    bad = _tamper(golden_onnx, tmp_path / "bad.onnx", mean=0.0)
     with pytest.raises(VitDeployError, match=r"no CPU path passed the accuracy guard.*golden set: golden image "
                                              r"'synthetic-\d' drifted"):
         tune(bad, batch=2, threads=[1], iters=3)

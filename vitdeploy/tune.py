@@ -360,6 +360,14 @@ def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarra
         c.reason = (f"accuracy guard: need max abs <= {tol['max_abs_rel']:g} x scale, cosine >= "
                     f"{tol['min_cosine']}, top-1 >= {MIN_TOP1[c.precision]:.0%} where the reference is decisive")
         return False
+    golden = rt.metadata.golden if rt.metadata else None
+    if golden is not None:  # the check every first load runs (vitdeploy.verify): a path it refuses is never chosen
+        from vitdeploy.verify import verify_runtime
+
+        bad = next((r for r in verify_runtime(rt, golden, c.choice.options) if not r.verdict.passed), None)
+        if bad is not None:
+            c.status, c.reason = "rejected", f"golden set: {bad.verdict.reason()}"
+            return False
     return True
 
 
