@@ -54,6 +54,7 @@ from vitdeploy.serving.limits import (
     MiB,
     default_max_image_pixels,
     default_memory_budget,
+    freeze_startup_objects,
     image_cost,
     json_cost,
     key_matches,
@@ -479,7 +480,10 @@ class _Intake:
     async def _receive_all(self, request: Any, lease: Lease, start: float, declared: int | None) -> bytearray:
         """The body's bytes; with a Content-Length into one buffer of that size (growing a buffer on the
         event loop copies it again and again, and stalls every other request)."""
-        body = bytearray(declared or 0)  # zero pages: memory is touched only as bytes arrive
+        if declared is not None and declared >= INFLATE_STEP:  # bytearray(n) zeroes n bytes: not on the loop
+            body = await asyncio.get_running_loop().run_in_executor(None, bytearray, declared)
+        else:
+            body = bytearray(declared or 0)
         view, got = memoryview(body), 0
         try:
             while True:
@@ -863,6 +867,7 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_grace:
             super().handle_exit(sig, frame)
 
     return_large_frees()
+    freeze_startup_objects()
     DrainingServer(uvicorn_config(app, host, port, graceful_timeout, log_level, **limits)).run()
 
 
@@ -877,13 +882,15 @@ def app_from_env() -> Any:
     return_large_frees()
     runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
-    return create_app(runtime, int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32")),
-                      float(env.get("VITDEPLOY_SERVE_MAX_DELAY_MS", "2")),
-                      int(env.get("VITDEPLOY_SERVE_MAX_QUEUE", "256")),
-                      request_timeout=float(env.get("VITDEPLOY_SERVE_REQUEST_TIMEOUT", "30")),
-                      max_image_pixels=int(pixels) if pixels else None,
-                      memory_budget=int(budget) if budget else None,
-                      body_timeout=float(env.get("VITDEPLOY_SERVE_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT))),
-                      api_key=env.get("VITDEPLOY_SERVE_API_KEY") or None,
-                      public_probes=env.get("VITDEPLOY_SERVE_PUBLIC_PROBES") == "1",
-                      model_name=env.get("VITDEPLOY_SERVE_NAME", "model"), owns_runtime=True)
+    app = create_app(runtime, int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32")),
+                     float(env.get("VITDEPLOY_SERVE_MAX_DELAY_MS", "2")),
+                     int(env.get("VITDEPLOY_SERVE_MAX_QUEUE", "256")),
+                     request_timeout=float(env.get("VITDEPLOY_SERVE_REQUEST_TIMEOUT", "30")),
+                     max_image_pixels=int(pixels) if pixels else None,
+                     memory_budget=int(budget) if budget else None,
+                     body_timeout=float(env.get("VITDEPLOY_SERVE_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT))),
+                     api_key=env.get("VITDEPLOY_SERVE_API_KEY") or None,
+                     public_probes=env.get("VITDEPLOY_SERVE_PUBLIC_PROBES") == "1",
+                     model_name=env.get("VITDEPLOY_SERVE_NAME", "model"), owns_runtime=True)
+    freeze_startup_objects()
+    return app
