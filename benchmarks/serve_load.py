@@ -32,9 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import local_triton as harness  # beside this script
 import numpy as np
 
 from vitdeploy.engines import open_runtime
+from vitdeploy.io import free_port
 from vitdeploy.serving import triton as triton_mod
 from vitdeploy.sysinfo import cpu_model
 
@@ -127,7 +129,7 @@ def _warm(url: str, x: np.ndarray, expected: np.ndarray) -> None:
 
 
 def run_vitdeploy(model: Path, x: np.ndarray, expected: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    port = triton_mod._free_port()
+    port = free_port()
     cmd = [sys.executable, "-c", "from vitdeploy.cli import main; main()", "serve", "--model", str(model),
            "--name", NAME, "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(args.max_batch),
            "--max-delay-ms", str(args.max_delay_ms), "--max-queue", str(4 * len(x)), "--drain-grace", "0"]
@@ -157,12 +159,12 @@ def run_vitdeploy(model: Path, x: np.ndarray, expected: np.ndarray, args: argpar
 
 
 def run_triton(model: Path, x: np.ndarray, expected: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    local = triton_mod.prepare_local_triton(args.cache)
+    local = harness.prepare_local_triton(args.cache)
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     triton_mod.write_triton_repo(model, work / "repo", name=NAME, max_batch=args.max_batch,
                                  max_queue_delay_us=int(args.max_delay_ms * 1000), backend="python",
                                  execution_env=local.env, instances=args.triton_instances)
-    server = triton_mod.start_tritonserver(local, work / "repo", log_dir=work)
+    server = harness.start_tritonserver(local, work / "repo", log_dir=work)
     try:
         _warm(server.http_url, x, expected)
         rows0, batches0 = _batches_triton(_metrics(server.metrics_url))
@@ -171,7 +173,7 @@ def run_triton(model: Path, x: np.ndarray, expected: np.ndarray, args: argparse.
     finally:
         server.stop()
     out["mean_batch"] = (rows1 - rows0) / max(batches1 - batches0, 1)
-    out["server"] = (f"tritonserver {triton_mod.PYTRITON_WHEEL} python backend, {args.triton_instances} instance(s) "
+    out["server"] = (f"tritonserver {harness.PYTRITON_WHEEL} python backend, {args.triton_instances} instance(s) "
                      f"(max batch {args.max_batch}, max queue delay {int(args.max_delay_ms * 1000)} us)")
     return out
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from vitdeploy.io import free_port
 
 ARTIFACTS = os.environ.get("VITDEPLOY_CI_ARTIFACTS")
 CLI = [sys.executable, "-c", "from vitdeploy.cli import main; main()"]
@@ -80,16 +81,10 @@ def test_predict_cli_on_the_int8_onnx(int8_artifacts):
     assert abs(sum(t["probability"] for t in top) - 1) < 1 and top[0]["probability"] >= top[1]["probability"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_over_http(int8_artifacts, tmp_path):
     import httpx
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([*CLI, "serve", "--model",
                                str(int8_artifacts["onnx"]), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from benchmarks import local_triton as harness
 from vitdeploy.cli import main
 from vitdeploy.engines import open_runtime
 from vitdeploy.errors import VitDeployError
+from vitdeploy.io import free_port
 from vitdeploy.serving import triton as triton_mod
 
 CACHE = Path(os.environ.get("VITDEPLOY_TEST_CACHE", Path(__file__).parent.parent / ".cache"))
@@ -62,9 +64,9 @@ def reference(small_onnx):
 
 
 @pytest.fixture(scope="session")
-def local_triton() -> triton_mod.LocalTriton:
+def local_triton() -> harness.LocalTriton:
     try:
-        return triton_mod.prepare_local_triton(CACHE)
+        return harness.prepare_local_triton(CACHE)
     except VitDeployError as e:
         if "triton" in os.environ.get("VITDEPLOY_REQUIRE", ""):  # CI: a skip is not a pass
             pytest.fail(f"no local tritonserver, and VITDEPLOY_REQUIRE names triton: {e}")
@@ -81,7 +83,7 @@ def triton_server(local_triton, small_onnx, tmp_path_factory):
                                       "--execution-env", str(local_triton.env), "--max-batch", "16",
                                       "--max-queue-delay-us", "2000", "--threads", "1"])
         assert r.exit_code == 0, r.output
-    server = triton_mod.start_tritonserver(local_triton, repo, log_dir=repo.parent)
+    server = harness.start_tritonserver(local_triton, repo, log_dir=repo.parent)
     yield server
     server.stop()
     assert server.process.returncode is not None
@@ -358,7 +360,7 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_reason(local_triton, 
     out.model_file.write_bytes(b"not an onnx file")  # a torn copy on the serving host
     started = time.monotonic()
     with pytest.raises(VitDeployError, match=r"(?s)tritonserver did not become ready.*load failed for model 'broken'"):
-        triton_mod.start_tritonserver(local_triton, tmp_path / "repo", log_dir=tmp_path, timeout=60)
+        harness.start_tritonserver(local_triton, tmp_path / "repo", log_dir=tmp_path, timeout=60)
     assert time.monotonic() - started < 60  # it exits on the error; nothing waits for the timeout
 
 
@@ -386,13 +388,13 @@ def test_repository_on_a_mount_point_and_a_killed_writers_staging(local_triton, 
     (leftover / "1" / "model.onnx").write_bytes(b"half a file")
     every_folder = ["--model-control-mode", "none"]
     with pytest.raises(VitDeployError, match=r"(?s)Poll failed for model directory '\.vitdeploy-staging-small"):
-        triton_mod.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
+        harness.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
     with monkeypatch.context() as m:
         as_mount_point(m, repo)
         triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", backend="python",
                                      execution_env=local_triton.env, runtime_options={"threads": 1})
     assert sorted(p.name for p in repo.iterdir()) == ["small"]  # the dead writer's folder is gone
-    server = triton_mod.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
+    server = harness.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
     try:
         x = _pixels(30, 2)
         with open_runtime(small_onnx["dynamic"]) as rt:
@@ -408,7 +410,7 @@ def vitdeploy_serve(small_onnx):
     pytest.importorskip("fastapi", reason="vitdeploy serve needs the serve extra: pip install 'vitdeploy[serve]'")
     import urllib.request
 
-    port = triton_mod._free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from vitdeploy.cli import main; main()", "serve",
                              "--model", str(small_onnx["dynamic"]), "--name", "small", "--drain-grace", "0",
                              "--host", "127.0.0.1", "--port", str(port)],

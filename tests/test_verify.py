@@ -358,12 +358,13 @@ def test_the_triton_python_model_loads_verified_and_refuses_a_drifting_artifact(
     import os
 
     pytest.importorskip("tritonclient.http", reason="tritonclient not installed: pip install 'vitdeploy[triton]'")
+    from benchmarks import local_triton as harness
     from vitdeploy.errors import VitDeployError
     from vitdeploy.serving import triton as triton_mod
 
     cache = Path(os.environ.get("VITDEPLOY_TEST_CACHE", Path(__file__).parent.parent / ".cache"))
     try:
-        local = triton_mod.prepare_local_triton(cache)
+        local = harness.prepare_local_triton(cache)
     except VitDeployError as e:
         pytest.skip(f"no local tritonserver: {e}")
     bad = _tamper(golden_onnx, tmp_path / "bad.onnx", mean=0.45)
@@ -371,12 +372,12 @@ def test_the_triton_python_model_loads_verified_and_refuses_a_drifting_artifact(
     for name, artifact in (("good", golden_onnx), ("bad", bad)):
         triton_mod.write_triton_repo(artifact, repo, name=name, backend="python", execution_env=local.env,
                                      runtime_options={"threads": 1})
-    server = triton_mod.start_tritonserver(local, repo, models=["good"], log_dir=tmp_path / "good", timeout=120)
+    server = harness.start_tritonserver(local, repo, models=["good"], log_dir=tmp_path / "good", timeout=120)
     server.stop()
     (entry,) = json.loads((repo / "good" / "1" / "model.verified.json").read_text())["entries"]
     assert entry["results"][0]["passed"] is True
     with pytest.raises(VitDeployError, match=r"(?s)load failed for model 'bad'.*golden image 'synthetic-\d' drifted"):
-        triton_mod.start_tritonserver(local, repo, models=["bad"], log_dir=tmp_path / "bad", timeout=120)
+        harness.start_tritonserver(local, repo, models=["bad"], log_dir=tmp_path / "bad", timeout=120)
 
 
 def test_warm_up_runs_each_batch_size_once_with_a_golden_image(golden_onnx):

@@ -20,6 +20,13 @@ from typing import Any
 from vitdeploy.errors import VitDeployError
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a server this process starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def check_output_dir(path: Path) -> None:
     """Refuse an output path whose folder does not exist, before any work is done."""
     parent = path.resolve().parent
