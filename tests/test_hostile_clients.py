@@ -65,12 +65,12 @@ def _palette_png(width, height):
 
 def test_memory_per_request_is_bounded_by_default(serving_onnx):
     """Default flags: a 6300x6300 palette PNG (40 MP, under the old fixed limit) and a JSON body of 20 MB that
-    would parse into ~200 MB of Python floats are refused from their headers and separators, before decoding or
+    would parse into ~420 MB of Python lists are refused from their headers and separators, before decoding or
     parsing; a full max-batch JSON request still runs; memory comes back after a burst."""
     import httpx
 
     bomb = _palette_png(6300, 6300)
-    dense = b'{"inputs": [' + b"0.0," * (5_000_000 - 1) + b"0.0]}"  # 20 MB, 5 M values
+    dense = b'{"inputs": [' + b"[]," * (6_500_000 - 1) + b"[]]}"  # 19.5 MB: 6.5 M lists, ~420 MB parsed
     full = json.dumps({"inputs": _inputs(32).tolist()}).encode()  # a legal max-batch request, ~9 MB
     with ServeProcess(serving_onnx) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         assert c.post("/v1/logits", content=full, headers={"content-type": "application/json"}).status_code == 200
@@ -80,7 +80,7 @@ def test_memory_per_request_is_bounded_by_default(serving_onnx):
         r = c.post("/v1/logits", content=dense, headers={"content-type": "application/json"})
         assert r.status_code == 413 and "--memory-budget" in r.json()["error"], r.text
         peak = srv.peak_rss_mb()
-        assert peak - base < 60, (base, peak)  # old code: +200 MB for the JSON, +160 MB for the PNG
+        assert peak - base < 60, (base, peak)  # old code: +420 MB for the JSON, +160 MB for the PNG
         # a burst of large legal requests, then memory back near where it was
         rss_before = srv.rss_mb()
         with ThreadPoolExecutor(6) as pool:
@@ -102,7 +102,7 @@ def test_memory_budget_admits_by_bytes(runtime):
 
     budget = 48 * 2**20
     x = _inputs(32)
-    body = json.dumps({"inputs": x.tolist()}).encode()  # 8.3 MB: charged ~36 MB (text twice, 393 k values)
+    body = json.dumps({"inputs": x.tolist()}).encode()  # 8.3 MB: charged ~32 MB (text twice, 393 k values)
     with Server(runtime, memory_budget=budget) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         seen = []
         stop = threading.Event()
@@ -122,11 +122,25 @@ def test_memory_budget_admits_by_bytes(runtime):
         assert codes == [200] * 4, codes
         assert max(seen) <= budget and srv.app.state.memory_budget.peak <= budget
         assert srv.app.state.memory_budget.used == 0
-        too_big = b'{"inputs": [' + b"0," * 1_100_000 + b"0]}"
-        assert len(too_big) * 2 < budget  # the text fits; its 1.1 M values parsed would not
+        too_big = b'{"inputs": [' + b"0," * 1_300_000 + b"0]}"
+        assert len(too_big) * 2 < budget  # the text fits; its 1.3 M values parsed would not
         t0 = time.perf_counter()
         r = c.post("/v1/logits", content=too_big, headers={"content-type": "application/json"})
         assert r.status_code == 413 and "memory budget" in r.json()["error"] and time.perf_counter() - t0 < 1
+
+
+def test_default_budget_fits_the_costliest_legal_request():
+    """A full max-batch JSON request for a 224x224 model (what the body limit admits) fits the default memory
+    budget, so the budget refuses only what the limits never meant to allow."""
+    from vitdeploy.serving.limits import default_memory_budget, json_cost
+    from vitdeploy.serving.server import DEFAULT_MAX_BODY
+
+    item = 3 * 224 * 224 * 4
+    one = json.dumps(np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32).tolist())
+    row = one.encode()[1:-1]  # one image's text, as it sits in a batch
+    body = b'{"inputs": [' + b", ".join([row] * 32) + b"]}"
+    assert len(body) <= max(DEFAULT_MAX_BODY, 6 * 32 * item)  # legal
+    assert len(body) + json_cost(body) <= default_memory_budget(item, 32)
 
 
 # -- 9: slow and idle clients ----------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ import numpy as np
 MiB = 1024 * 1024
 MIN_MEMORY_BUDGET = 256 * MiB
 IMAGE_BYTES_PER_PIXEL = 16  # Pillow holds RGB(A) as 4 bytes a pixel; palette -> RGBA -> composite -> RGB: ~4 copies
-JSON_BYTES_PER_ITEM = 48  # a float object (24) and its list slot (8), or an empty list/dict, plus slack
+JSON_BYTES_PER_ITEM = 40  # a float object (24) and its list slot (8), or an empty list, plus a float32 (4)
 TRIM_AFTER_BYTES = 8 * MiB
 
 
 def default_memory_budget(item_bytes: int, max_batch: int) -> int:
-    """Room for one full ``max_batch`` JSON request (the costliest legal request), at least 256 MiB."""
+    """Room for one full ``max_batch`` JSON request (the costliest legal request: ~21 bytes of work per
+    input byte, the text twice and a Python float per value), at least 256 MiB."""
     return max(MIN_MEMORY_BUDGET, 24 * max_batch * item_bytes)
 
 
@@ -37,11 +38,11 @@ def default_max_image_pixels(shape: tuple[int, ...]) -> int:
 
 
 def json_cost(body: bytes | bytearray, end: int | None = None) -> int:
-    """Bytes that ``json.loads(body[:end])`` and its array may take at most: the text twice (bytes and str)
-    and one Python object per value, counted from the separators before anything is parsed."""
+    """Bytes that ``json.loads(body[:end])`` may add to the body it parses: the text decoded to a str and
+    one Python object per value, counted from the separators before anything is parsed."""
     end = len(body) if end is None else end
     items = body.count(b",", 0, end) + body.count(b"[", 0, end) + body.count(b"{", 0, end) + 1
-    return 2 * end + JSON_BYTES_PER_ITEM * items
+    return end + JSON_BYTES_PER_ITEM * items
 
 
 def upfront_cost(declared: int, content_type: str, encoding: str | None) -> int:
