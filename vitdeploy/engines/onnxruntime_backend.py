@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from vitdeploy import dtypes
+from vitdeploy.deprecation import moved
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
@@ -309,3 +310,5 @@ class OnnxRuntime(Runtime):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+__getattr__ = moved(__name__, {"default_threads": "vitdeploy.sysinfo:usable_cpus"})

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy import schema
+from vitdeploy.deprecation import moved
 from vitdeploy.errors import VitDeployError
 from vitdeploy.sysinfo import TRT_FLAVOURS, trt_flavours_for
 
@@ -335,3 +336,9 @@ def runtime_cache_path(engine: str | Path) -> Path:
 def read_sidecar(engine: str | Path, verify: bool = True) -> EngineSidecar:
     """Shorthand for :meth:`EngineSidecar.read`."""
     return EngineSidecar.read(engine, verify=verify)
+
+__getattr__ = moved(__name__, {
+    "FLAVOUR_TITLES": "vitdeploy.sysinfo:TRT_FLAVOURS",
+    "RTX_TARGETS": "vitdeploy.sysinfo:RTX_COMPUTE_CAPABILITIES",
+    "flavours_for": "vitdeploy.sysinfo:trt_flavours_for",
+})

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy import __version__, sysinfo
+from vitdeploy.deprecation import moved
 from vitdeploy.dtypes import enum_name
 from vitdeploy.engines.sidecar import (
     TENSORRT,
@@ -451,3 +452,8 @@ def _io_tensors(network: Any) -> list[TensorIO]:
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     return ([TensorIO(t.name, "input", list(t.shape), enum_name(t.dtype)) for t in inputs]
             + [TensorIO(t.name, "output", list(t.shape), enum_name(t.dtype)) for t in outputs])
+
+__getattr__ = moved(__name__, {
+    "RTX_TARGETS": "vitdeploy.sysinfo:RTX_COMPUTE_CAPABILITIES",
+    "flavours_for": "vitdeploy.sysinfo:trt_flavours_for",
+})
