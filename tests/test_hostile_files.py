@@ -636,7 +636,7 @@ def _valid_plan() -> dict:
 
 
 def _read_metadata(d):
-    from vitdeploy.exporters.metadata import ArtifactMetadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata
     from vitdeploy.preprocess import Preprocessing
 
     meta = ArtifactMetadata.from_dict(d)
@@ -696,7 +696,7 @@ def test_fuzz_sidecar_near_valid(doc):
 @FUZZ
 @hypothesis.given(st.one_of(JSON, near_valid(good_metadata())))
 def test_fuzz_metadata_dict(doc):
-    from vitdeploy.exporters.metadata import ArtifactMetadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata
 
     _refused_or_valid(_read_metadata, doc, ArtifactMetadata)
 
@@ -708,7 +708,7 @@ def test_fuzz_metadata_dict(doc):
     st.one_of(st.text(max_size=30), JSON.map(json.dumps)), max_size=9))
 def test_fuzz_metadata_props(props):
     """ONNX metadata_props as a hostile file carries them: any keys, any text, JSON or not."""
-    from vitdeploy.exporters.metadata import ArtifactMetadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata
 
     _refused_or_valid(ArtifactMetadata.from_props, props, ArtifactMetadata)
 

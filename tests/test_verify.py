@@ -46,7 +46,7 @@ def _tamper(src: Path, dst: Path, mean: float | None = None, weight_scale: float
     import onnx
     from onnx import numpy_helper
 
-    from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata, set_metadata
 
     model = onnx.load(str(src))
     if mean is not None:

@@ -27,7 +27,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
-    from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
+    from vitdeploy.artifacts.metadata import PREFIX, ArtifactMetadata
     from vitdeploy.exporters.onnx_export import histogram
     from vitdeploy.exporters.precision import qdq_coverage
 

@@ -33,7 +33,7 @@ from vitdeploy.errors import VitDeployError
 if TYPE_CHECKING:
     import numpy as np
 
-    from vitdeploy.exporters.metadata import ArtifactMetadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def verified_path(artifact: str | Path) -> Path:
 
 def artifact_metadata(path: str | Path) -> ArtifactMetadata | None:
     """The metadata an ONNX (its metadata_props) or an engine (its sidecar) carries; None when it has none."""
-    from vitdeploy.exporters.metadata import ArtifactMetadata, read_onnx_metadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata, read_onnx_metadata
 
     kind = artifact_kind(path)
     if kind == "onnx":

@@ -124,7 +124,7 @@ def golden_sets(b: Bundle) -> list[dict[str, Any]]:
     each image with the reference's top-5 (labels and softmax probabilities)."""
     import numpy as np
 
-    from vitdeploy.exporters.metadata import read_onnx_metadata
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
     from vitdeploy.verify import artifact_golden
 
     sets: dict[str, dict[str, Any]] = {}

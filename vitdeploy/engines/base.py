@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitdeploy.artifacts.metadata import ArtifactMetadata
 from vitdeploy.errors import VitDeployError
-from vitdeploy.exporters.metadata import ArtifactMetadata
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from vitdeploy import dtypes
+from vitdeploy.artifacts.metadata import PREFIX, ArtifactMetadata
 from vitdeploy.deprecation import moved
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
-from vitdeploy.exporters.metadata import PREFIX, ArtifactMetadata
 from vitdeploy.io import onnx_external_data
 from vitdeploy.sysinfo import usable_cpus
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.artifacts.metadata import ArtifactMetadata, NoMetadataError, read_onnx_metadata
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.engines.onnxruntime_backend import DYNAMIC_MAX_BATCH
 from vitdeploy.errors import VitDeployError
-from vitdeploy.exporters.metadata import ArtifactMetadata, NoMetadataError, read_onnx_metadata
 from vitdeploy.io import check_onnx_external_data
 from vitdeploy.sysinfo import usable_cpus
 

@@ -176,7 +176,7 @@ class EngineSidecar:
             options = schema.obj(data.get("options"), "options", optional=True)
             model = data.get("model")
             if model not in (None, {}):  # {}: built from a foreign ONNX, no metadata to check
-                from vitdeploy.exporters.metadata import ArtifactMetadata
+                from vitdeploy.artifacts.metadata import ArtifactMetadata
 
                 # one clear error for bad preprocessing or labels
                 ArtifactMetadata.from_dict(schema.obj(model, "model", optional=True))

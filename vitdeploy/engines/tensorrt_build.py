@@ -290,7 +290,7 @@ def _first_reason(errors: list[str]) -> str:
 
 
 def _onnx_metadata(onnx_path: Path) -> dict[str, Any]:
-    from vitdeploy.exporters.metadata import read_onnx_metadata
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
 
     try:
         return read_onnx_metadata(onnx_path).to_dict()

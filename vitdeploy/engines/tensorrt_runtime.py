@@ -54,10 +54,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitdeploy import dtypes
+from vitdeploy.artifacts.metadata import ArtifactMetadata
 from vitdeploy.engines.base import InputError, InputSpec, Runtime
 from vitdeploy.engines.sidecar import TENSORRT_RTX, runs_on
 from vitdeploy.errors import VitDeployError
-from vitdeploy.exporters.metadata import ArtifactMetadata
 from vitdeploy.sysinfo import TRT_FLAVOURS
 
 if TYPE_CHECKING:

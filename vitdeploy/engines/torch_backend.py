@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from vitdeploy import __version__
+from vitdeploy.artifacts.metadata import ArtifactMetadata
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
-from vitdeploy.exporters.metadata import ArtifactMetadata
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
