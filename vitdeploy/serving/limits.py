@@ -23,6 +23,7 @@ MIN_MEMORY_BUDGET = 256 * MiB
 IMAGE_BYTES_PER_PIXEL = 16  # Pillow holds RGB(A) as 4 bytes a pixel; palette -> RGBA -> composite -> RGB: ~4 copies
 JSON_BYTES_PER_ITEM = 40  # a float object (24) and its list slot (8), or an empty list, plus a float32 (4)
 TRIM_AFTER_BYTES = 8 * MiB
+COUNT_STEP = MiB
 
 
 def default_memory_budget(item_bytes: int, max_batch: int) -> int:
@@ -41,7 +42,10 @@ def json_cost(body: bytes | bytearray, end: int | None = None) -> int:
     """Bytes that ``json.loads(body[:end])`` may add to the body it parses: the text decoded to a str and
     one Python object per value, counted from the separators before anything is parsed."""
     end = len(body) if end is None else end
-    items = body.count(b",", 0, end) + body.count(b"[", 0, end) + body.count(b"{", 0, end) + 1
+    items = 1
+    for at in range(0, end, COUNT_STEP):  # in steps: a count holds the GIL, and the event loop needs it
+        stop = min(end, at + COUNT_STEP)
+        items += body.count(b",", at, stop) + body.count(b"[", at, stop) + body.count(b"{", at, stop)
     return end + JSON_BYTES_PER_ITEM * items
 
 
