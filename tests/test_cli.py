@@ -91,5 +91,7 @@ def test_readme_commands_install_what_they_run():
         unknown = [a for a in argv[2:] if a.startswith("--") and a not in known]
         assert not unknown, f"`vitdeploy {argv[1]}` has no {unknown}"
         if "--precision" in argv:
-            precisions.append(argv[argv.index("--precision") + 1])
+            precisions += argv[argv.index("--precision") + 1].split(",")
+        if argv[1] == "deploy":  # engines asked for, so the bundle holds them even without a GPU here
+            assert "--compute-capability" in argv
     assert {"fp16", "int8"} <= set(precisions)  # the mission's engines, not only FP32
