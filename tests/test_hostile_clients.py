@@ -159,7 +159,7 @@ def _closed_within(sock, seconds):
 
 
 def test_stalled_upload_is_dropped_and_its_memory_freed(runtime):
-    with Server(runtime, body_timeout=0.5, memory_budget=64 * 2**20) as srv:
+    with Server(runtime, body_timeout=0.5, memory_budget=256 * 2**20) as srv:  # room for all four
         socks = []
         for _ in range(4):
             s = socket.create_connection(("127.0.0.1", srv.port))
