@@ -45,7 +45,7 @@ class TritonRepo:
 
 @dataclass
 class _ArtifactIO:
-    kind: str  # onnx | engine
+    file_type: str  # onnx | engine
     flavour: str | None  # engines: tensorrt | tensorrt_rtx
     input: str
     output: str
@@ -62,8 +62,8 @@ def _artifact_io(path: Path) -> _ArtifactIO:
     """Input/output names, dtypes, per-item dims and batch limits, from the sidecar or the ONNX."""
     from vitdeploy.engines import artifact_kind
 
-    kind = artifact_kind(path)
-    if kind == "engine":
+    file_type = artifact_kind(path)
+    if file_type == "engine":
         from vitdeploy.engines.sidecar import EngineSidecar
 
         side = EngineSidecar.read(path)
@@ -71,7 +71,7 @@ def _artifact_io(path: Path) -> _ArtifactIO:
         return _ArtifactIO("engine", side.flavour, inp.name, out.name, inp.dtype, out.dtype, inp.shape[1:],
                            out.shape[1:], None if inp.shape[0] == -1 else inp.shape[0], side.profile["max"][0],
                            list((side.model or {}).get("labels", [])))
-    if kind == "onnx":
+    if file_type == "onnx":
         from vitdeploy.inspection import inspect_onnx
 
         info = inspect_onnx(path)
@@ -197,10 +197,10 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
     python = backend == "python"
     name, kind = _check_request(artifact, io, name, kind, backend, runtime, execution_env, runtime_options)
     mb, in_dims, out_dims = _batching(artifact, io, python, max_batch)
-    model_file = "model.plan" if io.kind == "engine" and not python else (
-        "model.onnx" if io.kind == "onnx" else "model.engine")
+    model_file = "model.plan" if io.file_type == "engine" and not python else (
+        "model.onnx" if io.file_type == "onnx" else "model.engine")
     header = {"backend": "python"} if python else {
-        "platform": "tensorrt_plan" if io.kind == "engine" else "onnxruntime_onnx"}
+        "platform": "tensorrt_plan" if io.file_type == "engine" else "onnxruntime_onnx"}
     params: dict[str, str] = {}
     if python:
         params = {"VITDEPLOY_ARTIFACT": model_file, "VITDEPLOY_BACKEND": runtime,
@@ -268,13 +268,13 @@ def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str 
     python = backend == "python"
     if python and runtime != "auto":
         fits = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "engine"}[runtime]
-        if fits != io.kind:
-            raise VitDeployError(f"--runtime {runtime} runs {fits} files, and {artifact.name} is an {io.kind}")
+        if fits != io.file_type:
+            raise VitDeployError(f"--runtime {runtime} runs {fits} files, and {artifact.name} is an {io.file_type}")
     if not python and runtime != "auto":
         raise VitDeployError("--runtime chooses the runtime of a Python-backend model: add --backend python")
     if not python and (execution_env or runtime_options):
         raise VitDeployError("--execution-env and --threads are for a Python-backend model: add --backend python")
-    if runtime_options and "threads" in runtime_options and io.kind != "onnx":
+    if runtime_options and "threads" in runtime_options and io.file_type != "onnx":
         raise VitDeployError("--threads sets the CPU threads of ONNX Runtime or OpenVINO: an engine runs on the GPU")
     from vitdeploy.engines.sidecar import TENSORRT_RTX
 
@@ -287,10 +287,10 @@ def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str 
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
         raise VitDeployError(f"--name {name!r}: use up to 128 letters, digits, '_' and '-' (it is a folder and a "
                              "URL part)")
-    kind = kind or ("cpu" if python and io.kind == "onnx" else "gpu")
+    kind = kind or ("cpu" if python and io.file_type == "onnx" else "gpu")
     if kind not in ("gpu", "cpu"):
         raise VitDeployError("--kind: gpu or cpu")
-    if io.kind == "engine" and kind == "cpu":
+    if io.file_type == "engine" and kind == "cpu":
         raise VitDeployError("a TensorRT engine runs on a GPU instance group (--kind gpu)")
     if execution_env is not None and not Path(execution_env).exists():
         raise VitDeployError(f"--execution-env {execution_env}: no such folder or archive; make a serving venv "
@@ -348,7 +348,7 @@ def _fill_model_dir(stage: Path, artifact: Path, io: _ArtifactIO, model_file: st
     version = stage / "1"
     version.mkdir()
     _copy(artifact, version / model_file)
-    if io.kind == "onnx":
+    if io.file_type == "onnx":
         from vitdeploy.io import onnx_external_files
 
         for data in onnx_external_files(artifact):  # the names the graph references, kept as they are
