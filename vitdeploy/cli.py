@@ -16,7 +16,8 @@ import click
 from vitdeploy import __version__
 from vitdeploy.errors import VitDeployError
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (VitDeployError, ValueError, FileNotFoundError, FileExistsError)
+# ValueError is not among them: a bug that raises one shows its traceback instead of passing as a user's mistake
+_USER_ERRORS: tuple[type[BaseException], ...] = (VitDeployError, FileNotFoundError, FileExistsError)
 
 
 class _Group(click.Group):
@@ -308,18 +309,33 @@ def _open(artifact: str, backend: str, threads: int | None = None, dtype: str | 
     return open_verified(artifact, backend=backend, device=device, **options)
 
 
-def _ints(value: str) -> list[int]:
+def _ints(value: str, what: str = "batch sizes") -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
     if not out or min(out) < 1:
-        raise click.BadParameter("batch sizes must be positive integers")
+        raise click.BadParameter(f"{what} must be positive integers")
     return out
 
 
 @main.command()
-@click.argument("artifacts", nargs=-1, required=True)
+@click.argument("artifacts", nargs=-1)
+@click.option("--url", default=None, help="Load-test a KServe v2 server (vitdeploy serve, Triton, KServe) instead "
+              "of artifacts: http://HOST:PORT, with --model and --concurrency.")
+@click.option("--model", "served_model", default=None, help="--url: the served model's name.")
+@click.option("--concurrency", default="1,4,16,64", show_default=True, help="--url: comma-separated client counts.")
+@click.option("--requests", type=click.IntRange(min=1), default=200, show_default=True,
+              help="--url: requests per concurrency level.")
+@click.option("--time-limit", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="--url: seconds per concurrency level at most.")
+@click.option("--uint8", is_flag=True, help="--url: the model takes uint8 pixels (an --uint8-input export).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--url: check every answer against this artifact's logits, computed here.")
+@click.option("--rows", type=click.IntRange(min=2), default=32, show_default=True,
+              help="--url: distinct inputs the requests cycle through.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+              help="--url: largest difference (relative to the largest logit, at least 1) of a matching answer.")
 @click.option("--backend", "backends", default="auto", show_default=True,
               help="Comma-separated: auto, onnxruntime, openvino, torch, tensorrt (each runs every artifact it can).")
 @click.option("--dtype", "dtypes", default=None, help="torch: fp32,bf16,fp16; openvino: f32,bf16 hints.")
@@ -340,11 +356,22 @@ def _ints(value: str) -> list[int]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
 @_verify_options
-def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
+def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None, concurrency: str, requests: int,
+          time_limit: float, uint8: bool, reference: Path | None, rows: int, tolerance: float,
+          backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
           qdq_activations: str, json_path: Path | None,
           csv_path: Path | None, plot_path: Path | None, wide: bool, no_verify: bool, allow_drift: bool) -> None:
-    """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch)."""
+    """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch); with --url,
+    a load test of a KServe v2 server at each --concurrency, every answer checked for its own rows."""
+    if url or served_model:
+        if artifacts or not (url and served_model):
+            raise click.UsageError("--url takes --model NAME and no artifacts; artifacts take no --url")
+        clients = _ints(concurrency, "--concurrency: client counts")
+        return _bench_url(url, served_model, clients, requests, time_limit, uint8, reference, rows, tolerance,
+                          json_path, plot_path, wide)
+    if not artifacts:
+        raise click.UsageError("give artifacts to benchmark, or --url and --model to load-test a server")
     from vitdeploy.bench import run_bench
     from vitdeploy.engines import BACKENDS, artifact_kind
 
@@ -389,6 +416,27 @@ def bench(artifacts: tuple[str, ...], backends: str, dtypes: str | None, batch: 
         report.write_csv(csv_path)
     if plot_path:
         report.write_plot(plot_path)
+
+
+def _bench_url(url: str, model: str, concurrency: list[int], requests: int, time_limit: float, uint8: bool,
+               reference: Path | None, rows: int, tolerance: float, json_path: Path | None, plot_path: Path | None,
+               wide: bool) -> None:
+    from vitdeploy.serving import loadtest
+
+    report = loadtest.run(url, model, concurrency, requests, uint8=uint8, time_limit=time_limit, rows=rows,
+                          reference=reference, tolerance=tolerance)
+    console = _console()
+    console.print(report.table(console.width, wide))
+    m = report.machine
+    click.echo(f"client machine: {m['cpu']} ({m['cores']} cores; ISA {' '.join(m['cpu_flags']) or '-'})")
+    if report.unsent:
+        click.echo(f"note: {report.unsent} request(s) not sent: a level reached --time-limit {time_limit:g} s")
+    if json_path:
+        report.write_json(json_path)
+    if plot_path:
+        report.write_plot(plot_path)
+    if not report.ok:
+        raise click.ClickException("answers not checked out: " + " | ".join(report.problems))
 
 
 @main.command()

@@ -1,93 +1,480 @@
-"""Load test on loopback: N concurrent clients against `vitdeploy serve`, every answer checked
-against the logits of its own input computed directly, bounded in time and count."""
+"""Load test for any KServe v2 server (`vitdeploy serve`, Triton, KServe), like perf_analyzer's
+``--concurrency-range``: at each concurrency level that many closed-loop clients (one
+tritonclient.http client per thread, binary tensors) send one-row requests; requests/s and latency
+percentiles per level, the server-side batch sizes where the server reports them, and every answer
+checked against its own request's rows.
+
+How answers are checked. The run draws ``rows`` distinct inputs (seeded); request k sends row
+``k % rows``, so the same row is sent by different clients and different rows are in flight together.
+Before the load, one client sends every row once, one request at a time: with nothing else in flight no
+answer can carry another request's rows, so these answers are each row's expected answer (or, with a
+``reference`` artifact, the expected answers are its logits computed here, and the server's sequential
+answers must match them). The expected answers must differ pairwise (else requests could not be told
+apart: an error). Under load each answer must have the right shape, be finite and match its own row's
+expected answer; one that matches another row's answer is counted as *crossed*, any other as *wrong*.
+
+A client, not a server: this module never imports the serving app (tests/test_loadtest.py checks it).
+"""
 
 from __future__ import annotations
 
+import json
 import re
-import socket
 import threading
 import time
+import urllib.request
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitdeploy.errors import VitDeployError
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+NUMPY_TYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8, "INT8": np.int8}
+
+
+def _th() -> Any:
+    try:
+        import tritonclient.http as th
+    except ImportError:
+        raise VitDeployError("the load test needs tritonclient: pip install 'vitdeploy[triton]'") from None
+    return th
 
 
 def batch_histogram(metrics: str) -> tuple[float, float, dict[str, float]]:
-    """Rows and batches from the server's vitdeploy_batch_size histogram, with its cumulative buckets."""
-    total = float(re.search(r"^vitdeploy_batch_size_sum ([\d.e+-]+)$", metrics, re.M).group(1))
-    count = float(re.search(r"^vitdeploy_batch_size_count ([\d.e+-]+)$", metrics, re.M).group(1))
+    """Rows and batches from `vitdeploy serve`'s vitdeploy_batch_size histogram, with its cumulative buckets."""
+    total = re.search(r"^vitdeploy_batch_size_sum ([\d.e+-]+)$", metrics, re.M)
+    count = re.search(r"^vitdeploy_batch_size_count ([\d.e+-]+)$", metrics, re.M)
+    if not total or not count:
+        raise ValueError("no vitdeploy_batch_size histogram in these metrics")
     buckets = dict(re.findall(r'^vitdeploy_batch_size_bucket\{le="([^"]+)"\} ([\d.e+-]+)$', metrics, re.M))
-    return total, count, {k: float(v) for k, v in buckets.items()}
+    return float(total.group(1)), float(count.group(1)), {k: float(v) for k, v in buckets.items()}
 
 
-def run_load(runtime: Any, clients: int = 16, requests_per_client: int = 50, max_batch: int = 32,
-             max_delay_ms: float = 2.0, time_limit: float = 120.0) -> dict[str, Any]:
-    import httpx
-    import uvicorn
+@dataclass
+class ModelInfo:
+    """What the server's /v2/models/NAME says: one input and one output, the batch axis first."""
 
-    from vitdeploy.serving.server import create_app
+    name: str
+    input_name: str
+    datatype: str
+    shape: list[int]  # one row, without the batch axis
+    output_name: str
 
-    n = clients * requests_per_client
-    x = np.random.default_rng(0).standard_normal((n, *runtime.spec.shape), dtype=np.float32)
-    expected = runtime.infer(x)
 
-    # baseline: the runtime called one request at a time
-    t0 = time.perf_counter()
-    for i in range(min(n, 200)):
-        runtime.infer(x[i:i + 1])
-    direct_rps = min(n, 200) / (time.perf_counter() - t0)
+@dataclass
+class ServerBatches:
+    """Batches the server ran during one level: rows, batches, and a histogram of batch sizes.
+    ``sizes``: Triton's exact sizes ("4": batches of 4), or `vitdeploy serve`'s buckets ("<=4": 3..4)."""
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime, max_batch, max_delay_ms, max_queue=4 * n),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.perf_counter() + time_limit
-    latencies: list[float] = []
-    mismatches = 0
+    source: str
+    rows: float
+    batches: float
+    sizes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    sent: int
+    answered: int
+    errors: int
+    crossed: int
+    wrong: int
+    seconds: float
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    batches: ServerBatches | None = None
+    examples: list[str] = field(default_factory=list)  # the first few bad answers and errors, in words
+
+    @property
+    def bad(self) -> int:
+        return self.errors + self.crossed + self.wrong
+
+
+@dataclass
+class LoadReport:
+    url: str
+    model: ModelInfo
+    rows: int
+    reference: str | None
+    tolerance: float
+    machine: dict[str, Any]
+    levels: list[LevelResult] = field(default_factory=list)
+    unsent: int = 0  # requests not sent because a level reached its time limit
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per level whose answers were not all their own request's (empty: every answer checked)."""
+        out = []
+        for lv in self.levels:
+            if lv.bad:
+                out.append(f"concurrency {lv.concurrency}: {lv.crossed} answer(s) carried another request's rows, "
+                           f"{lv.wrong} wrong, {lv.errors} error(s), of {lv.sent} requests"
+                           f"{' (e.g. ' + '; '.join(lv.examples[:2]) + ')' if lv.examples else ''}")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for lv, out in zip(self.levels, d["levels"], strict=True):
+            out["bad"] = lv.bad
+            if lv.batches:
+                out["batches"]["mean"] = lv.batches.mean
+        d["ok"] = self.ok
+        return d
+
+    def write_json(self, path: str | Path) -> None:
+        from vitdeploy.io import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())
+
+    def write_plot(self, path: str | Path) -> None:
+        plot({self.model.name: self}, path)
+
+    def table(self, width: int | None = None, wide: bool = False) -> Any:
+        from vitdeploy.tables import Column, fit_table
+
+        columns = [Column("clients", 0), Column("requests/s", 0), Column("p50 ms", 0), Column("p90 ms", 2),
+                   Column("p99 ms", 0), Column("answered", 1), Column("bad", 0), Column("mean batch", 1),
+                   Column("batches", 3)]
+        rows = []
+        for lv in self.levels:
+            b = lv.batches
+            rows.append([str(lv.concurrency), f"{lv.requests_per_s:.1f}", f"{lv.p50_ms:.2f}", f"{lv.p90_ms:.2f}",
+                         f"{lv.p99_ms:.2f}", f"{lv.answered}/{lv.sent}", str(lv.bad),
+                         f"{b.mean:.2f}" if b else "-", f"{b.batches:.0f}" if b else "-"])
+        source = next((lv.batches.source for lv in self.levels if lv.batches), None)
+        caption = (f"{self.rows} distinct inputs, every answer checked against "
+                   f"{'the reference ' + Path(self.reference).name if self.reference else 'its row'}"
+                   f" (tolerance {self.tolerance:g}); batch sizes: {source or 'not reported by the server'}")
+        return fit_table(f"{self.model.name} at {self.url} ({self.model.datatype} {self.model.shape})", columns,
+                         rows, width, wide, caption)
+
+
+def plot(reports: Mapping[str, LoadReport], path: str | Path) -> None:
+    """Throughput against p50/p99 latency, one line per report, each point labelled with its concurrency."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise VitDeployError("--plot needs matplotlib: pip install 'vitdeploy[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, report in reports.items():
+        x = [lv.requests_per_s for lv in report.levels]
+        for pct, style in (("p50", "o-"), ("p99", "s--")):
+            y = [getattr(lv, f"{pct}_ms") for lv in report.levels]
+            ax.plot(x, y, style, label=f"{label} {pct}")
+            for lv, xi, yi in zip(report.levels, x, y, strict=True):
+                ax.annotate(str(lv.concurrency), (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set(xlabel="requests / s", ylabel="latency (ms)", yscale="log",
+           title="throughput vs latency (points: concurrent clients)")
+    ax.legend(fontsize=7)
+    machine = next(iter(reports.values())).machine if reports else {}
+    fig.suptitle(f"vitdeploy bench --url, client on {machine.get('cpu', '?')}", fontsize=9)
+    fig.tight_layout()
+    from vitdeploy.io import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+# -- the server: metadata and batch statistics ------------------------------------------------------------
+def _host(url: str) -> tuple[str, bool]:
+    """'http://h:p' | 'https://h:p' | 'h:p' -> ('h:p', ssl)."""
+    url = url.strip().rstrip("/")
+    ssl = url.startswith("https://")
+    host = re.sub(r"^https?://", "", url)
+    if not host or "/" in host:
+        raise VitDeployError(f"--url {url!r} is not a server address: give http://HOST:PORT")
+    return host, ssl
+
+
+def _client(url: str, timeout: float) -> Any:
+    host, ssl = _host(url)
+    return _th().InferenceServerClient(host, ssl=ssl, connection_timeout=timeout, network_timeout=timeout)
+
+
+def model_info(url: str, model: str, timeout: float = 30.0) -> ModelInfo:
+    """The model's input and output from the server's /v2/models/NAME; VitDeployError naming what is missing."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with _client(url, timeout) as c:
+            meta = c.get_model_metadata(model)
+    except InferenceServerException as e:
+        raise VitDeployError(f"the server at {url} has no model {model!r} ({e.message()}): check --model "
+                             "(GET /v2/models/NAME)") from None
+    except OSError as e:
+        raise VitDeployError(f"no KServe v2 server answers at {url} ({e}): start one, or check --url") from None
+    inputs, outputs = meta.get("inputs") or [], meta.get("outputs") or []
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise VitDeployError(f"model {model!r} has {len(inputs)} inputs and {len(outputs)} outputs: the load test "
+                             "drives models with one input and at least one output")
+    inp = inputs[0]
+    shape = [int(d) for d in inp["shape"]]
+    if not shape or shape[0] not in (-1, 1) or any(d < 1 for d in shape[1:]):
+        raise VitDeployError(f"model {model!r} takes shape {shape}: the load test sends one row per request, so "
+                             "it needs a batch axis first (-1 or 1) and fixed other dimensions")
+    if inp["datatype"] not in NUMPY_TYPES:
+        raise VitDeployError(f"model {model!r} takes {inp['datatype']}: the load test sends "
+                             f"{', '.join(NUMPY_TYPES)}")
+    return ModelInfo(model, inp["name"], inp["datatype"], shape[1:], outputs[0]["name"])
+
+
+def _scrape(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class _Counts:
+    source: str
+    rows: float
+    batches: float
+    sizes: dict[str, float]  # cumulative for vitdeploy's buckets, plain counts for Triton's sizes
+    cumulative: bool = False
+
+
+def _batch_counts(url: str, model: str, metrics_url: str | None) -> _Counts | None:
+    """The server's batch counters now: `vitdeploy serve`'s /metrics histogram, else Triton's v2 statistics
+    (/v2/models/NAME/stats, with each batch size's count), else Triton's nv_inference_* at ``metrics_url``."""
+    host, ssl = _host(url)
+    base = f"{'https' if ssl else 'http'}://{host}"
+    text = _scrape(metrics_url or base + "/metrics")
+    if text and "vitdeploy_batch_size_count" in text:
+        rows, batches, buckets = batch_histogram(text)
+        return _Counts("vitdeploy_batch_size (/metrics)", rows, batches, buckets, cumulative=True)
+    stats = _scrape(f"{base}/v2/models/{model}/stats")
+    if stats:
+        try:
+            s = json.loads(stats)["model_stats"][0]
+            sizes = {str(b["batch_size"]): float(b["compute_infer"]["count"]) for b in s.get("batch_stats", [])}
+            return _Counts("Triton statistics (/v2/models/NAME/stats)", float(s["inference_count"]),
+                           float(s["execution_count"]), sizes)
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass
+    if text:
+        def value(metric: str) -> float | None:
+            m = re.search(rf'^{metric}{{[^}}]*model="{re.escape(model)}"[^}}]*}} ([\d.e+-]+)$', text, re.M)
+            return float(m.group(1)) if m else None
+
+        rows, batches = value("nv_inference_count"), value("nv_inference_exec_count")
+        if rows is not None and batches is not None:
+            return _Counts("nv_inference_count / nv_inference_exec_count", rows, batches, {})
+    return None
+
+
+def _batches_between(a: _Counts | None, b: _Counts | None) -> ServerBatches | None:
+    if a is None or b is None or a.source != b.source:
+        return None
+    sizes = {k: b.sizes.get(k, 0.0) - a.sizes.get(k, 0.0) for k in b.sizes}
+    if b.cumulative:  # Prometheus buckets count everything <= le: per-bucket counts
+        order = sorted(sizes, key=lambda k: float(k))
+        sizes = {f"<={k}": sizes[k] - (sizes[order[i - 1]] if i else 0.0) for i, k in enumerate(order)}
+    return ServerBatches(b.source, b.rows - a.rows, b.batches - a.batches, {k: v for k, v in sizes.items() if v})
+
+
+# -- the requests and their answers -----------------------------------------------------------------------
+def make_inputs(info: ModelInfo, rows: int, seed: int = 0) -> np.ndarray:
+    """``rows`` distinct seeded inputs of the model's type: pixels 0..255 for integer inputs, N(0, 1) else."""
+    rng = np.random.default_rng(seed)
+    dtype = NUMPY_TYPES[info.datatype]
+    if np.issubdtype(dtype, np.integer):
+        info_range = np.iinfo(dtype)
+        return rng.integers(max(info_range.min, 0), info_range.max + 1, (rows, *info.shape), dtype=dtype)
+    return rng.standard_normal((rows, *info.shape)).astype(dtype)
+
+
+class _Sender:
+    """One thread's tritonclient.http client: sends row i, returns its answer (float64, batch axis kept)."""
+
+    def __init__(self, url: str, info: ModelInfo, x: np.ndarray, timeout: float) -> None:
+        self.th, self.info, self.x = _th(), info, x
+        self.client = _client(url, timeout)
+        self.output = [self.th.InferRequestedOutput(info.output_name, binary_data=True)]
+
+    def send(self, i: int) -> np.ndarray:
+        inp = self.th.InferInput(self.info.input_name, [1, *self.info.shape], self.info.datatype)
+        inp.set_data_from_numpy(self.x[i:i + 1], binary_data=True)
+        out = self.client.infer(self.info.name, [inp], outputs=self.output).as_numpy(self.info.output_name)
+        if out is None:
+            raise VitDeployError(f"the answer has no output {self.info.output_name!r}")
+        return np.asarray(out)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Checker:
+    """Tells whether an answer is its own row's: ok, crossed (another row's answer) or wrong (why)."""
+
+    def __init__(self, expected: np.ndarray, tolerance: float) -> None:
+        self.expected = np.asarray(expected, np.float64)
+        self.tolerance = tolerance
+        flat = self.expected.reshape(len(self.expected), -1)
+        self.scale = np.maximum(1.0, np.abs(flat).max(1))  # tolerance relative to each row's largest logit
+        self.flat = flat
+
+    def distance(self, answer: np.ndarray) -> np.ndarray:
+        """Each row's scaled max-abs difference from ``answer``."""
+        return np.abs(self.flat - answer.reshape(1, -1)).max(1) / self.scale
+
+    def check(self, row: int, answer: np.ndarray) -> tuple[str, str]:
+        """-> ('ok' | 'crossed' | 'wrong', what was wrong)."""
+        if answer.shape != (1, *self.expected.shape[1:]):
+            return "wrong", f"row {row}: answer of shape {list(answer.shape)}, not {[1, *self.expected.shape[1:]]}"
+        a = answer.astype(np.float64)
+        if not np.isfinite(a).all():
+            return "wrong", f"row {row}: answer not finite"
+        d = self.distance(a)
+        if d[row] <= self.tolerance:
+            return "ok", ""
+        other = int(np.argmin(d))
+        if d[other] <= self.tolerance:
+            return "crossed", f"the request for row {row} got row {other}'s answer"
+        return "wrong", f"row {row}: answer differs from its expected one by {d[row]:.3g} (relative)"
+
+    def require_distinct(self) -> None:
+        """VitDeployError if two rows' expected answers are within tolerance: answers could not be told apart."""
+        for i in range(len(self.flat)):
+            d = np.abs(self.flat - self.flat[i]).max(1) / np.maximum(self.scale, self.scale[i])
+            d[i] = np.inf
+            j = int(np.argmin(d))
+            if d[j] <= 2 * self.tolerance:
+                raise VitDeployError(f"distinct inputs {i} and {j} get the same answer (within {d[j]:.3g}): the "
+                                     "load test cannot tell requests apart on this model; give more --rows "
+                                     "or a smaller --tolerance")
+
+
+def expected_answers(url: str, info: ModelInfo, x: np.ndarray, reference: str | Path | None, tolerance: float,
+                     timeout: float) -> Checker:
+    """Every row sent once, one request at a time (none in flight together, so none can be crossed): each
+    row's expected answer, or, with a ``reference`` artifact, checked against its logits computed here."""
+    sender = _Sender(url, info, x, timeout)
+    try:
+        answers = [sender.send(i) for i in range(len(x))]
+    finally:
+        sender.close()
+    for i, a in enumerate(answers):
+        if a.ndim < 1 or a.shape[0] != 1 or not np.isfinite(a.astype(np.float64)).all():
+            raise VitDeployError(f"the server's answer for row {i} alone has shape {list(a.shape)} "
+                                 f"{'and is not finite' if a.size else ''}: not one finite row of outputs")
+    served = np.concatenate(answers)
+    if reference is None:
+        checker = Checker(served, tolerance)
+    else:
+        from vitdeploy.engines import open_runtime
+
+        with open_runtime(reference) as rt:
+            checker = Checker(np.asarray(rt.infer(x)), tolerance)
+        for i, a in enumerate(answers):
+            status, why = checker.check(i, a)
+            if status != "ok":
+                raise VitDeployError(f"the server's answer for row {i}, sent alone, is not the reference's "
+                                     f"({why}): is --reference the model the server serves?")
+    checker.require_distinct()
+    return checker
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3 if values else float("nan")
+
+
+def drive_level(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
+                time_limit: float, timeout: float = 60.0) -> LevelResult:
+    """``concurrency`` closed-loop clients share ``requests`` requests (request k sends row k % rows) until
+    all are sent or ``time_limit`` seconds have passed; every answer checked."""
     lock = threading.Lock()
+    state = {"next": 0, "errors": 0, "crossed": 0, "wrong": 0}
+    latencies: list[float] = []
+    examples: list[str] = []
+    deadline = time.perf_counter() + time_limit
 
-    def client(c: int) -> None:
-        nonlocal mismatches
-        with httpx.Client(base_url=url, timeout=30) as http:
-            for j in range(requests_per_client):
-                if time.perf_counter() > deadline:
-                    return
-                i = c * requests_per_client + j
+    def take() -> int | None:
+        with lock:
+            k = state["next"]
+            if k >= requests or time.perf_counter() > deadline:
+                return None
+            state["next"] = k + 1
+            return k
+
+    def client(_: int) -> None:
+        sender = _Sender(url, info, x, timeout)
+        try:
+            while (k := take()) is not None:
+                row = k % len(x)
                 t = time.perf_counter()
-                r = http.post("/v1/logits", content=x[i].tobytes(), headers={
-                    "content-type": "application/octet-stream", "x-shape": ",".join(map(str, x[i].shape)),
-                    "accept": "application/octet-stream"})
+                try:
+                    answer, status, why = sender.send(row), "", ""
+                except Exception as e:  # a failed request is counted, the client goes on
+                    answer, status, why = None, "errors", f"row {row}: {type(e).__name__}: {e}"[:300]
                 dt = time.perf_counter() - t
-                out = np.frombuffer(r.content, np.float32) if r.status_code == 200 else None
+                if answer is not None:
+                    status, why = checker.check(row, answer)
                 with lock:
-                    latencies.append(dt)
-                    if out is None or np.abs(out - expected[i]).max() > 1e-3:
-                        mismatches += 1
+                    if answer is not None:
+                        latencies.append(dt)
+                    if status != "ok":
+                        state[status] += 1
+                        if len(examples) < 5:
+                            examples.append(why)
+        finally:
+            sender.close()
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, range(concurrency)))
     wall = time.perf_counter() - t0
-    metrics = httpx.get(url + "/metrics").text
-    server.should_exit = True
-    thread.join(10)
-    rows, batches, buckets = batch_histogram(metrics)
-    lat = np.asarray(latencies) * 1e3
-    return {
-        "clients": clients, "requests": len(latencies), "mismatches": mismatches,
-        "requests_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)), "mean_batch": rows / batches if batches else 0.0,
-        "batch_rows": rows, "batches": batches, "batch_buckets": buckets,
-        "direct_one_at_a_time_rps": direct_rps,
-    }
+    return LevelResult(concurrency, state["next"], len(latencies), state["errors"], state["crossed"],
+                       state["wrong"], wall, len(latencies) / wall if wall else 0.0, _percentile(latencies, 50),
+                       _percentile(latencies, 90), _percentile(latencies, 99),
+                       float(np.mean(latencies)) * 1e3 if latencies else float("nan"), examples=examples)
+
+
+def run(url: str, model: str, concurrency: Sequence[int], requests: int = 200, uint8: bool = False,
+        time_limit: float = 60.0, rows: int = 32, reference: str | Path | None = None, tolerance: float = 1e-3,
+        metrics_url: str | None = None, timeout: float = 60.0, seed: int = 0) -> LoadReport:
+    """Drive the KServe v2 server at ``url`` at each concurrency level with ``requests`` one-row requests
+    (``time_limit`` seconds at most per level); see the module's docstring for how answers are checked.
+    ``uint8``: the model must take UINT8 input (an export with --uint8-input)."""
+    from vitdeploy.sysinfo import cpu_flags, cpu_model, usable_cpus
+
+    if not concurrency or min(concurrency) < 1:
+        raise VitDeployError("--concurrency needs positive client counts, e.g. 1,4,16,64")
+    if requests < 1 or rows < 2 or time_limit <= 0:
+        raise VitDeployError("--requests must be >= 1, --rows >= 2 and --time-limit > 0")
+    info = model_info(url, model, timeout)
+    if uint8 and info.datatype != "UINT8":
+        raise VitDeployError(f"--uint8: model {model!r} at {url} takes {info.datatype}, not UINT8: serve an export "
+                             "made with --uint8-input, or drop --uint8")
+    x = make_inputs(info, rows, seed)
+    checker = expected_answers(url, info, x, reference, tolerance, timeout)
+    report = LoadReport(url, info, rows, str(reference) if reference else None, tolerance,
+                        {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": usable_cpus()})
+    for c in concurrency:
+        before = _batch_counts(url, model, metrics_url)
+        level = drive_level(url, info, x, checker, c, requests, time_limit, timeout)
+        level.batches = _batches_between(before, _batch_counts(url, model, metrics_url))
+        report.unsent += requests - level.sent
+        report.levels.append(level)
+    return report

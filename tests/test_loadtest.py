@@ -1,0 +1,199 @@
+"""`vitdeploy bench --url`: the load test against a real `vitdeploy serve` process, a real tritonserver, and a
+fake KServe v2 server that crosses answers between concurrent requests (which the check must catch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.http_server import ServeProcess
+from tests.test_triton import local_triton  # noqa: F401 - the session fixture (skip, or fail under VITDEPLOY_REQUIRE)
+from vitdeploy.cli import main
+from vitdeploy.serving import loadtest
+
+pytest.importorskip("tritonclient.http", reason="tritonclient not installed: pip install 'vitdeploy[triton]'")
+
+
+def _bench(*args: str):
+    return CliRunner().invoke(main, ["bench", *args], terminal_width=200)
+
+
+def test_bench_url_against_vitdeploy_serve(serving_onnx, tmp_path):
+    """A real `vitdeploy serve` at 1 and 4 clients: figures, every answer checked against the reference's
+    logits computed here, and the server's batch histogram counting exactly the requests of each level."""
+    with ServeProcess(serving_onnx, "--name", "small", "--max-batch", "8", "--max-delay-ms", "20") as srv:
+        r = _bench("--url", srv.url, "--model", "small", "--concurrency", "1,4", "--requests", "24", "--rows", "6",
+                   "--reference", str(serving_onnx), "--json", str(tmp_path / "load.json"),
+                   "--plot", str(tmp_path / "load.png"))
+    assert r.exit_code == 0, r.output
+    assert "requests/s" in r.output and "client machine:" in r.output and "vitdeploy_batch_size" in r.output
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["ok"] and report["model"]["datatype"] == "FP32" and report["model"]["shape"] == [3, 64, 64]
+    one, four = report["levels"]
+    for lv in (one, four):
+        assert lv["sent"] == lv["answered"] == 24 and lv["bad"] == 0
+        assert 0 < lv["p50_ms"] <= lv["p90_ms"] <= lv["p99_ms"] and lv["requests_per_s"] > 0
+        assert lv["batches"]["rows"] == 24  # the server counted each level's rows, no more, no less
+    assert one["batches"]["batches"] == 24 and one["batches"]["sizes"] == {"<=1.0": 24}
+    assert four["batches"]["batches"] < 24 and four["batches"]["mean"] > 1  # 4 clients formed batches
+    assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- a fake KServe v2 server: binary tensors, answers = a function of the input, optionally swapped ---------
+class FakeV2(ThreadingHTTPServer):
+    """Model 'fake', FP32 [-1, 2, 3] -> FP32 [-1, 4]. With ``swap``, two requests in flight together get each
+    other's answers (a request waits up to 0.1 s for a partner; alone, it gets its own answer)."""
+
+    daemon_threads = True
+
+    def __init__(self, swap: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _FakeHandler)
+        self.swap = swap
+        self.lock = threading.Lock()
+        self.waiting: dict | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @staticmethod
+    def model(x: np.ndarray) -> np.ndarray:
+        return np.stack([x.mean((1, 2)), x.std((1, 2)), x[:, 0, 0], x[:, 1, 2]], 1).astype(np.float32)
+
+    def answer(self, out: np.ndarray) -> np.ndarray:
+        if not self.swap:
+            return out
+        with self.lock:
+            partner, self.waiting = self.waiting, None
+            if partner is None:
+                mine = self.waiting = {"out": out, "got": None, "done": threading.Event()}
+            else:
+                partner["got"] = out
+                partner["done"].set()
+                return partner["out"]
+        if mine["done"].wait(0.1):
+            return mine["got"]
+        with self.lock:
+            if self.waiting is mine:
+                self.waiting = None
+                return out
+        mine["done"].wait()  # a partner took it just now
+        return mine["got"]
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, code: int, body: bytes, headers: dict | None = None) -> None:
+        self.send_response(code)
+        for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v2/models/fake":
+            meta = {"name": "fake", "versions": ["1"], "platform": "fake",
+                    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2, 3]}],
+                    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
+            return self._send(200, json.dumps(meta).encode())
+        self._send(404, b'{"error": "not found"}')
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        n = int(self.headers["Inference-Header-Content-Length"])
+        head = json.loads(body[:n])
+        inp = head["inputs"][0]
+        assert inp["datatype"] == "FP32" and inp["parameters"]["binary_data_size"] == len(body) - n
+        out = self.server.answer(FakeV2.model(np.frombuffer(body[n:], np.float32).reshape(inp["shape"])))
+        reply = json.dumps({"model_name": "fake", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 4],
+                                                                "parameters": {"binary_data_size": 16}}]}).encode()
+        self._send(200, reply + out.tobytes(), {"Content-Type": "application/octet-stream",
+                                                "Inference-Header-Content-Length": str(len(reply))})
+
+
+@pytest.fixture
+def fake_server(request):
+    server = FakeV2(swap=request.param)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("fake_server", [True, False], indirect=True, ids=["crossing", "honest"])
+def test_a_server_that_crosses_answers_fails_the_run(fake_server):
+    """The same fake fails the run only when it swaps answers between concurrent requests."""
+    r = _bench("--url", fake_server.url, "--model", "fake", "--concurrency", "1,4", "--requests", "16",
+               "--rows", "4")
+    if not fake_server.swap:
+        assert r.exit_code == 0, r.output
+        assert "not reported by the server" in " ".join(r.output.split())  # no /metrics, no /v2/models/fake/stats
+        return
+    assert r.exit_code == 1, r.output
+    message = r.output.strip().splitlines()[-1]
+    assert message.startswith("Error: answers not checked out: concurrency 4:"), message
+    assert "answer(s) carried another request's rows" in message and "got row" in message
+    assert "concurrency 1:" not in message  # one client alone is never crossed
+
+
+@pytest.mark.parametrize("fake_server", [False], indirect=True)
+def test_bench_url_user_errors(fake_server):
+    for args, words in ((["--model", "other"], "has no model 'other'"),
+                        (["--model", "fake", "--uint8"], "takes FP32, not UINT8"),
+                        (["--model", "fake", "--rows", "2", "--concurrency", "4,0"],
+                         "--concurrency: client counts must be positive integers")):
+        r = _bench("--url", fake_server.url, *args, "--requests", "2")
+        assert r.exit_code in (1, 2) and words in r.output and "Traceback" not in r.output, r.output
+    r = _bench("--url", "http://127.0.0.1:1", "--model", "fake")
+    assert r.exit_code == 1 and "no KServe v2 server answers at" in r.output, r.output
+    r = _bench("--model", "fake")
+    assert r.exit_code == 2 and "--url takes --model NAME" in r.output
+
+
+def test_loadtest_is_a_client_not_the_server():
+    code = ("import sys, vitdeploy.serving.loadtest; "
+            "assert not {'vitdeploy.serving.server', 'fastapi', 'uvicorn'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the real tritonserver (as in tests/test_triton.py: skipped without it, failed under VITDEPLOY_REQUIRE) ---
+@pytest.fixture(scope="module")
+def triton_small(local_triton, serving_onnx, tmp_path_factory):  # noqa: F811 - the imported fixture
+    from benchmarks import local_triton as harness
+
+    repo = tmp_path_factory.mktemp("loadtest-triton") / "repo"
+    r = CliRunner().invoke(main, ["triton", str(serving_onnx), "--repo", str(repo), "--name", "small", "--backend",
+                                  "python", "--execution-env", str(local_triton.env), "--max-batch", "8",
+                                  "--max-queue-delay-us", "20000", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    server = harness.start_tritonserver(local_triton, repo, log_dir=repo.parent)
+    yield server
+    server.stop()
+
+
+def test_bench_url_against_tritonserver(triton_small, serving_onnx):
+    report = loadtest.run(f"http://{triton_small.http_url}", "small", [1, 4], requests=24, rows=6,
+                          reference=serving_onnx, time_limit=60)
+    assert report.ok, report.problems
+    for lv in report.levels:
+        assert lv.sent == lv.answered == 24 and lv.bad == 0 and lv.requests_per_s > 0
+        b = lv.batches
+        assert b is not None and b.source.startswith("Triton statistics")
+        assert b.rows == 24 and sum(b.sizes.values()) == b.batches  # Triton's per-size counts add up
+        assert sum(int(k) * v for k, v in b.sizes.items()) == 24
+    assert report.levels[0].batches.sizes == {"1": 24}
+    assert report.levels[1].batches.mean > 1
