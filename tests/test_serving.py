@@ -302,16 +302,19 @@ def test_triton_repo_for_onnx_and_engine(digits_onnx, tmp_path):
     # engines (tensorrt_plan, and TensorRT-RTX engines through the Python backend): tests/test_triton.py
 
 
-def test_load_test_small(runtime):
-    from vitdeploy.serving.loadtest import run_load
+def test_load_test_small(runtime, small_onnx):
+    _tritonclient()
+    from vitdeploy.serving import loadtest
 
-    result = run_load(runtime, clients=8, requests_per_client=15, max_batch=8, max_delay_ms=5, time_limit=60)
-    # every answer equals its own input's logits (checked row by row against the runtime called directly)
-    assert result["requests"] == 120 and result["mismatches"] == 0
+    with Server(runtime, model_name="small", max_batch=8, max_delay_ms=5) as srv:
+        report = loadtest.run(srv.url, "small", [8], requests=120, rows=16, reference=small_onnx, time_limit=60)
+    (level,) = report.levels
+    # every answer equals its own input's logits (checked row by row against the reference computed here)
+    assert report.ok and level.sent == level.answered == 120 and level.bad == 0
     # the metrics histogram counted every row exactly once, and concurrent clients really formed batches > 1
-    assert result["batch_rows"] == 120
-    assert result["batches"] < 120 and result["batch_buckets"]["1.0"] < result["batches"]
-    assert result["mean_batch"] == pytest.approx(120 / result["batches"])
+    b = level.batches
+    assert b.rows == 120 and b.batches < 120 and b.sizes.get("<=1.0", 0) < b.batches
+    assert b.mean == pytest.approx(120 / b.batches)
 
 
 # -- KServe v2 / Triton protocol ---------------------------------------------------------------------------
