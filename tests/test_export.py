@@ -175,6 +175,31 @@ def _no_leftovers(folder):
     return [p.name for p in folder.iterdir()] == []
 
 
+def test_precision_stage_runs_the_registry_entry(tiny_checkpoint, tmp_path, monkeypatch):
+    """Export's precision stage is PRECISION_STEPS' entry (a step swapped in there is the one that runs);
+    every registered precision has the tolerances verification holds it to; an unknown one is refused."""
+    import dataclasses
+
+    from vitdeploy.artifacts.golden import tolerance_for
+    from vitdeploy.exporters import precision
+    from vitdeploy.metrics import TOLERANCES
+
+    assert set(precision.PRECISION_STEPS) == set(TOLERANCES) and all(map(tolerance_for, precision.PRECISION_STEPS))
+    real, seen = precision.PRECISION_STEPS["fp16"], []
+
+    def spy(job):
+        seen.append((job.precision, job.proto is not None, job.calibration))
+        return real.run(job)
+
+    monkeypatch.setitem(precision.PRECISION_STEPS, "fp16", dataclasses.replace(real, run=spy))
+    report = export_onnx(tiny_checkpoint, tmp_path / "h.onnx", options=ExportOptions(precision="fp16", batch=2))
+    assert seen == [("fp16", True, None)] and report.verification.within(**TOLERANCES["fp16"])
+    assert _ops(tmp_path / "h.onnx")["Cast"] >= 2  # the real FP16 pass ran behind the spy
+    with pytest.raises(ExportError, match="unknown precision 'bf16': choose fp32, fp16, int8 or fp8"):
+        export_onnx(tiny_checkpoint, tmp_path / "x.onnx", options=ExportOptions(precision="bf16"))
+    assert not (tmp_path / "x.onnx").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

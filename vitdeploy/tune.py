@@ -209,6 +209,33 @@ def _default_opener(path: Path) -> Callable[[PathChoice], Runtime]:
     return opener
 
 
+@dataclass
+class TuneOptions:
+    """How :func:`tune` measures: see its docstring."""
+    batch: int = 8
+    threads: list[int] | None = None
+    images: Path | None = None
+    warmup: int = 2
+    iters: int = 10
+    prune: float = 1.5
+    progress: bool = False
+    candidates: list[PathChoice] | None = None
+    opener: Callable[[PathChoice], Runtime] | None = None
+    write: bool = True
+    min_seconds: float = 0.5
+
+
+@dataclass
+class _Reference:
+    """What every candidate is checked and timed on: the file run literally by ONNX Runtime."""
+    x_verify: np.ndarray  # the verification inputs
+    logits: np.ndarray  # the reference's answers on them
+    file_precision: str
+    x1: np.ndarray  # the batch-1 timing input
+    xb: np.ndarray  # the throughput-batch timing input
+    name: str = "ONNX Runtime CPU, graph as written (no optimizations)"
+
+
 def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, images: Path | None = None,
          warmup: int = 2, iters: int = 10, prune: float = 1.5, progress: bool = False,
          candidates: list[PathChoice] | None = None, opener: Callable[[PathChoice], Runtime] | None = None,
@@ -220,10 +247,32 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
 
     ``opener`` opens a candidate (default: :func:`open_runtime` on the CPU); tests use it to inject faults.
     """
-    from vitdeploy.io import sha256_file
+    return tune_with(path, TuneOptions(batch=batch, threads=threads, images=images, warmup=warmup, iters=iters,
+                                       prune=prune, progress=progress, candidates=candidates, opener=opener,
+                                       write=write, min_seconds=min_seconds))
 
+
+def tune_with(path: str | Path, opts: TuneOptions) -> TuneReport:
+    """:func:`tune` with its options in one object. Stages: check the artifact -> candidates -> the
+    reference and verification inputs -> guard and time each candidate -> runoff of the finalists ->
+    choose and write the plan."""
     t_start = time.perf_counter()
     path = Path(path)
+    _check_artifact(path, opts.batch)
+    machine = MachineKey.current()
+    choices = opts.candidates if opts.candidates is not None else candidate_paths(
+        path, opts.threads or thread_counts(), list(machine.flags))
+    open_path = opts.opener or _default_opener(path)
+    ref = _reference(path, opts)
+    results = _measure_all(path, choices, open_path, ref, opts)
+    _runoffs(results, open_path, ref, opts)
+    plan = _choose(path, machine, results, opts.batch)
+    if opts.write:
+        plan.write(plan_path(path))
+    return TuneReport(path, plan, results, ref.name, time.perf_counter() - t_start)
+
+
+def _check_artifact(path: Path, batch: int) -> None:
     if not path.is_file():
         raise VitDeployError(f"{path} does not exist")
     if artifact_kind(path) != "onnx":
@@ -231,22 +280,26 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
                              f"export one with `vitdeploy export --model {path} --output model.onnx`")
     if batch < 2:
         raise VitDeployError("the throughput batch must be at least 2 (batch 1 is the latency case)")
-    machine = MachineKey.current()
-    choices = candidates if candidates is not None else candidate_paths(
-        path, threads or thread_counts(), list(machine.flags))
-    open_path = opener or _default_opener(path)
 
+
+def _reference(path: Path, opts: TuneOptions) -> _Reference:
+    """Stage "reference": the verification inputs and the file's answers on them, run as written."""
     with open_runtime(path, backend="onnxruntime", device="cpu", use_plan=False, optimization="disable",
                       qdq_activations="int8") as ref:
-        x_verify = verification_inputs(ref, images)
-        reference = ref.infer(x_verify)
-        file_precision = ref.metadata.precision if ref.metadata else "fp32"
-        x1 = x_verify[:1]
-        xb = np.resize(x_verify, (batch, *x_verify.shape[1:]))
-        reference_name = "ONNX Runtime CPU, graph as written (no optimizations)"
+        x_verify = verification_inputs(ref, opts.images)
+        return _Reference(x_verify, ref.infer(x_verify), ref.metadata.precision if ref.metadata else "fp32",
+                          x_verify[:1], np.resize(x_verify, (opts.batch, *x_verify.shape[1:])))
 
+
+def _failure(e: Exception, prefix: str = "", width: int = 160) -> str:
+    return prefix + (" ".join(str(e).split())[:width] or type(e).__name__)
+
+
+def _measure_all(path: Path, choices: list[PathChoice], open_path: Callable[[PathChoice], Runtime],
+                 ref: _Reference, opts: TuneOptions) -> list[Candidate]:
+    """Stage "measure": each candidate opened, guarded and timed in turn; a failure is reported on it."""
     bar = None
-    if progress:
+    if opts.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(choices), desc=f"tuning {path.name}", unit="path", leave=False)
@@ -254,22 +307,22 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
     best: dict[int, float] = {}
     try:
         for choice in choices:
-            c = Candidate(choice, precision=_path_precision(choice, file_precision))
+            c = Candidate(choice, precision=_path_precision(choice, ref.file_precision))
             results.append(c)
             if bar is not None:
                 bar.set_postfix_str(choice.label)
             try:
                 rt = open_path(choice)
             except Exception as e:  # a path this machine cannot run is reported, not fatal
-                c.status, c.reason = "failed", " ".join(str(e).split())[:160] or type(e).__name__
+                c.status, c.reason = "failed", _failure(e)
                 if bar is not None:
                     bar.update(1)
                 continue
             try:
                 c.description = rt.describe()
-                _measure_candidate(rt, c, reference, x_verify, x1, xb, warmup, iters, prune, best, min_seconds)
+                _measure_candidate(rt, c, ref, opts, best)
             except Exception as e:
-                c.status, c.reason = "failed", " ".join(str(e).split())[:160] or type(e).__name__
+                c.status, c.reason = "failed", _failure(e)
             finally:
                 rt.close()
                 if bar is not None:
@@ -277,14 +330,27 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
     finally:
         if bar is not None:
             bar.close()
+    return results
 
+
+def _runoffs(results: list[Candidate], open_path: Callable[[PathChoice], Runtime], ref: _Reference,
+             opts: TuneOptions) -> None:
+    """Stage "runoff": the close finalists at each batch size timed again side by side (:func:`_runoff`)."""
     ok = [c for c in results if c.status == "ok"]
-    for x in (x1, xb):
-        _runoff(ok, x, open_path, warmup, iters, min_seconds, lambda c, rt: _guard(rt, c, reference, x_verify))
+    for x in (ref.x1, ref.xb):
+        _runoff(ok, x, open_path, opts.warmup, opts.iters, opts.min_seconds,
+                lambda c, rt: _guard(rt, c, ref.logits, ref.x_verify))
+
+
+def _choose(path: Path, machine: MachineKey, results: list[Candidate], batch: int) -> TunePlan:
+    """Stage "choose": the fastest guarded path at batch 1 and at ``batch``, as a plan."""
+    from vitdeploy.io import sha256_file
+
     ok = [c for c in results if c.status == "ok"]
     if not ok:
         reasons = "; ".join(f"{c.choice.label}: {c.status} {c.reason}" for c in results)
         raise VitDeployError(f"no CPU path passed the accuracy guard for {path.name} ({reasons}); no plan written")
+
     # a runoff's figures were timed side by side: where there was one, its winner is the choice (the
     # others were already over RUNOFF_MARGIN slower, in figures from another moment)
     def rank(b: int) -> Callable[[Candidate], tuple[bool, bool, float]]:
@@ -293,12 +359,8 @@ def tune(path: str | Path, batch: int = 8, threads: list[int] | None = None, ima
 
     lat = min(ok, key=rank(1))
     thr = min(ok, key=rank(batch))
-    plan = TunePlan(artifact=path.name, artifact_sha256=sha256_file(path), machine=machine, latency=lat.choice,
-                    throughput=thr.choice, throughput_batch=batch,
-                    candidates=[c.to_dict() for c in results])
-    if write:
-        plan.write(plan_path(path))
-    return TuneReport(path, plan, results, reference_name, time.perf_counter() - t_start)
+    return TunePlan(artifact=path.name, artifact_sha256=sha256_file(path), machine=machine, latency=lat.choice,
+                    throughput=thr.choice, throughput_batch=batch, candidates=[c.to_dict() for c in results])
 
 
 def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice], Runtime], warmup: int,
@@ -328,13 +390,12 @@ def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice]
                     continue
                 time_runs(rt, x, warmup, 0.4 * min_seconds)
             except Exception as e:
-                c.status, c.reason = "failed", "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
+                c.status, c.reason = "failed", _failure(e, "runoff: ", 150)
         live = {i: rt for i, rt in runtimes.items() if finalists[i].status == "ok"}
         per_round = max(2, (iters if b == 1 else max(3, iters // 2)) // RUNOFF_ROUNDS)
 
         def failed(i: int, e: Exception) -> None:
-            finalists[i].status = "failed"
-            finalists[i].reason = "runoff: " + (" ".join(str(e).split())[:150] or type(e).__name__)
+            finalists[i].status, finalists[i].reason = "failed", _failure(e, "runoff: ", 150)
 
         runs = side_by_side(live, x, RUNOFF_ROUNDS, per_round, min_seconds, RUNOFF_PAUSE_S, on_error=failed)
     finally:
@@ -371,12 +432,13 @@ def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarra
     return True
 
 
-def _measure_candidate(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray, x1: np.ndarray,
-                       xb: np.ndarray, warmup: int, iters: int, prune: float, best: dict[int, float],
-                       min_seconds: float) -> None:
-    if not _guard(rt, c, reference, x_verify):
+def _measure_candidate(rt: Runtime, c: Candidate, ref: _Reference, opts: TuneOptions, best: dict[int, float]) -> None:
+    """The accuracy guard, then a quick estimate at each batch size; the full timing unless it is over
+    ``opts.prune`` x the best so far (``best``: batch -> ms per image, updated)."""
+    warmup, iters, prune, min_seconds = opts.warmup, opts.iters, opts.prune, opts.min_seconds
+    if not _guard(rt, c, ref.logits, ref.x_verify):
         return
-    for x in (x1, xb):
+    for x in (ref.x1, ref.xb):
         b = x.shape[0]
         time_runs(rt, x, warmup, 0.4 * min_seconds)
         quick = time_runs(rt, x, 2)

@@ -21,6 +21,7 @@ from vitdeploy import __version__
 from vitdeploy.artifacts.golden import GoldenSet, GoldenVerdict
 from vitdeploy.errors import VitDeployError
 from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
+from vitdeploy.exporters.precision import PRECISION_STEPS, PrecisionJob, PrecisionResult
 from vitdeploy.io import check_output_dir, publish_onnx, staging_dir
 from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
 
@@ -249,7 +250,7 @@ def _verification_inputs(config: Any, opts: ExportOptions, batch: int | None) ->
     h, w = config.image_hw
     n = max(opts.verify_inputs, batch or 1)
     rng = np.random.default_rng(0)
-    if opts.precision in ("int8", "fp8") and opts.calib_dir is not None:
+    if PRECISION_STEPS[opts.precision].calibrated and opts.calib_dir is not None:
         files = find_images(opts.calib_dir)
         picks = rng.choice(len(files), size=min(len(files), 4 * n), replace=False)
         inputs = load_images([files[i] for i in sorted(picks)], prep, opts.uint8_input)
@@ -369,13 +370,15 @@ def _check_options(opts: ExportOptions) -> tuple[int, list[str], list[Path]]:
     """Refuse options that cannot work before any work is done; -> (opset, notes, calibration files)."""
     from vitdeploy.preprocess import find_images
 
-    if opts.precision not in TOLERANCES:
-        raise ExportError(f"unknown precision {opts.precision!r}: choose fp32, fp16, int8 or fp8")
+    step = PRECISION_STEPS.get(opts.precision)
+    if step is None or opts.precision not in TOLERANCES:
+        *others, last = PRECISION_STEPS
+        raise ExportError(f"unknown precision {opts.precision!r}: choose {', '.join(others)} or {last}")
     notes: list[str] = []
     opset = opts.opset
-    if opts.precision == "fp8" and opset < 19:
-        opset = 19
-        notes.append("fp8 needs float8 Q/DQ (opset 19): exported at opset 19")
+    if opset < step.min_opset:
+        opset = step.min_opset
+        notes.append(f"{opts.precision} needs {step.opset_reason} (opset {opset}): exported at opset {opset}")
     max_opset = ort_max_opset()
     if opset > max_opset:
         import onnxruntime
@@ -387,7 +390,7 @@ def _check_options(opts: ExportOptions) -> tuple[int, list[str], list[Path]]:
     if opts.fp16_io and opts.uint8_input:
         raise ExportError("give --fp16-io or --uint8-input, not both: a uint8-input model takes uint8 pixels")
     calib_files: list[Path] = []
-    if opts.precision in ("int8", "fp8"):
+    if step.calibrated:
         if opts.calib_dir is None:
             raise ExportError(f"--precision {opts.precision} needs --calib-dir DIR with calibration images")
         calib_files = find_images(opts.calib_dir)[: opts.calib_samples]
@@ -418,45 +421,100 @@ def _verify_staged(tmp: Path, model: Any, cfg: Any, opts: ExportOptions, batch: 
     return comparison, verdict
 
 
-def _to_precision(proto: Any, fp32_path: Path, tmp: Path, large: bool, prep: Any, calib_files: list[Path],
-                  opts: ExportOptions, batch: int | None, progress: bool,
-                  notes: list[str]) -> tuple[Any, bool, dict[str, int] | None]:
-    """The FP32 graph (``proto``, or ``fp32_path`` when it is large) in ``opts.precision``; INT8/FP8 are
-    calibrated and written to ``tmp``. -> (proto, large, Q/DQ coverage)."""
-    import onnx
+def _trace(model: Any, opts: ExportOptions, opset: int) -> Any:
+    """Stage "trace": the torch model (behind its preprocessing for ``uint8_input``) as an onnx-ir model."""
+    from vitdeploy.preprocess import Preprocessing
 
-    from vitdeploy.exporters import precision as prec
-    from vitdeploy.preprocess import open_image
+    cfg = model.config
+    prep = Preprocessing.from_config(cfg)
+    exported = uint8_input_module(model, prep.mean, prep.std) if opts.uint8_input else model
+    return _torch_export(exported, cfg, opts.batch, opts.dynamic_batch, opset, uint8=opts.uint8_input)
 
-    qdq = None
-    if opts.precision == "fp16":
-        # FP16 halves the weights: ViT-H's proto fits under 2 GB again
-        proto = prec.to_fp16(proto if proto is not None else onnx.load(str(fp32_path)),
-                             keep_io_types=not opts.fp16_io)
-        large = proto.ByteSize() > opts.external_data_bytes
-    elif opts.precision in ("int8", "fp8"):
-        if proto is not None:
-            _save(proto, fp32_path, large=False)
+
+def _check_traced(model_ir: Any, opts: ExportOptions) -> tuple[Any, bool]:
+    """Stage "check graph" -> (ModelProto, or None when the weights are over the external-data size; large)."""
+    import onnx_ir as ir
+
+    if _weight_bytes(model_ir) > opts.external_data_bytes:
+        # ViT-H: the graph is checked on the IR; shape inference needs the 2 GB-limited proto
+        left = sorted({n.op_type for n in model_ir.graph if n.op_type in FORBIDDEN_OPS})
+        if left:
+            raise ExportError(f"exported graph still has {', '.join(left)} nodes")
+        return None, True
+    proto = ir.serde.serialize_model(model_ir)
+    check_graph(proto, opts.dynamic_batch)
+    return proto, False
+
+
+def _metadata(loaded: Any, opts: ExportOptions, opset: int, golden: GoldenSet, notes: list[str]) -> ArtifactMetadata:
+    """Stage "metadata": what the artifact carries (config, preprocessing, labels, precision, golden set)."""
+    from vitdeploy.preprocess import Preprocessing
+
+    cfg = loaded.model.config
+    extra = {"source_kind": loaded.kind, "opset": str(opset)}
+    golden.attach(extra)
+    if opts.uint8_input:
+        extra["input"] = UINT8_NHWC
+        h, w = cfg.image_hw
+        notes.append(f"input: uint8 pixels [N, {h}, {w}, {cfg.num_channels}] (resized, not normalized); "
+                     "the graph casts, normalizes with the model's mean/std and transposes to NCHW")
+    return ArtifactMetadata(
+        version=__version__, config=cfg.to_dict(), preprocessing=Preprocessing.from_config(cfg).to_dict(),
+        labels=cfg.labels, precision=opts.precision, batch="dynamic" if opts.dynamic_batch else str(opts.batch),
+        source=str(loaded.source), source_sha256=loaded.sha256 or "", extra=extra,
+    )
+
+
+def _fp32_on_disk(model_ir: Any, large: bool, tmpdir: Path) -> Path:
+    """The staging folder's layout (``out/`` for the artifact); -> where the precision step finds the FP32
+    graph when it is large (written there now)."""
+    import onnx_ir as ir
+
+    (tmpdir / "out").mkdir()
+    fp32_path = tmpdir / "fp32.onnx"
+    if large:
+        ir.save(model_ir, fp32_path, external_data=fp32_path.name + ".data")
+    return fp32_path
+
+
+def _to_precision(proto: Any, fp32_path: Path, tmp: Path, large: bool, cfg: Any, calib_files: list[Path],
+                  opts: ExportOptions, batch: int | None, progress: bool, notes: list[str]) -> PrecisionResult:
+    """Stage "precision": the FP32 graph (``proto``, or ``fp32_path`` when it is large) through
+    ``opts.precision``'s step in PRECISION_STEPS; a calibrated one is fed ``calib_files``."""
+    from vitdeploy.exporters.precision import calibration_batches
+    from vitdeploy.preprocess import Preprocessing, open_image
+
+    step = PRECISION_STEPS[opts.precision]
+    calibration = None
+    if step.calibrated:
+        prep = Preprocessing.from_config(cfg)
         to_input = prep.pixels if opts.uint8_input else prep  # calibrate on what the graph takes
-        batches = prec.calibration_batches(calib_files, lambda f: to_input(open_image(f)), batch, progress)
-        prec.quantize(fp32_path, tmp, INPUT_NAME, batches, opts.precision, opts.calib_method,
-                      external_data=large)
-        proto = onnx.load(str(tmp), load_external_data=not large)
-        qdq = prec.qdq_coverage(proto)
+        calibration = calibration_batches(calib_files, lambda f: to_input(open_image(f)), batch, progress)
+    job = PrecisionJob(opts.precision, proto, fp32_path, tmp, large, INPUT_NAME, opts.external_data_bytes,
+                       fp16_io=opts.fp16_io, calib_method=opts.calib_method, calibration=calibration)
+    result = step.run(job)
+    if step.calibrated:
         notes.append(f"calibrated on {len(calib_files)} images from {opts.calib_dir} ({opts.calib_method}"
                      f"{', distribution for fp8' if opts.precision == 'fp8' else ''})")
-    elif proto is None:
-        proto = onnx.load(str(fp32_path), load_external_data=True)
-    return proto, large, qdq
+    return result
+
+
+def _write_staged(result: PrecisionResult, meta: ArtifactMetadata, tmp: Path) -> None:
+    """The graph with its metadata, written to ``tmp`` and checked by onnx's checker."""
+    import onnx
+
+    set_metadata(result.proto, meta)
+    _save(result.proto, tmp, result.large)
+    onnx.checker.check_model(str(tmp), full_check=not result.large)
 
 
 def export_onnx(source: Any, output: str | Path, config: Any = None, options: ExportOptions | None = None,
                 progress: bool = False) -> ExportReport:
-    """Export ``source`` (anything :func:`vitdeploy.load_model` takes) to ``output``; see ExportOptions."""
-    import onnx
+    """Export ``source`` (anything :func:`vitdeploy.load_model` takes) to ``output``; see ExportOptions.
 
+    Stages: check the options -> trace -> check the graph -> metadata (with the golden set) -> the
+    precision's step (PRECISION_STEPS) -> write -> validate against torch and the golden set -> publish."""
     from vitdeploy.checkpoints import resolve
-    from vitdeploy.preprocess import Preprocessing
 
     opts = options or ExportOptions()
     output = Path(output)
@@ -467,55 +525,26 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     loaded = resolve(source, config, seed=opts.seed)
     model, cfg = loaded.model, loaded.model.config
     batch = None if opts.dynamic_batch else opts.batch
-    import onnx_ir as ir
-
-    prep = Preprocessing.from_config(cfg)
-    exported = uint8_input_module(model, prep.mean, prep.std) if opts.uint8_input else model
-    model_ir = _torch_export(exported, cfg, opts.batch, opts.dynamic_batch, opset, uint8=opts.uint8_input)
-    large = _weight_bytes(model_ir) > opts.external_data_bytes
-    if large:  # ViT-H: the graph is checked on the IR; shape inference needs the 2 GB-limited proto
-        left = sorted({n.op_type for n in model_ir.graph if n.op_type in FORBIDDEN_OPS})
-        if left:
-            raise ExportError(f"exported graph still has {', '.join(left)} nodes")
-        proto = None
-    else:
-        proto = ir.serde.serialize_model(model_ir)
-        check_graph(proto, opts.dynamic_batch)
-    extra = {"source_kind": loaded.kind, "opset": str(opset)}
+    model_ir = _trace(model, opts, opset)
+    proto, large = _check_traced(model_ir, opts)
     golden = make_golden(model, cfg, opts)
-    golden.attach(extra)
-    if opts.uint8_input:
-        extra["input"] = UINT8_NHWC
-        h, w = cfg.image_hw
-        notes.append(f"input: uint8 pixels [N, {h}, {w}, {cfg.num_channels}] (resized, not normalized); "
-                     "the graph casts, normalizes with the model's mean/std and transposes to NCHW")
-    meta = ArtifactMetadata(
-        version=__version__, config=cfg.to_dict(), preprocessing=prep.to_dict(), labels=cfg.labels,
-        precision=opts.precision, batch="dynamic" if batch is None else str(batch),
-        source=str(loaded.source), source_sha256=loaded.sha256 or "",
-        extra=extra,
-    )
+    meta = _metadata(loaded, opts, opset, golden, notes)
     with staging_dir(output) as tmpdir:
-        (Path(tmpdir) / "out").mkdir()
         tmp = Path(tmpdir) / "out" / output.name
-        fp32_path = Path(tmpdir) / "fp32.onnx"
-        if large:
-            ir.save(model_ir, fp32_path, external_data=fp32_path.name + ".data")
-        del model_ir
-        proto, large, qdq = _to_precision(proto, fp32_path, tmp, large, prep, calib_files, opts, batch, progress,
-                                          notes)
-        set_metadata(proto, meta)
-        _save(proto, tmp, large)
-        onnx.checker.check_model(str(tmp), full_check=not large)
-        tolerance = TOLERANCES[opts.precision]
+        fp32_path = _fp32_on_disk(model_ir, large, Path(tmpdir))
+        del model_ir  # ViT-H: the IR's weights are on disk now
+        result = _to_precision(proto, fp32_path, tmp, large, cfg, calib_files, opts, batch, progress, notes)
+        del proto
+        _write_staged(result, meta, tmp)
         comparison, verdict = _verify_staged(tmp, model, cfg, opts, batch, golden) if opts.verify else (None, None)
         data_files = publish_onnx(tmp, output)
-        if large:
+        if result.large:
             notes.append(f"weights in {', '.join(f.name for f in data_files)} (ONNX external data: the model "
                          "is over 2 GB; the name carries a content hash, so graph and weights always match)")
     return ExportReport(
-        path=output, precision=opts.precision, opset=opset, batch=meta.batch, node_count=len(proto.graph.node),
-        op_histogram=histogram(proto), file_bytes=output.stat().st_size, export_seconds=time.perf_counter() - t0,
-        verification=comparison, tolerance=tolerance, qdq=qdq, notes=notes, golden=verdict,
+        path=output, precision=opts.precision, opset=opset, batch=meta.batch,
+        node_count=len(result.proto.graph.node), op_histogram=histogram(result.proto),
+        file_bytes=output.stat().st_size, export_seconds=time.perf_counter() - t0, verification=comparison,
+        tolerance=TOLERANCES[opts.precision], qdq=result.qdq, notes=notes, golden=verdict,
         golden_bytes=golden.nbytes,
     )

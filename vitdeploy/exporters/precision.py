@@ -10,11 +10,17 @@
   Chosen over NVIDIA ModelOpt because it is already a dependency (ONNX Runtime verifies every
   artifact), runs on the CPU without pulling onnxruntime-gpu, and its output is the Q/DQ layout
   TensorRT's explicit-quantization path consumes (checked by building it with TensorRT-RTX).
+
+Export picks a precision's pass from :data:`PRECISION_STEPS`: one entry per precision, each a
+:class:`PrecisionStep` whose ``run`` takes a :class:`PrecisionJob` (the FP32 graph) and gives back a
+:class:`PrecisionResult`. Adding a precision to export is one entry there; the checks hold it to its
+tolerances (``vitdeploy.metrics.TOLERANCES``, and the golden set's in ``vitdeploy.artifacts.golden``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +186,73 @@ def qdq_coverage(model: Any) -> dict[str, int]:
     return {"quantizable": total, "quantized": quantized,
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
             "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in model.graph.node)}
+
+
+@dataclass
+class PrecisionJob:
+    """What a precision step starts from: the FP32 graph as ``proto``, or, when it is over 2 GB (``large``),
+    only on disk at ``fp32_path``; ``output`` is where a step that writes its own file (Q/DQ) writes it."""
+    precision: str
+    proto: Any | None
+    fp32_path: Path
+    output: Path
+    large: bool
+    input_name: str
+    external_data_bytes: int
+    fp16_io: bool = False  # FP16 inputs and outputs too (default: they stay float32)
+    calib_method: str = "minmax"
+    calibration: Iterator[np.ndarray] | None = None  # batches in the form the graph takes
+
+
+@dataclass
+class PrecisionResult:
+    proto: Any  # the graph in the target precision (weights external, not loaded, when ``large``)
+    large: bool  # its weights go to external data
+    qdq: dict[str, int] | None = None  # Q/DQ coverage (:func:`qdq_coverage`) of a quantized graph
+
+
+@dataclass(frozen=True)
+class PrecisionStep:
+    """One precision: its pass, and what export must know before running it."""
+    run: Callable[[PrecisionJob], PrecisionResult]
+    calibrated: bool = False  # needs calibration images (``--calib-dir``), and is verified on them
+    min_opset: int = 0  # exported at least at this opset ...
+    opset_reason: str = ""  # ... because it needs this
+
+
+def _keep_fp32(job: PrecisionJob) -> PrecisionResult:
+    import onnx
+
+    proto = job.proto if job.proto is not None else onnx.load(str(job.fp32_path), load_external_data=True)
+    return PrecisionResult(proto, job.large)
+
+
+def _half(job: PrecisionJob) -> PrecisionResult:
+    import onnx
+
+    # FP16 halves the weights: ViT-H's proto fits under 2 GB again
+    proto = to_fp16(job.proto if job.proto is not None else onnx.load(str(job.fp32_path)),
+                    keep_io_types=not job.fp16_io)
+    return PrecisionResult(proto, proto.ByteSize() > job.external_data_bytes)
+
+
+def _qdq(job: PrecisionJob) -> PrecisionResult:
+    """Calibrated static Q/DQ (:func:`quantize`) written to ``job.output``."""
+    import onnx
+
+    if job.calibration is None:
+        raise VitDeployError(f"--precision {job.precision} needs calibration images: give --calib-dir DIR")
+    if job.proto is not None:
+        onnx.save_model(job.proto, str(job.fp32_path))
+    quantize(job.fp32_path, job.output, job.input_name, job.calibration, job.precision, job.calib_method,
+             external_data=job.large)
+    proto = onnx.load(str(job.output), load_external_data=not job.large)
+    return PrecisionResult(proto, job.large, qdq_coverage(proto))
+
+
+PRECISION_STEPS: dict[str, PrecisionStep] = {
+    "fp32": PrecisionStep(_keep_fp32),
+    "fp16": PrecisionStep(_half),
+    "int8": PrecisionStep(_qdq, calibrated=True),
+    "fp8": PrecisionStep(_qdq, calibrated=True, min_opset=19, opset_reason="float8 Q/DQ"),
+}
