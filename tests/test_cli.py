@@ -2,6 +2,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from vitdeploy import __version__
@@ -35,6 +36,22 @@ def test_user_errors_are_one_line():
     assert r.exit_code == 1
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: unknown model 'vit-nope-patch16-224'")
+
+
+def test_a_bug_is_not_passed_off_as_a_user_error(monkeypatch):
+    """A ValueError from a bug keeps its traceback; only VitDeployError (and missing files) are one line."""
+    def broken(*args, **kwargs):
+        raise ValueError("internal invariant broken")
+
+    monkeypatch.setattr("vitdeploy.sysinfo.collect", broken)
+    r = CliRunner().invoke(main, ["info"])
+    assert isinstance(r.exception, ValueError) and "Error: internal invariant" not in r.output
+    from vitdeploy.config import ViTConfig
+    from vitdeploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_size"):  # still a ValueError for API callers
+        ViTConfig(hidden_size=-1)
+    assert issubclass(ConfigError, ValueError)
 
 
 def _readme_block(name: str) -> str:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitdeploy.errors import ConfigError
+
 IntOrPair = int | tuple[int, int]
 
 # HF's ViTImageProcessor: resample=2 (PIL bilinear) and 3 (bicubic)
@@ -20,7 +22,7 @@ def to_2tuple(x: IntOrPair | list[int]) -> tuple[int, int]:
     """An int or an (height, width) pair as a pair (timm's and HF's to_2tuple)."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise ValueError(f"expected an int or a (height, width) pair, got {x!r}")
+            raise ConfigError(f"expected an int or a (height, width) pair, got {x!r}")
         return int(x[0]), int(x[1])
     return int(x), int(x)
 
@@ -76,36 +78,36 @@ class ViTConfig:
                      "num_channels", "num_labels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
         for name in ("image_size", "patch_size"):
             pair = to_2tuple(getattr(self, name))
             if min(pair) <= 0:
-                raise ValueError(f"ViTConfig.{name} must be positive, got {getattr(self, name)!r}")
+                raise ConfigError(f"ViTConfig.{name} must be positive, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"ViTConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         (ih, iw), (ph, pw) = self.image_hw, self.patch_hw
         if ih % ph or iw % pw:
-            raise ValueError(
+            raise ConfigError(
                 f"ViTConfig.image_size {self.image_hw} must be divisible by patch_size {self.patch_hw}"
             )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ConfigError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.layer_norm_eps <= 0:
-            raise ValueError(f"ViTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+            raise ConfigError(f"ViTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-            raise ValueError(f"ViTConfig.hidden_act {self.hidden_act!r} is not supported (use 'gelu')")
+            raise ConfigError(f"ViTConfig.hidden_act {self.hidden_act!r} is not supported (use 'gelu')")
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
-            raise ValueError("ViTConfig.image_mean and image_std need one value per channel")
+            raise ConfigError("ViTConfig.image_mean and image_std need one value per channel")
         if any(s <= 0 for s in self.image_std):
-            raise ValueError("ViTConfig.image_std values must be positive")
+            raise ConfigError("ViTConfig.image_std values must be positive")
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"ViTConfig.crop_pct must be in (0, 1], got {self.crop_pct!r}")
+            raise ConfigError(f"ViTConfig.crop_pct must be in (0, 1], got {self.crop_pct!r}")
         if self.interpolation not in _RESAMPLE_PIL:
-            raise ValueError(
+            raise ConfigError(
                 f"ViTConfig.interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE_PIL)}"
             )
 
@@ -171,7 +173,7 @@ class ViTConfig:
         if "id2label" in d and "num_labels" not in d:
             kwargs["num_labels"] = len(d["id2label"])
         if d.get("model_type", "vit") != "vit":
-            raise ValueError(f"config model_type is {d['model_type']!r}, vitdeploy reads 'vit' configs")
+            raise ConfigError(f"config model_type is {d['model_type']!r}, vitdeploy reads 'vit' configs")
         extra = {k: v for k, v in d.items() if k not in known}
         return cls(**kwargs, extra=extra)
 
@@ -181,7 +183,7 @@ class ViTConfig:
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config {path}: {e}") from None
+            raise ConfigError(f"cannot read config {path}: {e}") from None
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
@@ -221,7 +223,7 @@ def preset(name: str, **overrides: Any) -> ViTConfig:
     """A named configuration such as ``vit-base-patch16-224`` (the default model)."""
     m = _PRESET_RE.match(name)
     if not m:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     hidden, layers, heads, mlp = _SIZES[m.group(1)]
     return ViTConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

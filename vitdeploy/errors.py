@@ -7,3 +7,7 @@ class VitDeployError(Exception):
 
 class CheckpointError(VitDeployError, ValueError):
     """A checkpoint that cannot be found, read or matched to the model."""
+
+
+class ConfigError(VitDeployError, ValueError):
+    """A model configuration, preset or argument that cannot work (still a ValueError, as it was)."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.errors import ConfigError
+
 # Tolerances for verifying an exported ONNX against torch, per precision. ``max_abs_rel`` is the
 # largest absolute error allowed relative to the logits' scale (max |reference|, at least 1);
 # ``min_cosine`` is over the flattened logits of all verification inputs.
@@ -43,7 +45,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
     ref = np.asarray(reference, dtype=np.float64)
     out = np.asarray(candidate, dtype=np.float64)
     if ref.shape != out.shape:
-        raise ValueError(f"logits shapes differ: {ref.shape} vs {out.shape}")
+        raise ConfigError(f"logits shapes differ: {ref.shape} vs {out.shape}")
     diff = np.abs(ref - out)
     denom = np.linalg.norm(ref) * np.linalg.norm(out)
     cosine = float(np.dot(ref.ravel(), out.ravel()) / denom) if denom > 0 else float(np.allclose(ref, out))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdeploy.config import ViTConfig
+from vitdeploy.errors import ConfigError
 
 
 def _activation(name: str) -> nn.Module:
@@ -25,7 +26,7 @@ def _activation(name: str) -> nn.Module:
         return nn.GELU(approximate="tanh")
     if name == "relu":
         return nn.ReLU()
-    raise ValueError(f"unsupported hidden_act {name!r}")
+    raise ConfigError(f"unsupported hidden_act {name!r}")
 
 
 class PatchEmbeddings(nn.Module):
@@ -43,12 +44,12 @@ class PatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"Expected pixel_values of shape [B, {self.num_channels}, H, W], got {tuple(pixel_values.shape)}."
             )
         height, width = pixel_values.shape[-2:]
         if (height, width) != self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Input image size ({height}*{width}) doesn't match model "
                 f"({self.image_size[0]}*{self.image_size[1]})."
             )
