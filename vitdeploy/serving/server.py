@@ -589,7 +589,9 @@ def _json_load(body: bytearray, end: int, lease: Lease, intake: _Intake, what: s
     """Parse ``body[:end]`` once its worst-case cost fits the memory budget; deep nesting is a 400, not a 500."""
     intake.settle(lease, len(body) + json_cost(body, end), what)
     try:
-        return json.loads(body if end == len(body) else bytes(body[:end]))
+        # JSON between systems is UTF-8 (RFC 8259): decoding it here makes one str of the text's size, where
+        # json.loads would guess UTF-16/32 from leading zero bytes and build a 4-byte-a-char buffer first
+        return json.loads((body if end == len(body) else body[:end]).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _bad(f"{what} is not valid JSON") from None
     except RecursionError:
