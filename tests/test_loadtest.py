@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -53,9 +54,9 @@ class FakeV2(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, swap: bool) -> None:
+    def __init__(self, swap: bool, delay: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), _FakeHandler)
-        self.swap = swap
+        self.swap, self.delay = swap, delay
         self.lock = threading.Lock()
         self.waiting: dict | None = None
 
@@ -68,6 +69,7 @@ class FakeV2(ThreadingHTTPServer):
         return np.stack([x.mean((1, 2)), x.std((1, 2)), x[:, 0, 0], x[:, 1, 2]], 1).astype(np.float32)
 
     def answer(self, out: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay)
         if not self.swap:
             return out
         with self.lock:
@@ -126,7 +128,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server(request):
-    server = FakeV2(swap=request.param)
+    server = FakeV2(*request.param) if isinstance(request.param, tuple) else FakeV2(swap=request.param)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
@@ -164,6 +166,18 @@ def test_bench_url_user_errors(fake_server):
     assert r.exit_code == 2 and "--url takes --model NAME" in r.output
 
 
+@pytest.mark.parametrize("fake_server", [(False, 0.05)], indirect=True)
+def test_bench_url_stops_at_the_time_limit(fake_server):
+    """A slow server (50 ms a request): --time-limit ends the level; what was sent is measured, the rest noted."""
+    t = time.perf_counter()
+    r = _bench("--url", fake_server.url, "--model", "fake", "--concurrency", "2", "--requests", "1000",
+               "--rows", "3", "--time-limit", "0.5")
+    assert r.exit_code == 0, r.output
+    assert time.perf_counter() - t < 5
+    sent = int(r.output.split("note: ")[1].split()[0])
+    assert 900 < sent < 1000 and "reached --time-limit 0.5 s" in r.output, r.output
+
+
 def test_loadtest_is_a_client_not_the_server():
     code = ("import sys, vitdeploy.serving.loadtest; "
             "assert not {'vitdeploy.serving.server', 'fastapi', 'uvicorn'} & set(sys.modules), sorted(sys.modules)")
@@ -197,3 +211,18 @@ def test_bench_url_against_tritonserver(triton_small, serving_onnx):
         assert sum(int(k) * v for k, v in b.sizes.items()) == 24
     assert report.levels[0].batches.sizes == {"1": 24}
     assert report.levels[1].batches.mean > 1
+
+
+@pytest.fixture(scope="module")
+def uint8_onnx(hf_folders, tmp_path_factory):
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    return export_onnx(hf_folders["p16-w48"], tmp_path_factory.mktemp("loadtest-u8") / "small-u8.onnx",
+                       options=ExportOptions(dynamic_batch=True, uint8_input=True)).path
+
+
+def test_bench_url_uint8_against_vitdeploy_serve(uint8_onnx):
+    with ServeProcess(uint8_onnx, "--name", "u8", "--max-batch", "4") as srv:
+        report = loadtest.run(srv.url, "u8", [3], requests=12, rows=4, uint8=True, reference=uint8_onnx)
+    assert report.model.datatype == "UINT8" and report.model.shape == [64, 64, 3]
+    assert report.ok and report.levels[0].answered == 12 and report.levels[0].batches.rows == 12
