@@ -39,6 +39,21 @@ from vitdeploy.serving.limits import MiB, default_memory_budget
 from vitdeploy.sysinfo import cpu_model
 
 HEALTHZ_LIMIT = 0.1
+PROBE = """
+import sys, time, httpx
+url, out, verify = sys.argv[1], sys.argv[2], sys.argv[3]
+verify = True if verify == "True" else verify
+with httpx.Client(timeout=10, verify=verify) as c, open(out, "a", buffering=1) as f:
+    while True:
+        t0 = time.perf_counter()
+        try:
+            c.get(url + "/healthz")
+            latency = time.perf_counter() - t0
+        except httpx.TransportError:
+            latency = float("inf")
+        f.write(f"{time.time()} {latency}\\n")
+        time.sleep(0.02)
+"""
 # outside the budget: what uvicorn buffers per connection before the app reads it (up to ~128 KB each; no
 # attack here opens more than ~110 connections at once)
 CONNECTION_BUFFERS_MB = 110 * 0.125
@@ -74,7 +89,9 @@ class Serve:
         exe = Path(sys.executable).parent / "vitdeploy"
         self.proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--port", str(self.port),
                                       "--name", "m", *flags], stdout=self.log, stderr=subprocess.STDOUT)
-        self.samples: list[tuple[float, float, float]] = []  # (time, healthz seconds, RSS MB)
+        self.rss_samples: list[tuple[float, float]] = []  # (time, RSS MB)
+        self.probe_file = Path(tempfile.mkstemp(suffix=".probe")[1])
+        self.probe: subprocess.Popen | None = None
         self._stop = threading.Event()
 
     def start(self) -> Serve:
@@ -86,26 +103,28 @@ class Serve:
                 raise SystemExit(f"vitdeploy serve exited:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=2, verify=self.verify).status_code in (200, 401):
-                    threading.Thread(target=self._probe, daemon=True).start()
-                    time.sleep(0.2)
+                    # the probe is its own process: in this one it would wait for the GIL behind the attackers
+                    self.probe = subprocess.Popen([sys.executable, "-c", PROBE, self.url, str(self.probe_file),
+                                                   str(self.verify)])
+                    threading.Thread(target=self._sample_rss, daemon=True).start()
+                    time.sleep(1.0)
                     return self
             except httpx.TransportError:
                 time.sleep(0.2)
         raise SystemExit("vitdeploy serve did not start in 120 s")
 
-    def _probe(self) -> None:
-        import httpx
+    def _sample_rss(self) -> None:
+        while not self._stop.is_set():
+            self.rss_samples.append((time.time(), self.rss()))
+            time.sleep(0.02)
 
-        with httpx.Client(timeout=10, verify=self.verify) as c:
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    c.get(self.url + "/healthz")
-                    latency = time.perf_counter() - t0
-                except httpx.TransportError:
-                    latency = float("inf")
-                self.samples.append((time.time(), latency, self.rss("VmRSS")))
-                time.sleep(0.02)
+    def samples(self, since: float) -> list[tuple[float, float, float]]:
+        """(time, /healthz seconds, RSS MB near that time) since ``since``."""
+        probes = [tuple(map(float, line.split())) for line in self.probe_file.read_text().splitlines()
+                  if line.count(" ") == 1]
+        rss = [r for r in self.rss_samples if r[0] >= since]
+        return [(t, lat, max((m for u, m in rss if abs(u - t) < 0.05), default=float("nan")))
+                for t, lat in probes if t >= since]
 
     def rss(self, key: str = "VmRSS") -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -119,6 +138,9 @@ class Serve:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.probe is not None:
+            self.probe.kill()
+            self.probe.wait(5)
         self.proc.terminate()
         try:
             self.proc.wait(15)
@@ -303,9 +325,9 @@ def run_attack(srv: Serve, item: str, name: str, attack: Callable[[], list[Any]]
     codes = attack()
     seconds = time.time() - t0
     time.sleep(0.3)
-    window = [s for s in srv.samples if t0 <= s[0] <= time.time()]
+    window = srv.samples(t0)
     worst = max((s[1] for s in window), default=float("nan"))
-    peak = max((s[2] for s in window), default=float("nan"))
+    peak = max((m for t, m in srv.rss_samples if t >= t0), default=float("nan"))
     ok = (set(codes) <= allowed and worst < HEALTHZ_LIMIT
           and peak <= max(base_mb, before) + budget_mb + CONNECTION_BUFFERS_MB)
     row = {"item": item, "attack": name, "codes": dict(collections.Counter(map(str, codes))),
@@ -333,7 +355,7 @@ def main() -> int:
         base = srv.rss()
         t0 = time.time()
         time.sleep(3)
-        idle = max(s[1] for s in srv.samples if s[0] >= t0)
+        idle = max(s[1] for s in srv.samples(t0))
         print(f"server idle RSS {base:.0f} MB; /healthz worst {idle * 1e3:.1f} ms over 3 s idle (this machine's "
               f"noise floor)\n{'':>3} {'attack':<44} {'answers':<28} {'time':>8}")
         for item, name, attack, allowed in ATTACKS:
