@@ -112,3 +112,19 @@ def test_readme_commands_install_what_they_run():
         if argv[1] == "deploy":  # engines asked for, so the bundle holds them even without a GPU here
             assert "--compute-capability" in argv
     assert {"fp16", "int8"} <= set(precisions)  # the mission's engines, not only FP32
+
+
+def test_json_has_one_meaning(serving_onnx, tmp_path):
+    """`--json` alone prints JSON instead of the usual output; `--json PATH` writes it there as well."""
+    import json
+
+    r = CliRunner().invoke(main, ["inspect", str(serving_onnx), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["kind"] == "onnx"
+    out = tmp_path / "inspect.json"
+    r = CliRunner().invoke(main, ["inspect", str(serving_onnx), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["kind"] == "onnx" and r.stdout.startswith(str(serving_onnx))
+    for command in ("bench", "tune", "predict", "compare", "verify", "eval", "inspect"):
+        params = {p.name: p for p in main.commands[command].params}
+        assert params["json_out"].opts == ["--json"] and params["json_out"].flag_value == "-", command

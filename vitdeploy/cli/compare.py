@@ -1,0 +1,52 @@
+"""`vitdeploy compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vitdeploy.cli.app import main
+from vitdeploy.cli.common import json_option, write_json
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--backend-a", default="auto", show_default=True)
+@click.option("--backend-b", default="auto", show_default=True)
+@click.option("--inputs", type=click.IntRange(min=1), default=8, show_default=True, help="Random inputs.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of real images to add.")
+@click.option("--atol", type=float, default=1e-3, show_default=True)
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Times the logits' scale.")
+@json_option
+def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images: Path | None, atol: float,
+            rtol: float, json_out: str | None) -> None:
+    """Run the same inputs through two artifacts or backends (Polygraphy-style); fail past --atol/--rtol."""
+    import numpy as np
+
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.metrics import compare_logits
+
+    with open_runtime(a, backend=backend_a) as ra, open_runtime(b, backend=backend_b) as rb:
+        if ra.spec.shape != rb.spec.shape:
+            raise click.ClickException(f"input shapes differ: {ra.spec.shape} vs {rb.spec.shape}")
+        x = np.random.default_rng(0).standard_normal((inputs, *ra.spec.shape), dtype=np.float32)
+        if images is not None:
+            from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+            if ra.metadata is None:
+                raise click.ClickException(f"{a} has no preprocessing metadata for --images")
+            prep = Preprocessing.from_dict(ra.metadata.preprocessing)
+            x = np.concatenate([x, load_images(find_images(images), prep)])
+        result = compare_logits(ra.infer(x), rb.infer(x))
+    ok = result.max_abs <= atol + rtol * result.scale
+    as_json = json_out == "-"
+    write_json(json_out, {**result.to_dict(), "a": ra.describe(), "b": rb.describe(), "pass": ok})
+    if not as_json:
+        click.echo(f"A: {ra.describe()}\nB: {rb.describe()}\n{result.summary()}")
+    if not ok:
+        raise click.ClickException(f"outputs differ beyond tolerance: max abs {result.max_abs:.3g} > "
+                                   f"atol {atol:g} + rtol {rtol:g} x scale {result.scale:.3g}")
+    if not as_json:
+        click.echo("PASSED")

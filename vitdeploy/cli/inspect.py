@@ -1,0 +1,42 @@
+"""`vitdeploy inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vitdeploy.cli.app import main
+from vitdeploy.cli.common import json_option, write_json
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def inspect(artifact: Path, json_out: str | None) -> None:
+    """Show an ONNX's metadata, op histogram and Q/DQ coverage, or an engine's sidecar, I/O and layers."""
+    from vitdeploy.inspection import inspect_artifact
+
+    info = inspect_artifact(artifact)
+    write_json(json_out, info)
+    if json_out != "-":
+        click.echo(_render_inspect(info))
+
+
+def _render_inspect(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']} ({info['kind']}, {info['bytes'] / 1e6:.1f} MB)"]
+    for key, value in info.items():
+        if key in ("path", "kind", "bytes", "model"):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        lines.append(f"  {key}: {value}")
+    model = info.get("model") or {}
+    if model:
+        cfg = model.get("config", {})
+        lines.append(f"  model: {cfg.get('hidden_size')}x{cfg.get('num_hidden_layers')} layers, "
+                     f"{len(model.get('labels', []))} labels, precision {model.get('precision')}, "
+                     f"from {model.get('source')} (vitdeploy {model.get('version')})")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""`vitdeploy serve`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vitdeploy.cli.app import main
+from vitdeploy.cli.common import verify_options
+
+
+def _serve_limit_options(f: Any) -> Any:
+    """`serve`'s options for clients it does not know: memory, connections, timeouts, a key and TLS."""
+    options = [
+        click.option("--memory-budget", type=click.IntRange(min=1), default=None,
+                     help="MiB of request work at once (bodies, parsed JSON, decoded images); requests wait for "
+                     "room or get 503, one that can never fit gets 413 [default: room for one max-batch JSON "
+                     "request, at least 256]."),
+        click.option("--limit-concurrency", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Connections and requests at once; beyond it uvicorn answers 503."),
+        click.option("--keep-alive-timeout", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Seconds an idle kept-alive connection stays open."),
+        click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                     show_default=True, help="Seconds a client has to send a request head, then it is closed."),
+        click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                     show_default=True, help="Seconds without a byte of the body before the request is dropped "
+                     "(408); --request-timeout bounds the whole upload."),
+        click.option("--api-key", envvar="VITDEPLOY_API_KEY", default=None,
+                     help="Every request must send Authorization: Bearer KEY (also from $VITDEPLOY_API_KEY; a "
+                     "command line is visible to other users: prefer --api-key-file)."),
+        click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="File holding the API key (its first line)."),
+        click.option("--public-probes", is_flag=True,
+                     help="With a key: /healthz, /readyz, /metrics and /v2/health/* answer without it."),
+        click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Serve HTTPS with this certificate (PEM; with --ssl-keyfile)."),
+        click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _serve_limits(host: str, memory_budget: int | None, limit_concurrency: int, keep_alive_timeout: int,
+                  header_timeout: float, body_timeout: float, api_key: str | None, api_key_file: Path | None,
+                  public_probes: bool, ssl_certfile: str | None,
+                  ssl_keyfile: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options above -> create_app's and run_server's keyword arguments; warns when the server is
+    reachable from other machines without a key or TLS."""
+    from vitdeploy.serving.limits import exposure_warning
+
+    if api_key_file is not None:
+        api_key = (api_key_file.read_text().splitlines() or [""])[0].strip()
+        if not api_key:
+            raise click.BadParameter(f"{api_key_file} is empty: put the key on its first line",
+                                     param_hint="--api-key-file")
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together")
+    if (warning := exposure_warning(host, bool(api_key), bool(ssl_certfile))) is not None:
+        click.echo(f"warning: {warning}", err=True)
+    app = {"memory_budget": memory_budget * 2**20 if memory_budget else None, "body_timeout": body_timeout,
+           "api_key": api_key or None, "public_probes": public_probes}
+    server = {"limit_concurrency": limit_concurrency, "keep_alive": keep_alive_timeout,
+              "header_timeout": header_timeout, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
+    return app, server
+
+
+def _serve_limits_env(app: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
+    """The same settings for --workers processes (app_from_env and the h11 protocol read them)."""
+    return {"VITDEPLOY_SERVE_MEMORY_BUDGET": str(app["memory_budget"] or ""),
+            "VITDEPLOY_SERVE_BODY_TIMEOUT": str(app["body_timeout"]),
+            "VITDEPLOY_SERVE_API_KEY": app["api_key"] or "",
+            "VITDEPLOY_SERVE_PUBLIC_PROBES": "1" if app["public_probes"] else "",
+            "VITDEPLOY_SERVE_HEADER_TIMEOUT": str(server["header_timeout"])}
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="ONNX file or TensorRT engine.")
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback by default.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--name", default=None, help="Model name on the KServe v2 routes (/v2/models/NAME); default the "
+              "file's stem.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request may take, queue and inference together (then 504).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None,
+              help="/v1/classify refuses larger images (413), checked from the header before decoding "
+              "[default: 256x the model's input area, within 4-40 MP].")
+@click.option("--drain-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="On Ctrl-C/SIGTERM, seconds that readiness reports draining (requests still served) "
+              "before the server stops accepting.")
+@_serve_limit_options
+@verify_options
+def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
+          workers: int, name: str | None, request_timeout: float, max_image_pixels: int | None, drain_grace: float,
+          no_verify: bool, allow_drift: bool, **limits: Any) -> None:
+    """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
+    KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("serving needs the serve extra: pip install 'vitdeploy[serve]'") from None
+    app_limits, server_limits = _serve_limits(host, **limits)
+    from vitdeploy.engines import artifact_kind
+
+    if artifact_kind(model) == "checkpoint":
+        raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
+                                   f"vitdeploy export --model {model} --output model.onnx")
+    name = name or Path(model).stem
+    from vitdeploy.verify import open_verified, warm_up
+
+    if workers > 1:
+        if not no_verify:  # checked once here (the verdict is cached for this machine), not in every worker
+            open_verified(model, backend=backend, allow_drift=allow_drift).close()
+        os.environ.update({"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
+                           "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch),
+                           "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
+                           "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue), "VITDEPLOY_SERVE_NAME": name,
+                           "VITDEPLOY_SERVE_REQUEST_TIMEOUT": str(request_timeout),
+                           "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels or ""),
+                           **_serve_limits_env(app_limits, server_limits)})
+        if drain_grace > 0:
+            click.echo("note: with --workers > 1 uvicorn's supervisor stops the workers on Ctrl-C without the "
+                       "--drain-grace period; run one worker per container to drain behind a load balancer", err=True)
+        uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    http="vitdeploy.serving.http11:GuardedH11Protocol",
+                    limit_concurrency=server_limits["limit_concurrency"],
+                    timeout_keep_alive=server_limits["keep_alive"], ssl_certfile=server_limits["ssl_certfile"],
+                    ssl_keyfile=server_limits["ssl_keyfile"])
+        return
+    from vitdeploy.serving.server import create_app, run_server
+
+    with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift) as rt:
+        warm_up(rt, (1, max_batch))  # the smallest and largest batch the batcher forms, before it listens
+        scheme = "https" if server_limits["ssl_certfile"] else "http"
+        click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port}")
+        app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,
+                         max_image_pixels=max_image_pixels, model_name=name, **app_limits)
+        run_server(app, host, port, drain_grace=drain_grace, **server_limits)
