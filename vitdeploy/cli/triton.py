@@ -43,4 +43,4 @@ def triton(artifact: Path, repo: Path, name: str | None, triton_backend: str, ru
                f"tritonserver --model-repository {repo.resolve()}")
     if triton_backend == "python" and execution_env is None:
         click.echo("note: model.py runs in Triton's own Python unless --execution-env names a venv with "
-                   "vitdeploy and numpy<2 (see README, Scale-out)")
+                   "vitdeploy and numpy<2 (see docs/scale-out.md)")

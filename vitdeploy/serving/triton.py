@@ -294,7 +294,7 @@ def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str 
         raise VitDeployError("a TensorRT engine runs on a GPU instance group (--kind gpu)")
     if execution_env is not None and not Path(execution_env).exists():
         raise VitDeployError(f"--execution-env {execution_env}: no such folder or archive; make a serving venv "
-                             "with numpy<2 and vitdeploy (see README, Scale-out)")
+                             "with numpy<2 and vitdeploy (see docs/scale-out.md)")
     return name, kind
 
 
