@@ -2,7 +2,7 @@
 
 The default suite's onnxruntime (CPU) has no TensorRT provider, so where a test needs one the provider
 list is stubbed to offer it, and ONNX Runtime itself then shows what it does with a provider it cannot
-start: it runs on the CPU. With onnxruntime-gpu installed (README: ONNX Runtime on a GPU) the last test
+start: it runs on the CPU. With onnxruntime-gpu installed (docs/engines.md: Installing on a GPU machine) the last test
 runs against that real wheel. No torch here, so this file runs in a venv holding only onnxruntime-gpu,
 onnx, numpy and pytest (PYTHONPATH=. python -m pytest tests/test_ort_tensorrt_provider.py).
 """
@@ -123,7 +123,7 @@ def test_device_tensorrt_never_runs_quietly_elsewhere(tmp_path, offered):
         OnnxRuntime(path, device="cuda")
 
 
-@pytest.mark.skipif(TRT not in REAL_PROVIDERS, reason="onnxruntime-gpu not installed (README: ONNX Runtime on a GPU)")
+@pytest.mark.skipif(TRT not in REAL_PROVIDERS, reason="onnxruntime-gpu not installed (docs/engines.md: Installing on a GPU machine)")
 def test_with_onnxruntime_gpu(tmp_path):
     """The real onnxruntime-gpu wheel: every option name we pass is one its TensorRT option parser knows
     (it throws "Invalid TensorRT EP option" on others), and the session is either the TensorRT provider
