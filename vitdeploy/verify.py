@@ -204,21 +204,24 @@ class VerifyReport:
     def _label(self, i: int) -> str:
         return f"{i} {self.labels[i]}" if 0 <= i < len(self.labels) else str(i)
 
-    def table(self) -> Any:
-        from rich.table import Table
+    def table(self, width: int | None = None, wide: bool = False) -> Any:
+        """One rich Table per runtime checked, with the columns that fit ``width`` (all with ``wide``)."""
+        from vitdeploy.tables import Column, fit_table
 
+        columns = [Column("image", 0, "left", True), Column("top-1 expected", 2, "left", True),
+                   Column("top-1 got", 0, "left", True), Column("match", 1, "left"),
+                   Column("max abs / scale", 0), Column("cosine", 1), Column("status", 0, "left", True)]
         tables = []
         for r in self.results:
-            t = Table(title=f"{self.artifact.name} on {r.runtime}: golden set, {r.verdict.precision} tolerance "
-                            f"(max abs <= {r.verdict.tolerance['max_abs_rel']:g} x scale, cosine >= "
-                            f"{r.verdict.tolerance['min_cosine']:g})")
-            for col in ("image", "top-1 expected", "top-1 got", "match", "max abs / scale", "cosine", "status"):
-                t.add_column(col)
+            rows = []
             for row in r.verdict.rows:
                 match = ("yes" if row.got == row.expected else "no") + ("" if row.top1_checked else " (near-tie)")
-                t.add_row(row.image, self._label(row.expected), self._label(row.got), match, f"{row.error:.3g}",
-                          f"{row.cosine:.6f}", "ok" if row.ok else f"DRIFT: {row.problem}")
-            tables.append(t)
+                rows.append([row.image, self._label(row.expected), self._label(row.got), match, f"{row.error:.3g}",
+                             f"{row.cosine:.6f}", "ok" if row.ok else f"DRIFT: {row.problem}"])
+            title = (f"{self.artifact.name} on {r.runtime}: golden set, {r.verdict.precision} tolerance "
+                     f"(max abs <= {r.verdict.tolerance['max_abs_rel']:g} x scale, cosine >= "
+                     f"{r.verdict.tolerance['min_cosine']:g})")
+            tables.append(fit_table(title, columns, rows, width, wide))
         return tables
 
     def to_dict(self) -> dict[str, Any]:
