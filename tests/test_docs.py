@@ -58,9 +58,11 @@ def test_the_docs_show_commands():
 @pytest.mark.parametrize(("page", "command"), DOCUMENTED, ids=[f"{p}:{c[:60]}" for p, c in DOCUMENTED])
 def test_documented_command_exists(page, command):
     words, opts = _options(command)
+    if words[1] in ("--version", "--help", "-h"):
+        return
     sub = main.get_command(click.Context(main), words[1])
     assert sub is not None, f"{page}: `{command}`: vitdeploy has no command {words[1]!r}"
-    known = {o for p in sub.params for o in (*p.opts, *p.secondary_opts)}
+    known = {o for p in sub.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
     unknown = [o for o in opts if o not in known]
     assert not unknown, f"{page}: `{command}`: `vitdeploy {words[1]}` has no option {', '.join(unknown)}"
 
@@ -83,3 +85,39 @@ def test_a_stale_option_is_caught():
     sub = main.get_command(click.Context(main), words[1])
     known = {o for p in sub.params for o in p.opts}
     assert "--workspace-gb" in opts and "--workspace-gb" not in known
+
+
+BLOCK = re.compile(r"(?:<!-- (ci|docs:skip)[: ]?([^>]*?) -->\s*)?```bash\n(.*?)```", re.S)
+
+
+def _bash_blocks() -> list[tuple[str, str, str, str]]:
+    """(page, tag, reason, script) for every ```bash block of README.md and docs/*.md."""
+    return [(page.name, tag, reason.strip(), script) for page in PAGES
+            for tag, reason, script in BLOCK.findall(page.read_text(encoding="utf-8"))]
+
+
+BASH = _bash_blocks()
+
+
+def test_every_bash_block_is_run_or_skipped_with_a_reason():
+    assert len(BASH) >= 6
+    for page, tag, reason, script in BASH:
+        assert tag in ("", "ci", "docs:skip"), (page, tag)
+        if tag:
+            assert reason, f"{page}: a bash block skipped without a reason: {script[:60]!r}"
+
+
+@pytest.mark.parametrize(("page", "tag", "reason", "script"), BASH, ids=[f"{b[0]}:{b[3][:40]}" for b in BASH])
+def test_bash_block(page, tag, reason, script, tmp_path):
+    """Each block runs as written (bash -euo pipefail, in a scratch folder), or says why it cannot here."""
+    import subprocess
+
+    if tag == "ci":
+        ci = (ROOT / ".ci" / "run").read_text()
+        assert f"readme_command {reason}" in ci, f"{page}: ci:{reason} is not run by .ci/run"
+        pytest.skip(f"run as written by .ci/run (readme_command {reason})")
+    if tag == "docs:skip":
+        pytest.skip(f"{page}: {reason}")
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, f"{page}: block failed:\n{script}\n{out.stdout[-2000:]}{out.stderr[-2000:]}"
