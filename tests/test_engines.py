@@ -190,6 +190,14 @@ def test_predict_from_artifact_alone(digits, digits_onnx):
 def test_compare_passes_and_fails(digits, digits_onnx):
     r = CliRunner().invoke(main, ["compare", str(digits_onnx["fp32"]), str(digits["checkpoint"]), "--inputs", "4"])
     assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    # A's golden images (what `verify` runs) join the random inputs
+    from vitdeploy.verify import artifact_golden
+
+    golden = artifact_golden(digits_onnx["fp32"])
+    r = CliRunner().invoke(main, ["compare", str(digits_onnx["fp32"]), str(digits["checkpoint"]), "--inputs", "4",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["samples"] == 4 + len(golden.images)
     r = CliRunner().invoke(main, ["compare", str(digits_onnx["fp32"]), str(digits_onnx["int8"]),
                                   "--images", str(digits["test"] / "3"), "--atol", "1e-6", "--rtol", "0"])
     assert r.exit_code == 1 and "outputs differ beyond tolerance" in r.output

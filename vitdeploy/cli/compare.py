@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -39,6 +40,7 @@ def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images:
                 raise click.ClickException(f"{a} has no preprocessing metadata for --images")
             prep = Preprocessing.from_dict(ra.metadata.preprocessing)
             x = np.concatenate([x, load_images(find_images(images), prep)])
+        x = np.concatenate([x, _golden_inputs(a, ra, x.dtype)])
         result = compare_logits(ra.infer(x), rb.infer(x))
     ok = result.max_abs <= atol + rtol * result.scale
     as_json = json_out == "-"
@@ -50,3 +52,15 @@ def compare(a: str, b: str, backend_a: str, backend_b: str, inputs: int, images:
                                    f"atol {atol:g} + rtol {rtol:g} x scale {result.scale:.3g}")
     if not as_json:
         click.echo("PASSED")
+
+
+def _golden_inputs(artifact: str, rt: Any, dtype: Any) -> Any:
+    """A's golden images, preprocessed as A takes them (the check `verify` runs), when A carries a set."""
+    import numpy as np
+
+    from vitdeploy.verify import artifact_golden, golden_batch
+
+    golden = artifact_golden(artifact) if rt.metadata is not None and rt.spec.dtype != "uint8" else None
+    if golden is None:
+        return np.zeros((0, *rt.spec.shape), dtype)
+    return golden_batch(rt.metadata, golden).astype(dtype)
