@@ -367,3 +367,23 @@ def test_example_matches_onnxruntime_on_gpu(io, request, tmp_path):
             labels, probs = [int(v) for v in row[::2]], [float(v) for v in row[1::2]]
             assert labels[0] == int(np.argmax(p[b])), (exe, b, row)
             assert np.allclose(probs, p[b][labels], atol=2e-2), (exe, b, row, p[b][labels])
+
+
+def test_verify_reads_the_golden_tensors_and_runs_to_the_cuda_boundary(lean_example, serving_onnx, tmp_path):
+    """`vit_infer m.engine --verify DIR` takes what `vitdeploy verify --write-tensors DIR` writes: the golden
+    images preprocessed (their count from the file) and the expected logits, checked for top-1 after the run."""
+    from vitdeploy.verify import write_golden_tensors
+
+    golden = tmp_path / "golden"
+    write_golden_tensors(serving_onnx, golden)
+    count = (golden / "golden_input.bin").stat().st_size // (3 * 64 * 64 * 4)  # serving_onnx takes 64x64
+    assert count >= 1
+    engine = _engine(tmp_path, input_shape=(-1, 3, 64, 64))
+    done = subprocess.run([str(lean_example), str(engine), "--verify", str(golden)], capture_output=True, text=True,
+                          timeout=120)
+    _at_the_cuda_boundary(done)
+    (golden / "golden_input.bin").write_bytes(b"\0" * 1000)  # not a whole image
+    done = subprocess.run([str(lean_example), str(engine), "--verify", str(golden)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "not a whole number of 49152-byte images" in done.stderr, done.stderr
+    assert "vitdeploy verify MODEL.onnx --write-tensors" in done.stderr and "createInferRuntime" not in done.stderr

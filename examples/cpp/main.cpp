@@ -257,21 +257,66 @@ static void printTop5(const std::vector<float>& logits, int n, const std::vector
   }
 }
 
+// The golden set `vitdeploy verify --write-tensors DIR` wrote: its images preprocessed as the engine takes them
+// (golden_input.bin) and torch FP32's logits for them (golden_logits.bin). Returns the image count.
+static int goldenCount(const std::string& dir, const Tensor& in) {
+  const bool pixels = in.type == nvinfer1::DataType::kUINT8;
+  const size_t perImage = volume(in.shape, 1) * (pixels ? 1 : sizeof(float));
+  const size_t bytes = readFile(dir + "/golden_input.bin").size();
+  if (bytes == 0 || bytes % perImage != 0)
+    fail(dir + "/golden_input.bin holds " + std::to_string(bytes) + " bytes, not a whole number of " +
+         std::to_string(perImage) + "-byte images for input " + in.name + ": write it with `vitdeploy verify " +
+         "MODEL.onnx --write-tensors " + dir + "` from the ONNX this engine was built from");
+  return static_cast<int>(bytes / perImage);
+}
+
+// Top-1 of every golden image against the expected logits, where the expected top-1 leads clearly (by more than
+// 5% of the logits' largest magnitude; a near-tie may flip in any lower precision). Returns the mismatches.
+static int checkGolden(const std::vector<float>& got, const std::string& dir, int n) {
+  const std::string raw = readFile(dir + "/golden_logits.bin");
+  if (raw.size() != got.size() * sizeof(float))
+    fail(dir + "/golden_logits.bin does not match the engine's output size: write both files from this engine's ONNX");
+  std::vector<float> want(got.size());
+  std::memcpy(want.data(), raw.data(), raw.size());
+  const size_t classes = got.size() / static_cast<size_t>(n);
+  float scale = 1e-12f;
+  for (float v : want) scale = std::max(scale, std::fabs(v));
+  int bad = 0;
+  for (int b = 0; b < n; ++b) {
+    const float* w = want.data() + b * classes;
+    const float* g = got.data() + b * classes;
+    std::vector<size_t> order(classes);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + std::min<size_t>(2, classes), order.end(),
+                      [&](size_t x, size_t y) { return w[x] > w[y]; });
+    const size_t expected = order[0], top = static_cast<size_t>(std::max_element(g, g + classes) - g);
+    const bool decisive = classes < 2 || w[order[0]] - w[order[1]] > 0.05f * scale;
+    const bool ok = top == expected || !decisive;
+    bad += ok ? 0 : 1;
+    std::cout << "golden " << b << ": expected " << expected << ", got " << top
+              << (ok ? (top == expected ? " ok" : " ok (near-tie)") : " DRIFT") << std::endl;
+  }
+  return bad;
+}
+
 int main(int argc, char** argv) {
+  const bool verify = argc == 4 && std::string(argv[2]) == "--verify";
   if (argc != 4) {
-    std::cerr << "usage: vit_infer model.engine batch.bin N" << std::endl;
+    std::cerr << "usage: vit_infer model.engine batch.bin N\n       vit_infer model.engine --verify GOLDEN_DIR"
+              << std::endl;
     return 2;
   }
   const std::string enginePath = argv[1];
-  const int n = std::atoi(argv[3]);
-  if (n < 1) fail(std::string("N must be a positive batch size, not ") + argv[3]);
   const auto dot = enginePath.find_last_of('.');
   const auto slash = enginePath.find_last_of('/');
   const std::string stem = (dot == std::string::npos || (slash != std::string::npos && dot < slash))
                                ? enginePath : enginePath.substr(0, dot);
   Sidecar side = readSidecar(stem + ".json");
   checkSidecar(side, enginePath);
-  const std::string hostIn = hostInput(argv[2], side.input, n);
+  const std::string goldenDir = verify ? argv[3] : "";
+  const int n = verify ? goldenCount(goldenDir, side.input) : std::atoi(argv[3]);
+  if (n < 1) fail(std::string("N must be a positive batch size, not ") + argv[3]);
+  const std::string hostIn = hostInput(verify ? goldenDir + "/golden_input.bin" : argv[2], side.input, n);
   std::cerr << "engine " << enginePath << ": " << kFlavourTitle << " " << side.trtVersion << ", " << side.precision
             << ", input " << side.input.name << " (" << vit::dataTypeName(side.input.type) << "), output "
             << side.output.name << " (" << vit::dataTypeName(side.output.type) << "), " << side.labels.size()
@@ -292,6 +337,13 @@ int main(int argc, char** argv) {
     fail("cannot deserialize " + enginePath + " (the " + kFlavourTitle + " error above): where it names another GPU or " +
          kFlavourTitle + " version, rebuild the engine on this one with `vitdeploy build`");
   checkEngine(*engine, side, enginePath);
-  printTop5(infer(*engine, side, hostIn, n), n, side.labels);
+  const std::vector<float> logits = infer(*engine, side, hostIn, n);
+  if (verify) {
+    const int bad = checkGolden(logits, goldenDir, n);
+    std::cout << (bad ? "DRIFT: " + std::to_string(bad) + " of " + std::to_string(n) + " golden images changed top-1"
+                      : "PASSED: " + std::to_string(n) + " golden images") << std::endl;
+    return bad ? 1 : 0;
+  }
+  printTop5(logits, n, side.labels);
   return 0;
 }
