@@ -8,7 +8,6 @@ import io
 import json
 import math
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from benchmarks.hostile_clients import palette_png
 from vitdeploy.engines import open_runtime
 
 from .http_server import ServeProcess, Server
@@ -51,25 +51,13 @@ def _v2(name, shape, **extra):
 
 
 # -- 8: memory per request -----------------------------------------------------------------------------------
-def _palette_png(width, height):
-    """A valid all-zero palette PNG of width x height: a few KB on the wire, width*height bytes decoded."""
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    comp = zlib.compressobj(9)
-    row = b"\0" * (1 + width)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
-            + chunk(b"PLTE", b"\0\0\0\xff\xff\xff") + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
 def test_memory_per_request_is_bounded_by_default(serving_onnx):
     """Default flags: a 6300x6300 palette PNG (40 MP, under the old fixed limit) and a JSON body of 20 MB that
     would parse into ~420 MB of Python lists are refused from their headers and separators, before decoding or
     parsing; a full max-batch JSON request still runs; memory comes back after a burst."""
     import httpx
 
-    bomb = _palette_png(6300, 6300)
+    bomb = palette_png(6300, 6300)
     dense = b'{"inputs": [' + b"[]," * (6_500_000 - 1) + b"[]]}"  # 19.5 MB: 6.5 M lists, ~420 MB parsed
     full = json.dumps({"inputs": _inputs(32).tolist()}).encode()  # a legal max-batch request, ~9 MB
     with ServeProcess(serving_onnx) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -249,7 +237,7 @@ def test_gzip_bombs_do_not_stall_healthz(serving_onnx):
 def test_inflating_runs_off_the_event_loop_thread(runtime, monkeypatch):
     import httpx
 
-    from vitdeploy.serving import server
+    from vitdeploy.serving import parsing
 
     threads = []
 
@@ -261,7 +249,7 @@ def test_inflating_runs_off_the_event_loop_thread(runtime, monkeypatch):
             threads.append(threading.current_thread())
             return zlib.decompressobj(*a)
 
-    monkeypatch.setattr(server, "zlib", Recording())
+    monkeypatch.setattr(parsing, "zlib", Recording())
     x = _inputs(1)
     with Server(runtime) as srv:
         r = httpx.post(srv.url + "/v1/logits", content=gzip.compress(json.dumps({"inputs": x.tolist()}).encode()),
@@ -274,15 +262,15 @@ def test_multipart_parsing_runs_off_the_event_loop(runtime, monkeypatch):
     import httpx
     from PIL import Image
 
-    from vitdeploy.serving import server
+    from vitdeploy.serving import parsing
 
-    real = server._multipart_file
+    real = parsing.multipart_file
 
     def slow(*a):
         time.sleep(1.0)
         return real(*a)
 
-    monkeypatch.setattr(server, "_multipart_file", slow)
+    monkeypatch.setattr(parsing, "multipart_file", slow)
     buf = io.BytesIO()
     Image.new("RGB", (80, 60), (10, 200, 30)).save(buf, "PNG")
     with Server(runtime) as srv, httpx.Client(base_url=srv.url, timeout=10) as c, ThreadPoolExecutor(1) as pool:
