@@ -327,3 +327,17 @@ def test_deploy_refuses_bad_options_in_one_line(tmp_path):
                                   "--precision", "fp32"])
     assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
         f"Error: no ONNX exported, nothing to deploy: checkpoint {tmp_path / 'none.safetensors'} does not exist")
+
+
+def test_triton_stage_without_tritonclient_is_not_possible_not_failed(monkeypatch, tmp_path):
+    """The Triton repository needs tritonclient (config.pbtxt goes through Triton's schema): without it the
+    unit is 'not possible' with the install line, and the deploy does not fail for it."""
+    import importlib.util
+
+    from vitdeploy.deploy import stages
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tritonclient" else real(name, *a))
+    with pytest.raises(stages.NotPossible, match=r"pip install 'vitdeploy\[triton\]'"):
+        stages._triton(None, None, "m", {})

@@ -249,8 +249,12 @@ def triton_stage(b: Bundle) -> None:
 
 
 def _triton(b: Bundle, a: Artifact, name: str, args: dict[str, Any]) -> Work:
+    import importlib.util
+
     from vitdeploy.serving.triton import write_triton_repo
 
+    if importlib.util.find_spec("tritonclient") is None:  # config.pbtxt is rendered through Triton's own schema
+        raise NotPossible("writing a Triton repository needs tritonclient: pip install 'vitdeploy[triton]'")
     repo = write_triton_repo(a.path, b.out / "triton", name, args["max_batch"], kind=args["kind"],
                              backend=args["backend"])
     result = {"artifact": b.rel(a.path), "model_dir": b.rel(repo.model_dir), "config": b.rel(repo.config),
