@@ -1,0 +1,128 @@
+"""The serving data plane: one runtime, its dynamic batcher, the memory budget and the server's state
+(preparing, ready, draining, failed), behind the calls the HTTP endpoints make (KServe's
+``DataPlane``): :meth:`DataPlane.infer`, :meth:`DataPlane.live`, :meth:`DataPlane.ready`.
+
+Readiness waits for ``prepare`` (warm-up and the golden check, run in a background thread once the
+server starts); a failed ``prepare`` leaves the server up but not ready, its reason in the log and in
+the readiness answer, and inference refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.engines.base import Runtime
+from vitdeploy.errors import VitDeployError
+from vitdeploy.serving.batcher import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout, WorkerDied
+from vitdeploy.serving.errors import HTTPFailure
+from vitdeploy.serving.limits import MemoryBudget
+
+log = logging.getLogger("vitdeploy.serve")
+
+
+class DataPlane:
+    """Runtime + batcher + memory budget + state; the endpoints only parse, call this and encode."""
+
+    def __init__(self, runtime: Runtime, budget: MemoryBudget, max_batch: int = 32, max_delay_ms: float = 2.0,
+                 max_queue: int = 256, request_timeout: float = 30.0,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.runtime, self.budget, self.request_timeout = runtime, budget, request_timeout
+        self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
+        self.batcher = DynamicBatcher(runtime, max_batch, max_delay_ms, max_queue, on_batch=on_batch)
+        self.draining = False
+        self.preparing: str | None = None  # what readiness waits for, while prepare runs
+        self.unfit: str | None = None  # why prepare failed: the server stays up, never ready
+
+    # -- state -----------------------------------------------------------------------------------------
+    def live(self) -> bool:
+        """The process and its inference worker are up."""
+        return self.batcher.failure is None
+
+    def ready(self) -> bool:
+        """Prepared, not draining, and the batcher takes requests."""
+        return self.preparing is None and self.unfit is None and not self.draining and self.batcher.alive
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/readyz's status code and body."""
+        if self.batcher.failure is not None:
+            return 503, {"status": "worker_died"}
+        if self.unfit is not None:
+            return 503, {"status": "failed", "reason": self.unfit}
+        if self.preparing is not None:
+            return 503, {"status": "preparing", "reason": self.preparing}
+        if self.draining or not self.batcher.alive:
+            return 503, {"status": "draining"}
+        return 200, {"status": "ready", "model": self.runtime.describe(), "max_batch": self.max_batch}
+
+    def begin_drain(self) -> None:
+        """From now on readiness answers 503; requests are still served."""
+        self.draining = True
+
+    def prepare(self, work: Callable[[Runtime], None], what: str) -> threading.Thread:
+        """Run ``work(runtime)`` (warm-up, the golden check) in a background thread; ready once it returns.
+        An exception keeps the server not ready: its message is logged and becomes the readiness reason."""
+        self.preparing = what
+
+        def run() -> None:
+            try:
+                t0 = time.perf_counter()
+                work(self.runtime)
+                log.info("ready: %s took %.1f s", what, time.perf_counter() - t0)
+            except BaseException as e:  # whatever it is, it is why this server is not ready
+                self.unfit = str(e) if isinstance(e, VitDeployError) else f"{type(e).__name__}: {e}"
+                log.error("not ready: %s failed: %s", what, self.unfit,
+                          exc_info=None if isinstance(e, VitDeployError) else e)
+            finally:
+                self.preparing = None
+
+        thread = threading.Thread(target=run, name="vitdeploy-prepare", daemon=True)
+        thread.start()
+        return thread
+
+    # -- inference -------------------------------------------------------------------------------------
+    async def infer(self, x: np.ndarray, deadline: float) -> np.ndarray:
+        """Rows for ``x`` through the batcher, by ``deadline`` (a ``time.perf_counter`` time)."""
+        late = f"request not answered within {self.request_timeout:g} s"
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise HTTPFailure(504, "timeout", late)
+        if self.unfit is not None:
+            raise HTTPFailure(503, "unavailable", f"this server is not ready ({self.unfit}): retry on another "
+                              "replica")
+        future = self._submit(x, remaining)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
+        except (asyncio.TimeoutError, RequestTimeout):
+            future.cancel()
+            raise HTTPFailure(504, "timeout", late) from None
+        except WorkerDied:
+            raise HTTPFailure(503, "unavailable", "the inference worker stopped: retry on another replica") from None
+        except BatcherClosed:
+            raise HTTPFailure(503, "unavailable", "the server shut down before this request ran: retry",
+                              {"Retry-After": "1"}) from None
+
+    def _submit(self, x: np.ndarray, timeout: float) -> Any:
+        try:
+            return self.batcher.submit(x, timeout=timeout)
+        except QueueFull as e:
+            raise HTTPFailure(503, "overload", str(e), {"Retry-After": "1"}) from None
+        except WorkerDied:
+            raise HTTPFailure(503, "unavailable", "the inference worker stopped: this server is not ready, "
+                              "retry on another replica") from None
+        except BatcherClosed:
+            raise HTTPFailure(503, "unavailable", "the server is shutting down: retry", {"Retry-After": "1"}) from None
+        except ValueError as e:  # the batcher's own shape checks
+            raise HTTPFailure(400, "bad_input", str(e)) from None
+
+    def shutdown(self, close_runtime: bool) -> None:
+        """Run what is queued, then close the runtime when asked (never while an inference still runs on it)."""
+        stopped = self.batcher.shutdown(True, self.request_timeout)
+        if close_runtime and stopped:
+            self.runtime.close()

@@ -1,0 +1,412 @@
+"""Reading and checking requests, and encoding answers, for `vitdeploy serve`: bodies read within the
+limits (:class:`Intake`: size, idle time, the request's deadline, the memory budget), v1 tensors and
+images, KServe v2 requests with the binary tensor extension, and JSON that never holds NaN.
+
+Everything here is CPU work that runs in a worker thread (:meth:`Intake.cpu`), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from vitdeploy.engines.base import Runtime
+from vitdeploy.serving.errors import HTTPFailure, bad_input
+from vitdeploy.serving.limits import Lease, MemoryBudget, MiB, json_cost, non_finite_reason, upfront_cost
+from vitdeploy.sysinfo import usable_cpus
+
+log = logging.getLogger("vitdeploy.serve")
+
+INFLATE_STEP = 1 << 20
+# numpy dtype name -> KServe v2 datatype
+V2_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "uint8": "UINT8", "int8": "INT8",
+                "int32": "INT32", "int64": "INT64"}
+
+
+class ModelIO:
+    """What a request is checked against: the input spec, tensor names, v2 datatype and batch limit;
+    and what answers name: the labels (``num_labels`` is -1 when the artifact does not say)."""
+
+    def __init__(self, spec: Any, input_name: str, output_name: str, datatype: str, max_batch: int,
+                 labels: list[str] | None = None, num_labels: int = -1) -> None:
+        self.spec, self.input_name, self.output_name = spec, input_name, output_name
+        self.datatype, self.max_batch = datatype, max_batch
+        self.shape = tuple(int(d) for d in spec.shape)
+        self.labels, self.num_labels = labels or [], num_labels
+
+    @classmethod
+    def of(cls, runtime: Runtime, max_batch: int) -> ModelIO:
+        spec, labels = runtime.spec, list(runtime.labels)
+        num_labels = len(labels) or int((runtime.metadata.config if runtime.metadata else {}).get("num_labels", -1))
+        return cls(spec, spec.name, runtime.output_name or "logits", V2_DATATYPES.get(spec.dtype, spec.dtype.upper()),
+                   max_batch, labels, num_labels)
+
+    def check_rows(self, rows: int) -> None:
+        if not 1 <= rows <= self.max_batch:
+            raise bad_input(f"a request holds 1..{self.max_batch} images, got {rows}")
+
+
+class Intake:
+    """Reads request bodies within the limits: size, idle time, the request's deadline and the memory budget."""
+
+    def __init__(self, budget: MemoryBudget, body_limit: int, body_timeout: float, request_timeout: float) -> None:
+        import anyio
+
+        self.budget, self.body_limit = budget, body_limit
+        self.body_timeout, self.request_timeout = body_timeout, request_timeout
+        # decoding, inflating and parsing run in one thread per CPU but one (left to the event loop): more would
+        # only queue for the GIL and the cores, and a /healthz probe would wait behind every runnable thread
+        self.cpu_slots = anyio.CapacityLimiter(max(1, usable_cpus() - 1))
+
+    async def cpu(self, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` in a worker thread, within the CPU slots."""
+        import functools
+
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=self.cpu_slots)
+
+    def settle(self, lease: Lease, total: int, what: str) -> None:
+        """The exact cost is known: hold ``total`` bytes, giving back what the up-front estimate held beyond it."""
+        if total <= lease.held:
+            lease.shrink_to(total)
+        else:
+            self.charge(lease, total, what)
+
+    def charge(self, lease: Lease, total: int, what: str) -> None:
+        """Hold ``total`` bytes for this request (not waiting: a request holding memory never waits for more)."""
+        if lease.grow_to(total):
+            return
+        if not lease.fits(total):
+            raise HTTPFailure(413, "too_large", f"{what} would take about {total / MiB:.0f} MiB, over this server's "
+                              f"memory budget of {self.budget.capacity / MiB:.0f} MiB (--memory-budget): "
+                              f"send a smaller request")
+        raise HTTPFailure(503, "memory", f"the server's memory budget is in use by other requests ({what} needs "
+                          f"{total / MiB:.0f} MiB): retry", {"Retry-After": "1"})
+
+    async def read_body(self, request: Any, lease: Lease, start: float) -> bytearray:
+        """The whole body (inflated), charged to ``lease``; 408 when the client stalls, 413 when too large."""
+        declared = content_length(request.headers)
+        if declared is not None and declared > self.body_limit:
+            raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes")
+        if declared is None:
+            first = min(self.body_limit, INFLATE_STEP)
+        else:
+            first = min(upfront_cost(declared, request.headers.get("content-type", ""),
+                                     request.headers.get("content-encoding")), self.budget.capacity)
+            if not lease.fits(declared):
+                self.charge(lease, declared, "this body")
+        remaining = self.request_timeout - (time.perf_counter() - start)
+        if not await lease.reserve(first, max(0.0, remaining)):
+            raise HTTPFailure(503, "memory", "the server's memory budget is in use by other requests: retry",
+                              {"Retry-After": "1"})
+        body = await self._receive_all(request, lease, start)
+        encoding = request.headers.get("content-encoding")
+        if encoding and encoding != "identity":
+            return await self.cpu(inflate, body, encoding, self, lease)
+        return body
+
+    async def _receive_all(self, request: Any, lease: Lease, start: float) -> bytearray:
+        """The body's bytes. A growing bytearray is cheap here: buffers of 1 MiB and more are mmapped in the
+        serving process (`return_large_frees`), so growing one remaps pages instead of copying them, and
+        the new pages are not zeroed by hand (a preallocated ``bytearray(n)`` is, with the GIL held)."""
+        body = bytearray()
+        while True:
+            message = await self._receive(request, start)
+            if message["type"] == "http.disconnect":
+                raise HTTPFailure(499, "disconnected", "the client disconnected before sending its body")
+            body += message.get("body", b"")
+            if len(body) > self.body_limit:
+                raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
+                                  {"Connection": "close"})
+            self.charge(lease, max(lease.held, len(body)), "this body")
+            if not message.get("more_body", False):
+                return body
+
+    async def _receive(self, request: Any, start: float) -> dict[str, Any]:
+        left = self.request_timeout - (time.perf_counter() - start)
+        wait = min(self.body_timeout, left)
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            if sys.version_info < (3, 11):
+                return await asyncio.wait_for(request.receive(), wait)
+            async with asyncio.timeout(wait):  # a timer, not a task per chunk as wait_for makes
+                return await request.receive()
+        except asyncio.TimeoutError:
+            what = (f"no data for {self.body_timeout:g} s" if wait == self.body_timeout
+                    else f"not all sent within the {self.request_timeout:g} s request timeout")
+            raise HTTPFailure(408, "body_timeout", f"request body {what}: the connection is closed",
+                              {"Connection": "close"}) from None
+
+
+def _digits(raw: str, limit: int = 18) -> int | None:
+    """A non-negative decimal integer of ASCII digits only (``isdigit`` alone accepts '²'), or None."""
+    raw = raw.strip()
+    if not raw or len(raw) > limit or not raw.isascii() or not raw.isdigit():
+        return None
+    return int(raw)
+
+
+def content_length(headers: Any) -> int | None:
+    raw = headers.get("content-length")
+    return None if raw is None else _digits(raw)
+
+
+def top_k(raw: str | None, num_labels: int) -> int:
+    if raw is None:
+        return min(5, num_labels)
+    k = _digits(raw, 9)
+    if k is None or k < 1:
+        raise bad_input(f"top_k {raw[:20]!r} is not a whole number of at least 1")
+    return min(k, num_labels)
+
+
+def binary_dims(raw: str | None, shape: tuple[int, ...], max_batch: int) -> tuple[int, ...]:
+    """X-Shape checked before the body is read: [n, *shape] or shape, n within the batch limit."""
+    if not raw:
+        raise bad_input("binary tensors need an X-Shape header such as 4,3,224,224")
+    dims = tuple(_digits(v, 9) for v in raw.split(",")[:8])
+    if not dims or any(d is None or d < 1 for d in dims) or len(raw.split(",")) > 8:
+        raise bad_input(f"X-Shape {raw[:60]!r} needs positive sizes, such as 4,3,224,224")
+    full = dims if len(dims) == len(shape) + 1 else (1, *dims)
+    if tuple(full[1:]) != shape:
+        raise bad_input(f"tensor shape {dims} does not match the model's [n, {', '.join(map(str, shape))}]")
+    if full[0] > max_batch:
+        raise bad_input(f"a request holds 1..{max_batch} images, got {full[0]}")
+    return dims  # type: ignore[return-value]
+
+
+def json_bytes(payload: Any) -> bytes:
+    """JSON, never with NaN or Infinity in it (not JSON): a model answering those is broken."""
+    try:
+        return json.dumps(payload, allow_nan=False).encode()
+    except ValueError:
+        raise HTTPFailure(500, "non_finite_output", "the model answered NaN or infinite scores: this artifact "
+                          "is broken; the server log has the details") from None
+
+
+def json_load(body: bytearray, end: int, lease: Lease, intake: Intake, what: str) -> Any:
+    """Parse ``body[:end]`` once its worst-case cost fits the memory budget; deep nesting is a 400, not a 500."""
+    intake.settle(lease, len(body) + json_cost(body, end), what)
+    try:
+        # JSON between systems is UTF-8 (RFC 8259): decoding it here makes one str of the text's size, where
+        # json.loads would guess UTF-16/32 from leading zero bytes and build a 4-byte-a-char buffer first
+        return json.loads((body if end == len(body) else body[:end]).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad_input(f"{what} is not valid JSON") from None
+    except RecursionError:
+        raise bad_input(f"{what} is nested too deeply") from None
+
+
+def _checked(x: np.ndarray, model: ModelIO) -> np.ndarray:
+    if (reason := non_finite_reason(x, model.input_name)) is not None:
+        raise bad_input(reason)
+    return x
+
+
+def multipart_file(body: bytes, content_type: str) -> bytes:
+    """The 'file' field of a multipart/form-data body (in a worker thread: parsing is CPU work)."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    field, value = bytearray(), bytearray()
+
+    def header_end() -> None:
+        parts[-1][0][bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def part_begin() -> None:
+        if len(parts) >= 16:
+            raise bad_input("a multipart request holds at most 16 fields")
+        parts.append(({}, bytearray()))
+
+    callbacks = {"on_part_begin": part_begin, "on_header_field": lambda b, s, e: field.extend(b[s:e]),
+                 "on_header_value": lambda b, s, e: value.extend(b[s:e]), "on_header_end": header_end,
+                 "on_part_data": lambda b, s, e: parts[-1][1].extend(b[s:e])}
+    try:
+        if not boundary:
+            raise ValueError("no boundary")
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(bytes(body))
+        parser.finalize()
+    except HTTPFailure:
+        raise
+    except Exception as e:
+        log.info("unreadable multipart body: %s", e)
+        raise bad_input("unreadable multipart body: send multipart/form-data with the image in a 'file' "
+                        "field") from None
+    for headers, data in parts:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        if disposition.get(b"name") == b"file" and b"filename" in disposition:
+            return bytes(data)
+    raise bad_input("a multipart request needs a 'file' field holding the image")
+
+
+class V2Request:
+    def __init__(self, x: np.ndarray, binary_output: bool, request_id: str | None) -> None:
+        self.x, self.binary_output, self.request_id = x, binary_output, request_id
+
+
+def _v2_input(req: Any, model: ModelIO) -> tuple[dict[str, Any], list[int]]:
+    """The one input tensor of a v2 request and its shape, checked against the model before any data is read."""
+    name, datatype = model.input_name, model.datatype
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
+        raise bad_input(f'an inference request holds "inputs": [one tensor named {name!r}]')
+    inp = req["inputs"][0]
+    if not isinstance(inp, dict) or inp.get("name") != name:
+        got = inp.get("name") if isinstance(inp, dict) else inp
+        raise bad_input(f"unknown input {str(got)[:64]!r}: this model's input is {name!r}")
+    if inp.get("datatype") != datatype:
+        raise bad_input(f"input {name!r} has datatype {str(inp.get('datatype'))[:16]!r}; this model takes {datatype}")
+    shape = inp.get("shape")
+    if (not isinstance(shape, list) or len(shape) != len(model.shape) + 1
+            or not all(type(d) is int and d >= 0 for d in shape) or tuple(shape[1:]) != model.shape):
+        raise bad_input(f"input {name!r} has shape {str(shape)[:80]}; this model takes "
+                   f"[n, {', '.join(map(str, model.shape))}]")
+    model.check_rows(shape[0])
+    return inp, shape
+
+
+def parse_v2_request(body: Any, headers: Any, model: ModelIO, lease: Lease, intake: Intake) -> V2Request:
+    """A KServe v2 inference request (JSON, optionally followed by binary tensor data) -> the input batch."""
+    raw_len = headers.get("inference-header-content-length")
+    n = len(body) if raw_len is None else _digits(raw_len)
+    if n is None or n > len(body):
+        raise bad_input(f"Inference-Header-Content-Length {raw_len[:20]!r} is not a length within the "
+                   f"{len(body)}-byte body")
+    binary = memoryview(body)[n:]
+    req = json_load(body, n, lease, intake, "the inference request header")
+    inp, shape = _v2_input(req, model)
+    dtype = np.dtype(model.spec.dtype).newbyteorder("<")
+    count = math.prod(shape)  # Python ints: 2**54 * 3 * 224 * 224 does not wrap to 0 as np.prod does
+    params = inp.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad_input(f'the "parameters" of input {model.input_name!r} is an object')
+    size = params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size != count * dtype.itemsize or len(binary) != size:
+            raise bad_input(f"input {model.input_name!r} of shape {shape} {model.datatype} needs "
+                       f"{count * dtype.itemsize} bytes of binary data; binary_data_size is {str(size)[:20]} and "
+                       f"the body holds {len(binary)}")
+        intake.charge(lease, max(lease.held, 2 * len(body)), "this tensor")  # the body, and its copy in a batch
+        x = np.frombuffer(binary, dtype).reshape(shape)
+    else:
+        if len(binary):
+            raise bad_input(f"{len(binary)} bytes of binary data follow the header, but no input has binary_data_size")
+        if "data" not in inp:
+            raise bad_input(f'input {model.input_name!r} has neither "data" nor a binary_data_size parameter')
+        x = _json_array(inp["data"], dtype, shape, model)
+    return V2Request(_checked(x, model), *_v2_output_options(req, model))
+
+
+def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) -> np.ndarray:
+    try:
+        x = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise bad_input(f"input {model.input_name!r}: data is not a list of {model.datatype} numbers") from None
+    if x.size != math.prod(shape):
+        raise bad_input(f"input {model.input_name!r}: {x.size} values for shape {shape} ({math.prod(shape)} needed)")
+    return x.reshape(shape)
+
+
+def _v2_output_options(req: dict[str, Any], model: ModelIO) -> tuple[bool, str | None]:
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad_input('"parameters" is an object')
+    binary_output = bool(params.get("binary_data_output", False))
+    outputs = req.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise bad_input('"outputs" is a list of output tensors')
+    for out in outputs:
+        if not isinstance(out, dict) or out.get("name") != model.output_name:
+            got = out.get("name") if isinstance(out, dict) else out
+            raise bad_input(f"unknown output {str(got)[:64]!r}: this model's output is {model.output_name!r}")
+        oparams = out.get("parameters") or {}
+        if not isinstance(oparams, dict):
+            raise bad_input('an output\'s "parameters" is an object')
+        if "classification" in oparams:
+            raise bad_input("the classification extension is not supported: ask for the logits, or use /v1/classify")
+        binary_output = bool(oparams.get("binary_data", binary_output))
+    rid = req.get("id")
+    return binary_output, str(rid)[:256] if rid is not None else None
+
+
+def v2_response(out: np.ndarray, model_name: str, output_name: str, req: V2Request) -> tuple[bytes, dict[str, str]]:
+    out = np.ascontiguousarray(out, "<f4")
+    tensor: dict[str, Any] = {"name": output_name, "datatype": "FP32", "shape": list(out.shape)}
+    head: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": [tensor]}
+    if req.request_id is not None:
+        head["id"] = req.request_id
+    if not req.binary_output:
+        tensor["data"] = out.ravel().tolist()
+        return json_bytes(head), {}
+    raw = out.tobytes()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    header = json_bytes(head)
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def inflate(body: bytearray, encoding: str, intake: Intake, lease: Lease) -> bytearray:
+    """Undo a gzip/deflate Content-Encoding (tritonclient's request compression) in steps of 1 MiB, each
+    charged to the memory budget and bounded by the body limit: a bomb stops at the first step over."""
+    if encoding not in ("gzip", "deflate"):
+        raise HTTPFailure(415, "bad_input", f"Content-Encoding {encoding[:20]!r} is not supported: use gzip or deflate")
+    limit = intake.body_limit
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
+    out = bytearray()
+    data: bytes = bytes(body)
+    sent = len(data)
+    del body
+    try:
+        while True:
+            # charged before the step: the chunk it makes and the buffer it grows are already covered
+            intake.charge(lease, max(lease.held, 2 * sent + len(out) + 2 * INFLATE_STEP), "decompressing this body")
+            chunk = inflater.decompress(data, INFLATE_STEP)
+            data = inflater.unconsumed_tail
+            out += chunk
+            if len(out) > limit:
+                raise HTTPFailure(413, "too_large", f"request body over {limit} bytes once decompressed")
+            if not data and len(chunk) < INFLATE_STEP:
+                break
+    except zlib.error:
+        raise bad_input(f"the body is not valid {encoding} data") from None
+    return out
+
+
+def decode_tensor(body: bytearray, dims: tuple[int, ...] | None, model: ModelIO, lease: Lease,
+                   intake: Intake) -> np.ndarray:
+    """/v1/logits: float32 bytes shaped by X-Shape (``dims``, checked before the body was read), or JSON."""
+    shape = model.shape
+    if dims is not None:
+        want = math.prod(dims) * 4
+        if want != len(body):
+            raise bad_input(f"body has {len(body)} bytes; X-Shape {dims} float32 needs {want}")
+        intake.settle(lease, 2 * len(body), "this tensor")  # the body, and its copy in a batch
+        x = np.frombuffer(body, dtype="<f4").reshape(dims)
+    else:
+        payload = json_load(body, len(body), lease, intake, "the JSON body")
+        if not isinstance(payload, dict) or "inputs" not in payload:
+            raise bad_input('send JSON {"inputs": [...]} shaped [n, C, H, W], or float32 bytes with X-Shape')
+        try:
+            x = np.asarray(payload["inputs"], dtype=np.float32)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            raise bad_input('"inputs" is not a list of numbers shaped [n, C, H, W]') from None
+    if x.ndim == len(shape):
+        x = x[None]
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise bad_input(f"tensor shape {tuple(x.shape)} does not match the model's [n, {', '.join(map(str, shape))}]")
+    model.check_rows(x.shape[0])
+    return _checked(x, model)

@@ -1,0 +1,144 @@
+"""`vitdeploy serve`'s own routes, over the data plane: classify an image, logits for tensors, and the probes.
+
+    POST /v1/classify   image bytes (or multipart field "file"); ?top_k=5
+    POST /v1/logits     JSON {"inputs": [[C][H][W]...]} or application/octet-stream float32 with X-Shape: n,C,H,W
+    GET  /healthz       the process and its inference worker are up
+    GET  /readyz        the model is prepared (warm, verified) and the server is not draining
+    GET  /metrics       Prometheus text format
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
+import io
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from vitdeploy.engines.base import softmax
+from vitdeploy.serving import parsing
+from vitdeploy.serving.dataplane import DataPlane
+from vitdeploy.serving.errors import HTTPFailure, bad_input
+from vitdeploy.serving.limits import Lease, image_cost
+from vitdeploy.serving.middleware import Metrics
+from vitdeploy.serving.parsing import Intake, ModelIO
+
+log = logging.getLogger("vitdeploy.serve")
+
+
+class V1Endpoints:
+    """Each handler: parse (in a worker thread), call the data plane, encode."""
+
+    def __init__(self, plane: DataPlane, intake: Intake, model: ModelIO, metrics: Metrics, pixel_limit: int) -> None:
+        self.plane, self.intake, self.model, self.metrics, self.pixel_limit = plane, intake, model, metrics, pixel_limit
+
+    def register(self, app: Any, inference_route: type) -> None:
+        router = app.router
+        router.add_api_route("/v1/classify", self.classify, methods=["POST"], name="classify",
+                             route_class_override=inference_route)
+        router.add_api_route("/v1/logits", self.logits, methods=["POST"], name="logits",
+                             route_class_override=inference_route)
+        router.add_api_route("/healthz", self.healthz, methods=["GET"])
+        router.add_api_route("/readyz", self.readyz, methods=["GET"])
+        router.add_api_route("/metrics", self.metrics_text, methods=["GET"])
+
+    async def classify(self, request: Request) -> Any:
+        scope = request.state.serving
+        if self.plane.runtime.metadata is None:
+            raise HTTPFailure(400, "no_metadata", "this artifact has no preprocessing metadata: "
+                              "use /v1/logits or re-export it with vitdeploy")
+        k = parsing.top_k(request.query_params.get("top_k"), self.model.num_labels if self.model.num_labels > 0
+                          else 1000)
+        body = await self._image_bytes(request, scope.lease, scope.start)
+        x = await self.intake.cpu(self._decode_image, body, scope.lease, scope.rid)
+        del body
+        logits = await self.plane.infer(x, scope.deadline)
+        return scope.answer(await self.intake.cpu(self._top_k_json, logits, k), "application/json")
+
+    async def logits(self, request: Request) -> Any:
+        scope, headers = request.state.serving, request.headers
+        dims = self._binary_dims(headers)
+        body = await self.intake.read_body(request, scope.lease, scope.start)
+        x = await self.intake.cpu(parsing.decode_tensor, body, dims, self.model, scope.lease, self.intake)
+        del body
+        out = await self.plane.infer(x, scope.deadline)
+        if headers.get("accept") == "application/octet-stream":
+            raw = await self.intake.cpu(lambda: np.ascontiguousarray(out, "<f4").tobytes())
+            return scope.answer(raw, "application/octet-stream", {"X-Shape": ",".join(map(str, out.shape))})
+        return scope.answer(await self.intake.cpu(parsing.json_bytes, {"logits": out.tolist()}), "application/json")
+
+    async def healthz(self) -> Any:
+        if not self.plane.live():
+            return JSONResponse({"status": "worker_died"}, status_code=503)
+        return {"status": "ok"}
+
+    async def readyz(self) -> Any:
+        code, body = self.plane.readiness()
+        return body if code == 200 else JSONResponse(body, status_code=code)
+
+    async def metrics_text(self) -> Any:
+        content, media_type = self.metrics.exposition()
+        return Response(content, media_type=media_type)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    async def _image_bytes(self, request: Request, lease: Lease, start: float) -> bytes | bytearray:
+        """The image: the body, or a multipart form's 'file' field."""
+        body = await self.intake.read_body(request, lease, start)
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            self.intake.settle(lease, 2 * len(body), "reading this form")
+            body = await self.intake.cpu(parsing.multipart_file, body, ctype)
+        if not body:
+            raise HTTPFailure(400, "bad_input", "empty body: send image bytes")
+        return body
+
+    def _binary_dims(self, headers: Any) -> tuple[int, ...] | None:
+        """X-Shape of an octet-stream body, checked (with Content-Length) before the body is read."""
+        if not headers.get("content-type", "").startswith("application/octet-stream"):
+            return None
+        dims = parsing.binary_dims(headers.get("x-shape"), self.model.shape, self.model.max_batch)
+        want = math.prod(dims) * 4
+        declared = parsing.content_length(headers)
+        if declared is not None and declared != want and not headers.get("content-encoding"):
+            raise bad_input(f"body has {declared} bytes; X-Shape {dims} float32 needs {want}")
+        return dims
+
+    def _decode_image(self, body: bytes | bytearray, lease: Lease, rid: str) -> np.ndarray:
+        """Image bytes -> the model's input for one image; the header's size is checked (and its decoding
+        charged to the memory budget) before anything is decoded."""
+        from PIL import Image
+
+        from vitdeploy.preprocess import ImageError, Preprocessing, open_image
+
+        body = bytes(body)
+        try:
+            with Image.open(io.BytesIO(body)) as probe:  # reads the header only
+                width, height = probe.size
+        except Image.DecompressionBombError:
+            width, height = 1 << 31, 1
+        except Exception:  # unreadable: open_image says so below
+            width, height = 0, 0
+        if width * height > self.pixel_limit:
+            raise HTTPFailure(413, "too_large", f"image of {width * height} pixels is over this server's limit of "
+                              f"{self.pixel_limit} (--max-image-pixels): send a smaller image")
+        self.intake.settle(lease, len(body) + image_cost(body, width * height), "decoding this image")
+        try:
+            image = open_image(body)
+        except ImageError as e:
+            log.info("request %s: unreadable image: %s", rid, e)
+            raise HTTPFailure(400, "bad_image", "the body is not a readable image: send JPEG, PNG, WebP, BMP, "
+                              "GIF or TIFF bytes, or a multipart 'file' field holding one") from None
+        runtime = self.plane.runtime
+        own_preprocess = getattr(runtime, "preprocess", None)  # duck-typed runtimes may have none
+        if own_preprocess is not None:  # the batch form this artifact takes (float32 NCHW, or uint8 NHWC)
+            return np.asarray(own_preprocess([image]))[0]
+        return Preprocessing.from_dict(runtime.metadata.preprocessing)(image)
+
+    def _top_k_json(self, logits: np.ndarray, k: int) -> bytes:
+        probs = softmax(logits[None])[0]
+        idx = np.argsort(-probs)[:k]
+        labels = self.model.labels
+        return parsing.json_bytes({"top_k": [{"label": labels[i] if i < len(labels) else str(i), "index": int(i),
+                                              "score": float(probs[i])} for i in idx]})
