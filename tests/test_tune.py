@@ -167,15 +167,16 @@ def test_close_finalists_are_timed_again_side_by_side(copies, monkeypatch):
     path, timed while the machine was quick, would win. Side by side, the truly faster one does."""
     monkeypatch.setattr("vitdeploy.tune.RUNOFF_PAUSE_S", 0.01)
     path = copies["fp32"]
-    lucky = PathChoice("onnxruntime", {"threads": 1}, "lucky (5 ms, timed first while the machine was quick)")
-    steady = PathChoice("onnxruntime", {"threads": 2}, "steady (4 ms)")
-    far = PathChoice("onnxruntime", {"threads": 1, "optimization": "disable"}, "far (20 ms)")
+    lucky = PathChoice("onnxruntime", {"threads": 1}, "lucky (12.5 ms, timed first while the machine was quick)")
+    steady = PathChoice("onnxruntime", {"threads": 2}, "steady (10 ms)")
+    far = PathChoice("onnxruntime", {"threads": 1, "optimization": "disable"}, "far (50 ms)")
     opened = []
 
     def opener(choice):
         opened.append(choice)
-        pace = 0.8 if len(opened) == 1 else 1.0  # 4 ms for lucky's first figures (a tie), then the real pace
-        ms = {lucky.key(): 5.0, steady.key(): 4.0, far.key(): 20.0}[choice.key()]
+        pace = 0.8 if len(opened) == 1 else 1.0  # 10 ms for lucky's first figures (a tie), then the real pace
+        # gaps of milliseconds, not fractions of one, so that a busy machine's noise cannot swap them
+        ms = {lucky.key(): 12.5, steady.key(): 10.0, far.key(): 50.0}[choice.key()]
         # the same real work behind every choice (the options only name them): only the pace differs
         return _Paced(open_runtime(path, backend="onnxruntime", use_plan=False, threads=1), ms, pace)
 
@@ -184,7 +185,7 @@ def test_close_finalists_are_timed_again_side_by_side(copies, monkeypatch):
     c = {cand.choice.label: cand for cand in report.candidates}
     assert report.plan.latency == steady and report.plan.throughput == steady
     assert c[lucky.label].runoff == [1, 2] and c[steady.label].runoff == [1, 2] and not c[far.label].runoff
-    assert c[lucky.label].ms_per_image[1] > c[steady.label].ms_per_image[1] >= 4.0
+    assert c[lucky.label].ms_per_image[1] > c[steady.label].ms_per_image[1] >= 10.0
     assert opened.count(far) == 1 and opened.count(steady) == 3  # far is no finalist; the others reopen per batch
     assert report.to_dict()["candidates"][0]["runoff_at"] == [1, 2]
 

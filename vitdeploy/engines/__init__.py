@@ -45,42 +45,32 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     ``use_plan=False`` ignores a plan. An engine runs on ``device`` ``cuda`` / ``auto`` (device 0) or
     ``cuda:N``, never ``cpu``; its options include ``cuda_graph`` and ``instances`` (contexts in flight).
     """
+    from vitdeploy.engines import registry
+
     if backend not in BACKENDS:
         raise VitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     kind = artifact_kind(path)
     use_plan = options.pop("use_plan", True)
-    config, seed = options.pop("config", None), options.pop("seed", None)
     if backend == "auto" and kind == "onnx" and use_plan and set(options) <= {"threads"} and _cpu_only(device):
         planned = _open_planned(path, options.get("threads"))
         if planned is not None:
             return planned
     if backend == "auto":
         backend = {"onnx": "onnxruntime", "engine": "tensorrt", "checkpoint": "torch"}[kind]
-    if backend == "torch":
-        if kind != "checkpoint":
-            raise VitDeployError(f"the torch backend runs checkpoints, not {kind} files: {path}")
-        from vitdeploy.engines.torch_backend import TorchRuntime
-
-        return TorchRuntime(path, config=config, seed=seed, device=device, **options)
-    if kind == "checkpoint" and not Path(str(path)).exists():
+    if backend != "torch" and not Path(str(path)).exists():
         raise VitDeployError(f"{path}: the {backend} backend needs an existing file")
-    if backend == "onnxruntime":
-        if kind != "onnx":
-            raise VitDeployError(f"ONNX Runtime runs .onnx files, not {kind} files: {path}")
-        from vitdeploy.engines.onnxruntime_backend import OnnxRuntime
+    registry.check_kind(backend, kind, path)
+    if backend != "tensorrt":  # an engine's device goes through parse_device, which says more
+        registry.check_device(backend, device)
+    registry.check_options(backend, options)  # unknown names: one error listing the valid ones
+    cls = registry.runtime_class(backend)
+    if backend == "openvino":  # OpenVINO's own device name
+        return cls(path, device="CPU", **options)
+    if backend == "tensorrt":
+        from vitdeploy.engines.tensorrt_runtime import parse_device
 
-        return OnnxRuntime(path, device=device, **options)
-    if backend == "openvino":
-        if kind != "onnx":
-            raise VitDeployError(f"OpenVINO runs .onnx files here, not {kind} files: {path}")
-        from vitdeploy.engines.openvino_backend import OpenVinoRuntime
-
-        return OpenVinoRuntime(path, **options)
-    if kind != "engine":
-        raise VitDeployError(f"the TensorRT backend runs engines: build one with `vitdeploy build {path}`")
-    from vitdeploy.engines.tensorrt_runtime import TensorRTRuntime, parse_device
-
-    return TensorRTRuntime(path, device=parse_device(device), **options)
+        return cls(path, device=parse_device(device), **options)
+    return cls(path, device=device, **options)
 
 
 def _cpu_only(device: str) -> bool:

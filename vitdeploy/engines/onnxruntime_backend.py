@@ -123,7 +123,8 @@ def _x86() -> bool:
 TENSORRT_CACHE_SUFFIX = ".ort-trt-cache"  # <stem>.ort-trt-cache/<ONNX hash>/ beside the artifact
 TENSORRT_OPT_BATCH = 8
 _PROVIDER = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
-GPU_ORT_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (docs/engines.md: Installing on a GPU machine)"
+GPU_ORT_INSTALL = ("pip uninstall -y onnxruntime && pip install onnxruntime-gpu "
+                   "(docs/engines.md: Installing on a GPU machine)")
 
 
 def onnx_batch_range(path: str | Path) -> tuple[str, tuple[int, ...], tuple[int, int, int]]:
