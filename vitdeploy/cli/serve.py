@@ -102,7 +102,11 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
           workers: int, name: str | None, request_timeout: float, max_image_pixels: int | None, drain_grace: float,
           no_verify: bool, allow_drift: bool, **limits: Any) -> None:
     """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
-    KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks."""
+    KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks.
+
+    /readyz and /v2/health/ready turn ready once the batch sizes the batcher forms are warm and the
+    artifact passes its golden set on this machine (in the background, after the server starts); a
+    failed check keeps the server up and not ready, with the reason in the log and in those answers."""
     try:
         import uvicorn
     except ImportError:
@@ -114,17 +118,17 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
         raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
                                    f"vitdeploy export --model {model} --output model.onnx")
     name = name or Path(model).stem
-    from vitdeploy.verify import open_verified, warm_up
+    from vitdeploy.serving.readiness import WARM_EVERY_SIZE_UP_TO, warm_and_verify
 
-    if workers > 1:
-        if not no_verify:  # checked once here (the verdict is cached for this machine), not in every worker
-            open_verified(model, backend=backend, allow_drift=allow_drift).close()
+    if workers > 1:  # each worker warms up and checks (the verdict is cached beside the artifact)
         os.environ.update({"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
                            "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch),
                            "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
                            "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue), "VITDEPLOY_SERVE_NAME": name,
                            "VITDEPLOY_SERVE_REQUEST_TIMEOUT": str(request_timeout),
                            "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels or ""),
+                           "VITDEPLOY_SERVE_VERIFY": "" if no_verify else "1",
+                           "VITDEPLOY_SERVE_ALLOW_DRIFT": "1" if allow_drift else "",
                            **_serve_limits_env(app_limits, server_limits)})
         if drain_grace > 0:
             click.echo("note: with --workers > 1 uvicorn's supervisor stops the workers on Ctrl-C without the "
@@ -135,12 +139,17 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
                     timeout_keep_alive=server_limits["keep_alive"], ssl_certfile=server_limits["ssl_certfile"],
                     ssl_keyfile=server_limits["ssl_keyfile"])
         return
+    from vitdeploy.engines import open_runtime
     from vitdeploy.serving.server import create_app, run_server
 
-    with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift) as rt:
-        warm_up(rt, (1, max_batch))  # the smallest and largest batch the batcher forms, before it listens
+    # ready only once warm and verified: the check runs in the background while the server already answers
+    # /healthz; a failed check keeps /readyz at 503 with the reason (--allow-drift: a warning, then ready)
+    prepare = warm_and_verify(model, max_batch, verify=not no_verify, allow_drift=allow_drift)
+    with open_runtime(model, backend=backend) as rt:
         scheme = "https" if server_limits["ssl_certfile"] else "http"
-        click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port}")
+        sizes = "every batch size" if max_batch <= WARM_EVERY_SIZE_UP_TO else "1, powers of two and max batch"
+        click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port} (ready once {sizes} "
+                   f"{'is warm' if no_verify else 'is warm and the golden set passes'})")
         app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,
-                         max_image_pixels=max_image_pixels, model_name=name, **app_limits)
+                         max_image_pixels=max_image_pixels, model_name=name, prepare=prepare, **app_limits)
         run_server(app, host, port, drain_grace=drain_grace, **server_limits)

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,13 +63,16 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
                request_timeout: float = 30.0, max_body_bytes: int | None = None,
                max_image_pixels: int | None = None, model_name: str = "model", owns_runtime: bool = False,
                memory_budget: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               api_key: str | None = None, public_probes: bool = False) -> Any:
+               api_key: str | None = None, public_probes: bool = False,
+               prepare: Callable[[Any], None] | None = None) -> Any:
     """The FastAPI app. The runtime stays the caller's (closed at shutdown only with ``owns_runtime``).
 
     ``max_body_bytes`` defaults to 20 MiB or room for a full ``max_batch`` as JSON, whichever is larger;
     ``memory_budget`` (bytes of decode and parse work at once) to room for one such JSON request, at
     least 256 MiB; ``max_image_pixels`` to 256x the model's input area. With ``api_key`` every route
     wants ``Authorization: Bearer <key>``; ``public_probes`` exempts the health, readiness and metrics probes.
+    ``prepare(runtime)`` (warm-up and the golden check: :func:`vitdeploy.serving.readiness.warm_and_verify`)
+    starts in the background now; readiness waits for it, and stays 503 with its error if it fails.
     """
     from contextlib import asynccontextmanager
 
@@ -91,6 +95,8 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
     plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout, on_batch=metrics.on_batch)
     metrics.watch(plane)
     model = ModelIO.of(runtime, max_batch)
+    if prepare is not None:
+        plane.prepare(prepare, "warming up and verifying the model")
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -174,6 +180,7 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_grace:
 def app_from_env() -> Any:
     """uvicorn factory for ``--workers N``: each worker process opens the artifact itself (and closes it)."""
     from vitdeploy.engines import open_runtime
+    from vitdeploy.serving.readiness import warm_and_verify
 
     env = os.environ
     model = env.get("VITDEPLOY_SERVE_MODEL")
@@ -182,7 +189,8 @@ def app_from_env() -> Any:
     return_large_frees()
     runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
-    app = create_app(runtime, int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32")),
+    max_batch = int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32"))
+    app = create_app(runtime, max_batch,
                      float(env.get("VITDEPLOY_SERVE_MAX_DELAY_MS", "2")),
                      int(env.get("VITDEPLOY_SERVE_MAX_QUEUE", "256")),
                      request_timeout=float(env.get("VITDEPLOY_SERVE_REQUEST_TIMEOUT", "30")),
@@ -191,6 +199,8 @@ def app_from_env() -> Any:
                      body_timeout=float(env.get("VITDEPLOY_SERVE_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT))),
                      api_key=env.get("VITDEPLOY_SERVE_API_KEY") or None,
                      public_probes=env.get("VITDEPLOY_SERVE_PUBLIC_PROBES") == "1",
-                     model_name=env.get("VITDEPLOY_SERVE_NAME", "model"), owns_runtime=True)
+                     model_name=env.get("VITDEPLOY_SERVE_NAME", "model"), owns_runtime=True,
+                     prepare=warm_and_verify(model, max_batch, verify=env.get("VITDEPLOY_SERVE_VERIFY", "1") == "1",
+                                             allow_drift=env.get("VITDEPLOY_SERVE_ALLOW_DRIFT") == "1"))
     freeze_startup_objects()
     return app

@@ -1,0 +1,121 @@
+"""`vitdeploy serve` turns ready only once warm and verified (issue 19, item 5): the warm-up and the golden
+check run in the background after the server starts; a failed check keeps it up but not ready, with the
+reason in the log and in the bodies of /readyz and /v2/health/ready."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vitdeploy.engines import open_runtime
+from vitdeploy.serving.readiness import warm_and_verify, warm_sizes
+
+from .http_server import ServeProcess, Server
+from .test_verify import _tamper
+
+
+class Started(ServeProcess):
+    """A `vitdeploy serve` process, not waited for: the tests watch it become ready (or not)."""
+
+    def __enter__(self):
+        return self
+
+
+def _settled(url: str, path: str = "/readyz", timeout: float = 90.0):
+    """The readiness answer once the server listens and has finished preparing."""
+    import httpx
+
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            r = httpx.get(url + path, timeout=2)
+            if r.status_code == 200 or r.json().get("status") != "preparing":
+                return r
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{path} still preparing after {timeout} s")
+
+
+def test_warm_sizes_cover_every_batch_up_to_the_bound_then_powers_of_two():
+    assert warm_sizes(1) == [1]
+    assert warm_sizes(5) == [1, 2, 3, 4, 5]
+    assert warm_sizes(16) == list(range(1, 17))
+    assert warm_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert warm_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def test_readiness_waits_for_prepare_and_reports_why_it_is_not_ready(serving_onnx):
+    import httpx
+
+    release, seen = threading.Event(), []
+
+    def prepare(rt):
+        seen.append(rt)
+        assert release.wait(30)
+
+    with open_runtime(serving_onnx, threads=1) as rt, Server(rt, prepare=prepare) as srv:
+        ready, v2 = httpx.get(srv.url + "/readyz"), httpx.get(srv.url + "/v2/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "preparing", ready.text
+        assert v2.status_code == 503 and v2.json()["status"] == "preparing", v2.text
+        assert httpx.get(srv.url + "/healthz").status_code == 200 and seen == [rt]
+        release.set()
+        assert _settled(srv.url).status_code == 200
+        assert httpx.get(srv.url + "/v2/health/ready").status_code == 200
+
+
+def test_warm_and_verify_warms_every_size_the_batcher_forms(serving_onnx):
+    from vitdeploy.engines.base import Runtime
+
+    class Counting(Runtime):
+        backend = "counting"
+
+        def __init__(self, inner):
+            self.inner, self.spec, self.metadata, self.sizes = inner, inner.spec, inner.metadata, []
+
+        def _run(self, batch):
+            self.sizes.append(len(batch))
+            return self.inner._run(batch)
+
+    with open_runtime(serving_onnx, threads=1) as inner:
+        rt = Counting(inner)
+        warm_and_verify(None, 6)(rt)
+    assert rt.sizes == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("drift", [{"weight_scale": 1.5}, {"mean": 0.1}], ids=["weights", "preprocessing"])
+def test_serve_with_a_drifting_artifact_stays_up_but_not_ready(serving_onnx, tmp_path, drift):
+    import httpx
+
+    bad = _tamper(serving_onnx, tmp_path / "bad.onnx", **drift)
+    with Started(bad, "--max-batch", "4") as srv:
+        ready = _settled(srv.url)
+        assert ready.status_code == 503 and ready.json()["status"] == "failed", ready.text
+        assert "fails its golden set" in ready.json()["reason"] and "--allow-drift" in ready.json()["reason"]
+        v2 = httpx.get(srv.url + "/v2/health/ready", timeout=5)
+        assert v2.status_code == 503 and v2.json()["reason"] == ready.json()["reason"]
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200  # up, not ready
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        r = httpx.post(srv.url + "/v1/logits", json={"inputs": x.tolist()}, timeout=10)
+        assert r.status_code == 503 and "not ready" in r.json()["error"], r.text
+        assert srv.proc.poll() is None
+        assert "fails its golden set" in srv.output()
+
+
+@pytest.mark.parametrize("flag", ["--allow-drift", "--no-verify"])
+def test_serve_with_a_drifting_artifact_turns_ready_when_told_to(serving_onnx, tmp_path, flag):
+    bad = _tamper(serving_onnx, tmp_path / "bad.onnx", weight_scale=1.5)
+    with Started(bad, flag) as srv:
+        assert _settled(srv.url).status_code == 200
+
+
+def test_serve_with_a_good_artifact_turns_ready(serving_onnx, tmp_path):
+    good = shutil.copy(serving_onnx, tmp_path / "good.onnx")
+    with Started(good, "--max-batch", "4") as srv:
+        ready = _settled(srv.url)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        assert (tmp_path / "good.verified.json").exists()  # the check ran (and its verdict is kept)

@@ -1,0 +1,44 @@
+"""What `vitdeploy serve` does before it turns ready: warm up the batch sizes the batcher may form and
+check the artifact's golden set on this machine (issue 19). It runs in the background once the server
+listens (:meth:`vitdeploy.serving.dataplane.DataPlane.prepare`): /healthz answers at once, /readyz and
+/v2/health/ready turn ready only when it has passed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+from vitdeploy.engines.base import Runtime
+
+# Every batch size up to this many is warmed; beyond it, 1, the powers of two and the largest: a batch of
+# another size then runs once cold (a few of them on TensorRT with CUDA graphs, a capture each).
+WARM_EVERY_SIZE_UP_TO = 16
+
+
+def warm_sizes(max_batch: int, runtime: Runtime | None = None) -> list[int]:
+    """The batch sizes to warm: 1..max_batch when there are at most WARM_EVERY_SIZE_UP_TO, else 1, the
+    powers of two and max_batch; within what the runtime takes (a static batch warms only its own)."""
+    if max_batch <= WARM_EVERY_SIZE_UP_TO:
+        sizes = set(range(1, max_batch + 1))
+    else:
+        sizes = {1, max_batch, *(2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch)}
+    if runtime is not None and runtime.spec.static:
+        sizes = {runtime.spec.max_batch}
+    return sorted(sizes)
+
+
+def _warm_and_verify(artifact: Path | None, max_batch: int, verify: bool, allow_drift: bool, rt: Runtime) -> None:
+    from vitdeploy.verify import first_load_check, warm_up
+
+    if verify and artifact is not None:  # DriftError (unless allow_drift): the server stays not ready
+        first_load_check(artifact, rt, allow_drift=allow_drift)
+    warm_up(rt, warm_sizes(max_batch, rt))
+
+
+def warm_and_verify(artifact: str | Path | None, max_batch: int, verify: bool = True,
+                    allow_drift: bool = False) -> Callable[[Runtime], None]:
+    """The work readiness waits for: the golden check of ``artifact`` (once per target, the verdict cached
+    beside it; skipped when ``verify`` is False), then the warm-up of :func:`warm_sizes`."""
+    return functools.partial(_warm_and_verify, Path(artifact) if artifact else None, max_batch, verify, allow_drift)
