@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
 from vitdeploy.sysinfo import cpu_model
 
 

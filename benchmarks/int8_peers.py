@@ -123,7 +123,7 @@ def evaluate(path: Path, fp32_meta_from: Path, test: Path, fp32_preds: np.ndarra
 def builds_for_sm89(path: Path, work: Path) -> str:
     if importlib.util.find_spec("tensorrt_rtx") is None:
         return "n/a (tensorrt_rtx not installed)"
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
 
     try:
         build_engine(path, work / (path.stem + ".engine"), BuildOptions(flavour="rtx", compute_capabilities=["sm89"]))

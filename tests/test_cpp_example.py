@@ -130,7 +130,7 @@ def full_example(tmp_path_factory) -> Path:
 def _sidecar(engine: Path, flavour: str, labels: list[str], dtypes: tuple[str, str] = ("float", "float"),
              input_shape: tuple[int, ...] = (-1, 3, 224, 224), version_compatible: bool = True) -> None:
     """A sidecar as `vitdeploy build` writes it (through its one typed home), UTF-8 as written."""
-    from vitdeploy.engines.sidecar import EngineSidecar, TensorIO, sidecar_path
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, TensorIO, sidecar_path
 
     batch_free = list(input_shape[1:])
     side = EngineSidecar(
@@ -310,7 +310,7 @@ def test_tensorrt_rtx_branch_builds_without_its_headers_and_runs_a_real_engine(t
     rtx_libs = _package_dir("tensorrt_rtx_libs")
     if rtx_libs is None or importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
     from vitdeploy.exporters import ExportOptions, export_onnx
 
     exe = _cmake_build(tmp_path / "build-rtx", rtx_libs / "libtensorrt_rtx.so.1", tools, rtx=True)
@@ -333,7 +333,7 @@ def test_example_matches_onnxruntime_on_gpu(io, request, tmp_path):
     (libnvinfer) and, for engines of the lean runtime's own major version, the lean one: the top-5
     classes and their probabilities are ONNX Runtime's."""
     from vitdeploy.engines import open_runtime
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, current_gpu
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine, current_gpu
     from vitdeploy.exporters import ExportOptions, export_onnx
     from vitdeploy.preprocess import Preprocessing, find_images, load_images
 

@@ -140,7 +140,7 @@ def test_corrupt_or_missing_sidecar(tmp_path):
 
 def test_engine_on_a_machine_without_gpu_is_refused(digits_onnx, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, current_gpu
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine, current_gpu
 
     if current_gpu() is not None:
         pytest.skip("a GPU is present")
@@ -151,8 +151,8 @@ def test_engine_on_a_machine_without_gpu_is_refused(digits_onnx, tmp_path):
 
 def test_cuda_python_layer_fails_cleanly_without_a_driver():
     pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
-    from vitdeploy.engines.cuda_memory import CudaError, device_memory
-    from vitdeploy.engines.tensorrt_build import current_gpu
+    from vitdeploy.engines.tensorrt.build import current_gpu
+    from vitdeploy.engines.tensorrt.cuda_memory import CudaError, device_memory
 
     if current_gpu() is not None:
         mem = device_memory("cuda-python")

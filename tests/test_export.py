@@ -484,7 +484,7 @@ def test_uint8_input_on_openvino(uint8_onnx):
 
 def test_uint8_input_engine_builds_for_sm89(uint8_onnx, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
 
     for precision in ("fp16", "int8"):
         report = build_engine(uint8_onnx[precision], tmp_path / f"{precision}.engine", BuildOptions(

@@ -123,7 +123,7 @@ def test_readers_refuse_external_data_outside_the_folder(tmp_path, secret, kind)
 def test_engine_build_refuses_a_symlinked_data_file(tmp_path, secret):
     """TensorRT's ONNX parser refuses '..' and absolute locations itself, but follows a symlink."""
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
 
     location = hostile_locations(tmp_path, secret)["symlink"]
     onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", location, meta=good_metadata())
@@ -320,7 +320,7 @@ def test_plan_options_match_the_runtime_constructors():
 @pytest.fixture
 def engine(tmp_path) -> Path:
     """An engine file (bytes only: nothing here deserializes it) and its sidecar, written by write_engine."""
-    from vitdeploy.engines.sidecar import EngineSidecar, TensorIO, write_engine
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, TensorIO, write_engine
 
     side = EngineSidecar(flavour="tensorrt_rtx", trt_version="1.7.1.116", targets=["sm89"], precision="fp32",
                          io=[TensorIO("pixel_values", "input", [-1, 3, 8, 8], "float"),
@@ -366,7 +366,7 @@ SIDECAR_CASES = {
 
 @pytest.mark.parametrize("case", SIDECAR_CASES)
 def test_corrupt_sidecar_is_refused_in_one_line(engine, case):
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     _edit_sidecar(engine, SIDECAR_CASES[case])
     with pytest.raises(VitDeployError, match=r"sidecar .*m\.json") as e:
@@ -376,7 +376,7 @@ def test_corrupt_sidecar_is_refused_in_one_line(engine, case):
 
 @pytest.mark.parametrize("text", ["[]", "null", "[" * 100_000 + "]" * 100_000, "\xff\xfe", '{"format": 1}'])
 def test_sidecar_that_is_not_a_sidecar_is_refused(engine, text):
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     engine.with_suffix(".json").write_bytes(text.encode("latin-1"))
     with pytest.raises(VitDeployError, match=r"sidecar .*m\.json") as e:
@@ -386,7 +386,7 @@ def test_sidecar_that_is_not_a_sidecar_is_refused(engine, text):
 
 def test_sidecar_without_the_engine_hash_cannot_pair_with_another_engine(engine):
     """Nulling the hash used to switch the check off: another build's engine then passed as this one."""
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     _edit_sidecar(engine, lambda d: d.update(engine={"bytes": None, "sha256": None}))
     engine.write_bytes(b"another build")
@@ -473,7 +473,7 @@ def test_reader_completing_the_publish_does_not_fail_the_writer(engine, monkeypa
     """A real interleaving: between the writer's engine rename and its sidecar rename, a reader opens the
     engine, finds the new engine with the old sidecar, and completes the publish from the staging folder."""
     from vitdeploy import io as vio
-    from vitdeploy.engines.sidecar import EngineSidecar, write_engine
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, write_engine
 
     old = EngineSidecar.read(engine)
     real_replace = os.replace
@@ -614,7 +614,7 @@ def _refused_or_valid(read, value, kind):
 
 
 def _valid_sidecar() -> dict:
-    from vitdeploy.engines.sidecar import EngineSidecar, TensorIO
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, TensorIO
 
     return EngineSidecar(flavour="tensorrt", trt_version="10.16.1.11", targets=["sm89"], precision="fp16",
                          io=[TensorIO("pixel_values", "input", [-1, 3, 8, 8], "float"),
@@ -660,7 +660,7 @@ def _read_plan_file(folder: Path):
 
 def test_valid_documents_are_accepted():
     """The fuzz bases are valid: a refusal of a mutation is the mutation's doing."""
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     assert EngineSidecar.from_dict(_valid_sidecar()).engine_bytes == 13
     assert _read_metadata(good_metadata()).labels == ["cat", "dog", "eel"]
@@ -668,7 +668,7 @@ def test_valid_documents_are_accepted():
 
 def _read_sidecar(d):
     """A sidecar accepted is one a runtime can use: the engine's size and hash, I/O, and a round trip."""
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     side = EngineSidecar.from_dict(d)
     assert type(side.engine_bytes) is int and len(side.engine_sha256 or "") == 64
@@ -680,7 +680,7 @@ def _read_sidecar(d):
 @FUZZ
 @hypothesis.given(JSON)
 def test_fuzz_sidecar_arbitrary_json(value):
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     _refused_or_valid(_read_sidecar, value, EngineSidecar)
 
@@ -688,7 +688,7 @@ def test_fuzz_sidecar_arbitrary_json(value):
 @FUZZ
 @hypothesis.given(near_valid(_valid_sidecar()))
 def test_fuzz_sidecar_near_valid(doc):
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     _refused_or_valid(_read_sidecar, doc, EngineSidecar)
 
@@ -717,7 +717,7 @@ def test_fuzz_metadata_props(props):
 @hypothesis.given(st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_sidecar_file_bytes(tmp_path_factory, data):
     """Any bytes as the sidecar file beside an engine: read through EngineSidecar.read."""
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     engine = tmp_path_factory.getbasetemp() / "fuzz.engine"
     engine.write_bytes(b"fake-engine")

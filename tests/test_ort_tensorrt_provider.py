@@ -123,7 +123,8 @@ def test_device_tensorrt_never_runs_quietly_elsewhere(tmp_path, offered):
         OnnxRuntime(path, device="cuda")
 
 
-@pytest.mark.skipif(TRT not in REAL_PROVIDERS, reason="onnxruntime-gpu not installed (docs/engines.md: Installing on a GPU machine)")
+@pytest.mark.skipif(TRT not in REAL_PROVIDERS,
+                    reason="onnxruntime-gpu not installed (docs/engines.md: Installing on a GPU machine)")
 def test_with_onnxruntime_gpu(tmp_path):
     """The real onnxruntime-gpu wheel: every option name we pass is one its TensorRT option parser knows
     (it throws "Invalid TensorRT EP option" on others), and the session is either the TensorRT provider

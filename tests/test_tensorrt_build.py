@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from vitdeploy import sysinfo
 from vitdeploy.cli import main
-from vitdeploy.engines.sidecar import EngineSidecar, sidecar_path
-from vitdeploy.engines.tensorrt_build import BuildCancelled, BuildError, BuildOptions, build_engine, choose_flavour
+from vitdeploy.engines.tensorrt.build import BuildCancelled, BuildError, BuildOptions, build_engine, choose_flavour
+from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, sidecar_path
 from vitdeploy.errors import VitDeployError
 from vitdeploy.io import sha256_file
 
@@ -102,7 +102,7 @@ def test_corrupt_onnx_lists_parser_errors(tmp_path):
      ([], "no GPU here to build for: name the targets")],
 )
 def test_target_errors(digits_onnx, tmp_path, targets, message):
-    from vitdeploy.engines.tensorrt_build import current_gpu
+    from vitdeploy.engines.tensorrt.build import current_gpu
 
     if not targets and current_gpu() is not None:
         pytest.skip("a GPU is present: the default target is that GPU")
@@ -141,7 +141,7 @@ def test_inspect_onnx_reports_qdq(digits_onnx):
 
 
 def test_export_with_engine_in_one_command(tiny_checkpoint, tmp_path):
-    from vitdeploy.engines.tensorrt_build import current_gpu
+    from vitdeploy.engines.tensorrt.build import current_gpu
 
     out = tmp_path / "m.onnx"
     if current_gpu() is None:

@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 
 from vitdeploy import sysinfo
-from vitdeploy.engines import cuda_memory
-from vitdeploy.engines import tensorrt_build as tb
-from vitdeploy.engines.sidecar import EngineSidecar, TensorIO, write_engine
+from vitdeploy.engines.tensorrt import build as tb
+from vitdeploy.engines.tensorrt import cuda_memory
+from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, TensorIO, write_engine
 from vitdeploy.errors import VitDeployError
 
 REAL_DEVICE_MEMORY = cuda_memory.device_memory
@@ -462,7 +462,7 @@ def _full_trt(fake, version: str = "10.16.1.11") -> None:
 
 
 def _open(fake, **kw):
-    from vitdeploy.engines.tensorrt_runtime import TensorRTRuntime
+    from vitdeploy.engines.tensorrt.runtime import TensorRTRuntime
 
     return TensorRTRuntime(fake.engine, **kw)
 
@@ -1063,7 +1063,7 @@ def test_runtime_cache_only_for_tensorrt_rtx(fake, tmp_path):
 
 
 def test_engine_layers_sets_the_input_shape_before_inspecting(fake):
-    from vitdeploy.engines.tensorrt_runtime import engine_layers
+    from vitdeploy.engines.tensorrt.runtime import engine_layers
 
     info = engine_layers(fake.engine)
     assert info["Layers"] == ["conv", "matmul"] and info["shape"] == [2, 3, 8, 8]  # the profile's opt
@@ -1144,7 +1144,7 @@ def test_publish_removes_only_old_leftovers_of_killed_builds(tmp_path):
     ("10.9.0.34", "10.16.1.11", False, False),  # not version-compatible: exactly this version
 ])
 def test_version_rules(built, here, compatible, ok):
-    from vitdeploy.engines.tensorrt_runtime import check_compatible
+    from vitdeploy.engines.tensorrt.runtime import check_compatible
 
     side = _sidecar(flavour="tensorrt", trt_version=built, options={"version_compatible": compatible})
     if ok:
@@ -1156,7 +1156,7 @@ def test_version_rules(built, here, compatible, ok):
 
 @pytest.mark.parametrize("compatible", [False, True])
 def test_rtx_engines_run_only_on_the_release_that_built_them(compatible):
-    from vitdeploy.engines.tensorrt_runtime import check_compatible
+    from vitdeploy.engines.tensorrt.runtime import check_compatible
 
     side = _sidecar(trt_version="1.7.1.116", options={"version_compatible": compatible})
     check_compatible(side, "tensorrt_rtx", "1.7.1.116", ("NVIDIA GeForce RTX 4090", "sm89"))
@@ -1175,7 +1175,7 @@ def test_host_code_allowed_only_for_version_compatible_engines(fake, compatible)
 
 # -- GPU flavour and refusal texts (issue 11: a stubbed GPU) -------------------------------------------
 def test_rtx_engine_on_hopper_says_full_tensorrt_not_a_rebuild_that_cannot_work():
-    from vitdeploy.engines.tensorrt_runtime import check_compatible
+    from vitdeploy.engines.tensorrt.runtime import check_compatible
 
     for gpu in (("NVIDIA H200", "sm90"), ("NVIDIA B200", "sm100"), ("NVIDIA GB300", "sm103")):
         with pytest.raises(VitDeployError) as e:
@@ -1186,7 +1186,7 @@ def test_rtx_engine_on_hopper_says_full_tensorrt_not_a_rebuild_that_cannot_work(
 
 
 def test_refusals_advise_a_rebuild_that_works():
-    from vitdeploy.engines.tensorrt_runtime import check_compatible
+    from vitdeploy.engines.tensorrt.runtime import check_compatible
 
     check_compatible(_sidecar(), "tensorrt_rtx", "1.7.1.116", ("NVIDIA GeForce RTX 4090", "sm89"))
     with pytest.raises(VitDeployError, match=r"built for sm89; this GPU is RTX A6000 \(sm86\): rebuild with "

@@ -126,7 +126,7 @@ def test_engine_sidecar_reads_without_torch_or_tensorrt(int8_artifacts):
         pytest.skip("no engine here: the main stage's digits-int8.engine is checked on 3.10/3.13")
     out = _run_python(
         "import json, sys\n"
-        "from vitdeploy.engines.sidecar import read_sidecar\n"
+        "from vitdeploy.engines.tensorrt.sidecar import read_sidecar\n"
         f"s = read_sidecar({str(int8_artifacts['engine'])!r})\n"
         "print(json.dumps({'flavour': s.flavour, 'targets': s.targets, 'precision': s.precision,\n"
         "                  'labels': (s.model or {}).get('labels'), 'torch': 'torch' in sys.modules}))\n")

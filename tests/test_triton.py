@@ -155,7 +155,7 @@ def test_bad_options_one_line_error(small_onnx, tmp_path, args, message):
 
 def test_rtx_engine_is_refused_as_tensorrt_plan_and_served_by_python_backend(small_onnx, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
 
     engine = tmp_path / "small.engine"
     build_engine(small_onnx["dynamic"], engine, BuildOptions(flavour="rtx", compute_capabilities=["sm89"],
@@ -170,7 +170,7 @@ def test_rtx_engine_is_refused_as_tensorrt_plan_and_served_by_python_backend(sma
     assert cfg.backend == "python" and cfg.max_batch_size == 8
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
     assert {k: v.string_value for k, v in cfg.parameters.items()}["VITDEPLOY_ARTIFACT"] == "model.engine"
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     side = EngineSidecar.read(out.model_file)  # the sidecar travels with the engine and still matches it
     assert side.flavour == "tensorrt_rtx"

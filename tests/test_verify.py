@@ -272,7 +272,7 @@ def test_cli_predict_verifies_on_first_load_and_no_verify_skips(golden_onnx, ima
 def test_build_copies_the_golden_set_and_records_not_verified_without_a_gpu(golden_onnx, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
     from vitdeploy import sysinfo
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     if sysinfo.cuda_devices():
         pytest.skip("checks the ahead-of-time build on a machine without a GPU")
@@ -329,7 +329,7 @@ def test_build_verifies_the_engine_on_a_gpu(golden_onnx, tmp_path):
     import importlib.util
 
     from vitdeploy import sysinfo
-    from vitdeploy.engines.sidecar import EngineSidecar
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
     from vitdeploy.sysinfo import trt_flavours_for
 
     gpus = sysinfo.cuda_devices()

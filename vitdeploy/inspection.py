@@ -80,8 +80,8 @@ def _onnxruntime_cpu(path: Path, model: Any) -> dict[str, Any] | None:
 
 
 def inspect_engine(path: Path) -> dict[str, Any]:
-    from vitdeploy.engines.sidecar import EngineSidecar
-    from vitdeploy.engines.tensorrt_build import current_gpu
+    from vitdeploy.engines.tensorrt.build import current_gpu
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
     side = EngineSidecar.read(path)
     info: dict[str, Any] = {
@@ -96,7 +96,7 @@ def inspect_engine(path: Path) -> dict[str, Any]:
     if gpu is None:
         info["layers"] = "needs a GPU (the engine inspector deserializes the engine)"
         return info
-    from vitdeploy.engines.tensorrt_runtime import engine_layers
+    from vitdeploy.engines.tensorrt.runtime import engine_layers
 
     try:
         info["layers"] = engine_layers(path)

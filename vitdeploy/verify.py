@@ -63,7 +63,7 @@ def artifact_metadata(path: str | Path) -> ArtifactMetadata | None:
         except VitDeployError:
             return None
     if kind == "engine":
-        from vitdeploy.engines.sidecar import EngineSidecar
+        from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
         side = EngineSidecar.read(path)
         return ArtifactMetadata.from_dict(side.model) if side.model else None
@@ -162,7 +162,7 @@ def engine_cannot_run_here(engine: str | Path) -> str | None:
     import importlib.util
 
     from vitdeploy import sysinfo
-    from vitdeploy.engines.sidecar import TENSORRT_RTX, EngineSidecar, runs_on
+    from vitdeploy.engines.tensorrt.sidecar import TENSORRT_RTX, EngineSidecar, runs_on
 
     side = EngineSidecar.read(engine)
     gpus = sysinfo.cuda_devices()
@@ -432,7 +432,7 @@ def check_built_engine(engine: str | Path) -> dict[str, Any]:
     from dataclasses import replace
 
     from vitdeploy import sysinfo
-    from vitdeploy.engines.sidecar import EngineSidecar, sidecar_path
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar, sidecar_path
     from vitdeploy.io import atomic_write_bytes
 
     engine = Path(engine)

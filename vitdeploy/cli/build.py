@@ -40,7 +40,7 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
           version_compatible: bool, profiling_verbosity: str, preset: str | None, config: str | None,
           seed: int | None, precision: str, calib_dir: Path | None) -> None:
     """Build a TensorRT engine from an ONNX (or from a checkpoint: export, then build)."""
-    from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine, check_build_targets
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine, check_build_targets
 
     opts = BuildOptions(
         flavour=flavour, batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,

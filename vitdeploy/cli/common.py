@@ -68,7 +68,7 @@ def check_built(engine: Path) -> None:
 
 
 def has_gpu() -> bool:
-    from vitdeploy.engines.tensorrt_build import current_gpu
+    from vitdeploy.engines.tensorrt.build import current_gpu
 
     return current_gpu() is not None
 

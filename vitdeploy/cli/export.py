@@ -45,7 +45,7 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
     if engine and not compute_capability and not has_gpu():
         raise click.UsageError("--engine on a machine without a GPU needs --compute-capability (e.g. sm89)")
     if engine:  # refuse a target no TensorRT can build for before the export's work
-        from vitdeploy.engines.tensorrt_build import BuildOptions, check_build_targets
+        from vitdeploy.engines.tensorrt.build import BuildOptions, check_build_targets
 
         check_build_targets(BuildOptions(compute_capabilities=split_list(compute_capability)))
     opts = ExportOptions(
@@ -56,7 +56,7 @@ def export(model: str, preset: str | None, config: str | None, seed: int | None,
     report = export_onnx(model, output, config=config_arg(preset, config), options=opts, progress=True)
     click.echo(report.render())
     if engine:
-        from vitdeploy.engines.tensorrt_build import BuildOptions, build_engine
+        from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
 
         engine_path = output.with_suffix(".engine")
         bopts = BuildOptions(compute_capabilities=split_list(compute_capability))

@@ -304,7 +304,7 @@ def deploy(source: str | Path, out: str | Path, options: DeployOptions | None = 
     opts = options or DeployOptions()
     opts.check()
     if opts.compute_capabilities or opts.trt != "auto":  # engines asked for: refuse targets no TensorRT can build
-        from vitdeploy.engines.tensorrt_build import BuildOptions, check_build_targets
+        from vitdeploy.engines.tensorrt.build import BuildOptions, check_build_targets
 
         check_build_targets(BuildOptions(flavour=opts.trt, compute_capabilities=list(opts.compute_capabilities)))
     out = Path(out)

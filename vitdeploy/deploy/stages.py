@@ -68,8 +68,8 @@ def _export(b: Bundle, path: Path, eopts: Any) -> Work:
 
 # --- build --------------------------------------------------------------------------------------------
 def build_stage(b: Bundle) -> None:
-    from vitdeploy.engines.sidecar import TENSORRT_RTX
-    from vitdeploy.engines.tensorrt_build import BuildOptions, check_build_targets
+    from vitdeploy.engines.tensorrt.build import BuildOptions, check_build_targets
+    from vitdeploy.engines.tensorrt.sidecar import TENSORRT_RTX
 
     opts = b.options
     base = BuildOptions(flavour=opts.trt, compute_capabilities=list(opts.compute_capabilities), min_batch=1,
@@ -91,7 +91,7 @@ def build_stage(b: Bundle) -> None:
 
 
 def _build(b: Bundle, onnx: Path, engine: Path, options: Any) -> Work:
-    from vitdeploy.engines.tensorrt_build import build_engine
+    from vitdeploy.engines.tensorrt.build import build_engine
 
     report = build_engine(onnx, engine, options, progress=b.progress)
     result = {**report.to_dict(), "engine": b.rel(engine), "sidecar": b.rel(report.sidecar), "onnx": b.rel(onnx)}
@@ -230,7 +230,7 @@ def _bench(b: Bundle, a: Artifact) -> Work:
 def triton_args(a: Artifact, max_batch: int, gpu: bool) -> dict[str, Any]:
     """How each artifact serves in Triton: an ONNX on onnxruntime_onnx (CPU instances without a GPU), a
     full-TensorRT engine on tensorrt_plan, a TensorRT-RTX engine on the Python backend (vitdeploy's runtime)."""
-    from vitdeploy.engines.sidecar import TENSORRT_RTX
+    from vitdeploy.engines.tensorrt.sidecar import TENSORRT_RTX
 
     if a.kind == "onnx":
         return {"max_batch": max_batch, "kind": "gpu" if gpu else "cpu", "backend": "native"}

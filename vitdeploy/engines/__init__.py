@@ -67,7 +67,7 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     if backend == "openvino":  # OpenVINO's own device name
         return cls(path, device="CPU", **options)
     if backend == "tensorrt":
-        from vitdeploy.engines.tensorrt_runtime import parse_device
+        from vitdeploy.engines.tensorrt.runtime import parse_device
 
         return cls(path, device=parse_device(device), **options)
     return cls(path, device=device, **options)

@@ -66,7 +66,7 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
             ("cpu", "cuda", "tensorrt"), "ONNX Runtime runs .onnx files, not {kind} files: {path}"),
     Backend("openvino", "vitdeploy.engines.openvino_backend", "OpenVinoRuntime", OpenVinoOptions, ("onnx",),
             ("cpu",), "OpenVINO runs .onnx files here, not {kind} files: {path}"),
-    Backend("tensorrt", "vitdeploy.engines.tensorrt_runtime", "TensorRTRuntime", TensorRTOptions, ("engine",),
+    Backend("tensorrt", "vitdeploy.engines.tensorrt.runtime", "TensorRTRuntime", TensorRTOptions, ("engine",),
             ("cuda",), "the TensorRT backend runs engines: build one with `vitdeploy build {path}`"),
     Backend("torch", "vitdeploy.engines.torch_backend", "TorchRuntime", TorchOptions, ("checkpoint",),
             ("cpu", "cuda"), "the torch backend runs checkpoints, not {kind} files: {path}"),

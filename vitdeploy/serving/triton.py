@@ -64,7 +64,7 @@ def _artifact_io(path: Path) -> _ArtifactIO:
 
     file_type = artifact_kind(path)
     if file_type == "engine":
-        from vitdeploy.engines.sidecar import EngineSidecar
+        from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
         side = EngineSidecar.read(path)
         inp, out = side.input, side.output
@@ -276,7 +276,7 @@ def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str 
         raise VitDeployError("--execution-env and --threads are for a Python-backend model: add --backend python")
     if runtime_options and "threads" in runtime_options and io.file_type != "onnx":
         raise VitDeployError("--threads sets the CPU threads of ONNX Runtime or OpenVINO: an engine runs on the GPU")
-    from vitdeploy.engines.sidecar import TENSORRT_RTX
+    from vitdeploy.engines.tensorrt.sidecar import TENSORRT_RTX
 
     if not python and io.flavour == TENSORRT_RTX:
         raise VitDeployError(
@@ -361,7 +361,7 @@ def _fill_model_dir(stage: Path, artifact: Path, io: _ArtifactIO, model_file: st
             if plan_path(artifact).is_file():  # `vitdeploy tune`'s plan (keyed by the file's hash) goes along
                 _copy(plan_path(artifact), plan_path(version / model_file))
     elif python:
-        from vitdeploy.engines.sidecar import sidecar_path
+        from vitdeploy.engines.tensorrt.sidecar import sidecar_path
 
         _copy(sidecar_path(artifact), sidecar_path(version / model_file))
     if python:
