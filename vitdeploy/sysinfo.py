@@ -25,6 +25,11 @@ _DISTS = {
 }
 
 
+def is_x86() -> bool:
+    """An x86 CPU (64- or 32-bit), where ONNX Runtime's integer kernels take uint8 x int8."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
 def usable_cpus() -> int:
     """Logical CPUs this process may run on (its affinity mask, which containers and taskset narrow):
     the default thread count of every CPU backend."""

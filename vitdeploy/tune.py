@@ -22,7 +22,6 @@ timed again side by side, in alternating rounds, and those figures decide.
 from __future__ import annotations
 
 import importlib.util
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from vitdeploy.engines.base import Runtime
 from vitdeploy.engines.plan import MachineKey, PathChoice, TunePlan, plan_path
 from vitdeploy.errors import VitDeployError
 from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
-from vitdeploy.sysinfo import usable_cpus
+from vitdeploy.sysinfo import is_x86, usable_cpus
 
 # bf16 keeps 8 significant bits (fp16 11): looser than export's fp16 tolerance, tighter than int8's
 GUARD_TOLERANCES: dict[str, dict[str, float]] = {**TOLERANCES, "bf16": {"max_abs_rel": 0.1, "min_cosine": 0.995}}
@@ -152,7 +151,7 @@ def _has_qdq(path: Path) -> bool:
 
 def candidate_paths(path: Path, threads: list[int], flags: list[str]) -> list[PathChoice]:
     """Every CPU path worth measuring for this file on this CPU."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    x86 = is_x86()
     qdq = _has_qdq(path)
     out: list[PathChoice] = []
     for t in threads:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from vitdeploy.deprecation import moved
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.io import onnx_external_data
-from vitdeploy.sysinfo import usable_cpus
+from vitdeploy.sysinfo import is_x86, usable_cpus
 
 INPUT_DTYPES = ("float32", "float16", "uint8")  # what the Runtime interface feeds a model
 DYNAMIC_MAX_BATCH = 256  # larger requests to a dynamic-batch artifact are split to bound memory
@@ -114,10 +113,6 @@ def cpu_kernel_report(model: Any) -> dict[str, int]:
                                     and any(producers.get(i) == "DequantizeLinear" for i in n.input)
                                     for n in nodes),
     }
-
-
-def _x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 TENSORRT_CACHE_SUFFIX = ".ort-trt-cache"  # <stem>.ort-trt-cache/<ONNX hash>/ beside the artifact
@@ -260,7 +255,7 @@ class OnnxRuntime(Runtime):
         self.threads = so.intra_op_num_threads
         providers = choose_providers(device, lambda: _tensorrt_options(self.path, engine_cache))
         cpu_only = providers == ["CPUExecutionProvider"]
-        want_u8 = qdq_activations == "uint8" or (qdq_activations == "auto" and cpu_only and _x86())
+        want_u8 = qdq_activations == "uint8" or (qdq_activations == "auto" and cpu_only and is_x86())
         source: str | bytes = str(self.path)
         self.qdq_rewritten = 0
         if want_u8 and self.path.is_file():
