@@ -77,6 +77,22 @@ def _serve_limits_env(app: dict[str, Any], server: dict[str, Any]) -> dict[str, 
             "VITDEPLOY_SERVE_HEADER_TIMEOUT": str(server["header_timeout"])}
 
 
+def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drain_grace: float,
+                   server_limits: dict[str, Any]) -> None:
+    """``--workers N``: uvicorn's worker processes, each opening the artifact through app_from_env."""
+    import uvicorn
+
+    os.environ.update(env)
+    if drain_grace > 0:
+        click.echo("note: with --workers > 1 uvicorn's supervisor stops the workers on Ctrl-C without the "
+                   "--drain-grace period; run one worker per container to drain behind a load balancer", err=True)
+    uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                http="vitdeploy.serving.http11:GuardedH11Protocol",
+                limit_concurrency=server_limits["limit_concurrency"],
+                timeout_keep_alive=server_limits["keep_alive"], ssl_certfile=server_limits["ssl_certfile"],
+                ssl_keyfile=server_limits["ssl_keyfile"])
+
+
 @main.command()
 @click.option("--model", "-m", required=True, help="ONNX file or TensorRT engine.")
 @click.option("--backend", default="auto", show_default=True)
@@ -86,6 +102,9 @@ def _serve_limits_env(app: dict[str, Any], server: dict[str, Any]) -> dict[str, 
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="TensorRT engines: execution contexts on the one engine, each with its own stream and buffers; "
+              "the batcher keeps this many batches in flight, so the copies of one overlap the compute of another.")
 @click.option("--name", default=None, help="Model name on the KServe v2 routes (/v2/models/NAME); default the "
               "file's stem.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
@@ -99,8 +118,8 @@ def _serve_limits_env(app: dict[str, Any], server: dict[str, Any]) -> dict[str, 
 @_serve_limit_options
 @verify_options
 def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
-          workers: int, name: str | None, request_timeout: float, max_image_pixels: int | None, drain_grace: float,
-          no_verify: bool, allow_drift: bool, **limits: Any) -> None:
+          workers: int, instances: int, name: str | None, request_timeout: float, max_image_pixels: int | None,
+          drain_grace: float, no_verify: bool, allow_drift: bool, **limits: Any) -> None:
     """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
     KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks.
 
@@ -108,7 +127,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     artifact passes its golden set on this machine (in the background, after the server starts); a
     failed check keeps the server up and not ready, with the reason in the log and in those answers."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only whether it is there
     except ImportError:
         raise click.ClickException("serving needs the serve extra: pip install 'vitdeploy[serve]'") from None
     app_limits, server_limits = _serve_limits(host, **limits)
@@ -118,26 +137,23 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
         raise click.ClickException(f"serve takes an ONNX file or an engine, not a checkpoint: "
                                    f"vitdeploy export --model {model} --output model.onnx")
     name = name or Path(model).stem
+    if instances > 1 and artifact_kind(model) != "engine":
+        raise click.BadParameter(f"{Path(model).name} is not a TensorRT engine: --instances sets the execution "
+                                 "contexts on one engine; for more processes on an ONNX use --workers",
+                                 param_hint="--instances")
+    runtime_options = {"instances": instances} if instances > 1 else {}
     from vitdeploy.serving.readiness import WARM_EVERY_SIZE_UP_TO, warm_and_verify
 
     if workers > 1:  # each worker warms up and checks (the verdict is cached beside the artifact)
-        os.environ.update({"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
-                           "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch),
-                           "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
-                           "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue), "VITDEPLOY_SERVE_NAME": name,
-                           "VITDEPLOY_SERVE_REQUEST_TIMEOUT": str(request_timeout),
-                           "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels or ""),
-                           "VITDEPLOY_SERVE_VERIFY": "" if no_verify else "1",
-                           "VITDEPLOY_SERVE_ALLOW_DRIFT": "1" if allow_drift else "",
-                           **_serve_limits_env(app_limits, server_limits)})
-        if drain_grace > 0:
-            click.echo("note: with --workers > 1 uvicorn's supervisor stops the workers on Ctrl-C without the "
-                       "--drain-grace period; run one worker per container to drain behind a load balancer", err=True)
-        uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    http="vitdeploy.serving.http11:GuardedH11Protocol",
-                    limit_concurrency=server_limits["limit_concurrency"],
-                    timeout_keep_alive=server_limits["keep_alive"], ssl_certfile=server_limits["ssl_certfile"],
-                    ssl_keyfile=server_limits["ssl_keyfile"])
+        env = {"VITDEPLOY_SERVE_MODEL": model, "VITDEPLOY_SERVE_BACKEND": backend,
+               "VITDEPLOY_SERVE_MAX_BATCH": str(max_batch), "VITDEPLOY_SERVE_MAX_DELAY_MS": str(max_delay_ms),
+               "VITDEPLOY_SERVE_MAX_QUEUE": str(max_queue), "VITDEPLOY_SERVE_NAME": name,
+               "VITDEPLOY_SERVE_REQUEST_TIMEOUT": str(request_timeout),
+               "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels or ""),
+               "VITDEPLOY_SERVE_VERIFY": "" if no_verify else "1", "VITDEPLOY_SERVE_INSTANCES": str(instances),
+               "VITDEPLOY_SERVE_ALLOW_DRIFT": "1" if allow_drift else "",
+               **_serve_limits_env(app_limits, server_limits)}
+        _serve_workers(env, host, port, workers, drain_grace, server_limits)
         return
     from vitdeploy.engines import open_runtime
     from vitdeploy.serving.server import create_app, run_server
@@ -145,7 +161,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     # ready only once warm and verified: the check runs in the background while the server already answers
     # /healthz; a failed check keeps /readyz at 503 with the reason (--allow-drift: a warning, then ready)
     prepare = warm_and_verify(model, max_batch, verify=not no_verify, allow_drift=allow_drift)
-    with open_runtime(model, backend=backend) as rt:
+    with open_runtime(model, backend=backend, **runtime_options) as rt:
         scheme = "https" if server_limits["ssl_certfile"] else "http"
         sizes = "every batch size" if max_batch <= WARM_EVERY_SIZE_UP_TO else "1, powers of two and max batch"
         click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port} (ready once {sizes} "

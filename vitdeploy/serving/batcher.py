@@ -1,9 +1,11 @@
 """DynamicBatcher: many callers, one model, batches formed on the fly.
 
 Callers submit single images ([C, H, W]) or small batches ([n, C, H, W]) from any thread (or
-``await submit_async`` from asyncio) and get futures. One worker thread forms a batch of up to
+``await submit_async`` from asyncio) and get futures. A worker thread forms a batch of up to
 ``max_batch_size`` rows, or whatever has arrived ``max_delay_ms`` after the batch's first request,
-runs one inference, and hands each caller exactly its own rows.
+runs one inference, and hands each caller exactly its own rows. With ``workers=N`` (a runtime that runs
+N calls at once: ``Runtime.instances``) N worker threads take batches from the one queue, so up to N
+batches are in flight and the copies of one overlap the compute of another.
 
 Guarantees: a full queue rejects at once (:class:`QueueFull`); a request's timeout covers its
 whole life, queue and execution (:meth:`infer` and :meth:`submit_async` stop waiting at the deadline
@@ -79,9 +81,9 @@ class BatcherStats:
 
 class DynamicBatcher:
     def __init__(self, runtime: Any, max_batch_size: int = 32, max_delay_ms: float = 2.0, max_queue: int = 1024,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_delay_ms >= 0")
+                 on_batch: Callable[[int, float], None] | None = None, workers: int = 1) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0 or workers < 1:
+            raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_delay_ms >= 0")
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1e3
@@ -94,8 +96,11 @@ class DynamicBatcher:
         self._closed = False
         self._drain = True
         self.failure: BaseException | None = None  # why the worker died, if it did
-        self._worker = threading.Thread(target=self._loop, name="vitdeploy-batcher", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._loop, name=f"vitdeploy-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        self._worker = self._workers[0]
+        for worker in self._workers:
+            worker.start()
 
     # -- submitting ------------------------------------------------------------------------
     @property
@@ -103,9 +108,14 @@ class DynamicBatcher:
         return len(self._queue)
 
     @property
+    def workers(self) -> int:
+        """Worker threads: batches that can be in flight at once."""
+        return len(self._workers)
+
+    @property
     def alive(self) -> bool:
         """The worker runs and takes requests (False once it died or the batcher shut down)."""
-        return self.failure is None and not self._closed and self._worker.is_alive()
+        return self.failure is None and not self._closed and all(w.is_alive() for w in self._workers)
 
     def submit(self, x: Any, timeout: float | None = None) -> Future:
         """Queue one image [C, H, W] or a batch [n, C, H, W]; the future gives [num_labels] or [n, num_labels]."""
@@ -131,7 +141,7 @@ class DynamicBatcher:
             self._queue.append(_Request(arr, rows, single, future, deadline))
             self._queued_rows += rows
             self.stats.requests += 1
-            self._cond.notify()
+            self._cond.notify_all()  # every worker: the one waiting out a batch's delay may now have a full one
         return future
 
     async def submit_async(self, x: Any, timeout: float | None = None) -> np.ndarray:
@@ -236,18 +246,21 @@ class DynamicBatcher:
                 start += r.rows
                 results.append(rows[0] if r.single else rows)
         except BaseException as e:
-            self.stats.failed += len(batch)
+            with self._cond:
+                self.stats.failed += len(batch)
             for r in batch:
                 r.future.set_exception(e)
             return
-        self.stats.batches += 1
-        self.stats.rows += x.shape[0]
-        self.stats.batch_sizes[x.shape[0]] += 1
+        with self._cond:  # several workers count here
+            self.stats.batches += 1
+            self.stats.rows += x.shape[0]
+            self.stats.batch_sizes[x.shape[0]] += 1
         if self.on_batch is not None:  # before the answers, so metrics read after an answer include its batch
             try:  # a broken metrics hook costs a log line, never an answer or the worker
                 self.on_batch(x.shape[0], seconds)
             except BaseException:
-                self.stats.callback_errors += 1
+                with self._cond:
+                    self.stats.callback_errors += 1
                 log.exception("on_batch callback failed")
         for r, rows in zip(batch, results, strict=True):
             r.future.set_result(rows)
@@ -268,8 +281,10 @@ class DynamicBatcher:
                     if r.future.set_running_or_notify_cancel():
                         r.future.set_exception(BatcherClosed("the batcher shut down before this request ran"))
             self._cond.notify_all()
-        self._worker.join(timeout)
-        if self._worker.is_alive():
+        end = None if timeout is None else time.perf_counter() + timeout
+        for worker in self._workers:
+            worker.join(None if end is None else max(0.0, end - time.perf_counter()))
+        if any(w.is_alive() for w in self._workers):
             log.warning("the batcher's worker is still running %s s after shutdown (an inference has not "
                         "returned)", timeout)
             return False

@@ -28,14 +28,15 @@ log = logging.getLogger("vitdeploy.serve")
 
 
 class DataPlane:
-    """Runtime + batcher + memory budget + state; the endpoints only parse, call this and encode."""
+    """Runtime + batcher + memory budget + state; the endpoints only parse, call this and encode.
+    ``workers``: batches in flight at once (the runtime's ``instances``)."""
 
     def __init__(self, runtime: Runtime, budget: MemoryBudget, max_batch: int = 32, max_delay_ms: float = 2.0,
                  max_queue: int = 256, request_timeout: float = 30.0,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, workers: int = 1) -> None:
         self.runtime, self.budget, self.request_timeout = runtime, budget, request_timeout
         self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
-        self.batcher = DynamicBatcher(runtime, max_batch, max_delay_ms, max_queue, on_batch=on_batch)
+        self.batcher = DynamicBatcher(runtime, max_batch, max_delay_ms, max_queue, on_batch=on_batch, workers=workers)
         self.draining = False
         self.preparing: str | None = None  # what readiness waits for, while prepare runs
         self.unfit: str | None = None  # why prepare failed: the server stays up, never ready

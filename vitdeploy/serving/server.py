@@ -71,6 +71,7 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
     ``memory_budget`` (bytes of decode and parse work at once) to room for one such JSON request, at
     least 256 MiB; ``max_image_pixels`` to 256x the model's input area. With ``api_key`` every route
     wants ``Authorization: Bearer <key>``; ``public_probes`` exempts the health, readiness and metrics probes.
+    The batcher keeps ``runtime.instances`` batches in flight (one worker thread each).
     ``prepare(runtime)`` (warm-up and the golden check: :func:`vitdeploy.serving.readiness.warm_and_verify`)
     starts in the background now; readiness waits for it, and stays 503 with its error if it fails.
     """
@@ -92,7 +93,10 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
     intake = Intake(budget, max_body_bytes or max(DEFAULT_MAX_BODY, 6 * max_batch * item_bytes), body_timeout,
                     request_timeout)
     metrics = Metrics()
-    plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout, on_batch=metrics.on_batch)
+    # as many batches in flight as the runtime runs at once (TensorRT contexts); duck-typed test runtimes: one
+    workers = max(1, int(getattr(runtime, "instances", 1)))
+    plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout,
+                      on_batch=metrics.on_batch, workers=workers)
     metrics.watch(plane)
     model = ModelIO.of(runtime, max_batch)
     if prepare is not None:
@@ -187,7 +191,9 @@ def app_from_env() -> Any:
     if not model:
         raise VitDeployError("VITDEPLOY_SERVE_MODEL is not set")
     return_large_frees()
-    runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"))
+    instances = int(env.get("VITDEPLOY_SERVE_INSTANCES", "1"))
+    runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"),
+                           **({"instances": instances} if instances > 1 else {}))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
     max_batch = int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32"))
     app = create_app(runtime, max_batch,
