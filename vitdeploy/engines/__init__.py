@@ -51,6 +51,8 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
         raise VitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     kind = artifact_kind(path)
     use_plan = options.pop("use_plan", True)
+    checkpoint_args = {k: options.pop(k) for k in ("config", "seed") if options.get(k) is not None}
+    options = {k: v for k, v in options.items() if k not in ("config", "seed")}  # None: not given
     if backend == "auto" and kind == "onnx" and use_plan and set(options) <= {"threads"} and _cpu_only(device):
         planned = _open_planned(path, options.get("threads"))
         if planned is not None:
@@ -60,6 +62,9 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     if backend != "torch" and not Path(str(path)).exists():
         raise VitDeployError(f"{path}: the {backend} backend needs an existing file")
     registry.check_kind(backend, kind, path)
+    if checkpoint_args and backend != "torch":  # the architecture and random-init seed of a checkpoint
+        raise VitDeployError(f"--config/--seed describe a checkpoint; {Path(str(path)).name} carries its own")
+    options.update(checkpoint_args)
     if backend != "tensorrt":  # an engine's device goes through parse_device, which says more
         registry.check_device(backend, device)
     registry.check_options(backend, options)  # unknown names: one error listing the valid ones
