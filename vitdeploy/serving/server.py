@@ -83,16 +83,12 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
     from vitdeploy.serving.dataplane import DataPlane
     from vitdeploy.serving.errors import install_error_handlers
     from vitdeploy.serving.middleware import Metrics, serving_route
-    from vitdeploy.serving.parsing import Intake, ModelIO
+    from vitdeploy.serving.parsing import ModelIO
     from vitdeploy.serving.v1 import V1Endpoints
     from vitdeploy.serving.v2 import V2Endpoints
 
-    spec = runtime.spec
-    item_bytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
-    budget = MemoryBudget(memory_budget or default_memory_budget(item_bytes, max_batch))
-    intake = Intake(budget, max_body_bytes or max(DEFAULT_MAX_BODY, 6 * max_batch * item_bytes), body_timeout,
-                    request_timeout)
-    metrics = Metrics()
+    intake = _intake(runtime.spec, max_batch, max_body_bytes, memory_budget, body_timeout, request_timeout)
+    budget, metrics = intake.budget, Metrics()
     # as many batches in flight as the runtime runs at once (TensorRT contexts); duck-typed test runtimes: one
     workers = max(1, int(getattr(runtime, "instances", 1)))
     plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout,
@@ -114,17 +110,25 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
         app.add_middleware(BearerKey, key=api_key, public=PROBES if public_probes else ())
     install_error_handlers(app)
     route = serving_route(plane, metrics)
-    pixel_limit = max_image_pixels or default_max_image_pixels(spec.shape)
+    pixel_limit = max_image_pixels or default_max_image_pixels(runtime.spec.shape)
     V1Endpoints(plane, intake, model, metrics, pixel_limit).register(app, route)
     V2Endpoints(plane, intake, model, model_name, _version()).register(app, route)
-    app.state.dataplane = plane
-    app.state.batcher = plane.batcher
-    app.state.registry = metrics.registry
-    app.state.begin_drain = plane.begin_drain
-    app.state.model_name = model_name
-    app.state.memory_budget = budget
-    app.state.max_image_pixels = pixel_limit
+    for key, value in {"dataplane": plane, "batcher": plane.batcher, "registry": metrics.registry,
+                       "begin_drain": plane.begin_drain, "model_name": model_name, "memory_budget": budget,
+                       "max_image_pixels": pixel_limit}.items():
+        setattr(app.state, key, value)
     return app
+
+
+def _intake(spec: Any, max_batch: int, max_body_bytes: int | None, memory_budget: int | None, body_timeout: float,
+            request_timeout: float) -> Any:
+    """The body reader with create_app's defaults for the body limit and the memory budget."""
+    from vitdeploy.serving.parsing import Intake
+
+    item_bytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+    budget = MemoryBudget(memory_budget or default_memory_budget(item_bytes, max_batch))
+    return Intake(budget, max_body_bytes or max(DEFAULT_MAX_BODY, 6 * max_batch * item_bytes), body_timeout,
+                  request_timeout)
 
 
 def _version() -> str:
