@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.engines.base import Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.preprocess import Preprocessing, batches, labelled_images
 
@@ -27,7 +28,7 @@ class EvalResult:
         return d
 
 
-def evaluate_folder(runtime: Any, folder: str | Path, batch_size: int = 32) -> EvalResult:
+def evaluate_folder(runtime: Runtime, folder: str | Path, batch_size: int = 32) -> EvalResult:
     """Class folder names are matched to the artifact's labels (or to integer class ids)."""
     if runtime.metadata is None:
         raise VitDeployError("the model carries no preprocessing metadata: export it with vitdeploy")
