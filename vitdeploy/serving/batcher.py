@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.engines.base import Runtime
 from vitdeploy.errors import VitDeployError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class BatcherStats:
 
 
 class DynamicBatcher:
-    def __init__(self, runtime: Any, max_batch_size: int = 32, max_delay_ms: float = 2.0, max_queue: int = 1024,
+    def __init__(self, runtime: Runtime, max_batch_size: int = 32, max_delay_ms: float = 2.0, max_queue: int = 1024,
                  on_batch: Callable[[int, float], None] | None = None, workers: int = 1) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_delay_ms >= 0")

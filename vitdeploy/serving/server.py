@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.engines.base import Runtime
 from vitdeploy.errors import VitDeployError
 from vitdeploy.serving.errors import HTTPFailure
 from vitdeploy.serving.limits import (
@@ -59,7 +60,7 @@ DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send a whole request head (vitdeploy
 PROBES = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
-def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
+def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
                request_timeout: float = 30.0, max_body_bytes: int | None = None,
                max_image_pixels: int | None = None, model_name: str = "model", owns_runtime: bool = False,
                memory_budget: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
@@ -90,7 +91,7 @@ def create_app(runtime: Any, max_batch: int = 32, max_delay_ms: float = 2.0, max
     intake = _intake(runtime.spec, max_batch, max_body_bytes, memory_budget, body_timeout, request_timeout)
     budget, metrics = intake.budget, Metrics()
     # as many batches in flight as the runtime runs at once (TensorRT contexts); duck-typed test runtimes: one
-    workers = max(1, int(getattr(runtime, "instances", 1)))
+    workers = max(1, runtime.instances)
     plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout,
                       on_batch=metrics.on_batch, workers=workers)
     metrics.watch(plane)

@@ -110,7 +110,7 @@ class V1Endpoints:
         charged to the memory budget) before anything is decoded."""
         from PIL import Image
 
-        from vitdeploy.preprocess import ImageError, Preprocessing, open_image
+        from vitdeploy.preprocess import ImageError, open_image
 
         body = bytes(body)
         try:
@@ -130,11 +130,8 @@ class V1Endpoints:
             log.info("request %s: unreadable image: %s", rid, e)
             raise HTTPFailure(400, "bad_image", "the body is not a readable image: send JPEG, PNG, WebP, BMP, "
                               "GIF or TIFF bytes, or a multipart 'file' field holding one") from None
-        runtime = self.plane.runtime
-        own_preprocess = getattr(runtime, "preprocess", None)  # duck-typed runtimes may have none
-        if own_preprocess is not None:  # the batch form this artifact takes (float32 NCHW, or uint8 NHWC)
-            return np.asarray(own_preprocess([image]))[0]
-        return Preprocessing.from_dict(runtime.metadata.preprocessing)(image)
+        # the batch form this artifact takes (float32 NCHW, or uint8 NHWC), from its metadata
+        return np.asarray(self.plane.runtime.preprocess([image]))[0]
 
     def _top_k_json(self, logits: np.ndarray, k: int) -> bytes:
         probs = softmax(logits[None])[0]
