@@ -337,16 +337,16 @@ def test_non_finite_input_is_refused_and_answers_are_strict_json(runtime):
 def test_a_model_answering_nan_never_emits_invalid_json(runtime):
     import httpx
 
-    class NaNModel:
+    from vitdeploy.engines.base import Runtime
+
+    class NaNModel(Runtime):
+        backend = "nan"
+
         def __init__(self, inner):
-            self.spec, self.metadata, self.labels, self.backend = inner.spec, inner.metadata, inner.labels, "nan"
-            self.output_name = inner.output_name
+            self.spec, self.metadata, self.output_name = inner.spec, inner.metadata, inner.output_name
 
-        def infer(self, x):
+        def _run(self, x):
             return np.full((len(x), 7), np.nan, np.float32)
-
-        def describe(self):
-            return "nan"
 
     with Server(NaNModel(runtime)) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
         for path, body in (("/v1/logits", {"inputs": _inputs(1).tolist()}),
