@@ -87,7 +87,7 @@ def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drai
         click.echo("note: with --workers > 1 uvicorn's supervisor stops the workers on Ctrl-C without the "
                    "--drain-grace period; run one worker per container to drain behind a load balancer", err=True)
     uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                http="vitdeploy.serving.http11:GuardedH11Protocol",
+                http="vitdeploy.serving.http11:GuardedProtocol",
                 limit_concurrency=server_limits["limit_concurrency"],
                 timeout_keep_alive=server_limits["keep_alive"], ssl_certfile=server_limits["ssl_certfile"],
                 ssl_keyfile=server_limits["ssl_keyfile"])

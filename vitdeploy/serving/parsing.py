@@ -280,6 +280,17 @@ def _v2_input(req: Any, model: ModelIO) -> tuple[dict[str, Any], list[int]]:
     return inp, shape
 
 
+INLINE_BYTES = 1 << 20  # bodies and answers up to this size are parsed and encoded on the event loop
+
+
+def inline_v2(body: Any, headers: Any) -> bool:
+    """True when parsing this request costs less than handing it to a worker thread: a binary tensor (viewed
+    in place) under a short JSON header, in a body of at most INLINE_BYTES. JSON tensors go to a thread."""
+    raw = headers.get("inference-header-content-length")
+    n = None if raw is None else _digits(raw)
+    return n is not None and n <= 4096 and len(body) <= INLINE_BYTES
+
+
 def parse_v2_request(body: Any, headers: Any, model: ModelIO, lease: Lease, intake: Intake) -> V2Request:
     """A KServe v2 inference request (JSON, optionally followed by binary tensor data) -> the input batch."""
     raw_len = headers.get("inference-header-content-length")

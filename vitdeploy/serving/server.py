@@ -142,7 +142,7 @@ def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000, graceful
                    log_level: str = "info", limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY,
                    keep_alive: float = DEFAULT_KEEP_ALIVE, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                    ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> Any:
-    """uvicorn's config with the limits for clients we do not know: a request-head timeout (our h11
+    """uvicorn's config with the limits for clients we do not know: a request-head timeout (our HTTP
     protocol), a keep-alive timeout, a connection limit (503 beyond it) and TLS when given a certificate."""
     import uvicorn
 
