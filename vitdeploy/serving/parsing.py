@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy import dtypes
 from vitdeploy.engines.base import Runtime
 from vitdeploy.serving.errors import HTTPFailure, bad_input
 from vitdeploy.serving.limits import Lease, MemoryBudget, MiB, json_cost, non_finite_reason, upfront_cost
@@ -28,8 +29,7 @@ log = logging.getLogger("vitdeploy.serve")
 
 INFLATE_STEP = 1 << 20
 # numpy dtype name -> KServe v2 datatype
-V2_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "uint8": "UINT8", "int8": "INT8",
-                "int32": "INT32", "int64": "INT64"}
+V2_DATATYPES = {r.numpy: r.v2 for r in dtypes.TABLE}  # numpy name -> KServe v2 datatype (the one table)
 
 
 class ModelIO:
