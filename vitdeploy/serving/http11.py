@@ -19,34 +19,50 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 DEFAULT_HEADER_TIMEOUT = 10.0
 
 
-class GuardedH11Protocol(H11Protocol):
+class HeadTimeout:
+    """Mixin for a uvicorn HTTP protocol: close the connection when no whole request head arrives within
+    ``header_timeout`` seconds of connecting or of the previous answer."""
+
     header_timeout: float = float(os.environ.get("VITDEPLOY_SERVE_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
     _head_timer: asyncio.TimerHandle | None = None
 
     def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)  # type: ignore[attr-defined]
+
+    def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+            self._head_timer = None
+
+    def _waiting_for_head(self) -> bool:
+        return True
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.logger.info("closing a connection that sent no request head within %g s", self.header_timeout)
-            self.transport.close()
+        transport = self.transport  # type: ignore[attr-defined]
+        if self._waiting_for_head() and not transport.is_closing():
+            self.logger.info("closing a connection that sent no request head within %g s",  # type: ignore[attr-defined]
+                             self.header_timeout)
+            transport.close()
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         self._arm_head_timer()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():  # type: ignore[attr-defined]
             self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
+        self._cancel_head_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class GuardedH11Protocol(HeadTimeout, H11Protocol):
+    def _waiting_for_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
 
 
 def _guarded_httptools() -> type | None:
@@ -56,40 +72,10 @@ def _guarded_httptools() -> type | None:
     except ImportError:
         return None
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        header_timeout: float = GuardedH11Protocol.header_timeout
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def _arm_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
-
-        def _head_timeout(self) -> None:
-            self._head_timer = None
-            if not self.transport.is_closing():
-                self.logger.info("closing a connection that sent no request head within %g s", self.header_timeout)
-                self.transport.close()
-
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_head_timer()
-
+    class GuardedHttpToolsProtocol(HeadTimeout, HttpToolsProtocol):
         def on_headers_complete(self) -> None:
-            if self._head_timer is not None:  # a whole head: the request's own timeouts take over
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._cancel_head_timer()  # a whole head: the request's own timeouts take over
             super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_head_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
 
     return GuardedHttpToolsProtocol
 
