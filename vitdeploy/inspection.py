@@ -30,11 +30,9 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     from vitdeploy.artifacts.metadata import PREFIX, ArtifactMetadata
     from vitdeploy.exporters.onnx_export import histogram
     from vitdeploy.exporters.precision import qdq_coverage
+    from vitdeploy.io import load_onnx_graph
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise VitDeployError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    model = load_onnx_graph(path)
 
     def shape(vi: Any) -> list[Any]:
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]

@@ -20,6 +20,17 @@ from typing import Any
 from vitdeploy.errors import VitDeployError
 
 
+def load_onnx_graph(path: str | Path) -> Any:
+    """An ONNX model without its external weights (graph, metadata, initializer names), or one
+    VitDeployError for a file that is missing or not ONNX."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, a missing file, ...
+        raise VitDeployError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on now (for a server this process starts)."""
     with socket.socket() as s:
@@ -246,26 +257,20 @@ def onnx_external_files(path: str | Path) -> list[Path]:
     """The external-data files an ONNX file references (its ``location`` entries), beside it; only the
     graph is read. A copier (``vitdeploy triton``) copies exactly these, never a stale ``*.data``.
     A location outside the file's folder is refused (VitDeployError, see :func:`external_data_path`)."""
-    import onnx
 
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError, a missing file, ...
-        raise VitDeployError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
-    return onnx_external_data(model, path.parent)
+    return onnx_external_data(load_onnx_graph(path), path.parent)
 
 
 def check_onnx_external_data(path: str | Path) -> None:
     """Refuse an ONNX file whose external data leaves its folder (see :func:`external_data_path`), before
     a loader that would follow it (TensorRT's parser follows a symlink). A file that is not readable ONNX
     passes: the loader reports it in its own words."""
-    import onnx
 
     path = Path(path)
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf's DecodeError, a missing file, ...
+        model = load_onnx_graph(path)
+    except VitDeployError:  # unreadable: its loader says so in its own words
         return
     onnx_external_data(model, path.parent)
 

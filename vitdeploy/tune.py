@@ -143,10 +143,9 @@ def thread_counts() -> list[int]:
 
 
 def _has_qdq(path: Path) -> bool:
-    import onnx
+    from vitdeploy.io import load_onnx_graph
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    return any(n.op_type == "QuantizeLinear" for n in load_onnx_graph(path).graph.node)
 
 
 def candidate_paths(path: Path, threads: list[int], flags: list[str]) -> list[PathChoice]:

@@ -128,10 +128,8 @@ def set_metadata(model: Any, meta: ArtifactMetadata) -> None:
 
 def read_onnx_metadata(path: str | Path) -> ArtifactMetadata:
     """Metadata of an ONNX file, read without loading external weights."""
-    import onnx
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise VitDeployError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    from vitdeploy.io import load_onnx_graph
+
+    model = load_onnx_graph(path)
     return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props})

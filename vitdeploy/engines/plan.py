@@ -219,7 +219,7 @@ class PlannedRuntime(Runtime):
         self._throughput: Runtime | None = self._latency if plan.throughput.key() == plan.latency.key() else None
         self.spec = self._latency.spec
         self.metadata = self._latency.metadata
-        self.threads = getattr(self._latency, "threads", None)
+        self.threads = self._latency.threads
         self.where = "cpu"
 
     def runtime_for(self, batch: int) -> Runtime:
