@@ -89,7 +89,7 @@ def run_triton(model: Path, args: argparse.Namespace) -> tuple[str, loadtest.Loa
     local = harness.prepare_local_triton(args.cache)
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     triton_mod.write_triton_repo(model, work / "repo", name=NAME, max_batch=args.max_batch,
-                                 max_queue_delay_us=int(args.max_delay_ms * 1000), backend="python",
+                                 max_queue_delay_us=int(args.max_delay_ms * 1000), triton_backend="python",
                                  execution_env=local.env, instances=args.triton_instances)
     server = harness.start_tritonserver(local, work / "repo", log_dir=work)
     try:

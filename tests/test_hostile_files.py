@@ -196,7 +196,7 @@ def test_config_pbtxt_is_rendered_by_protobuf(tmp_path):
     env = tmp_path / 'env "x"\n} parameters { key: "k" \\'
     env.mkdir()
     onnx_path = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata())
-    out = write_triton_repo(onnx_path, tmp_path / "repo", name="m", backend="python", execution_env=env,
+    out = write_triton_repo(onnx_path, tmp_path / "repo", name="m", triton_backend="python", execution_env=env,
                             runtime_options={"threads": 2})
     cfg = _parse(out.config)
     assert {k: v.string_value for k, v in cfg.parameters.items()} == {
@@ -550,7 +550,7 @@ def test_triton_repo_on_its_own_file_system(tmp_path, monkeypatch):
     as_mount_point(monkeypatch, repo)
     onnx_path = tiny_onnx(tmp_path / "v" / "m.onnx", meta=good_metadata())
     first = triton_mod.write_triton_repo(onnx_path, repo, name="m")
-    second = triton_mod.write_triton_repo(onnx_path, repo, name="m", backend="python")  # replaces the model
+    second = triton_mod.write_triton_repo(onnx_path, repo, name="m", triton_backend="python")  # replaces the model
     monkeypatch.undo()
     assert first.model_dir == second.model_dir and _parse(second.config).backend == "python"
     assert sorted(p.name for p in repo.iterdir()) == ["m"]

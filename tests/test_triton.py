@@ -79,7 +79,8 @@ def triton_server(local_triton, small_onnx, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton") / "repo"
     for name, onnx in (("small", small_onnx["dynamic"]), ("small_b2", small_onnx["b2"]),
                        ("small_u8", small_onnx["uint8"])):
-        r = CliRunner().invoke(main, ["triton", str(onnx), "--repo", str(repo), "--name", name, "--backend", "python",
+        r = CliRunner().invoke(main, ["triton", str(onnx), "--repo", str(repo), "--name", name,
+                                      "--triton-backend", "python",
                                       "--execution-env", str(local_triton.env), "--max-batch", "16",
                                       "--max-queue-delay-us", "2000", "--threads", "1"])
         assert r.exit_code == 0, r.output
@@ -116,7 +117,7 @@ def test_python_backend_config(small_onnx, tmp_path):
     env = tmp_path / "venv"
     env.mkdir()
     r = CliRunner().invoke(main, ["triton", str(small_onnx["b2"]), "--repo", str(tmp_path / "repo"), "--name", "m",
-                                  "--backend", "python", "--execution-env", str(env), "--runtime", "onnxruntime",
+                                  "--triton-backend", "python", "--execution-env", str(env), "--backend", "onnxruntime",
                                   "--instances", "3", "--threads", "2"])
     assert r.exit_code == 0, r.output
     out = triton_mod.TritonRepo(tmp_path / "repo" / "m", tmp_path / "repo" / "m" / "config.pbtxt", Path(), None)
@@ -139,10 +140,10 @@ def test_python_backend_config(small_onnx, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--execution-env", "{env}"], "are for a Python-backend model: add --backend python"),
-    (["--threads", "2"], "are for a Python-backend model: add --backend python"),
-    (["--backend", "python", "--runtime", "tensorrt"], "--runtime tensorrt runs engine files"),
-    (["--backend", "python", "--execution-env", "{missing}"], "does not exist"),
+    (["--execution-env", "{env}"], "are for a Python-backend model: add --triton-backend python"),
+    (["--threads", "2"], "are for a Python-backend model: add --triton-backend python"),
+    (["--triton-backend", "python", "--backend", "tensorrt"], "--backend tensorrt runs engine files"),
+    (["--triton-backend", "python", "--execution-env", "{missing}"], "does not exist"),
     (["--name", "a/b"], "--name 'a/b'"),
 ])
 def test_bad_options_one_line_error(small_onnx, tmp_path, args, message):
@@ -162,10 +163,10 @@ def test_rtx_engine_is_refused_as_tensorrt_plan_and_served_by_python_backend(sma
                                                              max_batch=8))
     r = CliRunner().invoke(main, ["triton", str(engine), "--repo", str(tmp_path / "repo")])
     assert r.exit_code == 1
-    assert "TensorRT-RTX engine" in r.output and "cannot load it" in r.output and "--backend python" in r.output
+    assert "TensorRT-RTX engine" in r.output and "cannot load it" in r.output and "--triton-backend python" in r.output
     assert not (tmp_path / "repo" / "small").exists()
 
-    out = triton_mod.write_triton_repo(engine, tmp_path / "repo", backend="python")
+    out = triton_mod.write_triton_repo(engine, tmp_path / "repo", triton_backend="python")
     cfg = _parse_pbtxt(out.config)
     assert cfg.backend == "python" and cfg.max_batch_size == 8
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
@@ -202,12 +203,12 @@ def test_failed_write_leaves_the_old_model(small_onnx, tmp_path, monkeypatch):
 
     monkeypatch.setattr(triton_mod.shutil, "copyfile", failing_copy)
     with pytest.raises(OSError, match="No space left"):
-        triton_mod.write_triton_repo(small_onnx["b2"], repo, name="m", backend="python")
+        triton_mod.write_triton_repo(small_onnx["b2"], repo, name="m", triton_backend="python")
     after = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     assert after == before and first.config.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging folder left behind
     monkeypatch.undo()
-    second = triton_mod.write_triton_repo(small_onnx["b2"], repo, name="m", backend="python")
+    second = triton_mod.write_triton_repo(small_onnx["b2"], repo, name="m", triton_backend="python")
     assert _parse_pbtxt(second.config).backend == "python"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
@@ -355,7 +356,7 @@ def test_model_control_unloads_and_reloads(triton_server, reference):
 
 
 def test_a_model_that_cannot_load_stops_the_start_with_its_reason(local_triton, small_onnx, tmp_path):
-    out = triton_mod.write_triton_repo(small_onnx["dynamic"], tmp_path / "repo", name="broken", backend="python",
+    out = triton_mod.write_triton_repo(small_onnx["dynamic"], tmp_path / "repo", name="broken", triton_backend="python",
                                        execution_env=local_triton.env)
     out.model_file.write_bytes(b"not an onnx file")  # a torn copy on the serving host
     started = time.monotonic()
@@ -377,7 +378,7 @@ def test_repository_on_a_mount_point_and_a_killed_writers_staging(local_triton, 
     repo.mkdir()
     with monkeypatch.context() as m:
         as_mount_point(m, repo)
-        out = triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", backend="python",
+        out = triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", triton_backend="python",
                                            execution_env=local_triton.env, runtime_options={"threads": 1})
     assert sorted(p.name for p in repo.iterdir()) == ["small"]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -391,7 +392,7 @@ def test_repository_on_a_mount_point_and_a_killed_writers_staging(local_triton, 
         harness.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
     with monkeypatch.context() as m:
         as_mount_point(m, repo)
-        triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", backend="python",
+        triton_mod.write_triton_repo(small_onnx["dynamic"], repo, name="small", triton_backend="python",
                                      execution_env=local_triton.env, runtime_options={"threads": 1})
     assert sorted(p.name for p in repo.iterdir()) == ["small"]  # the dead writer's folder is gone
     server = harness.start_tritonserver(local_triton, repo, models=[], log_dir=tmp_path, extra_args=every_folder)
@@ -438,3 +439,21 @@ def test_same_http_client_code_against_vitdeploy_serve_and_triton(triton_server,
         theirs = _http_infer(triton_server.http_url, "small", x, binary=binary)
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ours, reference.infer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_names_the_vitdeploy_backend_and_old_spellings_still_work(small_onnx, tmp_path):
+    """--triton-backend is Triton's layout; --backend the vitdeploy backend, as in every command. The previous
+    release's --backend python and --runtime X still work, with a note."""
+    new = CliRunner().invoke(main, ["triton", str(small_onnx["dynamic"]), "--repo", str(tmp_path / "new"),
+                                    "--triton-backend", "python", "--backend", "openvino"])
+    assert new.exit_code == 0, new.output
+    old = CliRunner().invoke(main, ["triton", str(small_onnx["dynamic"]), "--repo", str(tmp_path / "old"),
+                                    "--backend", "python", "--runtime", "openvino"])
+    assert old.exit_code == 0, old.output
+    assert "--backend python is now --triton-backend python" in old.stderr
+    assert "--runtime is now --backend" in old.stderr
+    name = Path(small_onnx["dynamic"]).stem
+    config = (tmp_path / "new" / name / "config.pbtxt").read_text()
+    assert config == (tmp_path / "old" / name / "config.pbtxt").read_text() and 'string_value: "openvino"' in config
+    with pytest.warns(DeprecationWarning, match="triton_backend"):
+        triton_mod.write_triton_repo(small_onnx["dynamic"], tmp_path / "lib", backend="python")

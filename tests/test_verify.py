@@ -370,7 +370,7 @@ def test_the_triton_python_model_loads_verified_and_refuses_a_drifting_artifact(
     bad = _tamper(golden_onnx, tmp_path / "bad.onnx", mean=0.45)
     repo = tmp_path / "repo"
     for name, artifact in (("good", golden_onnx), ("bad", bad)):
-        triton_mod.write_triton_repo(artifact, repo, name=name, backend="python", execution_env=local.env,
+        triton_mod.write_triton_repo(artifact, repo, name=name, triton_backend="python", execution_env=local.env,
                                      runtime_options={"threads": 1})
     server = harness.start_tritonserver(local, repo, models=["good"], log_dir=tmp_path / "good", timeout=120)
     server.stop()

@@ -76,7 +76,7 @@ def row_commands(b: Bundle, a: Artifact) -> list[str]:
     if triton:
         args = triton["args"]
         cmds.append(f"vitdeploy triton {path} --repo {_q(b.out / 'triton')} --name {model_name(a.path)} --max-batch "
-                    f"{args['max_batch']} --kind {args['kind']} --backend {args['backend']}")
+                    f"{args['max_batch']} --kind {args['kind']} --triton-backend {args['triton_backend']}")
     return cmds
 
 

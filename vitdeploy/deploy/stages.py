@@ -233,8 +233,9 @@ def triton_args(a: Artifact, max_batch: int, gpu: bool) -> dict[str, Any]:
     from vitdeploy.engines.tensorrt.sidecar import TENSORRT_RTX
 
     if a.kind == "onnx":
-        return {"max_batch": max_batch, "kind": "gpu" if gpu else "cpu", "backend": "native"}
-    return {"max_batch": max_batch, "kind": "gpu", "backend": "python" if a.flavour == TENSORRT_RTX else "native"}
+        return {"max_batch": max_batch, "kind": "gpu" if gpu else "cpu", "triton_backend": "native"}
+    return {"max_batch": max_batch, "kind": "gpu",
+            "triton_backend": "python" if a.flavour == TENSORRT_RTX else "native"}
 
 
 def triton_stage(b: Bundle) -> None:
@@ -256,9 +257,9 @@ def _triton(b: Bundle, a: Artifact, name: str, args: dict[str, Any]) -> Work:
     if importlib.util.find_spec("tritonclient") is None:  # config.pbtxt is rendered through Triton's own schema
         raise NotPossible("writing a Triton repository needs tritonclient: pip install 'vitdeploy[triton]'")
     repo = write_triton_repo(a.path, b.out / "triton", name, args["max_batch"], kind=args["kind"],
-                             backend=args["backend"])
+                             triton_backend=args["triton_backend"])
     result = {"artifact": b.rel(a.path), "model_dir": b.rel(repo.model_dir), "config": b.rel(repo.config),
-              "backend": repo.backend, "args": args}
+              "triton_backend": repo.triton_backend, "args": args}
     return Work(result, [repo.config, repo.model_file])
 
 

@@ -40,7 +40,7 @@ class TritonRepo:
     config: Path
     model_file: Path
     labels: Path | None
-    backend: str = "native"  # native | python
+    triton_backend: str = "native"  # native | python
 
 
 @dataclass
@@ -182,20 +182,23 @@ def _render_config(c: _Config) -> str:
 
 def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None = None, max_batch: int | None = None,
                       instances: int = 1, kind: str | None = None, max_queue_delay_us: int = 100,
-                      preferred: list[int] | None = None, backend: str = "native", runtime: str = "auto",
-                      execution_env: str | Path | None = None,
-                      runtime_options: dict[str, Any] | None = None) -> TritonRepo:
-    """Write ``REPO/NAME`` for ``artifact`` (see the module docstring for the two ``backend`` layouts).
+                      preferred: list[int] | None = None, backend: str = "auto", triton_backend: str = "native",
+                      execution_env: str | Path | None = None, runtime_options: dict[str, Any] | None = None,
+                      runtime: str | None = None) -> TritonRepo:
+    """Write ``REPO/NAME`` for ``artifact`` (see the module docstring for the two ``triton_backend`` layouts).
 
     ``kind``: the instance group (gpu | cpu; default gpu for an engine or a native ONNX, cpu for an ONNX on
-    the Python backend). ``runtime``: the vitdeploy backend the Python model opens the artifact with.
+    the Python backend). ``backend``: the vitdeploy backend the Python model opens the artifact with, as
+    everywhere else in vitdeploy (``runtime`` is its old name; ``backend="python"/"native"`` the old
+    spelling of ``triton_backend``: both still work, with a DeprecationWarning).
     ``execution_env``: a Python environment (venv folder or conda-pack archive) for the Python backend,
     written as ``EXECUTION_ENV_PATH``; it needs vitdeploy, the runtime's library and numpy < 2.
     """
+    backend, triton_backend = _renamed(backend, triton_backend, runtime)
     artifact = Path(artifact)
     io = _artifact_io(artifact)
-    python = backend == "python"
-    name, kind = _check_request(artifact, io, name, kind, backend, runtime, execution_env, runtime_options)
+    python = triton_backend == "python"
+    name, kind = _check_request(artifact, io, name, kind, triton_backend, backend, execution_env, runtime_options)
     mb, in_dims, out_dims = _batching(artifact, io, python, max_batch)
     model_file = "model.plan" if io.file_type == "engine" and not python else (
         "model.onnx" if io.file_type == "onnx" else "model.engine")
@@ -203,7 +206,7 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
         "platform": "tensorrt_plan" if io.file_type == "engine" else "onnxruntime_onnx"}
     params: dict[str, str] = {}
     if python:
-        params = {"VITDEPLOY_ARTIFACT": model_file, "VITDEPLOY_BACKEND": runtime,
+        params = {"VITDEPLOY_ARTIFACT": model_file, "VITDEPLOY_BACKEND": backend,
                   "VITDEPLOY_OPTIONS": json.dumps(runtime_options or {})}
         if execution_env is not None:
             params["EXECUTION_ENV_PATH"] = str(Path(execution_env).resolve())
@@ -234,7 +237,7 @@ def write_triton_repo(artifact: str | Path, repo: str | Path, name: str | None =
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return TritonRepo(model_dir, model_dir / "config.pbtxt", model_dir / "1" / model_file,
-                      model_dir / "labels.txt" if io.labels else None, backend)
+                      model_dir / "labels.txt" if io.labels else None, triton_backend)
 
 
 _WRITTEN = ("config.pbtxt", "labels.txt", "model.py", "golden.json", WARMUP_FILE)  # the files we write
@@ -257,23 +260,39 @@ def _warmup_input(artifact: Path, io: _ArtifactIO, in_dims: list[int]) -> bytes 
     return np.ascontiguousarray(x).tobytes()
 
 
-def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str | None, backend: str,
-                   runtime: str, execution_env: str | Path | None,
+def _renamed(backend: str, triton_backend: str, runtime: str | None) -> tuple[str, str]:
+    """(vitdeploy backend, Triton backend) from this release's names and the previous release's."""
+    import warnings
+
+    if backend in TRITON_BACKENDS:
+        warnings.warn("write_triton_repo(backend='native'|'python') is now triton_backend=; backend= names the "
+                      "vitdeploy backend, as everywhere else", DeprecationWarning, stacklevel=3)
+        backend, triton_backend = "auto", backend
+    if runtime is not None:
+        warnings.warn("write_triton_repo(runtime=) is now backend=", DeprecationWarning, stacklevel=3)
+        backend = runtime
+    return backend, triton_backend
+
+
+def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str | None, triton_backend: str,
+                   backend: str, execution_env: str | Path | None,
                    runtime_options: dict[str, Any] | None) -> tuple[str, str]:
     """Refuse option combinations that cannot work; -> (model name, instance kind)."""
-    if backend not in TRITON_BACKENDS:
-        raise VitDeployError(f"--backend {backend!r}: choose native or python")
-    if runtime not in RUNTIME_BACKENDS:
-        raise VitDeployError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
-    python = backend == "python"
-    if python and runtime != "auto":
-        fits = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "engine"}[runtime]
+    if triton_backend not in TRITON_BACKENDS:
+        raise VitDeployError(f"--triton-backend {triton_backend!r}: choose native or python")
+    if backend not in RUNTIME_BACKENDS:
+        raise VitDeployError(f"--backend {backend!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
+    python = triton_backend == "python"
+    if python and backend != "auto":
+        fits = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "engine"}[backend]
         if fits != io.file_type:
-            raise VitDeployError(f"--runtime {runtime} runs {fits} files, and {artifact.name} is an {io.file_type}")
-    if not python and runtime != "auto":
-        raise VitDeployError("--runtime chooses the runtime of a Python-backend model: add --backend python")
+            raise VitDeployError(f"--backend {backend} runs {fits} files, and {artifact.name} is an {io.file_type}")
+    if not python and backend != "auto":
+        raise VitDeployError("--backend chooses the vitdeploy backend of a Python-backend model: add "
+                             "--triton-backend python")
     if not python and (execution_env or runtime_options):
-        raise VitDeployError("--execution-env and --threads are for a Python-backend model: add --backend python")
+        raise VitDeployError("--execution-env and --threads are for a Python-backend model: add "
+                             "--triton-backend python")
     if runtime_options and "threads" in runtime_options and io.file_type != "onnx":
         raise VitDeployError("--threads sets the CPU threads of ONNX Runtime or OpenVINO: an engine runs on the GPU")
     from vitdeploy.engines.tensorrt.sidecar import TENSORRT_RTX
@@ -281,8 +300,9 @@ def _check_request(artifact: Path, io: _ArtifactIO, name: str | None, kind: str 
     if not python and io.flavour == TENSORRT_RTX:
         raise VitDeployError(
             f"{artifact.name} is a TensorRT-RTX engine: Triton's TensorRT backend (tensorrt_plan) is full TensorRT "
-            "and cannot load it. Write it with --backend python (Triton runs it through vitdeploy's TensorRT-RTX "
-            "runtime), or build a full-TensorRT engine with `vitdeploy build --trt tensorrt` for tensorrt_plan")
+            "and cannot load it. Write it with --triton-backend python (Triton runs it through vitdeploy's "
+            "TensorRT-RTX runtime), or build a full-TensorRT engine with `vitdeploy build --trt tensorrt` for "
+            "tensorrt_plan")
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", artifact.stem)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
         raise VitDeployError(f"--name {name!r}: use up to 128 letters, digits, '_' and '-' (it is a folder and a "
@@ -308,7 +328,7 @@ def _batching(artifact: Path, io: _ArtifactIO, python: bool, max_batch: int | No
         # a static batch is part of the tensor: Triton's batching is off (max_batch_size 0)
         if max_batch:
             raise VitDeployError(f"{artifact.name} has a static batch of {io.static_batch}: "
-                                 "re-export with --dynamic-batch to use --max-batch, or use --backend python")
+                                 "re-export with --dynamic-batch to use --max-batch, or use --triton-backend python")
         mb, in_dims, out_dims = 0, [io.static_batch, *in_dims], [io.static_batch, *out_dims]
     else:
         limit = io.max_batch

@@ -1,6 +1,6 @@
 """Triton Python-backend model that runs vitdeploy's own Runtime on any artifact.
 
-``vitdeploy triton ARTIFACT --repo DIR --backend python`` copies this file to ``DIR/NAME/1/model.py``
+``vitdeploy triton ARTIFACT --repo DIR --triton-backend python`` copies this file to ``DIR/NAME/1/model.py``
 beside the artifact. Triton's Python backend imports it inside its stub process (where
 ``triton_python_backend_utils`` exists); the environment it runs in (``EXECUTION_ENV_PATH``) needs
 vitdeploy and the artifact's backend (onnxruntime, openvino or tensorrt) with numpy < 2: the Python
