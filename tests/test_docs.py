@@ -118,6 +118,11 @@ def test_bash_block(page, tag, reason, script, tmp_path):
         pytest.skip(f"run as written by .ci/run (readme_command {reason})")
     if tag == "docs:skip":
         pytest.skip(f"{page}: {reason}")
+    import os
+    import sys
+
+    # the commands of this Python's environment, as a reader's shell with it activated finds them
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     assert out.returncode == 0, f"{page}: block failed:\n{script}\n{out.stdout[-2000:]}{out.stderr[-2000:]}"

@@ -13,7 +13,7 @@ from vitdeploy.artifacts.metadata import PREFIX, ArtifactMetadata
 from vitdeploy.deprecation import moved
 from vitdeploy.engines.base import InputSpec, Runtime
 from vitdeploy.errors import VitDeployError
-from vitdeploy.io import onnx_external_data
+from vitdeploy.io import check_onnx_external_data, onnx_external_data
 from vitdeploy.sysinfo import is_x86, usable_cpus
 
 INPUT_DTYPES = ("float32", "float16", "uint8")  # what the Runtime interface feeds a model
@@ -242,6 +242,7 @@ class OnnxRuntime(Runtime):
             raise VitDeployError(f"qdq_activations must be one of {', '.join(QDQ_ACTIVATIONS)}, "
                                  f"not {qdq_activations!r}")
         self.path = Path(path)
+        check_onnx_external_data(self.path)  # older ONNX Runtime releases follow '..' and absolute locations
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = threads or usable_cpus()

@@ -216,7 +216,10 @@ def _checked(x: np.ndarray, model: ModelIO) -> np.ndarray:
 
 def multipart_file(body: bytes, content_type: str) -> bytes:
     """The 'file' field of a multipart/form-data body (in a worker thread: parsing is CPU work)."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    try:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # python-multipart before 0.0.13 installs the module as `multipart`
+        from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
 
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
