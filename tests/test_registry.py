@@ -35,3 +35,11 @@ def test_a_device_the_backend_cannot_run_on_is_refused(serving_onnx):
 def test_an_artifact_of_another_kind_is_refused(serving_onnx):
     with pytest.raises(VitDeployError, match="the TensorRT backend runs engines: build one with `vitdeploy build"):
         open_runtime(serving_onnx, backend="tensorrt")
+
+
+def test_the_compute_format_is_each_backends_own_option():
+    assert registry.dtype_options("openvino", "bf16") == {"precision_hint": "bf16"}
+    assert registry.dtype_options("torch", "bf16") == {"dtype": "bf16"}
+    assert registry.dtype_options("onnxruntime", "bf16") == {} and registry.dtype_options("openvino", None) == {}
+    for backend, option in registry.DTYPE_OPTION.items():
+        assert option in registry.option_names(backend)

@@ -78,17 +78,17 @@ def split_list(value: str | None) -> list[str]:
 
 
 def open_artifact(artifact: str, backend: str, threads: int | None = None, dtype: str | None = None,
-          device: str = "auto", **options: Any) -> Any:
-    from vitdeploy.engines import artifact_kind
+                  device: str = "auto", **options: Any) -> Any:
+    """Open an artifact for a command: threads where the backend has them, and ``dtype`` as the backend's
+    own compute-format option (the registry says which), behind the first-load golden check."""
+    from vitdeploy.engines import artifact_kind, registry
     from vitdeploy.verify import open_verified
 
     kind = artifact_kind(artifact)
     if threads and backend in ("onnxruntime", "openvino", "torch", "auto") and kind != "engine":
         options["threads"] = threads
-    if dtype and (backend == "torch" or (backend == "auto" and kind == "checkpoint")):
-        options["dtype"] = dtype
-    if dtype and backend == "openvino":
-        options["precision_hint"] = dtype
+    resolved = "torch" if backend == "auto" and kind == "checkpoint" else backend
+    options.update(registry.dtype_options(resolved, dtype))
     return open_verified(artifact, backend=backend, device=device, **options)
 
 

@@ -105,3 +105,14 @@ def check_kind(backend: str, kind: str, path: Any) -> None:
 def runtime_class(backend: str) -> Any:
     entry = REGISTRY[backend]
     return getattr(importlib.import_module(entry.module), entry.cls)
+
+
+# the compute number format a user names (`bench --dtype bf16`) -> each backend's own option for it
+DTYPE_OPTION = {"openvino": "precision_hint", "torch": "dtype"}
+
+
+def dtype_options(backend: str, dtype: str | None) -> dict[str, Any]:
+    """The options that ask ``backend`` to compute in ``dtype`` ({} for none, or a backend without a
+    choice: ONNX Runtime and TensorRT compute in the file's own precision)."""
+    name = DTYPE_OPTION.get(backend)
+    return {name: dtype} if dtype and name else {}
