@@ -43,3 +43,17 @@ def test_the_compute_format_is_each_backends_own_option():
     assert registry.dtype_options("onnxruntime", "bf16") == {} and registry.dtype_options("openvino", None) == {}
     for backend, option in registry.DTYPE_OPTION.items():
         assert option in registry.option_names(backend)
+
+
+def test_bench_dtype_reaches_openvino_as_its_precision_hint(serving_onnx):
+    import json
+
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    r = CliRunner().invoke(main, ["bench", str(serving_onnx), "--backend", "openvino", "--dtype", "f16", "--batch", "1",
+                                  "--warmup", "0", "--iters", "2", "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["results"]
+    assert len(rows) == 1 and rows[0]["backend"].startswith("openvino[CPU, f16")
