@@ -332,6 +332,12 @@ def test_non_finite_input_is_refused_and_answers_are_strict_json(runtime):
             assert r.status_code == 400 and "NaN or infinite" in _strict_json(r.text)["error"], (path, r.text)
         good = c.post("/v1/logits", json={"inputs": x.tolist()})
         assert good.status_code == 200 and np.isfinite(_strict_json(good.text)["logits"]).all()
+        # finite but no normalized image (hypothesis found 5.9e20s overflowing the model into NaN: a 500)
+        huge = np.full_like(x, 5.9e20)
+        head = json.dumps(_v2(name, [1, *SHAPE], parameters={"binary_data_size": huge.nbytes})).encode()
+        r = c.post("/v2/models/m/infer", content=head + huge.tobytes(),
+                   headers={"inference-header-content-length": str(len(head))})
+        assert r.status_code == 400 and "beyond +-1e+06" in _strict_json(r.text)["error"], r.text
 
 
 def test_a_model_answering_nan_never_emits_invalid_json(runtime):

@@ -223,10 +223,19 @@ def _libc() -> Any:
     return _LIBC[0]
 
 
+MAX_INPUT_MAGNITUDE = 1e6  # normalized pixels are within about +-10; beyond this the model overflows float32
+
+
 def non_finite_reason(x: np.ndarray, input_name: str) -> str | None:
-    """The one rule on every serving path: float input holding NaN or infinity is refused (HTTP 400)."""
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
+    """The one rule on every serving path: float input holding NaN, infinity or values no normalized
+    image has (|x| > MAX_INPUT_MAGNITUDE, which overflow the model into NaN scores) is refused (HTTP 400)."""
+    if x.dtype.kind != "f" or x.size == 0:
+        return None
+    if not np.isfinite(x).all():
         return f"input {input_name!r} holds NaN or infinite values: send finite, normalized pixels"
+    if float(np.abs(x).max()) > MAX_INPUT_MAGNITUDE:
+        return (f"input {input_name!r} holds values beyond +-{MAX_INPUT_MAGNITUDE:g}: send normalized pixels "
+                "(the artifact's mean and std applied)")
     return None
 
 
