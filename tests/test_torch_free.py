@@ -28,9 +28,10 @@ CLI = [sys.executable, "-c", "from vitdeploy.cli import main; main()"]
 def int8_artifacts(request) -> dict[str, Path]:
     """{"onnx", "test"} and "engine" where there is one: the main stage's, else made here with torch."""
     if ARTIFACTS:
-        root = Path(ARTIFACTS)
-        found = {"onnx": root / "digits-int8.onnx", "test": root / "work" / "digits" / "test",
-                 "engine": root / "digits-int8.engine"}
+        root = Path(ARTIFACTS)  # the README's quickstart: `vitdeploy deploy ... --out bundles/digits`
+        bundle = root / "bundles" / "digits"
+        found = {"onnx": bundle / "onnx" / "digits_vit-int8.onnx", "test": root / "work" / "digits" / "test",
+                 "engine": bundle / "engines" / "digits_vit-int8-rtx.engine"}
         missing = [str(p) for p in found.values() if not p.exists()]
         assert not missing, f"VITDEPLOY_CI_ARTIFACTS is set but the main stage left no {', '.join(missing)}"
         return found
@@ -123,7 +124,7 @@ def test_serve_answers_over_http(int8_artifacts, tmp_path):
 
 def test_engine_sidecar_reads_without_torch_or_tensorrt(int8_artifacts):
     if "engine" not in int8_artifacts:
-        pytest.skip("no engine here: the main stage's digits-int8.engine is checked on 3.10/3.13")
+        pytest.skip("no engine here: the main stage's bundles/digits engine is checked on 3.10/3.13")
     out = _run_python(
         "import json, sys\n"
         "from vitdeploy.engines.tensorrt.sidecar import read_sidecar\n"
