@@ -197,14 +197,19 @@ def attack_burst(srv: Serve) -> list[Any]:
     return _post_all(srv.url, [("/v1/logits", x.tobytes(), headers)] * 16, workers=16)
 
 
-def attack_stalled_uploads(srv: Serve) -> list[Any]:
+def stalled_uploads(port: int, count: int, head: bytes, sent: bytes) -> list[socket.socket]:
+    """``count`` connections that each send a request head declaring more body than ``sent``, then stall."""
     socks = []
-    for _ in range(8):
-        s = socket.create_connection(("127.0.0.1", srv.port))
-        s.sendall(b"POST /v1/logits HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-                  b"X-Shape: 32,3,224,224\r\nContent-Length: 19267584\r\n\r\n" + b"\0" * 4_000_000)
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/logits HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + sent)
         socks.append(s)
-    return [_answer_or_close(s, 20) for s in socks]
+    return socks
+
+
+def attack_stalled_uploads(srv: Serve) -> list[Any]:
+    head = b"Content-Type: application/octet-stream\r\nX-Shape: 32,3,224,224\r\nContent-Length: 19267584\r\n"
+    return [_answer_or_close(s, 20) for s in stalled_uploads(srv.port, 8, head, b"\0" * 4_000_000)]
 
 
 def attack_idle_connections(srv: Serve) -> list[Any]:

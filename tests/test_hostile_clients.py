@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from benchmarks.hostile_clients import palette_png
+from benchmarks.hostile_clients import palette_png, stalled_uploads
 from vitdeploy.engines import open_runtime
 
 from .http_server import ServeProcess, Server
@@ -148,12 +148,8 @@ def _closed_within(sock, seconds):
 
 def test_stalled_upload_is_dropped_and_its_memory_freed(runtime):
     with Server(runtime, body_timeout=0.5, memory_budget=256 * 2**20) as srv:  # room for all four
-        socks = []
-        for _ in range(4):
-            s = socket.create_connection(("127.0.0.1", srv.port))
-            s.sendall(b"POST /v1/logits HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 10000000\r\n\r\n" + b"[" * 1_000_000)
-            socks.append(s)
+        socks = stalled_uploads(srv.port, 4, b"Content-Type: application/json\r\nContent-Length: 10000000\r\n",
+                                b"[" * 1_000_000)
         time.sleep(0.2)
         assert srv.app.state.memory_budget.used >= 4 * 10_000_000  # the declared bodies are held...
         t0 = time.perf_counter()
