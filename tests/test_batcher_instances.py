@@ -124,7 +124,7 @@ def test_serve_instances_opens_an_engine_with_that_many_contexts(serving_onnx, t
     monkeypatch.setattr(vitdeploy.serving.server, "run_server", lambda app, *a, **k: served.append(app))
     r = CliRunner().invoke(main, ["serve", "-m", str(engine), "--instances", "2", "--no-verify"])
     assert r.exit_code == 0, r.output
-    assert opened == [{"instances": 2}] and served[0].state.batcher.workers == 2
+    assert opened == [{"shared_cores": True, "instances": 2}] and served[0].state.batcher.workers == 2
     served[0].state.batcher.shutdown()
 
 

@@ -1,5 +1,6 @@
 """The Runtime interface on ONNX Runtime, OpenVINO and torch; TensorRT's checks; predict/compare/bench."""
 
+import importlib.util
 import json
 import platform
 
@@ -22,6 +23,20 @@ def test_auto_backend_and_spec(digits, digits_onnx):
     assert rt.backend == "onnxruntime" and rt.spec.shape == (3, 224, 224) and rt.spec.dtype == "float32"
     assert rt.metadata.labels == [str(i) for i in range(10)]
     assert open_runtime(digits["checkpoint"]).backend == "torch"
+
+
+def test_shared_cores_stops_onnx_runtime_spinning(digits_onnx):
+    """A server's runtime (shared_cores=True) sleeps between calls; a benchmark's spins, ONNX Runtime's default.
+    The setting reaches the session, and answers do not change; OpenVINO takes the hint without an option."""
+    quiet, default = open_runtime(digits_onnx["fp32"], shared_cores=True), open_runtime(digits_onnx["fp32"])
+    assert (quiet.spinning, default.spinning) == (False, True)
+    key = "session.intra_op.allow_spinning"
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spin
+        default.session.get_session_options().get_session_config_entry(key)
+    assert np.abs(quiet.infer(_x(2)) - default.infer(_x(2))).max() < 1e-5
+    if importlib.util.find_spec("openvino") is not None:
+        assert open_runtime(digits_onnx["fp32"], backend="openvino", shared_cores=True).infer(_x(1)).shape == (1, 10)
 
 
 def test_static_batch_is_padded_and_split(digits, digits_onnx):

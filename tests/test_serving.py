@@ -78,6 +78,35 @@ def test_thousands_of_requests_from_many_threads_get_their_own_rows(runtime):
     assert max(stats.batch_sizes) <= 16 and stats.mean_batch > 1.5  # batching happened
 
 
+def test_adaptive_delay_waits_only_for_announced_requests(runtime):
+    """adaptive=True: a lone request runs at once (not after the minute of max delay); a batch waits for a
+    request announced with expect() and takes it; one withdrawn with arrived(), or refused, stops the wait."""
+    x = _inputs(3, seed=5)
+    expected = runtime.infer(x)
+    with DynamicBatcher(runtime, max_batch_size=8, max_delay_ms=60_000, adaptive=True) as batcher:
+        assert np.abs(batcher.submit(x[0]).result(30) - expected[0]).max() < 1e-4
+        batcher.expect()
+        batcher.expect()
+        first = batcher.submit(x[1], expected=True)
+        time.sleep(0.3)
+        assert not first.done()  # one announced request is still on its way
+        second = batcher.submit(x[2], expected=True)
+        outs = [first.result(30), second.result(30)]
+        assert np.abs(np.stack(outs) - expected[1:]).max() < 1e-4
+        assert batcher.stats.batch_sizes == {1: 1, 2: 1}
+        batcher.expect()
+        batcher.expect()
+        batcher.expect()
+        third = batcher.submit(x[0], expected=True)
+        with pytest.raises(ValueError):  # refused at once: no longer on its way
+            batcher.submit(np.zeros((2, 2), np.float32), expected=True)
+        time.sleep(0.3)
+        assert not third.done()
+        batcher.arrived()  # the last announced request failed before it was submitted
+        assert np.abs(third.result(30) - expected[0]).max() < 1e-4
+        assert batcher.stats.batch_sizes == {1: 2, 2: 1}
+
+
 def test_asyncio_callers(runtime):
     x = _inputs(200, seed=1)
     expected = runtime.infer(x)
@@ -385,7 +414,10 @@ def test_kserve_v2_errors_over_raw_http(runtime):
     """The v2 JSON error form, for requests tritonclient would never send."""
     import httpx
 
-    with Server(runtime, model_name="small") as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+    # a minute of batch delay: were a failed request's announcement (the adaptive delay) never withdrawn, the
+    # good request at the end would wait for it and time out (504) after the 20 s request timeout
+    with Server(runtime, model_name="small", max_delay_ms=60_000, request_timeout=20) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
         name = runtime.spec.name
         cases = [
             (b"{not json", {}, "not valid JSON"),
@@ -410,6 +442,18 @@ def test_kserve_v2_errors_over_raw_http(runtime):
         bomb = zlib.compress(b"\0" * 64_000_000, 9)
         r = c.post("/v2/models/small/infer", content=bomb, headers={"content-encoding": "deflate"})
         assert r.status_code == 413 and "decompressed" in r.json()["error"]
+        # the inference routes answer outside FastAPI: another model is a 404, another method a 405
+        r = c.post("/v2/models/other/infer", content=b"{}", headers={"x-request-id": "abc-1"})
+        assert r.status_code == 404 and "unknown model 'other'" in r.json()["error"]
+        assert r.headers["x-request-id"] == "abc-1"
+        assert c.post("/v2/models/small/versions/3/infer", content=b"{}").status_code == 404
+        r = c.get("/v2/models/small/infer")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        x = _inputs(1, seed=3)
+        good = {"inputs": [{"name": name, "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+        r = c.post("/v2/models/small/versions/1/infer", json=good)
+        assert r.status_code == 200, r.text
+        assert np.abs(np.array(r.json()["outputs"][0]["data"]) - runtime.infer(x).ravel()).max() < 1e-4
 
 
 def test_kserve_v2_uint8_pixels_and_classify_use_runtime_preprocess(hf_folders, small_onnx, tmp_path):

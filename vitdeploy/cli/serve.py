@@ -89,7 +89,8 @@ def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drai
     uvicorn.run("vitdeploy.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 http="vitdeploy.serving.http11:GuardedProtocol",
                 limit_concurrency=server_limits["limit_concurrency"],
-                timeout_keep_alive=server_limits["keep_alive"], ssl_certfile=server_limits["ssl_certfile"],
+                timeout_keep_alive=server_limits["keep_alive"], access_log=server_limits["access_log"],
+                ssl_certfile=server_limits["ssl_certfile"],
                 ssl_keyfile=server_limits["ssl_keyfile"])
 
 
@@ -99,7 +100,11 @@ def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drai
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback by default.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Longest a batch that is not full waits for more requests, and only while requests are still "
+              "being read (see --fixed-delay).")
+@click.option("--fixed-delay", is_flag=True, help="Every batch that is not full waits the whole --max-delay-ms, "
+              "as Triton's dynamic batcher does, instead of only while requests are on their way.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
@@ -115,11 +120,14 @@ def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drai
 @click.option("--drain-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="On Ctrl-C/SIGTERM, seconds that readiness reports draining (requests still served) "
               "before the server stops accepting.")
+@click.option("--access-log", is_flag=True, help="Log a line per request (off by default, as in Triton: a line per "
+              "request costs the event loop time under load; /metrics counts requests by endpoint and code).")
 @_serve_limit_options
 @verify_options
 def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
           workers: int, instances: int, name: str | None, request_timeout: float, max_image_pixels: int | None,
-          drain_grace: float, no_verify: bool, allow_drift: bool, **limits: Any) -> None:
+          drain_grace: float, fixed_delay: bool, access_log: bool, no_verify: bool, allow_drift: bool,
+          **limits: Any) -> None:
     """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
     KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks.
 
@@ -131,6 +139,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     except ImportError:
         raise click.ClickException("serving needs the serve extra: pip install 'vitdeploy[serve]'") from None
     app_limits, server_limits = _serve_limits(host, **limits)
+    server_limits["access_log"] = access_log
     from vitdeploy.engines import artifact_kind
 
     if artifact_kind(model) == "checkpoint":
@@ -152,6 +161,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
                "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels or ""),
                "VITDEPLOY_SERVE_VERIFY": "" if no_verify else "1", "VITDEPLOY_SERVE_INSTANCES": str(instances),
                "VITDEPLOY_SERVE_ALLOW_DRIFT": "1" if allow_drift else "",
+               "VITDEPLOY_SERVE_FIXED_DELAY": "1" if fixed_delay else "",
                **_serve_limits_env(app_limits, server_limits)}
         _serve_workers(env, host, port, workers, drain_grace, server_limits)
         return
@@ -161,11 +171,12 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
     # ready only once warm and verified: the check runs in the background while the server already answers
     # /healthz; a failed check keeps /readyz at 503 with the reason (--allow-drift: a warning, then ready)
     prepare = warm_and_verify(model, max_batch, verify=not no_verify, allow_drift=allow_drift)
-    with open_runtime(model, backend=backend, **runtime_options) as rt:
+    with open_runtime(model, backend=backend, shared_cores=True, **runtime_options) as rt:
         scheme = "https" if server_limits["ssl_certfile"] else "http"
         sizes = "every batch size" if max_batch <= WARM_EVERY_SIZE_UP_TO else "1, powers of two and max batch"
         click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port} (ready once {sizes} "
                    f"{'is warm' if no_verify else 'is warm and the golden set passes'})")
         app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,
-                         max_image_pixels=max_image_pixels, model_name=name, prepare=prepare, **app_limits)
+                         max_image_pixels=max_image_pixels, model_name=name, prepare=prepare,
+                         adaptive_delay=not fixed_delay, **app_limits)
         run_server(app, host, port, drain_grace=drain_grace, **server_limits)

@@ -42,7 +42,9 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     availability); anything else -> our torch model via :func:`vitdeploy.load_model`.
     ``options`` go to the backend (threads, dtype, compile, config, seed, ...); with a plan, only
     ``threads`` may be given (it overrides the plan's), any other option bypasses the plan.
-    ``use_plan=False`` ignores a plan. An engine runs on ``device`` ``cuda`` / ``auto`` (device 0) or
+    ``use_plan=False`` ignores a plan. ``shared_cores=True``: the process's cores also do other work (a
+    server's request handling), so runtimes that would spin waiting for work (ONNX Runtime) sleep instead.
+    An engine runs on ``device`` ``cuda`` / ``auto`` (device 0) or
     ``cuda:N``, never ``cpu``; its options include ``cuda_graph`` and ``instances`` (contexts in flight).
     """
     from vitdeploy.engines import registry
@@ -51,10 +53,11 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
         raise VitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     kind = artifact_kind(path)
     use_plan = options.pop("use_plan", True)
+    shared_cores = bool(options.pop("shared_cores", False))
     checkpoint_args = {k: options.pop(k) for k in ("config", "seed") if options.get(k) is not None}
     options = {k: v for k, v in options.items() if k not in ("config", "seed")}  # None: not given
     if backend == "auto" and kind == "onnx" and use_plan and set(options) <= {"threads"} and _cpu_only(device):
-        planned = _open_planned(path, options.get("threads"))
+        planned = _open_planned(path, options.get("threads"), shared_cores)
         if planned is not None:
             return planned
     if backend == "auto":
@@ -65,6 +68,8 @@ def open_runtime(path: str | Path, backend: str = "auto", device: str = "auto", 
     if checkpoint_args and backend != "torch":  # the architecture and random-init seed of a checkpoint
         raise VitDeployError(f"--config/--seed describe a checkpoint; {Path(str(path)).name} carries its own")
     options.update(checkpoint_args)
+    if shared_cores and backend == "onnxruntime":
+        options.setdefault("spinning", False)
     if backend != "tensorrt":  # an engine's device goes through parse_device, which says more
         registry.check_device(backend, device)
     registry.check_options(backend, options)  # unknown names: one error listing the valid ones
@@ -91,7 +96,7 @@ def _cpu_only(device: str) -> bool:
     return not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers())
 
 
-def _open_planned(path: str | Path, threads: int | None) -> Runtime | None:
+def _open_planned(path: str | Path, threads: int | None, shared_cores: bool) -> Runtime | None:
     from vitdeploy.engines.plan import PathChoice, PlannedRuntime, load_matching_plan
 
     plan = load_matching_plan(path)
@@ -100,6 +105,7 @@ def _open_planned(path: str | Path, threads: int | None) -> Runtime | None:
 
     def opener(choice: PathChoice) -> Runtime:
         opts = {**choice.options, **({"threads": threads} if threads else {})}
-        return open_runtime(path, backend=choice.backend, device="cpu", use_plan=False, **opts)
+        return open_runtime(path, backend=choice.backend, device="cpu", use_plan=False, shared_cores=shared_cores,
+                            **opts)
 
     return PlannedRuntime(plan, opener)

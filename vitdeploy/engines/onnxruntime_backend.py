@@ -232,10 +232,12 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
                  optimization: str = "all", engine_cache: str | None = None,
-                 qdq_activations: str = "auto") -> None:
+                 qdq_activations: str = "auto", spinning: bool = True) -> None:
         """``qdq_activations``: "int8" runs Q/DQ files as written; "uint8" runs int8 activation Q/DQ
         as uint8 (exact, see :func:`qdq_activations_to_uint8`); "auto" does so on x86 with the CPU
-        provider only, where it is ONNX Runtime's fast integer path."""
+        provider only, where it is ONNX Runtime's fast integer path. ``spinning=False``: the intra-op
+        threads sleep between calls instead of spinning for work (ONNX Runtime's
+        ``session.intra_op.allow_spinning``), for a process whose cores also serve requests."""
         import onnxruntime as ort
 
         if qdq_activations not in QDQ_ACTIVATIONS:
@@ -247,6 +249,9 @@ class OnnxRuntime(Runtime):
         so.log_severity_level = 3
         so.intra_op_num_threads = threads or usable_cpus()
         so.inter_op_num_threads = 1
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.spinning = spinning
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -21,6 +21,7 @@ class OnnxRuntimeOptions:
     optimization: str = "all"  # disable | basic | extended | all
     engine_cache: str | None = None
     qdq_activations: str = "auto"  # auto | int8 | uint8
+    spinning: bool = True  # intra-op threads spin for work between calls
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ runs one inference, and hands each caller exactly its own rows. With ``workers=N
 N calls at once: ``Runtime.instances``) N worker threads take batches from the one queue, so up to N
 batches are in flight and the copies of one overlap the compute of another.
 
+With ``adaptive=True`` a batch waits for more rows only while callers have announced requests on their
+way (:meth:`expect`, then ``submit(..., expected=True)`` or :meth:`arrived`), and never past
+``max_delay_ms``: a server announces each request once its head is in and its body still being read, so
+a lone request runs at once, and one a few microseconds behind another still joins its batch (the
+"queue delay that adapts to load" of Triton's batcher ideas). Without it every batch that is not full
+waits the whole ``max_delay_ms`` after its first request, as Triton's dynamic batcher does.
+
 Guarantees: a full queue rejects at once (:class:`QueueFull`); a request's timeout covers its
 whole life, queue and execution (:meth:`infer` and :meth:`submit_async` stop waiting at the deadline
 with :class:`RequestTimeout`; one still queued at its deadline is never run); any failure while a
@@ -82,7 +89,8 @@ class BatcherStats:
 
 class DynamicBatcher:
     def __init__(self, runtime: Runtime, max_batch_size: int = 32, max_delay_ms: float = 2.0, max_queue: int = 1024,
-                 on_batch: Callable[[int, float], None] | None = None, workers: int = 1) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, workers: int = 1,
+                 adaptive: bool = False) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_delay_ms >= 0")
         self.runtime = runtime
@@ -90,6 +98,8 @@ class DynamicBatcher:
         self.max_delay = max_delay_ms / 1e3
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.adaptive = adaptive
+        self._arriving = 0  # announced requests not yet submitted (adaptive delay)
         self.stats = BatcherStats()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = 0
@@ -118,20 +128,34 @@ class DynamicBatcher:
         """The worker runs and takes requests (False once it died or the batcher shut down)."""
         return self.failure is None and not self._closed and all(w.is_alive() for w in self._workers)
 
-    def submit(self, x: Any, timeout: float | None = None) -> Future:
-        """Queue one image [C, H, W] or a batch [n, C, H, W]; the future gives [num_labels] or [n, num_labels]."""
-        arr = np.asarray(x)
-        single = arr.ndim == len(self.runtime.spec.shape)
-        if single:
-            arr = arr[None]
+    def expect(self) -> None:
+        """A request is on its way (adaptive delay): a forming batch may wait for it. Each call is matched by
+        one ``submit(..., expected=True)`` or one :meth:`arrived`."""
+        with self._cond:
+            self._arriving += 1
+
+    def arrived(self) -> None:
+        """An announced request will not be submitted (it failed before): batches stop waiting for it."""
+        with self._cond:
+            self._arriving -= 1
+            if self._arriving <= 0:
+                self._cond.notify_all()
+
+    def submit(self, x: Any, timeout: float | None = None, expected: bool = False) -> Future:
+        """Queue one image [C, H, W] or a batch [n, C, H, W]; the future gives [num_labels] or [n, num_labels].
+        ``expected``: this request was announced with :meth:`expect` (whether it is queued or refused)."""
+        try:
+            arr, single = self._checked(x)
+        except ValueError:
+            if expected:
+                self.arrived()
+            raise
         rows = arr.shape[0]
-        if rows < 1 or rows > self.max_batch_size:
-            raise ValueError(f"a request holds 1..{self.max_batch_size} images, got {rows}")
-        if tuple(arr.shape[1:]) != tuple(self.runtime.spec.shape):
-            raise ValueError(f"image shape {tuple(arr.shape[1:])} does not match the model's {self.runtime.spec.shape}")
         future: Future = Future()
         deadline = time.perf_counter() + timeout if timeout is not None else None
         with self._cond:
+            if expected:
+                self._arriving -= 1
             if self.failure is not None:
                 raise WorkerDied(f"the batcher's worker died ({type(self.failure).__name__}): restart the server")
             if self._closed:
@@ -144,6 +168,19 @@ class DynamicBatcher:
             self.stats.requests += 1
             self._cond.notify_all()  # every worker: the one waiting out a batch's delay may now have a full one
         return future
+
+    def _checked(self, x: Any) -> tuple[np.ndarray, bool]:
+        """``x`` as a batch, and whether it was one image; ValueError for a shape the model cannot take."""
+        arr = np.asarray(x)
+        single = arr.ndim == len(self.runtime.spec.shape)
+        if single:
+            arr = arr[None]
+        rows = arr.shape[0]
+        if rows < 1 or rows > self.max_batch_size:
+            raise ValueError(f"a request holds 1..{self.max_batch_size} images, got {rows}")
+        if tuple(arr.shape[1:]) != tuple(self.runtime.spec.shape):
+            raise ValueError(f"image shape {tuple(arr.shape[1:])} does not match the model's {self.runtime.spec.shape}")
+        return arr, single
 
     async def submit_async(self, x: Any, timeout: float | None = None) -> np.ndarray:
         """Submit and await the rows; ``timeout`` bounds queue and execution together."""
@@ -194,7 +231,7 @@ class DynamicBatcher:
             first = self._queue[0].enqueued
             while self._queued_rows < self.max_batch_size and not self._closed:
                 remaining = first + self.max_delay - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or (self.adaptive and self._arriving <= 0):
                     break
                 self._cond.wait(timeout=remaining)
                 self._expire(time.perf_counter())

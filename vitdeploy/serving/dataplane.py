@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,14 +30,17 @@ log = logging.getLogger("vitdeploy.serve")
 
 class DataPlane:
     """Runtime + batcher + memory budget + state; the endpoints only parse, call this and encode.
-    ``workers``: batches in flight at once (the runtime's ``instances``)."""
+    ``workers``: batches in flight at once (the runtime's ``instances``); ``adaptive_delay``: a batch waits
+    (up to ``max_delay_ms``) only while announced requests are on their way (see the batcher)."""
 
     def __init__(self, runtime: Runtime, budget: MemoryBudget, max_batch: int = 32, max_delay_ms: float = 2.0,
                  max_queue: int = 256, request_timeout: float = 30.0,
-                 on_batch: Callable[[int, float], None] | None = None, workers: int = 1) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, workers: int = 1,
+                 adaptive_delay: bool = True) -> None:
         self.runtime, self.budget, self.request_timeout = runtime, budget, request_timeout
         self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
-        self.batcher = DynamicBatcher(runtime, max_batch, max_delay_ms, max_queue, on_batch=on_batch, workers=workers)
+        self.batcher = DynamicBatcher(runtime, max_batch, max_delay_ms, max_queue, on_batch=on_batch, workers=workers,
+                                      adaptive=adaptive_delay)
         self.draining = False
         self.preparing: str | None = None  # what readiness waits for, while prepare runs
         self.unfit: str | None = None  # why prepare failed: the server stays up, never ready
@@ -88,18 +92,33 @@ class DataPlane:
         return thread
 
     # -- inference -------------------------------------------------------------------------------------
-    async def infer(self, x: np.ndarray, deadline: float) -> np.ndarray:
-        """Rows for ``x`` through the batcher, by ``deadline`` (a ``time.perf_counter`` time)."""
+    def expect(self) -> bool:
+        """Announce a request whose input is still being read, so a forming batch may wait for it (the
+        batcher's adaptive delay); True when announced: pass it to :meth:`infer`, or call :meth:`arrived`."""
+        if not self.batcher.adaptive:
+            return False
+        self.batcher.expect()
+        return True
+
+    def arrived(self) -> None:
+        """An announced request failed before :meth:`infer`."""
+        self.batcher.arrived()
+
+    async def infer(self, x: np.ndarray, deadline: float, expected: bool = False) -> np.ndarray:
+        """Rows for ``x`` through the batcher, by ``deadline`` (a ``time.perf_counter`` time); ``expected``:
+        announced with :meth:`expect`."""
         late = f"request not answered within {self.request_timeout:g} s"
         remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            raise HTTPFailure(504, "timeout", late)
-        if self.unfit is not None:
+        if remaining <= 0 or self.unfit is not None:
+            if expected:
+                self.arrived()
+            if remaining <= 0:
+                raise HTTPFailure(504, "timeout", late)
             raise HTTPFailure(503, "unavailable", f"this server is not ready ({self.unfit}): retry on another "
                               "replica")
-        future = self._submit(x, remaining)
+        future = self._submit(x, remaining, expected)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), remaining)
+            return await _within(asyncio.wrap_future(future), remaining)
         except (asyncio.TimeoutError, RequestTimeout):
             future.cancel()
             raise HTTPFailure(504, "timeout", late) from None
@@ -109,9 +128,9 @@ class DataPlane:
             raise HTTPFailure(503, "unavailable", "the server shut down before this request ran: retry",
                               {"Retry-After": "1"}) from None
 
-    def _submit(self, x: np.ndarray, timeout: float) -> Any:
+    def _submit(self, x: np.ndarray, timeout: float, expected: bool) -> Any:
         try:
-            return self.batcher.submit(x, timeout=timeout)
+            return self.batcher.submit(x, timeout=timeout, expected=expected)
         except QueueFull as e:
             raise HTTPFailure(503, "overload", str(e), {"Retry-After": "1"}) from None
         except WorkerDied:
@@ -127,3 +146,12 @@ class DataPlane:
         stopped = self.batcher.shutdown(True, self.request_timeout)
         if close_runtime and stopped:
             self.runtime.close()
+
+
+async def _within(awaitable: Any, seconds: float) -> Any:
+    """``await awaitable`` for at most ``seconds`` (asyncio.TimeoutError after): a timer on 3.11+, where
+    ``wait_for`` would wrap it in a task of its own."""
+    if sys.version_info < (3, 11):
+        return await asyncio.wait_for(awaitable, seconds)
+    async with asyncio.timeout(seconds):
+        return await awaitable

@@ -1,5 +1,5 @@
 """How a failed request becomes a response, in one place: :class:`HTTPFailure` carries the status, a
-metrics reason and the client's message; :func:`install_error_handlers` turns it into the JSON answer.
+metrics reason and the client's message; :func:`failure_body` is its JSON answer.
 
 An error the server did not foresee is logged with the request id and answered as a generic 500 naming
 that id (:func:`internal_error`), never with the exception's text.
@@ -7,9 +7,9 @@ that id (:func:`internal_error`), never with the exception's text.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
-from typing import Any
 
 log = logging.getLogger("vitdeploy.serve")
 
@@ -40,16 +40,6 @@ def forget_frames(e: BaseException) -> None:
     e.__traceback__ = None
 
 
-def install_error_handlers(app: Any) -> None:
-    """Answer every :class:`HTTPFailure` an inference route raises: JSON ``{"error"}`` (and the request id
-    on v1), the failure's headers, ``X-Request-ID``, and the failure counted by the request's scope."""
-    from fastapi.responses import JSONResponse
-
-    async def on_failure(request: Any, e: HTTPFailure) -> Any:
-        scope = request.state.serving  # set by vitdeploy.serving.middleware.ServingRoute
-        forget_frames(e)
-        scope.failed(e)
-        body = {"error": e.message} if scope.v2 else {"error": e.message, "request_id": scope.rid}
-        return JSONResponse(body, status_code=e.code, headers={**e.headers, **scope.headers()})
-
-    app.add_exception_handler(HTTPFailure, on_failure)
+def failure_body(e: HTTPFailure, rid: str | None) -> bytes:
+    """The JSON body of a failure: ``{"error"}``, and the request id when given (v1 answers carry it)."""
+    return json.dumps({"error": e.message} if rid is None else {"error": e.message, "request_id": rid}).encode()

@@ -11,16 +11,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vitdeploy.serving.errors import HTTPFailure, forget_frames, internal_error
+from vitdeploy.serving.errors import HTTPFailure
 from vitdeploy.serving.limits import TRIM_AFTER_BYTES, Lease, key_matches, trim_memory
 
 if TYPE_CHECKING:
     from vitdeploy.serving.dataplane import DataPlane
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Answer(NamedTuple):
+    """A whole response of an inference route: status, body, media type and extra headers."""
+
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str]
 
 
 class Metrics:
@@ -73,6 +81,12 @@ class RequestScope:
         rid = request.headers.get("x-request-id", "")
         self.rid = rid if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable() else uuid.uuid4().hex[:16]
         self.lease = Lease(plane.budget)
+        self.expected = plane.expect()  # a forming batch may wait for this request's input
+
+    async def infer(self, x: Any) -> Any:
+        """The request's rows through the data plane, by its deadline."""
+        expected, self.expected = self.expected, False
+        return await self.plane.infer(x, self.deadline, expected)
 
     @property
     def deadline(self) -> float:
@@ -84,48 +98,23 @@ class RequestScope:
         closing = {"Connection": "close"} if self.plane.draining else {}
         return {**closing, "X-Request-ID": self.rid}
 
-    def answer(self, content: bytes, media_type: str, headers: dict[str, str] | None = None) -> Any:
+    def answer(self, content: bytes, media_type: str, headers: dict[str, str] | None = None) -> Answer:
         """The 200 response, counted."""
-        from fastapi.responses import Response
-
         self.metrics.answered(self.endpoint, time.perf_counter() - self.start)
-        return Response(content, media_type=media_type, headers={**(headers or {}), **self.headers()})
+        return Answer(200, content, media_type, {**(headers or {}), **self.headers()})
 
     def failed(self, e: HTTPFailure) -> None:
         self.metrics.failed(self.endpoint, e)
 
     def release(self) -> None:
-        """Give the memory lease back; trim the heap once a large burst is over (malloc_trim holds the
-        allocator's locks while it walks the heap, and every thread that allocates meanwhile waits)."""
+        """Give the memory lease back (and the announcement of a request that failed before its inference);
+        trim the heap once a large burst is over (malloc_trim holds the allocator's locks while it walks the
+        heap, and every thread that allocates meanwhile waits)."""
+        if self.expected:
+            self.expected = False
+            self.plane.arrived()
         if self.lease.release() >= TRIM_AFTER_BYTES and self.plane.budget.used == 0:
             asyncio.get_running_loop().run_in_executor(None, trim_memory)
-
-
-def serving_route(plane: DataPlane, metrics: Metrics) -> type:
-    """An APIRoute class whose handler runs inside a :class:`RequestScope` (``request.state.serving``):
-    the lease is given back whatever happens, and an unforeseen exception becomes a logged 500."""
-    from fastapi.routing import APIRoute
-
-    class ServingRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Any], Any]:
-            handler, endpoint = super().get_route_handler(), self.name
-
-            async def scoped(request: Any) -> Any:
-                scope = request.state.serving = RequestScope(request, endpoint, plane, metrics)
-                try:
-                    return await handler(request)
-                except HTTPFailure:
-                    raise
-                except Exception as e:
-                    failure = internal_error(endpoint, scope.rid, e)
-                    forget_frames(e)
-                    raise failure from None
-                finally:
-                    scope.release()
-
-            return scoped
-
-    return ServingRoute
 
 
 class BearerKey:
@@ -135,14 +124,20 @@ class BearerKey:
         self.app, self.key, self.public = app, key, frozenset(public)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.public:
-            auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            if not key_matches(auth, self.key):
-                body = b'{"error": "this server needs an API key: send Authorization: Bearer <key>"}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http" and await self.refuse(scope, send):
+            return
         await self.app(scope, receive, send)
+
+    async def refuse(self, scope: dict[str, Any], send: Any) -> bool:
+        """Answer 401 and return True when this HTTP request needs the key and lacks it."""
+        if scope["path"] in self.public:
+            return False
+        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        if key_matches(auth, self.key):
+            return False
+        body = b'{"error": "this server needs an API key: send Authorization: Bearer <key>"}'
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+        return True

@@ -65,25 +65,26 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
                max_image_pixels: int | None = None, model_name: str = "model", owns_runtime: bool = False,
                memory_budget: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                api_key: str | None = None, public_probes: bool = False,
-               prepare: Callable[[Any], None] | None = None) -> Any:
+               prepare: Callable[[Any], None] | None = None, adaptive_delay: bool = True) -> Any:
     """The FastAPI app. The runtime stays the caller's (closed at shutdown only with ``owns_runtime``).
 
     ``max_body_bytes`` defaults to 20 MiB or room for a full ``max_batch`` as JSON, whichever is larger;
     ``memory_budget`` (bytes of decode and parse work at once) to room for one such JSON request, at
     least 256 MiB; ``max_image_pixels`` to 256x the model's input area. With ``api_key`` every route
     wants ``Authorization: Bearer <key>``; ``public_probes`` exempts the health, readiness and metrics probes.
-    The batcher keeps ``runtime.instances`` batches in flight (one worker thread each).
+    The batcher keeps ``runtime.instances`` batches in flight (one worker thread each). With
+    ``adaptive_delay`` a batch waits (up to ``max_delay_ms``) only while requests it could take are still
+    being read; without it, every batch that is not full waits ``max_delay_ms``, as Triton's does.
     ``prepare(runtime)`` (warm-up and the golden check: :func:`vitdeploy.serving.readiness.warm_and_verify`)
     starts in the background now; readiness waits for it, and stays 503 with its error if it fails.
     """
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
+    from vitdeploy.serving.asgi import InferenceRoutes, ServingApp
     from vitdeploy.serving.dataplane import DataPlane
-    from vitdeploy.serving.errors import install_error_handlers
-    from vitdeploy.serving.middleware import Metrics, serving_route
+    from vitdeploy.serving.middleware import Metrics
     from vitdeploy.serving.parsing import ModelIO
     from vitdeploy.serving.v1 import V1Endpoints
     from vitdeploy.serving.v2 import V2Endpoints
@@ -93,7 +94,7 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
     # as many batches in flight as the runtime runs at once (TensorRT contexts); duck-typed test runtimes: one
     workers = max(1, runtime.instances)
     plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout,
-                      on_batch=metrics.on_batch, workers=workers)
+                      on_batch=metrics.on_batch, workers=workers, adaptive_delay=adaptive_delay)
     metrics.watch(plane)
     model = ModelIO.of(runtime, max_batch)
     if prepare is not None:
@@ -106,14 +107,16 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
         # uvicorn has finished in-flight requests; run what is queued, then release what we own
         await run_in_threadpool(plane.shutdown, owns_runtime)
 
-    app = FastAPI(title="vitdeploy", version=_version(), lifespan=lifespan)
+    app = ServingApp(title="vitdeploy", version=_version(), lifespan=lifespan)
+    key = BearerKey(None, key=api_key, public=PROBES if public_probes else ()) if api_key else None
     if api_key:
         app.add_middleware(BearerKey, key=api_key, public=PROBES if public_probes else ())
-    install_error_handlers(app)
-    route = serving_route(plane, metrics)
+    app.inference = InferenceRoutes(plane, metrics, key)
     pixel_limit = max_image_pixels or default_max_image_pixels(runtime.spec.shape)
-    V1Endpoints(plane, intake, model, metrics, pixel_limit).register(app, route)
-    V2Endpoints(plane, intake, model, model_name, _version()).register(app, route)
+    for endpoints in (V1Endpoints(plane, intake, model, metrics, pixel_limit),
+                      V2Endpoints(plane, intake, model, model_name, _version())):
+        endpoints.register(app)
+        endpoints.register_inference(app.inference)
     for key, value in {"dataplane": plane, "batcher": plane.batcher, "registry": metrics.registry,
                        "begin_drain": plane.begin_drain, "model_name": model_name, "memory_budget": budget,
                        "max_image_pixels": pixel_limit}.items():
@@ -141,9 +144,10 @@ def _version() -> str:
 def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 30.0,
                    log_level: str = "info", limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY,
                    keep_alive: float = DEFAULT_KEEP_ALIVE, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> Any:
+                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None, access_log: bool = False) -> Any:
     """uvicorn's config with the limits for clients we do not know: a request-head timeout (our HTTP
-    protocol), a keep-alive timeout, a connection limit (503 beyond it) and TLS when given a certificate."""
+    protocol), a keep-alive timeout, a connection limit (503 beyond it) and TLS when given a certificate.
+    No line per request unless ``access_log`` (as Triton: /metrics counts requests)."""
     import uvicorn
 
     from vitdeploy.serving.http11 import with_header_timeout
@@ -151,7 +155,7 @@ def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000, graceful
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=with_header_timeout(header_timeout),
                           limit_concurrency=limit_concurrency, timeout_keep_alive=max(1, int(keep_alive)),
                           timeout_graceful_shutdown=int(graceful_timeout), ssl_certfile=ssl_certfile,
-                          ssl_keyfile=ssl_keyfile)
+                          ssl_keyfile=ssl_keyfile, access_log=access_log)
 
 
 def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_grace: float = DEFAULT_DRAIN_GRACE,
@@ -197,7 +201,7 @@ def app_from_env() -> Any:
         raise VitDeployError("VITDEPLOY_SERVE_MODEL is not set")
     return_large_frees()
     instances = int(env.get("VITDEPLOY_SERVE_INSTANCES", "1"))
-    runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"),
+    runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"), shared_cores=True,
                            **({"instances": instances} if instances > 1 else {}))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
     max_batch = int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32"))
@@ -211,6 +215,7 @@ def app_from_env() -> Any:
                      api_key=env.get("VITDEPLOY_SERVE_API_KEY") or None,
                      public_probes=env.get("VITDEPLOY_SERVE_PUBLIC_PROBES") == "1",
                      model_name=env.get("VITDEPLOY_SERVE_NAME", "model"), owns_runtime=True,
+                     adaptive_delay=env.get("VITDEPLOY_SERVE_FIXED_DELAY") != "1",
                      prepare=warm_and_verify(model, max_batch, verify=env.get("VITDEPLOY_SERVE_VERIFY", "1") == "1",
                                              allow_drift=env.get("VITDEPLOY_SERVE_ALLOW_DRIFT") == "1"))
     freeze_startup_objects()

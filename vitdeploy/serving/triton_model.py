@@ -51,7 +51,10 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["VITDEPLOY_ARTIFACT"]
         options = json.loads(params.get("VITDEPLOY_OPTIONS") or "{}")
-        self.rt = open_verified(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto", **options)
+        # the stub shares the machine's cores with tritonserver's frontend, as `vitdeploy serve`'s runtime
+        # shares them with its event loop: both open the runtime the same way
+        self.rt = open_verified(artifact, backend=params.get("VITDEPLOY_BACKEND") or "auto",
+                                **{"shared_cores": True, **options})
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 

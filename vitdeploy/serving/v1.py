@@ -14,15 +14,15 @@ import math
 from typing import Any
 
 import numpy as np
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from vitdeploy.engines.base import softmax
 from vitdeploy.serving import parsing
+from vitdeploy.serving.asgi import InferenceRoutes, RawRequest
 from vitdeploy.serving.dataplane import DataPlane
 from vitdeploy.serving.errors import HTTPFailure, bad_input
 from vitdeploy.serving.limits import Lease, image_cost
-from vitdeploy.serving.middleware import Metrics
+from vitdeploy.serving.middleware import Answer, Metrics, RequestScope
 from vitdeploy.serving.parsing import Intake, ModelIO
 
 log = logging.getLogger("vitdeploy.serve")
@@ -34,18 +34,17 @@ class V1Endpoints:
     def __init__(self, plane: DataPlane, intake: Intake, model: ModelIO, metrics: Metrics, pixel_limit: int) -> None:
         self.plane, self.intake, self.model, self.metrics, self.pixel_limit = plane, intake, model, metrics, pixel_limit
 
-    def register(self, app: Any, inference_route: type) -> None:
+    def register(self, app: Any) -> None:
         router = app.router
-        router.add_api_route("/v1/classify", self.classify, methods=["POST"], name="classify",
-                             route_class_override=inference_route)
-        router.add_api_route("/v1/logits", self.logits, methods=["POST"], name="logits",
-                             route_class_override=inference_route)
         router.add_api_route("/healthz", self.healthz, methods=["GET"])
         router.add_api_route("/readyz", self.readyz, methods=["GET"])
         router.add_api_route("/metrics", self.metrics_text, methods=["GET"])
 
-    async def classify(self, request: Request) -> Any:
-        scope = request.state.serving
+    def register_inference(self, routes: InferenceRoutes) -> None:
+        routes.add("/v1/classify", self.classify, "classify")
+        routes.add("/v1/logits", self.logits, "logits")
+
+    async def classify(self, request: RawRequest, scope: RequestScope) -> Answer:
         if self.plane.runtime.metadata is None:
             raise HTTPFailure(400, "no_metadata", "this artifact has no preprocessing metadata: "
                               "use /v1/logits or re-export it with vitdeploy")
@@ -54,16 +53,16 @@ class V1Endpoints:
         body = await self._image_bytes(request, scope.lease, scope.start)
         x = await self.intake.cpu(self._decode_image, body, scope.lease, scope.rid)
         del body
-        logits = await self.plane.infer(x, scope.deadline)
+        logits = await scope.infer(x)
         return scope.answer(await self.intake.cpu(self._top_k_json, logits, k), "application/json")
 
-    async def logits(self, request: Request) -> Any:
-        scope, headers = request.state.serving, request.headers
+    async def logits(self, request: RawRequest, scope: RequestScope) -> Answer:
+        headers = request.headers
         dims = self._binary_dims(headers)
         body = await self.intake.read_body(request, scope.lease, scope.start)
         x = await self.intake.cpu(parsing.decode_tensor, body, dims, self.model, scope.lease, self.intake)
         del body
-        out = await self.plane.infer(x, scope.deadline)
+        out = await scope.infer(x)
         if headers.get("accept") == "application/octet-stream":
             raw = await self.intake.cpu(lambda: np.ascontiguousarray(out, "<f4").tobytes())
             return scope.answer(raw, "application/octet-stream", {"X-Shape": ",".join(map(str, out.shape))})
@@ -83,7 +82,7 @@ class V1Endpoints:
         return Response(content, media_type=media_type)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    async def _image_bytes(self, request: Request, lease: Lease, start: float) -> bytes | bytearray:
+    async def _image_bytes(self, request: RawRequest, lease: Lease, start: float) -> bytes | bytearray:
         """The image: the body, or a multipart form's 'file' field."""
         body = await self.intake.read_body(request, lease, start)
         ctype = request.headers.get("content-type", "")

@@ -9,11 +9,13 @@
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from vitdeploy.serving import parsing
+from vitdeploy.serving.asgi import InferenceRoutes, RawRequest
 from vitdeploy.serving.dataplane import DataPlane
+from vitdeploy.serving.errors import HTTPFailure
+from vitdeploy.serving.middleware import Answer, RequestScope
 from vitdeploy.serving.parsing import Intake, ModelIO
 
 
@@ -23,7 +25,7 @@ class V2Endpoints:
     def __init__(self, plane: DataPlane, intake: Intake, model: ModelIO, model_name: str, version: str) -> None:
         self.plane, self.intake, self.model, self.name, self.version = plane, intake, model, model_name, version
 
-    def register(self, app: Any, inference_route: type) -> None:
+    def register(self, app: Any) -> None:
         router = app.router
         router.add_api_route("/v2", self.server_metadata, methods=["GET"])
         router.add_api_route("/v2/health/live", self.live, methods=["GET"])
@@ -32,20 +34,20 @@ class V2Endpoints:
             route = self._model_route(handler)
             router.add_api_route("/v2/models/{name}" + suffix, route, methods=["GET"])
             router.add_api_route("/v2/models/{name}/versions/{version}" + suffix, route, methods=["GET"])
-        for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
-            router.add_api_route(path, self.infer, methods=["POST"], name="v2_infer",
-                                 route_class_override=inference_route)
 
-    async def infer(self, request: Request, name: str, version: str | None = None) -> Any:
-        if (unknown := self._unknown(name, version)) is not None:
-            return unknown
-        scope = request.state.serving
+    def register_inference(self, routes: InferenceRoutes) -> None:
+        for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+            routes.add(path, self.infer, "v2_infer")
+
+    async def infer(self, request: RawRequest, scope: RequestScope, name: str, version: str | None = None) -> Answer:
+        if (unknown := self._unknown_model(name, version)) is not None:
+            raise HTTPFailure(404, "unknown_model", unknown)
         body = await self.intake.read_body(request, scope.lease, scope.start)
         # a thread hand-off costs more than a small binary request's parse (the profile's largest Python cost)
         parse = (parsing.parse_v2_request, body, request.headers, self.model, scope.lease, self.intake)
         req = parse[0](*parse[1:]) if parsing.inline_v2(body, request.headers) else await self.intake.cpu(*parse)
         del body, parse
-        out = await self.plane.infer(req.x, scope.deadline)
+        out = await scope.infer(req.x)
         encode = (parsing.v2_response, out, self.name, self.model.output_name, req)
         small = out.nbytes <= parsing.INLINE_BYTES // 16
         content, headers = encode[0](*encode[1:]) if small else await self.intake.cpu(*encode)
@@ -81,11 +83,15 @@ class V2Endpoints:
     # -- helpers -------------------------------------------------------------------------------------------
     def _unknown(self, name: str, version: str | None) -> Any:
         """A 404 for another model or version, else None."""
+        unknown = self._unknown_model(name, version)
+        return None if unknown is None else JSONResponse({"error": unknown}, status_code=404)
+
+    def _unknown_model(self, name: str, version: str | None) -> str | None:
+        """Why ``name`` and ``version`` are not this server's model, or None."""
         if name != self.name:
-            return JSONResponse({"error": f"unknown model {name!r}: this server serves {self.name!r}"}, status_code=404)
+            return f"unknown model {name!r}: this server serves {self.name!r}"
         if version not in (None, "", "1"):
-            return JSONResponse({"error": f"unknown version {version!r} of model {name!r}: the only version is '1'"},
-                                status_code=404)
+            return f"unknown version {version!r} of model {name!r}: the only version is '1'"
         return None
 
     def _model_route(self, handler: Callable[[], Any]) -> Callable[..., Any]:
