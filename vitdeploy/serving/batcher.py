@@ -250,13 +250,14 @@ class DynamicBatcher:
             return batch
 
     def _loop(self) -> None:
+        buffer = _BatchBuffer(self.max_batch_size)  # this worker's own: its batch is in flight until it returns
         try:
             while True:
                 batch = self._take()
                 if batch is None:
                     return
                 if batch:
-                    self._run_batch(batch)
+                    self._run_batch(batch, buffer)
         except BaseException as e:  # the worker itself broke: fail what waits, refuse what comes
             log.exception("the batcher's worker died")
             with self._cond:
@@ -268,10 +269,10 @@ class DynamicBatcher:
                 if r.future.set_running_or_notify_cancel():
                     r.future.set_exception(WorkerDied("the batcher's worker died before this request ran"))
 
-    def _run_batch(self, batch: list[_Request]) -> None:
+    def _run_batch(self, batch: list[_Request], buffer: _BatchBuffer) -> None:
         """Run one batch; whatever fails here fails this batch's requests only."""
         try:
-            x = np.concatenate([r.x for r in batch]) if len(batch) > 1 else batch[0].x
+            x = buffer.assemble([r.x for r in batch]) if len(batch) > 1 else batch[0].x
             t0 = time.perf_counter()
             out = np.asarray(self.runtime.infer(x))
             seconds = time.perf_counter() - t0
@@ -333,3 +334,24 @@ class DynamicBatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+class _BatchBuffer:
+    """Where one worker assembles its batches: ``max_batch`` rows allocated once and reused, so a batch is one
+    copy into memory that is already mapped. A fresh array per batch would come from mmap (large buffers do,
+    in the serving process: :func:`vitdeploy.serving.limits.return_large_frees`) and fault in every page of
+    every batch, with the worker holding the GIL."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self.rows: np.ndarray | None = None
+
+    def assemble(self, parts: list[np.ndarray]) -> np.ndarray:
+        """``np.concatenate(parts)``, into this buffer (a view of it: valid until the next call)."""
+        first = parts[0]
+        dtype = np.result_type(*parts)
+        if self.rows is None or self.rows.dtype != dtype or self.rows.shape[1:] != first.shape[1:]:
+            self.rows = None  # the old one goes before the new one is made
+            self.rows = np.empty((self.max_batch, *first.shape[1:]), dtype)
+        n = sum(p.shape[0] for p in parts)
+        return np.concatenate(parts, out=self.rows[:n])
