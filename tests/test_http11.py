@@ -52,3 +52,65 @@ def test_head_timeout(name, protocol):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+async def _echo_path(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = scope["path"].encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Recorder:
+    """The socket's transport, recording each write the protocol stack makes to it."""
+
+    def __init__(self, transport, writes):
+        self._transport, self.writes = transport, writes
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+@pytest.mark.parametrize(("name", "protocol"), _protocols(), ids=[n for n, _ in _protocols()])
+def test_one_write_per_response_in_order(name, protocol):
+    """A response's head and body leave in one write (one send, one TCP segment to wake the client), and
+    pipelined requests, a malformed one among them, are answered in order."""
+    import uvicorn
+
+    writes: list[bytes] = []
+
+    class Recording(protocol):
+        def connection_made(self, transport):
+            super().connection_made(_Recorder(transport, writes))
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_echo_path, host="127.0.0.1", port=port, http=Recording,
+                                           log_level="error", loop="asyncio"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(4096).endswith(b"\r\n\r\n/first")
+            assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"/first")
+            c.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while got.count(b"HTTP/1.1") < 2 or not got.endswith(b"/b"):
+                got += c.recv(4096)
+            c.sendall(b"NOT HTTP\r\n\r\n")  # the protocol's own answer, after the requests' ones
+            while chunk := c.recv(4096):
+                got += chunk
+        assert got.index(b"\r\n\r\n/a") < got.index(b"\r\n\r\n/b") < got.index(b"HTTP/1.1 400"), got
+        assert len(writes) == 4 and all(w.startswith(b"HTTP/1.1 ") for w in writes)
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -47,7 +47,7 @@ class HeadTimeout:
             transport.close()
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
+        super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[misc, attr-defined]
         self._arm_head_timer()
 
     def on_response_complete(self) -> None:
@@ -58,6 +58,49 @@ class HeadTimeout:
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)  # type: ignore[misc]
+
+
+class CorkedTransport:
+    """A transport whose writes within one event-loop step leave as one ``send``: uvicorn writes a response's
+    head and its body separately, two system calls and two TCP segments that each wake the client. Every
+    write of the connection (the protocol's and each request's) goes through here, so their order holds;
+    what is held is written at the end of the step, or before a close."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(b) for b in self._held or ())
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, pause_reading, set_protocol, ...
+        return getattr(self._transport, name)
 
 
 class GuardedH11Protocol(HeadTimeout, H11Protocol):

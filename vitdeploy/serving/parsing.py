@@ -93,7 +93,7 @@ class Intake:
         raise HTTPFailure(503, "memory", f"the server's memory budget is in use by other requests ({what} needs "
                           f"{total / MiB:.0f} MiB): retry", {"Retry-After": "1"})
 
-    async def read_body(self, request: Any, lease: Lease, start: float) -> bytearray:
+    async def read_body(self, request: Any, lease: Lease, start: float) -> bytes | bytearray:
         """The whole body (inflated), charged to ``lease``; 408 when the client stalls, 413 when too large."""
         declared = content_length(request.headers)
         if declared is not None and declared > self.body_limit:
@@ -115,22 +115,26 @@ class Intake:
             return await self.cpu(inflate, body, encoding, self, lease)
         return body
 
-    async def _receive_all(self, request: Any, lease: Lease, start: float) -> bytearray:
-        """The body's bytes. A growing bytearray is cheap here: buffers of 1 MiB and more are mmapped in the
-        serving process (`return_large_frees`), so growing one remaps pages instead of copying them, and
-        the new pages are not zeroed by hand (a preallocated ``bytearray(n)`` is, with the GIL held)."""
-        body = bytearray()
+    async def _receive_all(self, request: Any, lease: Lease, start: float) -> bytes:
+        """The body's bytes: its chunks joined once at the end (one copy; a body of one chunk is not copied at
+        all), where a growing buffer would copy what it holds each time it outgrows its allocation."""
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await self._receive(request, start)
             if message["type"] == "http.disconnect":
                 raise HTTPFailure(499, "disconnected", "the client disconnected before sending its body")
-            body += message.get("body", b"")
-            if len(body) > self.body_limit:
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > self.body_limit:
                 raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
                                   {"Connection": "close"})
-            self.charge(lease, max(lease.held, len(body)), "this body")
+            # the chunks, and their joined copy for the moment both exist
+            self.charge(lease, max(lease.held, size if len(chunks) < 2 else 2 * size), "this body")
             if not message.get("more_body", False):
-                return body
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _receive(self, request: Any, start: float) -> dict[str, Any]:
         left = self.request_timeout - (time.perf_counter() - start)
@@ -195,7 +199,7 @@ def json_bytes(payload: Any) -> bytes:
                           "is broken; the server log has the details") from None
 
 
-def json_load(body: bytearray, end: int, lease: Lease, intake: Intake, what: str) -> Any:
+def json_load(body: bytes | bytearray, end: int, lease: Lease, intake: Intake, what: str) -> Any:
     """Parse ``body[:end]`` once its worst-case cost fits the memory budget; deep nesting is a 400, not a 500."""
     intake.settle(lease, len(body) + json_cost(body, end), what)
     try:
@@ -373,7 +377,7 @@ def v2_response(out: np.ndarray, model_name: str, output_name: str, req: V2Reque
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}
 
 
-def inflate(body: bytearray, encoding: str, intake: Intake, lease: Lease) -> bytearray:
+def inflate(body: bytes | bytearray, encoding: str, intake: Intake, lease: Lease) -> bytearray:
     """Undo a gzip/deflate Content-Encoding (tritonclient's request compression) in steps of 1 MiB, each
     charged to the memory budget and bounded by the body limit: a bomb stops at the first step over."""
     if encoding not in ("gzip", "deflate"):
@@ -400,7 +404,7 @@ def inflate(body: bytearray, encoding: str, intake: Intake, lease: Lease) -> byt
     return out
 
 
-def decode_tensor(body: bytearray, dims: tuple[int, ...] | None, model: ModelIO, lease: Lease,
+def decode_tensor(body: bytes | bytearray, dims: tuple[int, ...] | None, model: ModelIO, lease: Lease,
                    intake: Intake) -> np.ndarray:
     """/v1/logits: float32 bytes shaped by X-Shape (``dims``, checked before the body was read), or JSON."""
     shape = model.shape
