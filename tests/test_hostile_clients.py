@@ -162,6 +162,28 @@ def test_stalled_upload_is_dropped_and_its_memory_freed(runtime):
         assert waited < 2 and srv.app.state.memory_budget.used == 0  # ...and given back when dropped
 
 
+def test_dripping_upload_is_dropped_at_the_request_deadline(runtime):
+    """A byte every 0.2 s never trips the 0.5 s idle timeout, but the body must be all in by the request's
+    deadline: 408 then, and the memory it held is given back."""
+    with Server(runtime, body_timeout=0.5, request_timeout=1.5) as srv:
+        (sock,) = stalled_uploads(srv.port, 1, b"Content-Type: application/json\r\nContent-Length: 100000\r\n", b"[")
+        t0, answer = time.perf_counter(), b""
+        sock.settimeout(0.2)
+        try:
+            while time.perf_counter() - t0 < 5 and not answer:
+                try:
+                    sock.sendall(b"0,")
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        waited = time.perf_counter() - t0
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"not all sent within the 1.5 s request timeout" in answer, answer
+        assert 1.0 < waited < 3 and srv.app.state.memory_budget.used == 0
+
+
 def test_idle_and_half_sent_heads_are_closed_and_connections_limited(runtime):
     import httpx
 

@@ -107,6 +107,31 @@ def test_adaptive_delay_waits_only_for_announced_requests(runtime):
         assert batcher.stats.batch_sizes == {1: 2, 2: 1}
 
 
+def test_screen_refuses_only_its_own_request(runtime):
+    """An input the screen refuses fails its own request (InputRefused, a 400 in the server); the others in
+    its batch get their rows, and a screen that raises fails only that request too."""
+    from vitdeploy.serving.batcher import InputRefused
+
+    x = _inputs(4, seed=7)
+    expected = runtime.infer(x)
+    x[1, 0, 0, 0] = np.nan
+
+    def screen(rows):
+        if rows[0, 0, 0, 1] == x[3, 0, 0, 1]:
+            raise RuntimeError("the screen broke")
+        return None if np.isfinite(rows).all() else "holds NaN"
+
+    with DynamicBatcher(runtime, max_batch_size=8, max_delay_ms=300, screen=screen) as batcher:
+        futures = [batcher.submit(x[i]) for i in range(4)]
+        with pytest.raises(InputRefused, match="holds NaN"):
+            futures[1].result(30)
+        with pytest.raises(RuntimeError, match="the screen broke"):
+            futures[3].result(30)
+        for i in (0, 2):
+            assert np.abs(futures[i].result(30) - expected[i]).max() < 1e-4
+        assert batcher.stats.batch_sizes == {2: 1} and batcher.stats.failed == 2
+
+
 def test_asyncio_callers(runtime):
     x = _inputs(200, seed=1)
     expected = runtime.infer(x)

@@ -20,7 +20,8 @@ with :class:`RequestTimeout`; one still queued at its deadline is never run); an
 batch is formed, run or handed out (concatenation, the runtime, a wrong row count, the ``on_batch``
 callback) fails only that batch's requests and never the worker; should the worker die anyway,
 every pending request fails with :class:`WorkerDied`, :attr:`alive` turns False and new requests are
-refused at once; :meth:`shutdown` drains (or fails) what is pending. Each future is resolved exactly
+refused at once; an input ``screen`` refuses fails only its own request (:class:`InputRefused`);
+:meth:`shutdown` drains (or fails) what is pending. Each future is resolved exactly
 once.
 """
 
@@ -57,6 +58,10 @@ class BatcherClosed(VitDeployError):
     """The batcher is shut down (or shutting down) and takes no new requests."""
 
 
+class InputRefused(VitDeployError, ValueError):
+    """The batcher's ``screen`` refused this request's input (HTTP 400); the rest of its batch still runs."""
+
+
 class WorkerDied(BatcherClosed):
     """The batcher's worker thread stopped on an unexpected error; the batcher takes no new requests."""
 
@@ -90,7 +95,7 @@ class BatcherStats:
 class DynamicBatcher:
     def __init__(self, runtime: Runtime, max_batch_size: int = 32, max_delay_ms: float = 2.0, max_queue: int = 1024,
                  on_batch: Callable[[int, float], None] | None = None, workers: int = 1,
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, screen: Callable[[np.ndarray], str | None] | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1 and max_delay_ms >= 0")
         self.runtime = runtime
@@ -99,6 +104,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.adaptive = adaptive
+        self.screen = screen
         self._arriving = 0  # announced requests not yet submitted (adaptive delay)
         self.stats = BatcherStats()
         self._queue: collections.deque[_Request] = collections.deque()
@@ -166,7 +172,12 @@ class DynamicBatcher:
             self._queue.append(_Request(arr, rows, single, future, deadline))
             self._queued_rows += rows
             self.stats.requests += 1
-            self._cond.notify_all()  # every worker: the one waiting out a batch's delay may now have a full one
+            # wake the workers only when it changes what they do: a first request to start a batch on, a full
+            # batch, or (adaptive) nothing more on its way; one waiting out a batch's delay wakes at its end anyway.
+            # A wake-up per request would hand the GIL to a worker that goes straight back to waiting.
+            if (len(self._queue) == 1 or self._queued_rows >= self.max_batch_size
+                    or (self.adaptive and self._arriving <= 0)):
+                self._cond.notify_all()
         return future
 
     def _checked(self, x: Any) -> tuple[np.ndarray, bool]:
@@ -269,8 +280,32 @@ class DynamicBatcher:
                 if r.future.set_running_or_notify_cancel():
                     r.future.set_exception(WorkerDied("the batcher's worker died before this request ran"))
 
+    def _screened(self, batch: list[_Request]) -> list[_Request]:
+        """The requests whose input ``screen`` passes; the others fail with :class:`InputRefused` (or with what
+        the screen raised). In the worker, off the callers' threads: a server's event loop does not scan inputs."""
+        kept, refused = [], 0
+        for r in batch:
+            try:
+                reason = self.screen(r.x)  # type: ignore[misc]
+                error: BaseException | None = None if reason is None else InputRefused(reason)
+            except BaseException as e:
+                error = e
+            if error is None:
+                kept.append(r)
+            else:
+                refused += 1
+                r.future.set_exception(error)
+        if refused:
+            with self._cond:
+                self.stats.failed += refused
+        return kept
+
     def _run_batch(self, batch: list[_Request], buffer: _BatchBuffer) -> None:
         """Run one batch; whatever fails here fails this batch's requests only."""
+        if self.screen is not None:
+            batch = self._screened(batch)
+            if not batch:
+                return
         try:
             x = buffer.assemble([r.x for r in batch]) if len(batch) > 1 else batch[0].x
             t0 = time.perf_counter()

@@ -21,7 +21,14 @@ import numpy as np
 
 from vitdeploy.engines.base import Runtime
 from vitdeploy.errors import VitDeployError
-from vitdeploy.serving.batcher import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout, WorkerDied
+from vitdeploy.serving.batcher import (
+    BatcherClosed,
+    DynamicBatcher,
+    InputRefused,
+    QueueFull,
+    RequestTimeout,
+    WorkerDied,
+)
 from vitdeploy.serving.errors import HTTPFailure
 from vitdeploy.serving.limits import MemoryBudget
 
@@ -31,16 +38,17 @@ log = logging.getLogger("vitdeploy.serve")
 class DataPlane:
     """Runtime + batcher + memory budget + state; the endpoints only parse, call this and encode.
     ``workers``: batches in flight at once (the runtime's ``instances``); ``adaptive_delay``: a batch waits
-    (up to ``max_delay_ms``) only while announced requests are on their way (see the batcher)."""
+    (up to ``max_delay_ms``) only while announced requests are on their way (see the batcher); ``screen``:
+    a reason to refuse an input (400), or None, checked in the batcher's worker."""
 
     def __init__(self, runtime: Runtime, budget: MemoryBudget, max_batch: int = 32, max_delay_ms: float = 2.0,
                  max_queue: int = 256, request_timeout: float = 30.0,
                  on_batch: Callable[[int, float], None] | None = None, workers: int = 1,
-                 adaptive_delay: bool = True) -> None:
+                 adaptive_delay: bool = True, screen: Callable[[np.ndarray], str | None] | None = None) -> None:
         self.runtime, self.budget, self.request_timeout = runtime, budget, request_timeout
         self.max_batch, self.max_delay_ms = max_batch, max_delay_ms
         self.batcher = DynamicBatcher(runtime, max_batch, max_delay_ms, max_queue, on_batch=on_batch, workers=workers,
-                                      adaptive=adaptive_delay)
+                                      adaptive=adaptive_delay, screen=screen)
         self.draining = False
         self.preparing: str | None = None  # what readiness waits for, while prepare runs
         self.unfit: str | None = None  # why prepare failed: the server stays up, never ready
@@ -122,6 +130,8 @@ class DataPlane:
         except (asyncio.TimeoutError, RequestTimeout):
             future.cancel()
             raise HTTPFailure(504, "timeout", late) from None
+        except InputRefused as e:
+            raise HTTPFailure(400, "bad_input", str(e)) from None
         except WorkerDied:
             raise HTTPFailure(503, "unavailable", "the inference worker stopped: retry on another replica") from None
         except BatcherClosed:

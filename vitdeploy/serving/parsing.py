@@ -22,7 +22,7 @@ import numpy as np
 from vitdeploy import dtypes
 from vitdeploy.engines.base import Runtime
 from vitdeploy.serving.errors import HTTPFailure, bad_input
-from vitdeploy.serving.limits import Lease, MemoryBudget, MiB, json_cost, non_finite_reason, upfront_cost
+from vitdeploy.serving.limits import Lease, MemoryBudget, MiB, json_cost, upfront_cost
 from vitdeploy.sysinfo import usable_cpus
 
 log = logging.getLogger("vitdeploy.serve")
@@ -117,40 +117,71 @@ class Intake:
 
     async def _receive_all(self, request: Any, lease: Lease, start: float) -> bytes:
         """The body's bytes: its chunks joined once at the end (one copy; a body of one chunk is not copied at
-        all), where a growing buffer would copy what it holds each time it outgrows its allocation."""
+        all), where a growing buffer would copy what it holds each time it outgrows its allocation. 408 when no
+        byte comes for ``body_timeout`` or the body is not all in by the request's deadline (one timer for both)."""
+        watch = _BodyWatch(self.body_timeout, self.request_timeout - (time.perf_counter() - start))
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await self._receive(request, start)
-            if message["type"] == "http.disconnect":
-                raise HTTPFailure(499, "disconnected", "the client disconnected before sending its body")
-            chunk = message.get("body", b"")
-            if chunk:
-                chunks.append(chunk)
-                size += len(chunk)
-            if size > self.body_limit:
-                raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
-                                  {"Connection": "close"})
-            # the chunks, and their joined copy for the moment both exist
-            self.charge(lease, max(lease.held, size if len(chunks) < 2 else 2 * size), "this body")
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _receive(self, request: Any, start: float) -> dict[str, Any]:
-        left = self.request_timeout - (time.perf_counter() - start)
-        wait = min(self.body_timeout, left)
         try:
-            if wait <= 0:
-                raise asyncio.TimeoutError
-            if sys.version_info < (3, 11):
-                return await asyncio.wait_for(request.receive(), wait)
-            async with asyncio.timeout(wait):  # a timer, not a task per chunk as wait_for makes
-                return await request.receive()
-        except asyncio.TimeoutError:
-            what = (f"no data for {self.body_timeout:g} s" if wait == self.body_timeout
+            while True:
+                message = await request.receive()
+                watch.progress()
+                if message["type"] == "http.disconnect":
+                    raise HTTPFailure(499, "disconnected", "the client disconnected before sending its body")
+                chunk = message.get("body", b"")
+                if chunk:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                if size > self.body_limit:
+                    raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
+                                      {"Connection": "close"})
+                # the chunks, and their joined copy for the moment both exist
+                self.charge(lease, max(lease.held, size if len(chunks) < 2 else 2 * size), "this body")
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except asyncio.CancelledError:
+            if watch.fired is None:
+                raise
+            watch.uncancel()
+            what = (f"no data for {self.body_timeout:g} s" if watch.fired == "idle"
                     else f"not all sent within the {self.request_timeout:g} s request timeout")
             raise HTTPFailure(408, "body_timeout", f"request body {what}: the connection is closed",
                               {"Connection": "close"}) from None
+        finally:
+            watch.stop()
+
+
+class _BodyWatch:
+    """A body's two limits with one timer for the whole body, not one per chunk: it cancels the reading task
+    when no byte has come for ``idle`` seconds, or ``left`` seconds have passed; :attr:`fired` says which."""
+
+    def __init__(self, idle: float, left: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        now = self.loop.time()
+        self.idle, self.end, self.last = idle, now + max(0.0, left), now
+        self.fired: str | None = None
+        self.handle = self.loop.call_at(min(now + idle, self.end), self._check)
+
+    def progress(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        due = min(self.last + self.idle, self.end)
+        if self.loop.time() < due:
+            self.handle = self.loop.call_at(due, self._check)
+            return
+        self.fired = "idle" if due < self.end else "deadline"
+        if self.task is not None:
+            self.task.cancel()
+
+    def uncancel(self) -> None:
+        """Take back the cancellation this watch made (3.11+ counts them), so the request can answer."""
+        if self.task is not None and sys.version_info >= (3, 11):
+            self.task.uncancel()
+
+    def stop(self) -> None:
+        self.handle.cancel()
 
 
 def _digits(raw: str, limit: int = 18) -> int | None:
@@ -210,12 +241,6 @@ def json_load(body: bytes | bytearray, end: int, lease: Lease, intake: Intake, w
         raise bad_input(f"{what} is not valid JSON") from None
     except RecursionError:
         raise bad_input(f"{what} is nested too deeply") from None
-
-
-def _checked(x: np.ndarray, model: ModelIO) -> np.ndarray:
-    if (reason := non_finite_reason(x, model.input_name)) is not None:
-        raise bad_input(reason)
-    return x
 
 
 def multipart_file(body: bytes, content_type: str) -> bytes:
@@ -327,7 +352,7 @@ def parse_v2_request(body: Any, headers: Any, model: ModelIO, lease: Lease, inta
         if "data" not in inp:
             raise bad_input(f'input {model.input_name!r} has neither "data" nor a binary_data_size parameter')
         x = _json_array(inp["data"], dtype, shape, model)
-    return V2Request(_checked(x, model), *_v2_output_options(req, model))
+    return V2Request(x, *_v2_output_options(req, model))
 
 
 def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) -> np.ndarray:
@@ -427,4 +452,4 @@ def decode_tensor(body: bytes | bytearray, dims: tuple[int, ...] | None, model: 
     if tuple(x.shape[1:]) != tuple(shape):
         raise bad_input(f"tensor shape {tuple(x.shape)} does not match the model's [n, {', '.join(map(str, shape))}]")
     model.check_rows(x.shape[0])
-    return _checked(x, model)
+    return x

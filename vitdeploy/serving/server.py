@@ -41,6 +41,7 @@ from vitdeploy.serving.limits import (
     default_max_image_pixels,
     default_memory_budget,
     freeze_startup_objects,
+    non_finite_reason,
     return_large_frees,
 )
 from vitdeploy.serving.middleware import BearerKey
@@ -78,6 +79,7 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
     ``prepare(runtime)`` (warm-up and the golden check: :func:`vitdeploy.serving.readiness.warm_and_verify`)
     starts in the background now; readiness waits for it, and stays 503 with its error if it fails.
     """
+    import functools
     from contextlib import asynccontextmanager
 
     from starlette.concurrency import run_in_threadpool
@@ -94,7 +96,8 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
     # as many batches in flight as the runtime runs at once (TensorRT contexts); duck-typed test runtimes: one
     workers = max(1, runtime.instances)
     plane = DataPlane(runtime, budget, max_batch, max_delay_ms, max_queue, request_timeout,
-                      on_batch=metrics.on_batch, workers=workers, adaptive_delay=adaptive_delay)
+                      on_batch=metrics.on_batch, workers=workers, adaptive_delay=adaptive_delay,
+                      screen=functools.partial(non_finite_reason, input_name=runtime.spec.name))
     metrics.watch(plane)
     model = ModelIO.of(runtime, max_batch)
     if prepare is not None:
