@@ -1,11 +1,13 @@
 """`vitdeploy serve` and a real Triton server side by side under the same load, one run.
 
     python benchmarks/serve_load.py [MODEL.onnx] [--concurrency 1,4,16,64] [--requests 200] [--uint8]
-                                    [--max-batch 32] [--max-delay-ms 2] [--only vitdeploy|triton]
+                                    [--max-batch 32] [--max-delay-ms 2] [--fixed-delay] [--rounds 3]
+                                    [--only vitdeploy|triton]
                                     [--json out.json] [--plot out.png]
 
 A thin script over `vitdeploy bench --url` (vitdeploy.serving.loadtest): each server runs in its own
-process on loopback and gets the same load at each concurrency level (closed-loop tritonclient.http
+process on loopback, both at once, and gets the same load at each concurrency level, one server after the
+other, the order turning at each level so that a machine's drift weighs on both (closed-loop tritonclient.http
 clients, binary tensors, one-row requests cycling through --rows distinct inputs), every answer checked
 against its own input's logits computed here (ONNX Runtime on MODEL):
 - `vitdeploy serve MODEL` (its in-process dynamic batcher; batch sizes from its /metrics histogram);
@@ -19,6 +21,7 @@ batch, and the CPU. Without a model it exports a tiny ViT (224x224, 2 layers; --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +56,19 @@ def tiny_model(folder: Path, uint8: bool) -> Path:
                        options=ExportOptions(dynamic_batch=True, uint8_input=uint8)).path
 
 
-def _load(url: str, model: Path, args: argparse.Namespace) -> loadtest.LoadReport:
-    return loadtest.run(url, NAME, args.concurrency, args.requests, uint8=args.uint8, time_limit=args.time_limit,
+def _load(url: str, model: Path, args: argparse.Namespace, concurrency: int) -> loadtest.LoadReport:
+    return loadtest.run(url, NAME, [concurrency], args.requests, uint8=args.uint8, time_limit=args.time_limit,
                         rows=args.rows, reference=model)
 
 
-def run_vitdeploy(model: Path, args: argparse.Namespace) -> tuple[str, loadtest.LoadReport]:
+@contextlib.contextmanager
+def vitdeploy_server(model: Path, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """`vitdeploy serve MODEL` on a free port: (its URL, what it is)."""
     port = free_port()
     cmd = [sys.executable, "-c", "from vitdeploy.cli import main; main()", "serve", "--model", str(model),
            "--name", NAME, "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(args.max_batch),
            "--max-delay-ms", str(args.max_delay_ms), "--max-queue", str(4 * max(args.concurrency)),
-           "--drain-grace", "0"]
+           "--drain-grace", "0", *(["--fixed-delay"] if args.fixed_delay else [])]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: the log must never block the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -77,15 +83,17 @@ def run_vitdeploy(model: Path, args: argparse.Namespace) -> tuple[str, loadtest.
                     break
             except OSError:
                 time.sleep(0.2)
-        report = _load(url, model, args)
+        delay = "fixed" if args.fixed_delay else "adaptive"
+        yield url, f"vitdeploy serve (max batch {args.max_batch}, max delay {args.max_delay_ms} ms, {delay})"
     finally:
         proc.terminate()
         proc.wait(60)
         log.close()
-    return f"vitdeploy serve (max batch {args.max_batch}, max delay {args.max_delay_ms} ms)", report
 
 
-def run_triton(model: Path, args: argparse.Namespace) -> tuple[str, loadtest.LoadReport]:
+@contextlib.contextmanager
+def triton_server(model: Path, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """tritonserver over the Python-backend repository `vitdeploy triton` writes: (its URL, what it is)."""
     local = harness.prepare_local_triton(args.cache)
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     triton_mod.write_triton_repo(model, work / "repo", name=NAME, max_batch=args.max_batch,
@@ -93,11 +101,35 @@ def run_triton(model: Path, args: argparse.Namespace) -> tuple[str, loadtest.Loa
                                  execution_env=local.env, instances=args.triton_instances)
     server = harness.start_tritonserver(local, work / "repo", log_dir=work)
     try:
-        report = _load(f"http://{server.http_url}", model, args)
+        yield (f"http://{server.http_url}", f"tritonserver {harness.PYTRITON_WHEEL} python backend, "
+               f"{args.triton_instances} instance(s) (max batch {args.max_batch}, max queue delay "
+               f"{int(args.max_delay_ms * 1000)} us)")
     finally:
         server.stop()
-    return (f"tritonserver {harness.PYTRITON_WHEEL} python backend, {args.triton_instances} instance(s) "
-            f"(max batch {args.max_batch}, max queue delay {int(args.max_delay_ms * 1000)} us)"), report
+
+
+def drive(urls: dict[str, str], model: Path, args: argparse.Namespace) -> tuple[dict[str, loadtest.LoadReport],
+                                                                                list[str]]:
+    """Each concurrency level ``--rounds`` times on every server, one server after the other, the order turning
+    at each round (ABBA...): a machine that slows down or speeds up during the run weighs on both alike. Each
+    server's row is its median round by requests/s; the problems are those of every round."""
+    reports: dict[str, loadtest.LoadReport] = {}
+    problems: list[str] = []
+    for i, c in enumerate(args.concurrency):
+        rounds: dict[str, list[loadtest.LoadReport]] = {w: [] for w in urls}
+        for r in range(args.rounds):
+            for which in (list(urls) if (i + r) % 2 == 0 else list(reversed(urls))):
+                report = _load(urls[which], model, args, c)
+                rounds[which].append(report)
+                problems += [f"{which}: {p}" for p in report.problems]
+        for which, runs in rounds.items():
+            median = sorted(runs, key=lambda rep: rep.levels[0].requests_per_s)[len(runs) // 2]
+            if which in reports:
+                reports[which].levels += median.levels
+                reports[which].unsent += median.unsent
+            else:
+                reports[which] = median
+    return {w: reports[w] for w in urls}, problems
 
 
 def side_by_side(reports: dict[str, loadtest.LoadReport]) -> Any:
@@ -133,10 +165,14 @@ def main() -> None:
     ap.add_argument("model", nargs="?", help="a dynamic-batch ONNX (default: export a tiny ViT)")
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent clients")
     ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    ap.add_argument("--rounds", type=int, default=3, help="times each level runs on each server, alternating; "
+                    "each row is the server's median round")
     ap.add_argument("--rows", type=int, default=32, help="distinct inputs the requests cycle through")
     ap.add_argument("--uint8", action="store_true", help="the model takes uint8 pixels (the tiny one is exported so)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
+    ap.add_argument("--fixed-delay", action="store_true", help="vitdeploy serve --fixed-delay: every batch waits "
+                    "the whole max delay, as Triton's does")
     ap.add_argument("--triton-instances", type=int, default=1)
     ap.add_argument("--only", choices=["vitdeploy", "triton"])
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per server and concurrency level")
@@ -148,10 +184,12 @@ def main() -> None:
     model = Path(args.model) if args.model else tiny_model(Path(tempfile.mkdtemp()), args.uint8)
 
     servers: dict[str, str] = {}
-    reports: dict[str, loadtest.LoadReport] = {}
-    for which, run in (("vitdeploy", run_vitdeploy), ("triton", run_triton)):
-        if args.only in (None, which):
-            servers[which], reports[which] = run(model, args)
+    urls: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:  # both servers up at once; only one is loaded at a time
+        for which, server in (("vitdeploy", vitdeploy_server), ("triton", triton_server)):
+            if args.only in (None, which):
+                urls[which], servers[which] = stack.enter_context(server(model, args))
+        reports, problems = drive(urls, model, args)
 
     from rich.console import Console
 
@@ -159,7 +197,8 @@ def main() -> None:
     Console(width=200).print(side_by_side(reports))
     print(f"machine: {cpu_model()} ({usable_cpus()} cores; ISA {' '.join(cpu_flags()) or '-'}); "
           f"{model.name} ({r0.model.datatype} {r0.model.shape}), {args.requests} requests per level, "
-          f"{args.rows} distinct inputs, every answer checked against ONNX Runtime here")
+          f"{args.rows} distinct inputs, every answer checked against ONNX Runtime here; each row the median of "
+          f"{args.rounds} rounds, the servers alternating")
     for which, desc in servers.items():
         print(f"  {which}: {desc}")
     if args.json:
@@ -169,7 +208,6 @@ def main() -> None:
                                                      for w, r in reports.items()}}, indent=2))
     if args.plot:
         loadtest.plot(reports, args.plot)
-    problems = [f"{w}: {p}" for w, r in reports.items() for p in r.problems]
     if problems:
         raise SystemExit("answers not checked out:\n" + "\n".join(problems))
 
