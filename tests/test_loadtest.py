@@ -226,3 +226,18 @@ def test_bench_url_uint8_against_vitdeploy_serve(uint8_onnx):
         report = loadtest.run(srv.url, "u8", [3], requests=12, rows=4, uint8=True, reference=uint8_onnx)
     assert report.model.datatype == "UINT8" and report.model.shape == [64, 64, 3]
     assert report.ok and report.levels[0].answered == 12 and report.levels[0].batches.rows == 12
+
+
+def test_serve_load_script_runs_rounds_and_keeps_each_servers_median(serving_onnx, tmp_path):
+    """benchmarks/serve_load.py end to end on `vitdeploy serve` alone: two rounds a level, one row per level
+    (the median round), the CPU named, every answer checked."""
+    out = tmp_path / "load.json"
+    r = subprocess.run([sys.executable, "benchmarks/serve_load.py", str(serving_onnx), "--only", "vitdeploy",
+                        "--concurrency", "1,3", "--requests", "12", "--rows", "4", "--rounds", "2",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "machine: " in r.stdout and "median of 2 rounds" in r.stdout
+    report = json.loads(out.read_text())["servers"]["vitdeploy"]
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    assert all(lv["answered"] == 12 and lv["crossed"] == lv["wrong"] == lv["errors"] == 0 for lv in report["levels"])
+    assert "adaptive" in report["server"]
