@@ -5,8 +5,8 @@ layers around each inference request: FastAPI's request/response classes, its pa
 six middlewares that each wrap ``send`` and ``receive``. Inference requests are the hot path, so
 :class:`ServingApp` answers them itself, as Triton's HTTP frontend does: one match on method and path,
 one request scope (request id, memory lease, metrics, error mapping: :mod:`vitdeploy.serving.middleware`),
-the handler, and two ``send`` calls. Every other route (probes, metadata, /metrics, OpenAPI) stays a
-FastAPI route, behind the same bearer key.
+the handler, and the answer (its head and body leave in one write: :mod:`vitdeploy.serving.http11`).
+Every other route (probes, metadata, /metrics, OpenAPI) stays a FastAPI route, behind the same bearer key.
 
 A handler is ``async (request, scope, **path_params) -> Answer``; it raises
 :class:`~vitdeploy.serving.errors.HTTPFailure` for a request it cannot answer. Whatever else it raises is

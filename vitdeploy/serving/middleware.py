@@ -1,9 +1,10 @@
-"""What wraps every request of `vitdeploy serve`: the bearer key (ASGI middleware), and around each
-inference route one :class:`RequestScope` (request id, start time, memory lease, metrics), so no handler
-times, counts, releases or catches anything itself.
+"""What wraps every request of `vitdeploy serve`: the bearer key (ASGI middleware, and a check the
+inference routes call), and around each inference request one :class:`RequestScope` (request id, start
+time, memory lease, its announcement to the batcher, metrics), so no handler times, counts, releases or
+catches anything itself (:mod:`vitdeploy.serving.asgi` runs each handler inside one).
 
 Metrics live in :class:`Metrics`, the one place that writes them: answers and failures per endpoint from
-the request scope and the error handler, batch sizes and inference times from the batcher's callback.
+the request scope, batch sizes and inference times from the batcher's callback.
 """
 
 from __future__ import annotations

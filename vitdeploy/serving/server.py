@@ -7,12 +7,13 @@ The shape follows KServe's Python server: a :class:`~vitdeploy.serving.dataplane
 runtime, the batcher, the memory budget and the server's state; the v1 routes
 (:mod:`vitdeploy.serving.v1`: /v1/classify, /v1/logits, /healthz, /readyz, /metrics) and the KServe v2 /
 Triton routes (:mod:`vitdeploy.serving.v2`) are classes over it whose handlers parse, call it and
-encode; failures become responses in one exception handler (:mod:`vitdeploy.serving.errors`), and
-each inference request's id, memory lease and metrics live in one request scope
-(:mod:`vitdeploy.serving.middleware`). :func:`create_app` only wires these together.
+encode. The inference routes are answered as plain ASGI ahead of FastAPI (:mod:`vitdeploy.serving.asgi`):
+each request's id, memory lease, metrics and the mapping of its failure to a response live in one request
+scope (:mod:`vitdeploy.serving.middleware`). :func:`create_app` only wires these together.
 
-Every request's CPU work (decoding, JSON, serialisation) runs in a worker thread, never on the event
-loop. A request's timeout covers its whole life. Errors the server did not foresee are logged with a
+Large CPU work (decoding images, JSON, inflating, big tensors) runs in a worker thread, never on the
+event loop; a small binary tensor is read in place, and the input check runs in the batcher's worker.
+A request's timeout covers its whole life. Errors the server did not foresee are logged with a
 request id; the client gets a generic message and that id, never the exception's text.
 
 Hostile clients (issue 18): each request's decode and parse work is charged to a memory budget before
