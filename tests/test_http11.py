@@ -110,7 +110,16 @@ def test_one_write_per_response_in_order(name, protocol):
             while chunk := c.recv(4096):
                 got += chunk
         assert got.index(b"\r\n\r\n/a") < got.index(b"\r\n\r\n/b") < got.index(b"HTTP/1.1 400"), got
-        assert len(writes) == 4 and all(w.startswith(b"HTTP/1.1 ") for w in writes)
+        answers = [w for w in writes if w.startswith(b"HTTP/1.1 200")]  # each with its body, in one write
+        assert [w.rsplit(b"\r\n\r\n", 1)[1] for w in answers] == [b"/first", b"/a", b"/b"], writes
+        for _ in range(5):  # a client that half-closes after its request still gets the answer
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := c.recv(4096):
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"/half"), got
     finally:
         server.should_exit = True
         thread.join(10)

@@ -474,6 +474,11 @@ def test_kserve_v2_errors_over_raw_http(runtime):
         assert c.post("/v2/models/small/versions/3/infer", content=b"{}").status_code == 404
         r = c.get("/v2/models/small/infer")
         assert r.status_code == 405 and r.headers["allow"] == "POST"
+        r = c.post("/v2/models/small/infer/", content=b"{}")  # FastAPI's redirect, as before the fast path
+        assert r.status_code == 307 and r.headers["location"].endswith("/v2/models/small/infer")
+        paths = c.get("/openapi.json").json()["paths"]  # still documented
+        assert {"/v1/classify", "/v1/logits", "/v2/models/{name}/infer"} <= set(paths)
+        assert "post" in paths["/v2/models/{name}/infer"]
         x = _inputs(1, seed=3)
         good = {"inputs": [{"name": name, "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
         r = c.post("/v2/models/small/versions/1/infer", json=good)

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from vitdeploy.serving.errors import HTTPFailure, failure_body, forget_frames, internal_error
 from vitdeploy.serving.middleware import Answer, BearerKey, Metrics, RequestScope
@@ -52,6 +52,7 @@ Handler = Callable[..., Awaitable[Answer]]
 
 
 class _Route(NamedTuple):
+    path: str
     pattern: re.Pattern[str]
     method: str
     handler: Handler
@@ -68,7 +69,7 @@ class InferenceRoutes:
     def add(self, path: str, handler: Handler, endpoint: str, method: str = "POST") -> None:
         """``path`` in FastAPI's form: ``{name}`` matches one path segment, passed to the handler by name."""
         regex = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path))
-        self.routes.append(_Route(re.compile(regex), method, handler, endpoint))
+        self.routes.append(_Route(path, re.compile(regex), method, handler, endpoint))
 
     def match(self, scope: dict[str, Any]) -> tuple[_Route, dict[str, str]] | None:
         path = scope["path"]
@@ -121,6 +122,15 @@ class ServingApp(FastAPI):
 
     inference: InferenceRoutes | None = None
 
+    def serve_inference(self, routes: InferenceRoutes) -> None:
+        """Answer ``routes`` ahead of the framework. They are listed in FastAPI's router too, never reached
+        there: OpenAPI shows them, and a path with a trailing slash gets the router's redirect to them."""
+        self.inference = routes
+        for route in routes.routes:
+            doc = (getattr(route.handler, "__doc__", None) or "").strip() or None
+            self.router.add_api_route(route.path, _answered_ahead, methods=[route.method], name=route.endpoint,
+                                      description=doc, include_in_schema=True)
+
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if self.inference is not None and scope["type"] == "http":
             found = self.inference.match(scope)
@@ -128,3 +138,8 @@ class ServingApp(FastAPI):
                 await self.inference.serve(*found, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+async def _answered_ahead(request: Request) -> Any:
+    """The FastAPI entry of an inference route: :class:`ServingApp` answers the request before this is reached."""
+    raise RuntimeError(f"{request.url.path} is answered by ServingApp.inference, not by FastAPI's router")

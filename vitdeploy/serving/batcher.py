@@ -162,6 +162,8 @@ class DynamicBatcher:
         with self._cond:
             if expected:
                 self._arriving -= 1
+                if self.adaptive and self._arriving <= 0:  # nothing more on its way, queued or refused below
+                    self._cond.notify_all()
             if self.failure is not None:
                 raise WorkerDied(f"the batcher's worker died ({type(self.failure).__name__}): restart the server")
             if self._closed:
@@ -175,17 +177,20 @@ class DynamicBatcher:
             # wake the workers only when it changes what they do: a first request to start a batch on, a full
             # batch, or (adaptive) nothing more on its way; one waiting out a batch's delay wakes at its end anyway.
             # A wake-up per request would hand the GIL to a worker that goes straight back to waiting.
-            if (len(self._queue) == 1 or self._queued_rows >= self.max_batch_size
-                    or (self.adaptive and self._arriving <= 0)):
+            if len(self._queue) == 1 or self._queued_rows >= self.max_batch_size:
                 self._cond.notify_all()
         return future
 
     def _checked(self, x: Any) -> tuple[np.ndarray, bool]:
         """``x`` as a batch, and whether it was one image; ValueError for a shape the model cannot take."""
         arr = np.asarray(x)
-        single = arr.ndim == len(self.runtime.spec.shape)
+        shape = tuple(self.runtime.spec.shape)
+        single = arr.ndim == len(shape)
         if single:
             arr = arr[None]
+        if arr.ndim != len(shape) + 1:
+            raise ValueError(f"input of shape {np.shape(x)}: the model takes [C, H, W] images or [n, C, H, W] batches "
+                             f"of {shape}")
         rows = arr.shape[0]
         if rows < 1 or rows > self.max_batch_size:
             raise ValueError(f"a request holds 1..{self.max_batch_size} images, got {rows}")

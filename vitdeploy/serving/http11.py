@@ -55,16 +55,23 @@ class HeadTimeout:
         if not self.transport.is_closing():  # type: ignore[attr-defined]
             self._arm_head_timer()
 
+    def eof_received(self) -> Any:
+        # a client that half-closes after its request: asyncio closes the socket transport itself when this
+        # returns, so what is held goes out first
+        self.transport.flush()  # type: ignore[attr-defined]
+        return super().eof_received()  # type: ignore[misc]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)  # type: ignore[misc]
 
 
 class CorkedTransport:
-    """A transport whose writes within one event-loop step leave as one ``send``: uvicorn writes a response's
-    head and its body separately, two system calls and two TCP segments that each wake the client. Every
-    write of the connection (the protocol's and each request's) goes through here, so their order holds;
-    what is held is written at the end of the step, or before a close."""
+    """A transport that sends a response's head and body as one ``send``: uvicorn writes them separately,
+    two system calls and two TCP segments that each wake the client. A write is held until the next one
+    (which sends both at once), the end of the event-loop step, a close, or the client's end of input
+    (:meth:`HeadTimeout.eof_received`). Every write of the connection (the protocol's and each
+    request's) goes through here, so their order holds."""
 
     __slots__ = ("_held", "_loop", "_transport")
 
@@ -73,11 +80,14 @@ class CorkedTransport:
         self._held: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
+        if not data:  # h11 ends a message with b"": nothing to send, as for the transport itself
+            return
         if self._held is None:
             self._held = [data]
             self._loop.call_soon(self.flush)
         else:
             self._held.append(data)
+            self.flush()  # the head and its body: out now, in the request's own step as before
 
     def flush(self) -> None:
         held, self._held = self._held, None

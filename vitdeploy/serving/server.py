@@ -115,12 +115,13 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
     key = BearerKey(None, key=api_key, public=PROBES if public_probes else ()) if api_key else None
     if api_key:
         app.add_middleware(BearerKey, key=api_key, public=PROBES if public_probes else ())
-    app.inference = InferenceRoutes(plane, metrics, key)
+    inference = InferenceRoutes(plane, metrics, key)
     pixel_limit = max_image_pixels or default_max_image_pixels(runtime.spec.shape)
     for endpoints in (V1Endpoints(plane, intake, model, metrics, pixel_limit),
                       V2Endpoints(plane, intake, model, model_name, _version())):
         endpoints.register(app)
-        endpoints.register_inference(app.inference)
+        endpoints.register_inference(inference)
+    app.serve_inference(inference)
     for key, value in {"dataplane": plane, "batcher": plane.batcher, "registry": metrics.registry,
                        "begin_drain": plane.begin_drain, "model_name": model_name, "memory_budget": budget,
                        "max_image_pixels": pixel_limit}.items():

@@ -45,6 +45,7 @@ class V1Endpoints:
         routes.add("/v1/logits", self.logits, "logits")
 
     async def classify(self, request: RawRequest, scope: RequestScope) -> Answer:
+        """Image bytes (or a multipart 'file' field) -> the top-k labels (?top_k=5) as JSON."""
         if self.plane.runtime.metadata is None:
             raise HTTPFailure(400, "no_metadata", "this artifact has no preprocessing metadata: "
                               "use /v1/logits or re-export it with vitdeploy")
@@ -57,6 +58,7 @@ class V1Endpoints:
         return scope.answer(await self.intake.cpu(self._top_k_json, logits, k), "application/json")
 
     async def logits(self, request: RawRequest, scope: RequestScope) -> Answer:
+        """JSON {"inputs": [...]} or float32 bytes with X-Shape: n,C,H,W -> the logits."""
         headers = request.headers
         dims = self._binary_dims(headers)
         body = await self.intake.read_body(request, scope.lease, scope.start)

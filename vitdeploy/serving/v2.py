@@ -40,6 +40,7 @@ class V2Endpoints:
             routes.add(path, self.infer, "v2_infer")
 
     async def infer(self, request: RawRequest, scope: RequestScope, name: str, version: str | None = None) -> Answer:
+        """A KServe v2 inference request (JSON tensors or the binary tensor data extension) -> the logits."""
         if (unknown := self._unknown_model(name, version)) is not None:
             raise HTTPFailure(404, "unknown_model", unknown)
         body = await self.intake.read_body(request, scope.lease, scope.start)
