@@ -121,6 +121,7 @@ class GuardedH11Protocol(HeadTimeout, H11Protocol):
 def _guarded_httptools() -> type | None:
     """uvicorn's httptools protocol with the same head timeout, or None without httptools."""
     try:
+        from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
@@ -129,6 +130,19 @@ def _guarded_httptools() -> type | None:
         def on_headers_complete(self) -> None:
             self._cancel_head_timer()  # a whole head: the request's own timeouts take over
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            """A chunk the request has not yet asked for is added to what waits (uvicorn's own way); one that
+            finds nothing waiting is handed over as it came, where uvicorn would copy it into a buffer and out
+            again: most chunks of a large body, since the request's task takes each before the next."""
+            cycle = self.cycle
+            if cycle.body or cycle.response_complete or self.parser.should_upgrade():
+                super().on_body(body)
+                return
+            cycle.body = body
+            if len(body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.message_event.set()
 
     return GuardedHttpToolsProtocol
 
