@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -27,13 +28,13 @@ def _protocols():
     return out
 
 
-@pytest.mark.parametrize(("name", "protocol"), _protocols(), ids=[n for n, _ in _protocols()])
-def test_head_timeout(name, protocol):
+@contextlib.contextmanager
+def _running(app, protocol):
+    """uvicorn serving ``app`` over ``protocol`` on a free loopback port, in a thread: yields the port."""
     import uvicorn
 
     port = free_port()
-    cls = type(protocol.__name__, (protocol,), {"header_timeout": 0.5})
-    server = uvicorn.Server(uvicorn.Config(_app, host="127.0.0.1", port=port, http=cls, log_level="error",
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="error",
                                            loop="asyncio"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -41,17 +42,23 @@ def test_head_timeout(name, protocol):
         deadline = time.monotonic() + 10
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
-                socket.create_connection(("127.0.0.1", port), timeout=5) as polite:
-            idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half a head, then nothing
-            polite.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert polite.recv(1024).startswith(b"HTTP/1.1 200")
-            t0 = time.monotonic()
-            assert idle.recv(1024) == b""  # closed by the server
-            assert 0.2 < time.monotonic() - t0 < 3
+        yield port
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize(("name", "protocol"), _protocols(), ids=[n for n, _ in _protocols()])
+def test_head_timeout(name, protocol):
+    cls = type(protocol.__name__, (protocol,), {"header_timeout": 0.5})
+    with _running(_app, cls) as port, socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as polite:
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half a head, then nothing
+        polite.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert polite.recv(1024).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert idle.recv(1024) == b""  # closed by the server
+        assert 0.2 < time.monotonic() - t0 < 3
 
 
 async def _echo_path(scope, receive, send):
@@ -81,23 +88,13 @@ class _Recorder:
 def test_one_write_per_response_in_order(name, protocol):
     """A response's head and body leave in one write (one send, one TCP segment to wake the client), and
     pipelined requests, a malformed one among them, are answered in order."""
-    import uvicorn
-
     writes: list[bytes] = []
 
     class Recording(protocol):
         def connection_made(self, transport):
             super().connection_made(_Recorder(transport, writes))
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_echo_path, host="127.0.0.1", port=port, http=Recording,
-                                           log_level="error", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with _running(_echo_path, Recording) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
             assert c.recv(4096).endswith(b"\r\n\r\n/first")
@@ -120,6 +117,3 @@ def test_one_write_per_response_in_order(name, protocol):
                 while chunk := c.recv(4096):
                     got += chunk
             assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"/half"), got
-    finally:
-        server.should_exit = True
-        thread.join(10)
