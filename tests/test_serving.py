@@ -132,6 +132,40 @@ def test_screen_refuses_only_its_own_request(runtime):
         assert batcher.stats.batch_sizes == {2: 1} and batcher.stats.failed == 2
 
 
+def _pieces(image, cuts):
+    """``image``'s bytes as Pieces cut at byte offsets ``cuts`` (not on float boundaries): a body's chunks."""
+    from vitdeploy.serving.batcher import Pieces
+
+    raw = image.tobytes()
+    edges = [0, *cuts, len(raw)]
+    return Pieces([memoryview(raw[a:b]) for a, b in zip(edges, edges[1:])], image.dtype, image.shape)
+
+
+def test_pieces_are_copied_into_their_own_rows(runtime):
+    """Inputs still in a body's chunks (Pieces, cut mid-float) batch with arrays: each caller gets the rows of
+    its own input, one of them alone in its batch, and the screen sees the assembled rows."""
+    x = _inputs(5, seed=11)
+    expected = runtime.infer(x)
+    x[3, 0, 5, 5] = np.nan
+
+    def screen(rows):
+        return None if np.isfinite(rows).all() else "holds NaN"
+
+    with DynamicBatcher(runtime, max_batch_size=8, max_delay_ms=300, screen=screen) as batcher:
+        alone = batcher.submit(_pieces(x[0], [1, 4099, 20001]))
+        assert np.abs(alone.result(30) - expected[0]).max() < 1e-4
+        inputs = [_pieces(x[1], [7]), x[2], _pieces(x[3:4], [3, 5]), _pieces(x[4], [x[4].nbytes // 2 + 1])]
+        futures = [batcher.submit(v) for v in inputs]
+        assert np.abs(futures[0].result(30) - expected[1]).max() < 1e-4
+        assert np.abs(futures[1].result(30) - expected[2]).max() < 1e-4
+        assert np.abs(futures[3].result(30) - expected[4]).max() < 1e-4
+        with pytest.raises(ValueError, match="holds NaN"):
+            futures[2].result(30)
+        assert batcher.stats.batch_sizes == {1: 1, 3: 1}
+    with pytest.raises(ValueError, match="bytes in pieces"):
+        type(inputs[0])([memoryview(b"abc")], np.float32, SHAPE)
+
+
 def test_asyncio_callers(runtime):
     x = _inputs(200, seed=1)
     expected = runtime.infer(x)

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -66,9 +67,43 @@ class WorkerDied(BatcherClosed):
     """The batcher's worker thread stopped on an unexpected error; the batcher takes no new requests."""
 
 
+class Pieces:
+    """An input tensor whose bytes lie in several buffers (a request body's chunks, as read from the socket),
+    copied once, into the batch that runs it: joining them first would copy every byte one more time, in the
+    caller's thread (a server's event loop). ``pieces`` hold exactly ``prod(shape)`` items of ``dtype``."""
+
+    __slots__ = ("dtype", "ndim", "pieces", "shape")
+
+    def __init__(self, pieces: list[memoryview], dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.pieces, self.dtype, self.shape, self.ndim = pieces, np.dtype(dtype), tuple(shape), len(shape)
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        if sum(p.nbytes for p in pieces) != nbytes:
+            raise ValueError(f"{sum(p.nbytes for p in pieces)} bytes in pieces for a {self.dtype} tensor of shape "
+                             f"{self.shape} ({nbytes} bytes)")
+
+    def one_row_more(self) -> Pieces:
+        """The same bytes as a batch of one: [1, *shape]."""
+        return Pieces(self.pieces, self.dtype, (1, *self.shape))
+
+    def copy_into(self, out: np.ndarray) -> None:
+        """Write the tensor into ``out`` (C-contiguous, this shape and dtype)."""
+        flat = out.reshape(-1).view(np.uint8)
+        start = 0
+        for piece in self.pieces:
+            end = start + piece.nbytes
+            flat[start:end] = np.frombuffer(piece, np.uint8)
+            start = end
+
+    def array(self) -> np.ndarray:
+        """The tensor as one array (a copy)."""
+        out = np.empty(self.shape, self.dtype)
+        self.copy_into(out)
+        return out
+
+
 @dataclass
 class _Request:
-    x: np.ndarray
+    x: np.ndarray | Pieces
     rows: int
     single: bool
     future: Future
@@ -181,15 +216,15 @@ class DynamicBatcher:
                 self._cond.notify_all()
         return future
 
-    def _checked(self, x: Any) -> tuple[np.ndarray, bool]:
+    def _checked(self, x: Any) -> tuple[np.ndarray | Pieces, bool]:
         """``x`` as a batch, and whether it was one image; ValueError for a shape the model cannot take."""
-        arr = np.asarray(x)
+        arr = x if isinstance(x, Pieces) else np.asarray(x)
         shape = tuple(self.runtime.spec.shape)
         single = arr.ndim == len(shape)
         if single:
-            arr = arr[None]
+            arr = arr.one_row_more() if isinstance(arr, Pieces) else arr[None]
         if arr.ndim != len(shape) + 1:
-            raise ValueError(f"input of shape {np.shape(x)}: the model takes [C, H, W] images or [n, C, H, W] batches "
+            raise ValueError(f"input of shape {arr.shape}: the model takes [C, H, W] images or [n, C, H, W] batches "
                              f"of {shape}")
         rows = arr.shape[0]
         if rows < 1 or rows > self.max_batch_size:
@@ -285,34 +320,43 @@ class DynamicBatcher:
                 if r.future.set_running_or_notify_cancel():
                     r.future.set_exception(WorkerDied("the batcher's worker died before this request ran"))
 
-    def _screened(self, batch: list[_Request]) -> list[_Request]:
-        """The requests whose input ``screen`` passes; the others fail with :class:`InputRefused` (or with what
-        the screen raised). In the worker, off the callers' threads: a server's event loop does not scan inputs."""
-        kept, refused = [], 0
+    def _screened(self, batch: list[_Request], x: np.ndarray) -> tuple[list[_Request], np.ndarray]:
+        """The requests whose rows of ``x`` the ``screen`` passes, and their rows; the others fail with
+        :class:`InputRefused` (or with what the screen raised). In the worker, off the callers' threads: a
+        server's event loop does not scan inputs."""
+        kept, rows, start = [], [], 0
         for r in batch:
+            part = x[start:start + r.rows]
+            start += r.rows
             try:
-                reason = self.screen(r.x)  # type: ignore[misc]
+                reason = self.screen(part)  # type: ignore[misc]
                 error: BaseException | None = None if reason is None else InputRefused(reason)
             except BaseException as e:
                 error = e
             if error is None:
                 kept.append(r)
+                rows.append(part)
             else:
-                refused += 1
                 r.future.set_exception(error)
-        if refused:
+        if len(kept) < len(batch):
             with self._cond:
-                self.stats.failed += refused
-        return kept
+                self.stats.failed += len(batch) - len(kept)
+            x = np.concatenate(rows) if rows else x[:0]
+        return kept, x
 
     def _run_batch(self, batch: list[_Request], buffer: _BatchBuffer) -> None:
         """Run one batch; whatever fails here fails this batch's requests only."""
+        try:
+            one = batch[0].x
+            x = one if len(batch) == 1 and isinstance(one, np.ndarray) else buffer.assemble([r.x for r in batch])
+        except BaseException as e:
+            self._fail(batch, e)
+            return
         if self.screen is not None:
-            batch = self._screened(batch)
+            batch, x = self._screened(batch, x)
             if not batch:
                 return
         try:
-            x = buffer.assemble([r.x for r in batch]) if len(batch) > 1 else batch[0].x
             t0 = time.perf_counter()
             out = np.asarray(self.runtime.infer(x))
             seconds = time.perf_counter() - t0
@@ -325,10 +369,7 @@ class DynamicBatcher:
                 start += r.rows
                 results.append(rows[0] if r.single else rows)
         except BaseException as e:
-            with self._cond:
-                self.stats.failed += len(batch)
-            for r in batch:
-                r.future.set_exception(e)
+            self._fail(batch, e)
             return
         with self._cond:  # several workers count here
             self.stats.batches += 1
@@ -343,6 +384,12 @@ class DynamicBatcher:
                 log.exception("on_batch callback failed")
         for r, rows in zip(batch, results, strict=True):
             r.future.set_result(rows)
+
+    def _fail(self, batch: list[_Request], error: BaseException) -> None:
+        with self._cond:
+            self.stats.failed += len(batch)
+        for r in batch:
+            r.future.set_exception(error)
 
     # -- shutdown --------------------------------------------------------------------------
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
@@ -386,12 +433,20 @@ class _BatchBuffer:
         self.max_batch = max_batch
         self.rows: np.ndarray | None = None
 
-    def assemble(self, parts: list[np.ndarray]) -> np.ndarray:
-        """``np.concatenate(parts)``, into this buffer (a view of it: valid until the next call)."""
+    def assemble(self, parts: list[np.ndarray | Pieces]) -> np.ndarray:
+        """``np.concatenate(parts)`` (each :class:`Pieces` copied in from its buffers), into this buffer: a
+        view of it, valid until the next call."""
         first = parts[0]
-        dtype = np.result_type(*parts)
+        dtype = np.result_type(*(p.dtype for p in parts))
         if self.rows is None or self.rows.dtype != dtype or self.rows.shape[1:] != first.shape[1:]:
             self.rows = None  # the old one goes before the new one is made
             self.rows = np.empty((self.max_batch, *first.shape[1:]), dtype)
-        n = sum(p.shape[0] for p in parts)
-        return np.concatenate(parts, out=self.rows[:n])
+        start = 0
+        for part in parts:
+            out = self.rows[start:start + part.shape[0]]
+            start += part.shape[0]
+            if isinstance(part, Pieces) and part.dtype == dtype:
+                part.copy_into(out)
+            else:
+                np.copyto(out, part.array() if isinstance(part, Pieces) else part, casting="same_kind")
+        return self.rows[:start]

@@ -21,6 +21,7 @@ import numpy as np
 
 from vitdeploy import dtypes
 from vitdeploy.engines.base import Runtime
+from vitdeploy.serving.batcher import Pieces
 from vitdeploy.serving.errors import HTTPFailure, bad_input
 from vitdeploy.serving.limits import Lease, MemoryBudget, MiB, json_cost, upfront_cost
 from vitdeploy.sysinfo import usable_cpus
@@ -95,6 +96,10 @@ class Intake:
 
     async def read_body(self, request: Any, lease: Lease, start: float) -> bytes | bytearray:
         """The whole body (inflated), charged to ``lease``; 408 when the client stalls, 413 when too large."""
+        return (await self.read_chunks(request, lease, start)).joined()
+
+    async def read_chunks(self, request: Any, lease: Lease, start: float) -> Body:
+        """The whole body (inflated) as it was read, in chunks: :meth:`read_body` without joining them."""
         declared = content_length(request.headers)
         if declared is not None and declared > self.body_limit:
             raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes")
@@ -112,13 +117,13 @@ class Intake:
         body = await self._receive_all(request, lease, start)
         encoding = request.headers.get("content-encoding")
         if encoding and encoding != "identity":
-            return await self.cpu(inflate, body, encoding, self, lease)
+            return Body([await self.cpu(inflate, body.joined(), encoding, self, lease)])
         return body
 
-    async def _receive_all(self, request: Any, lease: Lease, start: float) -> bytes:
-        """The body's bytes: its chunks joined once at the end (one copy; a body of one chunk is not copied at
-        all), where a growing buffer would copy what it holds each time it outgrows its allocation. 408 when no
-        byte comes for ``body_timeout`` or the body is not all in by the request's deadline (one timer for both)."""
+    async def _receive_all(self, request: Any, lease: Lease, start: float) -> Body:
+        """The body's chunks, as they came (a growing buffer would copy what it holds each time it outgrows its
+        allocation). 408 when no byte comes for ``body_timeout`` or the body is not all in by the request's
+        deadline (one timer for both)."""
         watch = _BodyWatch(self.body_timeout, self.request_timeout - (time.perf_counter() - start))
         chunks: list[bytes] = []
         size = 0
@@ -135,10 +140,10 @@ class Intake:
                 if size > self.body_limit:
                     raise HTTPFailure(413, "too_large", f"request body over {self.body_limit} bytes",
                                       {"Connection": "close"})
-                # the chunks, and their joined copy for the moment both exist
+                # the chunks, and a joined copy for the moment both exist
                 self.charge(lease, max(lease.held, size if len(chunks) < 2 else 2 * size), "this body")
                 if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    return Body(chunks)
         except asyncio.CancelledError:
             if watch.fired is None:
                 raise
@@ -149,6 +154,39 @@ class Intake:
                               {"Connection": "close"}) from None
         finally:
             watch.stop()
+
+
+class Body:
+    """A request body as the chunks it was read in. Joined only where a parser needs one buffer (and then in
+    a worker thread where it can be): a binary tensor goes from its chunks into the batch that runs it."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self.chunks, self.size = chunks, sum(len(c) for c in chunks)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def joined(self) -> bytes | bytearray:
+        """The body as one buffer: one copy, none for a body of one chunk."""
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+    def prefix(self, end: int) -> bytes | bytearray:
+        """The first ``end`` bytes (copied only when they span chunks)."""
+        first = self.chunks[0] if self.chunks else b""
+        if end <= len(first):
+            return first if end == len(first) else first[:end]
+        return self.joined()[:end]
+
+    def views(self, start: int) -> list[memoryview]:
+        """The bytes from ``start`` on, as views of the chunks (no copy)."""
+        views, offset = [], 0
+        for chunk in self.chunks:
+            if offset + len(chunk) > start:
+                views.append(memoryview(chunk)[max(0, start - offset):])
+            offset += len(chunk)
+        return views
 
 
 class _BodyWatch:
@@ -230,9 +268,11 @@ def json_bytes(payload: Any) -> bytes:
                           "is broken; the server log has the details") from None
 
 
-def json_load(body: bytes | bytearray, end: int, lease: Lease, intake: Intake, what: str) -> Any:
-    """Parse ``body[:end]`` once its worst-case cost fits the memory budget; deep nesting is a 400, not a 500."""
-    intake.settle(lease, len(body) + json_cost(body, end), what)
+def json_load(body: bytes | bytearray, end: int, lease: Lease, intake: Intake, what: str,
+              size: int | None = None) -> Any:
+    """Parse ``body[:end]`` once its worst-case cost (beside the whole body's ``size`` bytes, ``len(body)`` by
+    default) fits the memory budget; deep nesting is a 400, not a 500."""
+    intake.settle(lease, (len(body) if size is None else size) + json_cost(body, end), what)
     try:
         # JSON between systems is UTF-8 (RFC 8259): decoding it here makes one str of the text's size, where
         # json.loads would guess UTF-16/32 from leading zero bytes and build a 4-byte-a-char buffer first
@@ -288,7 +328,7 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
 
 
 class V2Request:
-    def __init__(self, x: np.ndarray, binary_output: bool, request_id: str | None) -> None:
+    def __init__(self, x: np.ndarray | Pieces, binary_output: bool, request_id: str | None) -> None:
         self.x, self.binary_output, self.request_id = x, binary_output, request_id
 
 
@@ -315,7 +355,7 @@ def _v2_input(req: Any, model: ModelIO) -> tuple[dict[str, Any], list[int]]:
 INLINE_BYTES = 1 << 20  # bodies and answers up to this size are parsed and encoded on the event loop
 
 
-def inline_v2(body: Any, headers: Any) -> bool:
+def inline_v2(body: Body, headers: Any) -> bool:
     """True when parsing this request costs less than handing it to a worker thread: a binary tensor (viewed
     in place) under a short JSON header, in a body of at most INLINE_BYTES. JSON tensors go to a thread."""
     raw = headers.get("inference-header-content-length")
@@ -323,32 +363,35 @@ def inline_v2(body: Any, headers: Any) -> bool:
     return n is not None and n <= 4096 and len(body) <= INLINE_BYTES
 
 
-def parse_v2_request(body: Any, headers: Any, model: ModelIO, lease: Lease, intake: Intake) -> V2Request:
-    """A KServe v2 inference request (JSON, optionally followed by binary tensor data) -> the input batch."""
+def parse_v2_request(body: Body, headers: Any, model: ModelIO, lease: Lease, intake: Intake) -> V2Request:
+    """A KServe v2 inference request (JSON, optionally followed by binary tensor data) -> the input batch: a
+    binary tensor stays in the body's chunks (:class:`Pieces`, copied once, into its batch)."""
     raw_len = headers.get("inference-header-content-length")
     n = len(body) if raw_len is None else _digits(raw_len)
     if n is None or n > len(body):
         raise bad_input(f"Inference-Header-Content-Length {raw_len[:20]!r} is not a length within the "
                    f"{len(body)}-byte body")
-    binary = memoryview(body)[n:]
-    req = json_load(body, n, lease, intake, "the inference request header")
+    head = body.prefix(n)
+    req = json_load(head, n, lease, intake, "the inference request header", len(body))
     inp, shape = _v2_input(req, model)
     dtype = np.dtype(model.spec.dtype).newbyteorder("<")
     count = math.prod(shape)  # Python ints: 2**54 * 3 * 224 * 224 does not wrap to 0 as np.prod does
     params = inp.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad_input(f'the "parameters" of input {model.input_name!r} is an object')
-    size = params.get("binary_data_size")
+    size, binary = params.get("binary_data_size"), len(body) - n
+    x: np.ndarray | Pieces
     if size is not None:
-        if type(size) is not int or size != count * dtype.itemsize or len(binary) != size:
+        if type(size) is not int or size != count * dtype.itemsize or binary != size:
             raise bad_input(f"input {model.input_name!r} of shape {shape} {model.datatype} needs "
                        f"{count * dtype.itemsize} bytes of binary data; binary_data_size is {str(size)[:20]} and "
-                       f"the body holds {len(binary)}")
+                       f"the body holds {binary}")
         intake.charge(lease, max(lease.held, 2 * len(body)), "this tensor")  # the body, and its copy in a batch
-        x = np.frombuffer(binary, dtype).reshape(shape)
+        views = body.views(n)
+        x = np.frombuffer(views[0], dtype).reshape(shape) if len(views) == 1 else Pieces(views, dtype, tuple(shape))
     else:
-        if len(binary):
-            raise bad_input(f"{len(binary)} bytes of binary data follow the header, but no input has binary_data_size")
+        if binary:
+            raise bad_input(f"{binary} bytes of binary data follow the header, but no input has binary_data_size")
         if "data" not in inp:
             raise bad_input(f'input {model.input_name!r} has neither "data" nor a binary_data_size parameter')
         x = _json_array(inp["data"], dtype, shape, model)
@@ -429,10 +472,11 @@ def inflate(body: bytes | bytearray, encoding: str, intake: Intake, lease: Lease
     return out
 
 
-def decode_tensor(body: bytes | bytearray, dims: tuple[int, ...] | None, model: ModelIO, lease: Lease,
+def decode_tensor(chunks: Body, dims: tuple[int, ...] | None, model: ModelIO, lease: Lease,
                    intake: Intake) -> np.ndarray:
     """/v1/logits: float32 bytes shaped by X-Shape (``dims``, checked before the body was read), or JSON."""
     shape = model.shape
+    body = chunks.joined()  # here, in a worker thread, not on the event loop
     if dims is not None:
         want = math.prod(dims) * 4
         if want != len(body):

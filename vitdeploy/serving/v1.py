@@ -61,7 +61,7 @@ class V1Endpoints:
         """JSON {"inputs": [...]} or float32 bytes with X-Shape: n,C,H,W -> the logits."""
         headers = request.headers
         dims = self._binary_dims(headers)
-        body = await self.intake.read_body(request, scope.lease, scope.start)
+        body = await self.intake.read_chunks(request, scope.lease, scope.start)
         x = await self.intake.cpu(parsing.decode_tensor, body, dims, self.model, scope.lease, self.intake)
         del body
         out = await scope.infer(x)

@@ -43,7 +43,7 @@ class V2Endpoints:
         """A KServe v2 inference request (JSON tensors or the binary tensor data extension) -> the logits."""
         if (unknown := self._unknown_model(name, version)) is not None:
             raise HTTPFailure(404, "unknown_model", unknown)
-        body = await self.intake.read_body(request, scope.lease, scope.start)
+        body = await self.intake.read_chunks(request, scope.lease, scope.start)
         # a thread hand-off costs more than a small binary request's parse (the profile's largest Python cost)
         parse = (parsing.parse_v2_request, body, request.headers, self.model, scope.lease, self.intake)
         req = parse[0](*parse[1:]) if parsing.inline_v2(body, request.headers) else await self.intake.cpu(*parse)
