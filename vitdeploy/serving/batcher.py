@@ -20,7 +20,8 @@ with :class:`RequestTimeout`; one still queued at its deadline is never run); an
 batch is formed, run or handed out (concatenation, the runtime, a wrong row count, the ``on_batch``
 callback) fails only that batch's requests and never the worker; should the worker die anyway,
 every pending request fails with :class:`WorkerDied`, :attr:`alive` turns False and new requests are
-refused at once; an input ``screen`` refuses fails only its own request (:class:`InputRefused`);
+refused at once; an input ``screen`` refuses fails only its own request (:class:`InputRefused`; a screen is a
+rule on each element, so a batch passes it when each of its requests does);
 :meth:`shutdown` drains (or fails) what is pending. Each future is resolved exactly
 once.
 """
@@ -323,7 +324,13 @@ class DynamicBatcher:
     def _screened(self, batch: list[_Request], x: np.ndarray) -> tuple[list[_Request], np.ndarray]:
         """The requests whose rows of ``x`` the ``screen`` passes, and their rows; the others fail with
         :class:`InputRefused` (or with what the screen raised). In the worker, off the callers' threads: a
-        server's event loop does not scan inputs."""
+        server's event loop does not scan inputs. The whole batch is screened first, one call where every
+        request passes."""
+        try:
+            if len(batch) > 1 and self.screen(x) is None:  # type: ignore[misc]
+                return batch, x
+        except BaseException:  # screened one by one below, which fails only the request it fails on
+            pass
         kept, rows, start = [], [], 0
         for r in batch:
             part = x[start:start + r.rows]
