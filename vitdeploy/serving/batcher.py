@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import threading
@@ -102,12 +103,62 @@ class Pieces:
         return out
 
 
+class _LoopFuture:
+    """The batcher's side of an asyncio future of ``loop`` (``submit(..., loop=...)``): resolved from the worker
+    through the loop's ``call_soon_threadsafe``, one call for all of a batch's answers on that loop
+    (:func:`_deliver`), where a ``concurrent.futures.Future`` wrapped for asyncio costs a lock, a condition and
+    a callback on the loop per request."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.future = loop, loop.create_future()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """False once the caller cancelled (a read from the worker: :func:`_resolve` checks again on the loop)."""
+        return not self.future.cancelled()
+
+    def set_result(self, value: Any) -> None:
+        _post(self.loop, [(self.future, value, None)])
+
+    def set_exception(self, error: BaseException) -> None:
+        _post(self.loop, [(self.future, None, error)])
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for these
+        loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    """On the loop: each future's result or exception, unless its caller has cancelled it meanwhile."""
+    for future, value, error in items:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
+def _deliver(requests: list[_Request], results: list[Any]) -> None:
+    """Each request's rows: one call per event loop for the requests submitted from one."""
+    posts: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any, BaseException | None]]] = {}
+    for r, rows in zip(requests, results, strict=True):
+        if isinstance(r.future, _LoopFuture):
+            posts.setdefault(r.future.loop, []).append((r.future.future, rows, None))
+        else:
+            r.future.set_result(rows)
+    for loop, items in posts.items():
+        _post(loop, items)
+
+
 @dataclass
 class _Request:
     x: np.ndarray | Pieces
     rows: int
     single: bool
-    future: Future
+    future: Future | _LoopFuture
     deadline: float | None
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -183,9 +234,12 @@ class DynamicBatcher:
             if self._arriving <= 0:
                 self._cond.notify_all()
 
-    def submit(self, x: Any, timeout: float | None = None, expected: bool = False) -> Future:
+    def submit(self, x: Any, timeout: float | None = None, expected: bool = False,
+               loop: asyncio.AbstractEventLoop | None = None) -> Any:
         """Queue one image [C, H, W] or a batch [n, C, H, W]; the future gives [num_labels] or [n, num_labels].
-        ``expected``: this request was announced with :meth:`expect` (whether it is queued or refused)."""
+        ``expected``: this request was announced with :meth:`expect` (whether it is queued or refused).
+        ``loop``: called on that running event loop, for an asyncio future of it (cancel it to give up);
+        otherwise a ``concurrent.futures.Future``."""
         try:
             arr, single = self._checked(x)
         except ValueError:
@@ -193,7 +247,7 @@ class DynamicBatcher:
                 self.arrived()
             raise
         rows = arr.shape[0]
-        future: Future = Future()
+        future: Future | _LoopFuture = Future() if loop is None else _LoopFuture(loop)
         deadline = time.perf_counter() + timeout if timeout is not None else None
         with self._cond:
             if expected:
@@ -215,7 +269,7 @@ class DynamicBatcher:
             # A wake-up per request would hand the GIL to a worker that goes straight back to waiting.
             if len(self._queue) == 1 or self._queued_rows >= self.max_batch_size:
                 self._cond.notify_all()
-        return future
+        return future.future if isinstance(future, _LoopFuture) else future
 
     def _checked(self, x: Any) -> tuple[np.ndarray | Pieces, bool]:
         """``x`` as a batch, and whether it was one image; ValueError for a shape the model cannot take."""
@@ -389,8 +443,7 @@ class DynamicBatcher:
                 with self._cond:
                     self.stats.callback_errors += 1
                 log.exception("on_batch callback failed")
-        for r, rows in zip(batch, results, strict=True):
-            r.future.set_result(rows)
+        _deliver(batch, results)
 
     def _fail(self, batch: list[_Request], error: BaseException) -> None:
         with self._cond:

@@ -126,7 +126,7 @@ class DataPlane:
                               "replica")
         future = self._submit(x, remaining, expected)
         try:
-            return await _within(asyncio.wrap_future(future), remaining)
+            return await _within(future, remaining)
         except (asyncio.TimeoutError, RequestTimeout):
             future.cancel()
             raise HTTPFailure(504, "timeout", late) from None
@@ -140,7 +140,7 @@ class DataPlane:
 
     def _submit(self, x: np.ndarray, timeout: float, expected: bool) -> Any:
         try:
-            return self.batcher.submit(x, timeout=timeout, expected=expected)
+            return self.batcher.submit(x, timeout=timeout, expected=expected, loop=asyncio.get_running_loop())
         except QueueFull as e:
             raise HTTPFailure(503, "overload", str(e), {"Retry-After": "1"}) from None
         except WorkerDied:

@@ -10,6 +10,8 @@ the request scope, batch sizes and inference times from the batcher's callback.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -49,6 +51,7 @@ class Metrics:
         self.queue = Gauge("vitdeploy_queue_depth", "Requests waiting for a batch", registry=registry)
         self.memory = Gauge("vitdeploy_request_memory_bytes", "Request work charged to the memory budget",
                             registry=registry)
+        self._answered: dict[str, tuple[Any, Any]] = {}
 
     def watch(self, plane: DataPlane) -> None:
         """The gauges read the data plane's queue and memory budget when scraped."""
@@ -60,8 +63,11 @@ class Metrics:
         self.inference.observe(seconds)
 
     def answered(self, endpoint: str, seconds: float) -> None:
-        self.latency.labels(endpoint).observe(seconds)
-        self.requests.labels(endpoint, "200").inc()
+        children = self._answered.get(endpoint)
+        if children is None:  # each endpoint's two series, looked up once (a lookup takes a lock and a tuple)
+            children = self._answered[endpoint] = (self.latency.labels(endpoint), self.requests.labels(endpoint, "200"))
+        children[0].observe(seconds)
+        children[1].inc()
 
     def failed(self, endpoint: str, e: HTTPFailure) -> None:
         self.errors.labels(endpoint, e.reason).inc()
@@ -73,6 +79,26 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class _RequestIds:
+    """Request ids unique to a server's lifetime: the process's random prefix and a counter (16 hex digits, as
+    a uuid4's first 16 were, without a getrandom call and a UUID object per request). A forked child draws
+    a prefix of its own."""
+
+    def __init__(self) -> None:
+        self.renew()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix, self.count = uuid.uuid4().hex[:8], itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.count) & 0xFFFFFFFF:08x}"
+
+
+next_request_id = _RequestIds().next
+
+
 class RequestScope:
     """One inference request's id, start, memory lease and endpoint; it answers and counts the outcome."""
 
@@ -80,7 +106,7 @@ class RequestScope:
         self.start, self.endpoint, self.plane, self.metrics = time.perf_counter(), endpoint, plane, metrics
         self.v2 = endpoint.startswith("v2")
         rid = request.headers.get("x-request-id", "")
-        self.rid = rid if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable() else uuid.uuid4().hex[:16]
+        self.rid = rid if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable() else next_request_id()
         self.lease = Lease(plane.budget)
         self.expected = plane.expect()  # a forming batch may wait for this request's input
 
