@@ -67,7 +67,10 @@ class ViTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embeddings(pixel_values)
+        return self.from_patches(self.patch_embeddings(pixel_values))
+
+    def from_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, N, hidden] (the patch embedding's output) -> the embeddings [B, N + 1, hidden]."""
         # [cls + pos0, patch_i + pos_i]: a zero row padded in front, then one constant table added.
         prefix = torch.cat([self.cls_token, torch.zeros_like(self.position_embeddings[:, 1:])], dim=1)
         embeddings = F.pad(patches, (0, 0, 1, 0)) + (prefix + self.position_embeddings)
@@ -223,7 +226,12 @@ class ViTForImageClassification(nn.Module):
                 module.use_sdpa = enabled
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_patches(self.vit.embeddings.patch_embeddings(pixel_values))
+
+    def logits_from_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The logits from patch tokens [B, N, hidden] (what the patch embedding makes of the pixels)."""
         # Only [CLS] reaches the classifier, so the last block computes only its row past the keys
         # and values (the same numbers as HF's full pass; ViT-B: 6.9% fewer FLOPs).
-        sequence = self.vit(pixel_values, cls_only=True)
+        vit = self.vit
+        sequence = vit.layernorm(vit.encoder(vit.embeddings.from_patches(patches), cls_only=True))
         return self.classifier(sequence[:, 0, :])
