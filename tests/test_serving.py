@@ -1,6 +1,7 @@
 """The batcher's guarantees under concurrency, the HTTP server over loopback, the Triton repository."""
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def _pieces(image, cuts):
 
     raw = image.tobytes()
     edges = [0, *cuts, len(raw)]
-    return Pieces([memoryview(raw[a:b]) for a, b in zip(edges, edges[1:])], image.dtype, image.shape)
+    return Pieces([memoryview(raw[a:b]) for a, b in itertools.pairwise(edges)], image.dtype, image.shape)
 
 
 def test_pieces_are_copied_into_their_own_rows(runtime):
