@@ -438,6 +438,9 @@ def test_uint8_input_equals_the_float_path(digits, digits_onnx, uint8_onnx, prec
         chain.append(node.op_type)
         name = node.output[0]
     assert chain == ["Cast", "Reshape", "Transpose", "Reshape"]  # the patches cut out of NHWC, then one projection
+    # the projection of raw pixels stays float in INT8, as the float graph's patch Conv does (fp16: cast to it)
+    (projection,) = [n for n in model.graph.node if name in n.input]
+    assert projection.op_type == ("Cast" if precision == "fp16" else "MatMul")
     meta = read_onnx_metadata(path)
     assert meta.extra["input"] == "uint8_nhwc" and meta.precision == precision
 

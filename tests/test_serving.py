@@ -167,6 +167,59 @@ def test_pieces_are_copied_into_their_own_rows(runtime):
         type(inputs[0])([memoryview(b"abc")], np.float32, SHAPE)
 
 
+def test_a_failure_while_dropping_refused_rows_fails_that_batch_only(runtime, monkeypatch):
+    """The screen refuses one request; putting the others' rows together without it fails (no memory): they
+    get the error, the worker lives on and serves the next batch."""
+    from vitdeploy.serving import batcher as batcher_module
+    from vitdeploy.serving.batcher import InputRefused
+
+    x = _inputs(3, seed=5)
+    expected = runtime.infer(x)
+    bad = x.copy()
+    bad[1, 0, 0, 0] = np.nan
+
+    class NoMemory:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def concatenate(self, *a, **kw):
+            raise MemoryError("injected: no memory for the batch")
+
+    def screen(rows):
+        return None if np.isfinite(rows).all() else "holds NaN"
+
+    with DynamicBatcher(runtime, max_batch_size=8, max_delay_ms=300, screen=screen) as batcher:
+        monkeypatch.setattr(batcher_module, "np", NoMemory())
+        futures = [batcher.submit(bad[i]) for i in range(3)]
+        with pytest.raises(InputRefused):
+            futures[1].result(10)
+        for i in (0, 2):
+            with pytest.raises(MemoryError):
+                futures[i].result(10)  # old code: the worker died and these waited forever
+        monkeypatch.undo()
+        assert batcher.alive and batcher.stats.failed == 3
+        assert np.abs(batcher.infer(x[0], timeout=10) - expected[0]).max() < 1e-4
+
+
+def test_body_chunks_read_and_joined_as_one():
+    """A body's chunks: any prefix and tail read as the joined bytes would; joining keeps one copy only."""
+    import random
+
+    from vitdeploy.serving.parsing import Body
+
+    rng = random.Random(3)
+    data = bytes(rng.randrange(256) for _ in range(5000))
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randrange(0, 6)))
+        edges = [0, *cuts, len(data)]
+        body = Body([data[a:b] for a, b in itertools.pairwise(edges)])
+        start = rng.randrange(0, len(data) + 1)
+        assert len(body) == len(data) and body.prefix(start) == data[:start]
+        assert b"".join(bytes(v) for v in body.views(start)) == data[start:]
+        assert all(len(v) for v in body.views(start))
+        assert body.joined() == data and len(body.chunks) == 1  # the chunks are let go once joined
+
+
 def test_asyncio_callers(runtime):
     x = _inputs(200, seed=1)
     expected = runtime.infer(x)

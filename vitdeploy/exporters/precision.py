@@ -35,7 +35,8 @@ CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percen
 
 def to_fp16(model: Any, keep_io_types: bool = True, keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32) -> Any:
     """FP32 ``onnx.ModelProto`` -> FP16 weights and compute; ``keep_io_types`` leaves I/O float32.
-    A uint8 input's preprocessing (Cast, scale, shift, Transpose) stays float32: see :func:`input_prefix`."""
+    A uint8 input's preprocessing (Cast, and the Reshape, Transpose, Reshape that cut out its patches) stays
+    float32: see :func:`input_prefix`."""
     import onnxscript.optimizer
     from onnxconverter_common import float16
 
@@ -95,14 +96,19 @@ def float_nodes(model: Any) -> list[str]:
 
     - MatMuls between two activations (Q·Kᵀ and P·V), as ModelOpt's ``--disable_mha_qdq`` does, so
       attention keeps its float path (TensorRT's fused MHA kernel) and no Q/DQ lands on Softmax;
-    - the patch-embedding Conv on raw pixels, whose input range is the normalized image's, unlike
-      the transformer's (no accuracy figure is claimed for this choice: see the README).
+    - the patch embedding on raw pixels, whose input range is the image's, unlike the transformer's
+      (no accuracy figure is claimed for this choice: see the README): the Conv, or for a uint8 input
+      the MatMul that projects the patches its in-graph preprocessing cut out (:func:`input_prefix`).
     """
     weights = {i.name for i in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     attention = [n.name for n in model.graph.node
                  if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
-    return attention + [n.name for n in model.graph.node if n.op_type == "Conv"]
+    prefix = set(input_prefix(model))
+    pixels = {o for n in model.graph.node if n.name in prefix for o in n.output}
+    projection = [n.name for n in model.graph.node
+                  if n.op_type in ("MatMul", "Gemm") and any(i in pixels for i in n.input)]
+    return attention + projection + [n.name for n in model.graph.node if n.op_type == "Conv"]
 
 
 def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iterator[np.ndarray],

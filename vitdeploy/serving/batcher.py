@@ -400,9 +400,15 @@ class DynamicBatcher:
             else:
                 r.future.set_exception(error)
         if len(kept) < len(batch):
+            failed = len(batch) - len(kept)
+            try:
+                x = np.concatenate(rows) if rows else x[:0]
+            except BaseException as e:  # no batch without the refused rows: the others fail, not the worker
+                for r in kept:
+                    r.future.set_exception(e)
+                failed, kept = len(batch), []
             with self._cond:
-                self.stats.failed += len(batch) - len(kept)
-            x = np.concatenate(rows) if rows else x[:0]
+                self.stats.failed += failed
         return kept, x
 
     def _run_batch(self, batch: list[_Request], buffer: _BatchBuffer) -> None:

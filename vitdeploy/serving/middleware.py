@@ -93,7 +93,11 @@ class _RequestIds:
         self.prefix, self.count = uuid.uuid4().hex[:8], itertools.count(1)
 
     def next(self) -> str:
-        return f"{self.prefix}{next(self.count) & 0xFFFFFFFF:08x}"
+        n = next(self.count)
+        if n > 0xFFFFFFFF:  # 2**32 requests: a new prefix before a number comes back
+            self.renew()
+            n = next(self.count)
+        return f"{self.prefix}{n:08x}"
 
 
 next_request_id = _RequestIds().next

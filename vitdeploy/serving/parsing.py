@@ -169,15 +169,27 @@ class Body:
         return self.size
 
     def joined(self) -> bytes | bytearray:
-        """The body as one buffer: one copy, none for a body of one chunk."""
-        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        """The body as one buffer: one copy, none for a body of one chunk. The joined buffer replaces the
+        chunks, so that the body is not held twice (what the memory budget is charged for)."""
+        if len(self.chunks) != 1:
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0]
 
     def prefix(self, end: int) -> bytes | bytearray:
-        """The first ``end`` bytes (copied only when they span chunks)."""
-        first = self.chunks[0] if self.chunks else b""
+        """The first ``end`` bytes: the whole body joined (:meth:`joined`), or a copy of the leading chunks
+        that hold them (none when the first chunk holds them all)."""
+        if end >= self.size:
+            return self.joined()
+        first = self.chunks[0]
         if end <= len(first):
             return first if end == len(first) else first[:end]
-        return self.joined()[:end]
+        parts, held = [], 0
+        for chunk in self.chunks:
+            parts.append(chunk)
+            held += len(chunk)
+            if held >= end:
+                break
+        return b"".join(parts)[:end]
 
     def views(self, start: int) -> list[memoryview]:
         """The bytes from ``start`` on, as views of the chunks (no copy)."""
