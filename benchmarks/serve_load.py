@@ -58,7 +58,7 @@ def tiny_model(folder: Path, uint8: bool) -> Path:
 
 def _load(url: str, model: Path, args: argparse.Namespace, concurrency: int) -> loadtest.LoadReport:
     return loadtest.run(url, NAME, [concurrency], args.requests, uint8=args.uint8, time_limit=args.time_limit,
-                        rows=args.rows, reference=model)
+                        rows=args.rows, reference=model, processes=args.client_processes)
 
 
 @contextlib.contextmanager
@@ -175,6 +175,8 @@ def main() -> None:
                     "the whole max delay, as Triton's does")
     ap.add_argument("--triton-instances", type=int, default=1)
     ap.add_argument("--only", choices=["vitdeploy", "triton"])
+    ap.add_argument("--client-processes", type=int, default=None, help="processes the clients are split over "
+                    "(default: vitdeploy bench --url's auto, one per 8 clients, at most one per CPU)")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per server and concurrency level")
     ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent.parent / ".cache")
     ap.add_argument("--json", type=Path)
@@ -198,7 +200,8 @@ def main() -> None:
     print(f"machine: {cpu_model()} ({usable_cpus()} cores; ISA {' '.join(cpu_flags()) or '-'}); "
           f"{model.name} ({r0.model.datatype} {r0.model.shape}), {args.requests} requests per level, "
           f"{args.rows} distinct inputs, every answer checked against ONNX Runtime here; each row the median of "
-          f"{args.rounds} rounds, the servers alternating")
+          f"{args.rounds} rounds, the servers alternating; client processes per level: "
+          f"{', '.join(f'{lv.processes} at {lv.concurrency}' for lv in r0.levels)}")
     for which, desc in servers.items():
         print(f"  {which}: {desc}")
     if args.json:

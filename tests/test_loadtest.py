@@ -152,6 +152,41 @@ def test_a_server_that_crosses_answers_fails_the_run(fake_server):
     assert "concurrency 1:" not in message  # one client alone is never crossed
 
 
+@pytest.mark.parametrize("fake_server", [True, False], indirect=True, ids=["crossing", "honest"])
+def test_clients_split_over_processes_are_all_counted_and_checked(fake_server, tmp_path):
+    """--processes 2: the level's 4 clients run in two processes started together; every request is
+    answered and counted once, and answers crossed between requests of different processes are caught."""
+    out = tmp_path / "load.json"
+    r = _bench("--url", fake_server.url, "--model", "fake", "--concurrency", "4", "--requests", "24", "--rows", "4",
+               "--processes", "2", "--json", str(out))
+    level = json.loads(out.read_text())["levels"][0]
+    assert level["processes"] == 2 and level["sent"] == 24, level
+    if not fake_server.swap:
+        assert r.exit_code == 0 and level["answered"] == 24 and level["bad"] == 0, r.output
+        assert 0 < level["p50_ms"] <= level["p99_ms"] and level["requests_per_s"] > 0
+        return
+    assert r.exit_code == 1 and level["crossed"] > 0, r.output
+    assert "answer(s) carried another request's rows" in r.output
+
+
+def test_client_processes_auto_and_given():
+    cpus = len(__import__("os").sched_getaffinity(0))
+    assert [loadtest.client_processes(c) for c in (1, 4, 8, 9)] == [1, 1, 1, min(2, cpus)]
+    assert loadtest.client_processes(64) == min(8, cpus)
+    assert (loadtest.client_processes(64, 3), loadtest.client_processes(2, 5)) == (3, 2)
+
+
+def test_a_failing_client_process_is_a_clear_error():
+    """A client process that fails (here: every client's address is refused) stops the level with its reason."""
+    info = loadtest.ModelInfo("fake", "x", "FP32", [2, 3], "y")
+    checker = loadtest.Checker(np.eye(4, dtype=np.float32), 1e-3)
+    with pytest.raises(loadtest.VitDeployError, match=r"load-test client process \d failed: VitDeployError: "
+                                                      r"--url 'http://h/x' is not a server address"):
+        loadtest.drive_level("http://h/x", info, np.zeros((4, 2, 3), np.float32), checker, 2, 4, 10.0, 5.0, 2)
+    r = _bench("--url", "http://127.0.0.1:1", "--model", "fake", "--processes", "0")
+    assert r.exit_code == 2 and "'0' is not a process count: give auto or a number >= 1" in r.output, r.output
+
+
 @pytest.mark.parametrize("fake_server", [False], indirect=True)
 def test_bench_url_user_errors(fake_server):
     for args, words in ((["--model", "other"], "has no model 'other'"),
@@ -230,14 +265,16 @@ def test_bench_url_uint8_against_vitdeploy_serve(uint8_onnx):
 
 def test_serve_load_script_runs_rounds_and_keeps_each_servers_median(serving_onnx, tmp_path):
     """benchmarks/serve_load.py end to end on `vitdeploy serve` alone: two rounds a level, one row per level
-    (the median round), the CPU named, every answer checked."""
+    (the median round), the CPU named, every answer checked, the clients of 3 split over 2 processes."""
     out = tmp_path / "load.json"
     r = subprocess.run([sys.executable, "benchmarks/serve_load.py", str(serving_onnx), "--only", "vitdeploy",
                         "--concurrency", "1,3", "--requests", "12", "--rows", "4", "--rounds", "2",
-                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--client-processes", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "machine: " in r.stdout and "median of 2 rounds" in r.stdout
+    assert "client processes per level: 1 at 1, 2 at 3" in " ".join(r.stdout.split())
     report = json.loads(out.read_text())["servers"]["vitdeploy"]
+    assert [lv["processes"] for lv in report["levels"]] == [1, 2]
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
     assert all(lv["answered"] == 12 and lv["crossed"] == lv["wrong"] == lv["errors"] == 0 for lv in report["levels"])
     assert "adaptive" in report["server"]

@@ -22,6 +22,9 @@ from vitdeploy.cli.common import int_list, json_option, open_artifact, split_lis
 @click.option("--time-limit", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="--url: seconds per concurrency level at most.")
 @click.option("--uint8", is_flag=True, help="--url: the model takes uint8 pixels (an --uint8-input export).")
+@click.option("--processes", default="auto", show_default=True,
+              help="--url: client processes a level's clients are split over (auto: one per 8 clients, at most "
+                   "one per CPU; one Python process's clients saturate its GIL near 2,000 requests/s).")
 @click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="--url: check every answer against this artifact's logits, computed here.")
 @click.option("--rows", type=click.IntRange(min=2), default=32, show_default=True,
@@ -49,7 +52,7 @@ from vitdeploy.cli.common import int_list, json_option, open_artifact, split_lis
 @click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
 @verify_options
 def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None, concurrency: str, requests: int,
-          time_limit: float, uint8: bool, reference: Path | None, rows: int, tolerance: float,
+          time_limit: float, uint8: bool, processes: str, reference: Path | None, rows: int, tolerance: float,
           backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
           qdq_activations: str, json_out: str | None,
@@ -61,7 +64,7 @@ def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None,
             raise click.UsageError("--url takes --model NAME and no artifacts; artifacts take no --url")
         clients = int_list(concurrency, "--concurrency: client counts")
         return _bench_url(url, served_model, clients, requests, time_limit, uint8, reference, rows, tolerance,
-                          json_out, plot_path, wide)
+                          json_out, plot_path, wide, _processes(processes))
     if not artifacts:
         raise click.UsageError("give artifacts to benchmark, or --url and --model to load-test a server")
     from vitdeploy.bench import run_bench
@@ -125,13 +128,27 @@ def _print_bench(report: Any, json_out: str | None, csv_path: Path | None, plot_
         report.write_plot(plot_path)
 
 
+def _processes(value: str) -> int | None:
+    """--processes: 'auto' -> None, else a positive count."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r} is not a process count: give auto or a number >= 1",
+                                 param_hint="--processes")
+    return n
+
+
 def _bench_url(url: str, model: str, concurrency: list[int], requests: int, time_limit: float, uint8: bool,
                reference: Path | None, rows: int, tolerance: float, json_out: str | None, plot_path: Path | None,
-               wide: bool) -> None:
+               wide: bool, processes: int | None = None) -> None:
     from vitdeploy.serving import loadtest
 
     report = loadtest.run(url, model, concurrency, requests, uint8=uint8, time_limit=time_limit, rows=rows,
-                          reference=reference, tolerance=tolerance)
+                          reference=reference, tolerance=tolerance, processes=processes)
     write_json(json_out, report.to_dict())
     if json_out == "-":
         if not report.ok:

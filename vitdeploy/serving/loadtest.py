@@ -95,6 +95,7 @@ class LevelResult:
     p99_ms: float
     mean_ms: float
     batches: ServerBatches | None = None
+    processes: int = 1  # client processes the clients were split over
     examples: list[str] = field(default_factory=list)  # the first few bad answers and errors, in words
 
     @property
@@ -150,13 +151,13 @@ class LoadReport:
 
         columns = [Column("clients", 0), Column("requests/s", 0), Column("p50 ms", 0), Column("p90 ms", 2),
                    Column("p99 ms", 0), Column("answered", 1), Column("bad", 0), Column("mean batch", 1),
-                   Column("batches", 3)]
+                   Column("batches", 3), Column("client procs", 3)]
         rows = []
         for lv in self.levels:
             b = lv.batches
             rows.append([str(lv.concurrency), f"{lv.requests_per_s:.1f}", f"{lv.p50_ms:.2f}", f"{lv.p90_ms:.2f}",
                          f"{lv.p99_ms:.2f}", f"{lv.answered}/{lv.sent}", str(lv.bad),
-                         f"{b.mean:.2f}" if b else "-", f"{b.batches:.0f}" if b else "-"])
+                         f"{b.mean:.2f}" if b else "-", f"{b.batches:.0f}" if b else "-", str(lv.processes)])
         source = next((lv.batches.source for lv in self.levels if lv.batches), None)
         caption = (f"{self.rows} distinct inputs, every answer checked against "
                    f"{'the reference ' + Path(self.reference).name if self.reference else 'its row'}"
@@ -400,29 +401,55 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3 if values else float("nan")
 
 
-def drive_level(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
-                time_limit: float, timeout: float = 60.0) -> LevelResult:
-    """``concurrency`` closed-loop clients share ``requests`` requests (request k sends row k % rows) until
-    all are sent or ``time_limit`` seconds have passed; every answer checked."""
+CLIENTS_PER_PROCESS = 8  # --processes auto: a client process per this many clients (one GIL each)
+_START_TIMEOUT = 120.0  # seconds for every client process to start and reach the starting line
+
+
+def client_processes(concurrency: int, processes: int | None = None) -> int:
+    """How many processes run ``concurrency`` clients: ``processes`` (None: one per
+    :data:`CLIENTS_PER_PROCESS` clients, at most one per usable CPU), never more than the clients."""
+    from vitdeploy.sysinfo import usable_cpus
+
+    if processes is None:
+        processes = min(-(-concurrency // CLIENTS_PER_PROCESS), usable_cpus())
+    return max(1, min(processes, concurrency))
+
+
+@dataclass
+class _Tally:
+    """One process's share of a level: what it sent and how each answer checked out."""
+
+    sent: int = 0
+    errors: int = 0
+    crossed: int = 0
+    wrong: int = 0
+    latencies: list[float] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+
+
+def _drive(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
+           time_limit: float, timeout: float, first: int = 0, stride: int = 1) -> _Tally:
+    """``concurrency`` client threads of this process share ``requests`` requests; request k sends row
+    ``(first + k * stride) % rows`` (a process's share of the level's requests)."""
     lock = threading.Lock()
-    state = {"next": 0, "errors": 0, "crossed": 0, "wrong": 0}
-    latencies: list[float] = []
-    examples: list[str] = []
+    tally = _Tally()
     deadline = time.perf_counter() + time_limit
 
     def take() -> int | None:
         with lock:
-            k = state["next"]
+            k = tally.sent
             if k >= requests or time.perf_counter() > deadline:
                 return None
-            state["next"] = k + 1
+            tally.sent = k + 1
             return k
 
     def client(_: int) -> None:
         sender = _Sender(url, info, x, timeout)
         try:
             while (k := take()) is not None:
-                row = k % len(x)
+                row = (first + k * stride) % len(x)
                 t = time.perf_counter()
                 try:
                     answer, status, why = sender.send(row), "", ""
@@ -433,36 +460,103 @@ def drive_level(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, conc
                     status, why = checker.check(row, answer)
                 with lock:
                     if answer is not None:
-                        latencies.append(dt)
+                        tally.latencies.append(dt)
                     if status != "ok":
-                        state[status] += 1
-                        if len(examples) < 5:
-                            examples.append(why)
+                        setattr(tally, status, getattr(tally, status) + 1)
+                        if len(tally.examples) < 5:
+                            tally.examples.append(why)
         finally:
             sender.close()
 
-    t0 = time.perf_counter()
+    tally.start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
-    wall = time.perf_counter() - t0
-    return LevelResult(concurrency, state["next"], len(latencies), state["errors"], state["crossed"],
-                       state["wrong"], wall, len(latencies) / wall if wall else 0.0, _percentile(latencies, 50),
+    tally.end = time.perf_counter()
+    return tally
+
+
+def _client_process(results: Any, barrier: Any, index: int, args: tuple[Any, ...]) -> None:
+    """A client process: imports its HTTP client, waits for the others, drives its share, reports it."""
+    try:
+        _th()
+        barrier.wait(_START_TIMEOUT)
+        results.put((index, _drive(*args), None))
+    except BaseException as e:  # reported to the parent, which raises it
+        results.put((index, None, f"{type(e).__name__}: {e}"[:300]))
+
+
+def _drive_processes(processes: int, url: str, info: ModelInfo, x: np.ndarray, checker: Checker,
+                     concurrency: int, requests: int, time_limit: float, timeout: float) -> list[_Tally]:
+    """The level's clients and requests split over ``processes`` processes (each with its own GIL, as
+    perf_analyzer's threads have none), started together."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads and sockets
+    results, barrier = ctx.Queue(), ctx.Barrier(processes)
+    procs = [ctx.Process(target=_client_process, daemon=True, args=(results, barrier, j, (
+        url, info, x, checker, concurrency // processes + (j < concurrency % processes),
+        requests // processes + (j < requests % processes), time_limit, timeout, j, processes)))
+        for j in range(processes)]
+    tallies: dict[int, _Tally] = {}
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + _START_TIMEOUT + time_limit + 2 * timeout
+        while len(tallies) < processes:
+            try:
+                j, tally, error = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    what = f"exited with {dead[0]}" if dead else "did not report in time"
+                    raise VitDeployError(f"a load-test client process {what}: run again, or with --processes 1"
+                                         ) from None
+                continue
+            if error is not None:
+                raise VitDeployError(f"load-test client process {j} failed: {error}")
+            tallies[j] = tally
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    return [tallies[j] for j in range(processes)]
+
+
+def drive_level(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
+                time_limit: float, timeout: float = 60.0, processes: int = 1) -> LevelResult:
+    """``concurrency`` closed-loop clients share ``requests`` requests until all are sent or ``time_limit``
+    seconds have passed, every answer checked. The clients are threads of ``processes`` processes (one GIL
+    each: one Python process's clients saturate its GIL near 2,000 requests/s)."""
+    processes = max(1, min(processes, concurrency, requests))
+    args = (url, info, x, checker, concurrency, requests, time_limit, timeout)
+    tallies = [_drive(*args)] if processes == 1 else _drive_processes(processes, *args)
+    latencies = [t for tally in tallies for t in tally.latencies]
+    wall = max(t.end for t in tallies) - min(t.start for t in tallies)
+    return LevelResult(concurrency, sum(t.sent for t in tallies), len(latencies), sum(t.errors for t in tallies),
+                       sum(t.crossed for t in tallies), sum(t.wrong for t in tallies), wall,
+                       len(latencies) / wall if wall else 0.0, _percentile(latencies, 50),
                        _percentile(latencies, 90), _percentile(latencies, 99),
-                       float(np.mean(latencies)) * 1e3 if latencies else float("nan"), examples=examples)
+                       float(np.mean(latencies)) * 1e3 if latencies else float("nan"),
+                       examples=[e for t in tallies for e in t.examples][:5], processes=processes)
 
 
 def run(url: str, model: str, concurrency: Sequence[int], requests: int = 200, uint8: bool = False,
         time_limit: float = 60.0, rows: int = 32, reference: str | Path | None = None, tolerance: float = 1e-3,
-        metrics_url: str | None = None, timeout: float = 60.0, seed: int = 0) -> LoadReport:
+        metrics_url: str | None = None, timeout: float = 60.0, seed: int = 0,
+        processes: int | None = None) -> LoadReport:
     """Drive the KServe v2 server at ``url`` at each concurrency level with ``requests`` one-row requests
     (``time_limit`` seconds at most per level); see the module's docstring for how answers are checked.
-    ``uint8``: the model must take UINT8 input (an export with --uint8-input)."""
+    ``uint8``: the model must take UINT8 input (an export with --uint8-input). The clients of a level are
+    threads of :func:`client_processes` processes (``processes``; None: one per 8 clients, at most one
+    per CPU)."""
     from vitdeploy.sysinfo import cpu_flags, cpu_model, usable_cpus
 
     if not concurrency or min(concurrency) < 1:
         raise VitDeployError("--concurrency needs positive client counts, e.g. 1,4,16,64")
-    if requests < 1 or rows < 2 or time_limit <= 0:
-        raise VitDeployError("--requests must be >= 1, --rows >= 2 and --time-limit > 0")
+    if requests < 1 or rows < 2 or time_limit <= 0 or (processes is not None and processes < 1):
+        raise VitDeployError("--requests must be >= 1, --rows >= 2, --time-limit > 0 and --processes >= 1")
     info = model_info(url, model, timeout)
     if uint8 and info.datatype != "UINT8":
         raise VitDeployError(f"--uint8: model {model!r} at {url} takes {info.datatype}, not UINT8: serve an export "
@@ -473,7 +567,7 @@ def run(url: str, model: str, concurrency: Sequence[int], requests: int = 200, u
                         {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": usable_cpus()})
     for c in concurrency:
         before = _batch_counts(url, model, metrics_url)
-        level = drive_level(url, info, x, checker, c, requests, time_limit, timeout)
+        level = drive_level(url, info, x, checker, c, requests, time_limit, timeout, client_processes(c, processes))
         level.batches = _batches_between(before, _batch_counts(url, model, metrics_url))
         report.unsent += requests - level.sent
         report.levels.append(level)
