@@ -160,6 +160,12 @@ def side_by_side(reports: dict[str, loadtest.LoadReport]) -> Any:
     return fit_table("requests/s and latency per concurrent clients", columns, rows, wide=True, caption=caption)
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count >= 1")
+    return int(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", help="a dynamic-batch ONNX (default: export a tiny ViT)")
@@ -175,7 +181,7 @@ def main() -> None:
                     "the whole max delay, as Triton's does")
     ap.add_argument("--triton-instances", type=int, default=1)
     ap.add_argument("--only", choices=["vitdeploy", "triton"])
-    ap.add_argument("--client-processes", type=int, default=None, help="processes the clients are split over "
+    ap.add_argument("--client-processes", type=_positive, default=None, help="processes the clients are split over "
                     "(default: vitdeploy bench --url's auto, one per 8 clients, at most one per CPU)")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per server and concurrency level")
     ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent.parent / ".cache")

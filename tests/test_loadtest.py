@@ -169,8 +169,6 @@ def test_clients_split_over_processes_are_all_counted_and_checked(fake_server, t
     assert "answer(s) carried another request's rows" in r.output
 
 
-@pytest.mark.xfail(strict=True, reason="review of e35ba05: a process's share of the requests is requests / processes, "
-                   "not in proportion to its clients; remove this mark with the fix")
 @pytest.mark.parametrize("fake_server", [(False, 0.3)], indirect=True)
 def test_uneven_client_split_keeps_every_client_busy(fake_server):
     """3 clients over 2 processes (2 + 1 clients): the level takes ceil(12 / 3) = 4 rounds of the server's
@@ -184,6 +182,73 @@ def test_uneven_client_split_keeps_every_client_busy(fake_server):
     assert level.seconds < 5 * 0.3, level  # 4 rounds (1.2 s) and slack; a static half split takes 6 (1.8 s)
 
 
+def test_client_processes_that_cannot_start_are_a_clear_error(monkeypatch):
+    """The second client process fails to start (the open-files limit): one line naming the fix, and the
+    first, already started, is ended."""
+    import multiprocessing.process
+
+    real, started = multiprocessing.process.BaseProcess.start, []
+
+    def start(self):
+        if started:
+            raise OSError(24, "Too many open files")
+        real(self)
+        started.append(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    info = loadtest.ModelInfo("fake", "x", "FP32", [2, 3], "y")
+    checker = loadtest.Checker(np.eye(4, dtype=np.float32), 1e-3)
+    with pytest.raises(loadtest.VitDeployError, match=r"could not start 2 load-test client processes \(\[Errno 24\] "
+                                                      r"Too many open files\): give fewer --processes"):
+        loadtest.drive_level("http://127.0.0.1:1", info, np.zeros((4, 2, 3), np.float32), checker, 2, 4, 10.0, 5.0, 2)
+    assert len(started) == 1 and started[0].exitcode is not None
+
+
+def _spawned_children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if d.name.isdigit() and int(stat[1]) == pid and b"spawn_main" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("fake_server", [(False, 0.05)], indirect=True)
+def test_client_processes_end_with_their_parent(fake_server):
+    """`bench --url` killed (SIGKILL, no clean-up) mid-level: its client processes stop loading the server."""
+    bench = subprocess.Popen([sys.executable, "-c", "from vitdeploy.cli import main; main()", "bench", "--url",
+                              fake_server.url, "--model", "fake", "--concurrency", "4", "--requests", "100000",
+                              "--rows", "3", "--processes", "2", "--time-limit", "60"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children := _spawned_children(bench.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(children) == 2, "the level's two client processes did not start"
+        time.sleep(1.0)
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(c) for c in children), "client processes outlived the killed load test"
+
+
 def test_client_processes_auto_and_given():
     cpus = len(__import__("os").sched_getaffinity(0))
     assert [loadtest.client_processes(c) for c in (1, 4, 8, 9)] == [1, 1, 1, min(2, cpus)]
@@ -195,8 +260,7 @@ def test_a_failing_client_process_is_a_clear_error():
     """A client process that fails (here: every client's address is refused) stops the level with its reason."""
     info = loadtest.ModelInfo("fake", "x", "FP32", [2, 3], "y")
     checker = loadtest.Checker(np.eye(4, dtype=np.float32), 1e-3)
-    with pytest.raises(loadtest.VitDeployError, match=r"load-test client process \d failed: VitDeployError: "
-                                                      r"--url 'http://h/x' is not a server address"):
+    with pytest.raises(loadtest.VitDeployError, match=r"^--url 'http://h/x' is not a server address"):
         loadtest.drive_level("http://h/x", info, np.zeros((4, 2, 3), np.float32), checker, 2, 4, 10.0, 5.0, 2)
     r = _bench("--url", "http://127.0.0.1:1", "--model", "fake", "--processes", "0")
     assert r.exit_code == 2 and "'0' is not a process count: give auto or a number >= 1" in r.output, r.output

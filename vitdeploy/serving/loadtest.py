@@ -417,7 +417,7 @@ def client_processes(concurrency: int, processes: int | None = None) -> int:
 
 @dataclass
 class _Tally:
-    """One process's share of a level: what it sent and how each answer checked out."""
+    """One process's part of a level: what its clients sent and how each answer checked out."""
 
     sent: int = 0
     errors: int = 0
@@ -429,27 +429,40 @@ class _Tally:
     end: float = 0.0
 
 
+class _LocalCounter:
+    """The level's next request number for the clients of one process (a ``multiprocessing.Value``'s
+    interface: ``value`` under ``get_lock()``); across processes it is a shared Value."""
+
+    def __init__(self) -> None:
+        self.value, self._lock = 0, threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
 def _drive(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
-           time_limit: float, timeout: float, first: int = 0, stride: int = 1) -> _Tally:
-    """``concurrency`` client threads of this process share ``requests`` requests; request k sends row
-    ``(first + k * stride) % rows`` (a process's share of the level's requests)."""
-    lock = threading.Lock()
+           time_limit: float, timeout: float, counter: Any = None) -> _Tally:
+    """``concurrency`` client threads draw request numbers k from ``counter`` (shared by every client of the
+    level, in every process) until ``requests`` are drawn or ``time_limit`` has passed; request k sends row
+    ``k % rows``. Interrupted (Ctrl-C), the clients stop after their request in flight."""
+    counter = counter if counter is not None else _LocalCounter()
+    lock, stop = threading.Lock(), threading.Event()
     tally = _Tally()
     deadline = time.perf_counter() + time_limit
 
     def take() -> int | None:
-        with lock:
-            k = tally.sent
-            if k >= requests or time.perf_counter() > deadline:
+        with counter.get_lock():
+            k = counter.value
+            if k >= requests or stop.is_set() or time.perf_counter() > deadline:
                 return None
-            tally.sent = k + 1
-            return k
+            counter.value = k + 1
+        return k
 
     def client(_: int) -> None:
         sender = _Sender(url, info, x, timeout)
         try:
             while (k := take()) is not None:
-                row = (first + k * stride) % len(x)
+                row = k % len(x)
                 t = time.perf_counter()
                 try:
                     answer, status, why = sender.send(row), "", ""
@@ -459,6 +472,7 @@ def _drive(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurren
                 if answer is not None:
                     status, why = checker.check(row, answer)
                 with lock:
+                    tally.sent += 1
                     if answer is not None:
                         tally.latencies.append(dt)
                     if status != "ok":
@@ -469,58 +483,98 @@ def _drive(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurren
             sender.close()
 
     tally.start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    pool = ThreadPoolExecutor(concurrency)
+    try:
         list(pool.map(client, range(concurrency)))
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     tally.end = time.perf_counter()
     return tally
 
 
-def _client_process(results: Any, barrier: Any, index: int, args: tuple[Any, ...]) -> None:
-    """A client process: imports its HTTP client, waits for the others, drives its share, reports it."""
+def _exit_with_parent() -> None:
+    """In a client process: exit when the parent does, even killed (no load left running, nothing blocked
+    writing its results to a parent that will never read them)."""
+    import multiprocessing
+    import os
+
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+
+
+def _client_process(results: Any, barrier: Any, counter: Any, index: int, args: tuple[Any, ...]) -> None:
+    """A client process: imports its HTTP client, waits for the others, drives its clients, reports."""
+    _exit_with_parent()
     try:
         _th()
-        barrier.wait(_START_TIMEOUT)
-        results.put((index, _drive(*args), None))
+        try:
+            barrier.wait(_START_TIMEOUT)
+        except threading.BrokenBarrierError:
+            raise VitDeployError(f"the load-test client processes did not all start within {_START_TIMEOUT:g} s: "
+                                 "give fewer --processes") from None
+        results.put((index, _drive(*args, counter=counter), None))
+    except VitDeployError as e:
+        results.put((index, None, str(e)))
     except BaseException as e:  # reported to the parent, which raises it
-        results.put((index, None, f"{type(e).__name__}: {e}"[:300]))
+        results.put((index, None, f"load-test client process {index} failed: {type(e).__name__}: {e}"[:300]))
+
+
+def _collect(results: Any, procs: list[Any], deadline: float) -> dict[int, _Tally]:
+    """Every client process's tally, read before any is joined (a process exits once its tally is read)."""
+    import queue
+
+    tallies: dict[int, _Tally] = {}
+    while len(tallies) < len(procs):
+        try:
+            j, tally, error = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p.exitcode for j, p in enumerate(procs) if j not in tallies and p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                what = f"exited with {dead[0]}" if dead else "did not report in time"
+                raise VitDeployError(f"a load-test client process {what}: run again, or with --processes 1") from None
+            continue
+        if error is not None:
+            raise VitDeployError(error)
+        tallies[j] = tally
+    return tallies
 
 
 def _drive_processes(processes: int, url: str, info: ModelInfo, x: np.ndarray, checker: Checker,
                      concurrency: int, requests: int, time_limit: float, timeout: float) -> list[_Tally]:
-    """The level's clients and requests split over ``processes`` processes (each with its own GIL, as
-    perf_analyzer's threads have none), started together."""
+    """The level's clients split over ``processes`` processes (each with its own GIL, as perf_analyzer's
+    threads have none), started together and drawing from one shared request counter."""
     import multiprocessing
-    import queue
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads and sockets
-    results, barrier = ctx.Queue(), ctx.Barrier(processes)
-    procs = [ctx.Process(target=_client_process, daemon=True, args=(results, barrier, j, (
-        url, info, x, checker, concurrency // processes + (j < concurrency % processes),
-        requests // processes + (j < requests % processes), time_limit, timeout, j, processes)))
-        for j in range(processes)]
-    tallies: dict[int, _Tally] = {}
+    results, barrier, counter = ctx.Queue(), ctx.Barrier(processes), ctx.Value("q", 0)
+    procs = [ctx.Process(target=_client_process, daemon=True, args=(results, barrier, counter, j, (
+        url, info, x, checker, concurrency // processes + (j < concurrency % processes), requests, time_limit,
+        timeout))) for j in range(processes)]
+    started: list[Any] = []
     try:
         for p in procs:
-            p.start()
-        deadline = time.monotonic() + _START_TIMEOUT + time_limit + 2 * timeout
-        while len(tallies) < processes:
             try:
-                j, tally, error = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    what = f"exited with {dead[0]}" if dead else "did not report in time"
-                    raise VitDeployError(f"a load-test client process {what}: run again, or with --processes 1"
-                                         ) from None
-                continue
-            if error is not None:
-                raise VitDeployError(f"load-test client process {j} failed: {error}")
-            tallies[j] = tally
-    finally:
-        for p in procs:
+                p.start()
+            except OSError as e:
+                raise VitDeployError(f"could not start {processes} load-test client processes ({e}): give fewer "
+                                     "--processes") from None
+            started.append(p)
+        tallies = _collect(results, started, time.monotonic() + _START_TIMEOUT + time_limit + 2 * timeout)
+    except BaseException:
+        for p in started:
+            p.kill()
+        for p in started:
             p.join(5)
-            if p.is_alive():
-                p.kill()
+        raise
+    for p in started:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
     return [tallies[j] for j in range(processes)]
 
 
@@ -550,7 +604,8 @@ def run(url: str, model: str, concurrency: Sequence[int], requests: int = 200, u
     (``time_limit`` seconds at most per level); see the module's docstring for how answers are checked.
     ``uint8``: the model must take UINT8 input (an export with --uint8-input). The clients of a level are
     threads of :func:`client_processes` processes (``processes``; None: one per 8 clients, at most one
-    per CPU)."""
+    per CPU). More than one process are spawned, which re-imports the caller's main module: a script
+    calling this needs ``if __name__ == "__main__":``, or ``processes=1``."""
     from vitdeploy.sysinfo import cpu_flags, cpu_model, usable_cpus
 
     if not concurrency or min(concurrency) < 1:
