@@ -731,3 +731,25 @@ def test_fuzz_plan_file(tmp_path_factory, doc):
     from vitdeploy.engines.plan import TunePlan
 
     _refused_or_valid(_read_plan_file(tmp_path_factory.getbasetemp()), doc, TunePlan)
+
+
+# --- issue 29: a golden set nested too deep -------------------------------------------------------------
+@pytest.mark.parametrize("command", ["verify", "predict"])
+def test_golden_metadata_nested_100000_deep_is_one_line(tmp_path, command):
+    """A golden set of 100,000 nested arrays: json raises RecursionError; verify and predict give one line
+    naming the golden set (exit 1), never a traceback."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from vitdeploy.cli import main
+
+    deep = "[" * 100_000 + "]" * 100_000
+    model = tiny_onnx(tmp_path / "m.onnx", meta=good_metadata(), props={"vitdeploy.golden": deep})
+    image = tmp_path / "i.png"
+    Image.new("RGB", (9, 9)).save(image)
+    args = ["verify", str(model)] if command == "verify" else ["predict", "--model", str(model), str(image)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and not isinstance(r.exception, RecursionError), r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "golden set" in last and "nested too deep" in last, r.output

@@ -230,6 +230,9 @@ class GoldenSet:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GoldenError(f"{where} is not JSON ({type(e).__name__}): re-export with `vitdeploy export`") from None
+        except RecursionError:  # json's parser recurses per nesting level
+            raise GoldenError(f"{where} is nested too deep to be a golden set: re-export with `vitdeploy export`"
+                              ) from None
         return cls.from_dict(data, where)
 
     @classmethod
