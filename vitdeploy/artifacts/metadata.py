@@ -16,10 +16,16 @@ if TYPE_CHECKING:
     from vitdeploy.artifacts.golden import GoldenSet
 
 PREFIX = "vitdeploy."
-KNOWN = ("version", "config", "preprocessing", "labels", "precision", "batch", "source", "source_sha256")
+KNOWN = ("version", "config", "preprocessing", "labels", "precision", "batch", "source", "source_sha256",
+         "task", "output_name", "output_size", "normalized")
 REQUIRED = KNOWN[:6]
-JSON_FIELDS = ("config", "preprocessing", "labels")  # the fields ONNX metadata_props hold as JSON text
+# the fields ONNX metadata_props hold as JSON text (the rest are plain strings)
+JSON_FIELDS = ("config", "preprocessing", "labels", "output_size", "normalized")
 MAX_LABELS = 1 << 20
+MAX_OUTPUT = 1 << 20
+# task -> the name of the ONNX output (and of every runtime's output) that task has
+TASK_OUTPUTS = {"classification": "logits", "embedding": "embeddings"}
+TASKS = tuple(TASK_OUTPUTS)
 
 
 @dataclass
@@ -34,7 +40,21 @@ class ArtifactMetadata:
     batch: str  # "dynamic" or the static batch size
     source: str = ""
     source_sha256: str = ""
+    task: str = "classification"  # "classification" (logits) | "embedding" (one vector per image)
+    output_name: str = ""  # the ONNX output; "" reads as the task's own (TASK_OUTPUTS)
+    output_size: int = 0  # values per image; 0 reads as config.num_labels for classification
+    normalized: bool = False  # embeddings L2-normalized in the graph
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.output_name:
+            self.output_name = TASK_OUTPUTS.get(self.task, "")
+        if not self.output_size and self.task == "classification":
+            self.output_size = _num_labels(self.config)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.task == "embedding"
 
     @property
     def golden(self) -> GoldenSet | None:
@@ -53,6 +73,10 @@ class ArtifactMetadata:
             "batch": self.batch,
             "source": self.source,
             "source_sha256": self.source_sha256,
+            "task": self.task,
+            "output_name": self.output_name,
+            "output_size": json.dumps(self.output_size),
+            "normalized": json.dumps(self.normalized),
             **self.extra,
         }
         return {PREFIX + k: v for k, v in props.items()}
@@ -61,7 +85,8 @@ class ArtifactMetadata:
         return {
             "version": self.version, "config": self.config, "preprocessing": self.preprocessing,
             "labels": self.labels, "precision": self.precision, "batch": self.batch, "source": self.source,
-            "source_sha256": self.source_sha256, **self.extra,
+            "source_sha256": self.source_sha256, "task": self.task, "output_name": self.output_name,
+            "output_size": self.output_size, "normalized": self.normalized, **self.extra,
         }
 
     @classmethod
@@ -74,7 +99,7 @@ class ArtifactMetadata:
         missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise VitDeployError(f"artifact metadata lacks {', '.join(missing)}: re-export with `vitdeploy export`")
-        for key in ("version", "precision", "batch", "source", "source_sha256"):
+        for key in ("version", "precision", "batch", "source", "source_sha256", "task", "output_name"):
             if key in d and not isinstance(d[key], str):
                 raise _bad(f"field {key} is a {type(d[key]).__name__}, not a string")
         labels = d["labels"]
@@ -83,9 +108,10 @@ class ArtifactMetadata:
         config = d["config"]
         if not isinstance(config, dict):
             raise _bad("config is not an object")
-        num_labels = config.get("num_labels", 1)
+        num_labels = _num_labels(config)
         if type(num_labels) is not int or not 1 <= num_labels <= MAX_LABELS:
             raise _bad(f"config.num_labels {num_labels!r} is not a count from 1 to {MAX_LABELS}")
+        _check_output(d, num_labels)
         from vitdeploy.preprocess import Preprocessing
 
         Preprocessing.from_dict(d["preprocessing"])  # its own one-line error
@@ -110,6 +136,31 @@ class ArtifactMetadata:
 
 class NoMetadataError(VitDeployError):
     """An ONNX without vitdeploy metadata (a plain ONNX: it runs, with no labels or preprocessing)."""
+
+
+def _num_labels(config: dict[str, Any]) -> Any:
+    return config.get("num_labels", 1)
+
+
+def _check_output(d: dict[str, Any], num_labels: int) -> None:
+    """The task and its output, as an artifact states them (absent: a classifier's ``logits``, as every
+    artifact written before embeddings)."""
+    task = d.get("task", "classification")
+    if task not in TASK_OUTPUTS:
+        raise _bad(f"task {task!r} is not one of {', '.join(TASKS)}")
+    name = d.get("output_name", TASK_OUTPUTS[task])
+    if name != TASK_OUTPUTS[task]:
+        raise _bad(f"output_name {name!r} is not {TASK_OUTPUTS[task]!r}, the {task} output")
+    size = d.get("output_size", num_labels if task == "classification" else None)
+    if type(size) is not int or not 1 <= size <= MAX_OUTPUT:
+        raise _bad(f"output_size {size!r} is not a count from 1 to {MAX_OUTPUT}")
+    if task == "classification" and size != num_labels:
+        raise _bad(f"output_size {size} differs from config.num_labels {num_labels}")
+    normalized = d.get("normalized", False)
+    if type(normalized) is not bool:
+        raise _bad(f"field normalized is {normalized!r}, not true or false")
+    if normalized and task != "embedding":
+        raise _bad("says normalized, which only an embedding output can be")
 
 
 def _bad(problem: str) -> VitDeployError:
