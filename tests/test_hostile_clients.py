@@ -622,3 +622,150 @@ def test_fuzz_routes_never_500(runtime):
     print(f"\nfuzz: {len(seen)} requests ({sum(FUZZ_EXAMPLES.values())} examples), codes "
           f"{dict(sorted((k, seen.count(k)) for k in set(seen)))}")
     assert len(seen) >= math.floor(0.9 * (FUZZ_EXAMPLES['v1'] + 2 * FUZZ_EXAMPLES['v2'] + 2 * FUZZ_EXAMPLES['headers']))
+
+
+# -- issue 29, item 1: a uint8 model; no request's type can fail another's ------------------------------------------
+U8_SHAPE = (64, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def u8_runtime(hf_folders, tmp_path_factory):
+    """The small ViT exported with its preprocessing in the graph: UINT8 NHWC pixels in."""
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    path = export_onnx(hf_folders["p16-w48"], tmp_path_factory.mktemp("u8") / "u8.onnx",
+                       options=ExportOptions(dynamic_batch=True, uint8_input=True)).path
+    with open_runtime(path, threads=1) as rt:
+        assert rt.spec.dtype == "uint8" and rt.spec.shape == U8_SHAPE
+        yield rt
+
+
+def _pixels(rows, seed):
+    return np.random.default_rng(seed).integers(0, 256, (rows, *U8_SHAPE), dtype=np.uint8)
+
+
+def _u8_request(kind, rows, seed, name):
+    """(path, body, headers, valid pixels or None) for one request of ``kind`` on the uint8 model."""
+    px = _pixels(rows, seed)
+    f32 = px.astype(np.float32)
+    v1_json = {"content-type": "application/json"}
+    v1_bin = {"content-type": "application/octet-stream", "x-shape": ",".join(map(str, px.shape))}
+    v2 = {"name": name, "datatype": "UINT8", "shape": list(px.shape)}
+    if kind == "v2_binary":
+        head = json.dumps({"inputs": [{**v2, "parameters": {"binary_data_size": px.nbytes}}]}).encode()
+        return "/v2/models/m/infer", head + px.tobytes(), {"inference-header-content-length": str(len(head))}, px
+    if kind == "v2_json":
+        return "/v2/models/m/infer", json.dumps({"inputs": [{**v2, "data": px.ravel().tolist()}]}).encode(), {}, px
+    if kind == "v1_json":  # float numbers that are whole pixels: converted for this request alone
+        return "/v1/logits", json.dumps({"inputs": f32.tolist()}).encode(), v1_json, px
+    if kind == "v1_binary":
+        return "/v1/logits", f32.tobytes(), v1_bin, px
+    bad = f32.copy()
+    bad.flat[seed % bad.size] = {"v1_fraction": 0.5, "v1_range": 256.0, "v1_negative": -1.0, "v1_nan": np.nan,
+                                 "v1_binary_fraction": 17.25}.get(kind, 0.0)
+    if kind == "v1_binary_fraction":
+        return "/v1/logits", bad.tobytes(), v1_bin, None
+    if kind.startswith("v1_"):
+        return "/v1/logits", json.dumps({"inputs": bad.tolist()}).encode(), v1_json, None
+    data = px.ravel().tolist()
+    if kind == "v2_range":
+        data[seed % len(data)] = 300
+        return "/v2/models/m/infer", json.dumps({"inputs": [{**v2, "data": data}]}).encode(), {}, None
+    if kind == "v2_fraction":
+        data[seed % len(data)] = 2.5
+        return "/v2/models/m/infer", json.dumps({"inputs": [{**v2, "data": data}]}).encode(), {}, None
+    assert kind == "v2_fp32"
+    body = {"inputs": [{**v2, "datatype": "FP32", "data": f32.ravel().tolist()}]}
+    return "/v2/models/m/infer", json.dumps(body).encode(), {}, None
+
+
+U8_VALID = ["v2_binary", "v2_json", "v1_json", "v1_binary"]
+U8_INVALID = ["v1_fraction", "v1_range", "v1_negative", "v1_nan", "v1_binary_fraction", "v2_range", "v2_fraction",
+              "v2_fp32"]
+
+
+def _logits_of(r, path):
+    body = r.json()
+    return np.array(body["logits"] if path == "/v1/logits" else body["outputs"][0]["data"]).reshape(-1, 7)
+
+
+def test_uint8_model_takes_float_json_on_v1_logits_alone(u8_runtime):
+    """/v1/logits JSON (and float32 bytes) on a uint8 model: whole numbers 0..255 are this request's pixels
+    (old code: 500, the float32 batch failed the runtime's input check); anything else is a 400 naming the fix."""
+    import httpx
+
+    px = _pixels(2, 5)
+    want = u8_runtime.infer(px)
+    with Server(u8_runtime) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        for kind in ("v1_json", "v1_binary"):
+            path, body, headers, _ = _u8_request(kind, 2, 5, u8_runtime.spec.name)
+            r = c.post(path, content=body, headers=headers)
+            assert r.status_code == 200, (kind, r.text)
+            assert np.abs(_logits_of(r, path) - want).max() < 1e-4
+        for kind in U8_INVALID:
+            path, body, headers, _ = _u8_request(kind, 1, 3, u8_runtime.spec.name)
+            r = c.post(path, content=body, headers=headers)
+            assert r.status_code == 400 and ("0 to 255" in r.text or "takes UINT8" in r.text), (kind, r.text)
+
+
+def test_uint8_mixed_clients_each_valid_request_gets_its_own_200(u8_runtime):
+    """Property (issue 29, item 1): any mix of valid and invalid requests on a uint8 model, sent at once from any
+    number of clients into shared batches (a fixed 15 ms batching delay), gives every valid request a 200 with
+    its own logits and every invalid one a 400. Old code: a float request turned its whole batch float32, and
+    every request in that batch failed with 500."""
+    import httpx
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    name = u8_runtime.spec.name
+    requests = st.lists(st.tuples(st.sampled_from(U8_VALID + U8_INVALID), st.integers(1, 3),
+                                  st.integers(0, 10_000)), min_size=2, max_size=10)
+    with Server(u8_runtime, max_delay_ms=15, adaptive_delay=False) as srv:
+        clients = [httpx.Client(base_url=srv.url, timeout=20) for _ in range(6)]
+
+        @settings(deadline=None, derandomize=True, database=None, max_examples=30,
+                  suppress_health_check=list(HealthCheck))
+        @given(reqs=requests, n_clients=st.integers(1, 6))
+        def mixed(reqs, n_clients):
+            made = [_u8_request(kind, rows, seed, name) for kind, rows, seed in reqs]
+            want = [None if px is None else u8_runtime.infer(px) for *_, px in made]
+            start = threading.Barrier(n_clients)
+
+            def client(i):
+                start.wait()
+                return [(j, clients[i].post(made[j][0], content=made[j][1], headers=made[j][2]))
+                        for j in range(i, len(made), n_clients)]
+
+            with ThreadPoolExecutor(n_clients) as pool:
+                answers = [a for part in pool.map(client, range(n_clients)) for a in part]
+            for j, r in answers:
+                if want[j] is None:
+                    assert r.status_code == 400, (reqs[j], r.status_code, r.text[:200])
+                else:
+                    assert r.status_code == 200, (reqs[j], r.status_code, r.text[:200])
+                    assert np.abs(_logits_of(r, made[j][0]) - want[j]).max() < 1e-3, reqs[j]
+
+        try:
+            mixed()
+        finally:
+            for c in clients:
+                c.close()
+        batches = srv.app.state.batcher.stats
+        assert batches.batches < batches.requests  # requests did share batches
+        assert srv.app.state.memory_budget.used == 0
+
+
+def test_batcher_refuses_a_type_its_model_cannot_take_alone(u8_runtime):
+    """The batcher's own guard, for callers that skip the parser: float pixels for a uint8 model are refused at
+    submit (ValueError, a 400 in the server), and uint8 requests queued beside them all run. Old code queued
+    them, and the float request turned the whole batch float32, failing every request in it."""
+    from vitdeploy.serving import DynamicBatcher
+
+    good = [_pixels(1, s) for s in range(4)]
+    with DynamicBatcher(u8_runtime, max_batch_size=8, max_delay_ms=50) as batcher:
+        futures = [batcher.submit(good[0]), batcher.submit(good[1])]
+        with pytest.raises(ValueError, match="takes uint8 pixels"):
+            batcher.submit(good[2].astype(np.float32))
+        futures += [batcher.submit(good[2]), batcher.submit(good[3])]
+        for px, f in zip(good, futures, strict=True):
+            assert np.abs(f.result(10) - u8_runtime.infer(px)).max() < 1e-4

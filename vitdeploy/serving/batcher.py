@@ -22,8 +22,9 @@ callback) fails only that batch's requests and never the worker; should the work
 every pending request fails with :class:`WorkerDied`, :attr:`alive` turns False and new requests are
 refused at once; an input ``screen`` refuses fails only its own request (:class:`InputRefused`; a screen is a
 rule on each element, so a batch passes it when each of its requests does);
-:meth:`shutdown` drains (or fails) what is pending. Each future is resolved exactly
-once.
+:meth:`shutdown` drains (or fails) what is pending; a batch is assembled in the model's input type, and
+a request of a type that cannot be cast to it (float pixels for a uint8 model) is refused at
+:meth:`submit`, alone, never inside a batch. Each future is resolved exactly once.
 """
 
 from __future__ import annotations
@@ -286,6 +287,11 @@ class DynamicBatcher:
             raise ValueError(f"a request holds 1..{self.max_batch_size} images, got {rows}")
         if tuple(arr.shape[1:]) != tuple(self.runtime.spec.shape):
             raise ValueError(f"image shape {tuple(arr.shape[1:])} does not match the model's {self.runtime.spec.shape}")
+        want = np.dtype(self.runtime.spec.dtype)
+        if arr.dtype != want and not (want.kind == "f" and arr.dtype.kind == "f"):
+            # refused here, alone: in a batch it could only fail the batch (a batch holds the model's one type)
+            raise ValueError(f"input of type {arr.dtype}: the model takes {want}"
+                             + (" pixels (whole numbers 0..255)" if want == np.uint8 else ""))
         return arr, single
 
     async def submit_async(self, x: Any, timeout: float | None = None) -> np.ndarray:
@@ -356,7 +362,8 @@ class DynamicBatcher:
             return batch
 
     def _loop(self) -> None:
-        buffer = _BatchBuffer(self.max_batch_size)  # this worker's own: its batch is in flight until it returns
+        # this worker's own (its batch is in flight until it returns), in the model's input type
+        buffer = _BatchBuffer(self.max_batch_size, np.dtype(self.runtime.spec.dtype))
         try:
             while True:
                 batch = self._take()
@@ -495,16 +502,17 @@ class _BatchBuffer:
     in the serving process: :func:`vitdeploy.serving.limits.return_large_frees`) and fault in every page of
     every batch, with the worker holding the GIL."""
 
-    def __init__(self, max_batch: int) -> None:
-        self.max_batch = max_batch
+    def __init__(self, max_batch: int, dtype: np.dtype) -> None:
+        self.max_batch, self.dtype = max_batch, dtype
         self.rows: np.ndarray | None = None
 
     def assemble(self, parts: list[np.ndarray | Pieces]) -> np.ndarray:
         """``np.concatenate(parts)`` (each :class:`Pieces` copied in from its buffers), into this buffer: a
-        view of it, valid until the next call."""
+        view of it, valid until the next call. The batch has the model's input type, whatever its parts
+        hold (never a type taken from the parts: one odd request would change every request's batch)."""
         first = parts[0]
-        dtype = np.result_type(*(p.dtype for p in parts))
-        if self.rows is None or self.rows.dtype != dtype or self.rows.shape[1:] != first.shape[1:]:
+        dtype = self.dtype
+        if self.rows is None or self.rows.shape[1:] != first.shape[1:]:
             self.rows = None  # the old one goes before the new one is made
             self.rows = np.empty((self.max_batch, *first.shape[1:]), dtype)
         start = 0

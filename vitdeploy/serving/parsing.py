@@ -41,6 +41,7 @@ class ModelIO:
                  labels: list[str] | None = None, num_labels: int = -1) -> None:
         self.spec, self.input_name, self.output_name = spec, input_name, output_name
         self.datatype, self.max_batch = datatype, max_batch
+        self.dtype = np.dtype(spec.dtype)  # every request's tensor is made this type as it is parsed
         self.shape = tuple(int(d) for d in spec.shape)
         self.labels, self.num_labels = labels or [], num_labels
 
@@ -411,13 +412,34 @@ def parse_v2_request(body: Body, headers: Any, model: ModelIO, lease: Lease, int
 
 
 def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) -> np.ndarray:
+    # whole-number types are read as float64 (exact for them) and checked, where numpy would truncate 3.7 to 3
+    read = np.float64 if dtype.kind in "iu" else dtype
     try:
-        x = np.asarray(data, dtype=dtype)
+        x = np.asarray(data, dtype=read)
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise bad_input(f"input {model.input_name!r}: data is not a list of {model.datatype} numbers") from None
     if x.size != math.prod(shape):
         raise bad_input(f"input {model.input_name!r}: {x.size} values for shape {shape} ({math.prod(shape)} needed)")
-    return x.reshape(shape)
+    return in_model_type(x.reshape(shape), model)
+
+
+def in_model_type(x: np.ndarray, model: ModelIO) -> np.ndarray:
+    """``x`` as the model's input type, decided here, for this request alone (a batch then holds one type).
+    A float model takes any float (the batch casts it); a pixel (uint8) model takes numbers that are whole
+    and within 0..255, converted here; anything else is a 400 that names the fix."""
+    want = model.dtype
+    if x.dtype == want or (want.kind == "f" and x.dtype.kind == "f"):
+        return x
+    if want.kind == "u" and x.dtype.kind in "fiu":
+        info = np.iinfo(want)
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = x.astype(want)
+            # one pass: NaN, infinities, fractions and values out of range do not survive the round trip
+            if np.array_equal(y, x):
+                return y
+        raise bad_input(f"input {model.input_name!r} takes {model.datatype} pixels: whole numbers from {info.min} "
+                        f"to {info.max} (the resized image, not normalized); send those, or an image to /v1/classify")
+    raise bad_input(f"input {model.input_name!r} takes {model.datatype}; this request holds {x.dtype} values")
 
 
 def _v2_output_options(req: dict[str, Any], model: ModelIO) -> tuple[bool, str | None]:
@@ -486,7 +508,8 @@ def inflate(body: bytes | bytearray, encoding: str, intake: Intake, lease: Lease
 
 def decode_tensor(chunks: Body, dims: tuple[int, ...] | None, model: ModelIO, lease: Lease,
                    intake: Intake) -> np.ndarray:
-    """/v1/logits: float32 bytes shaped by X-Shape (``dims``, checked before the body was read), or JSON."""
+    """/v1/logits: float32 bytes shaped by X-Shape (``dims``, checked before the body was read), or JSON; in
+    the model's input type (:func:`in_model_type`: a pixel model takes whole numbers 0..255)."""
     shape = model.shape
     body = chunks.joined()  # here, in a worker thread, not on the event loop
     if dims is not None:
@@ -508,4 +531,4 @@ def decode_tensor(chunks: Body, dims: tuple[int, ...] | None, model: ModelIO, le
     if tuple(x.shape[1:]) != tuple(shape):
         raise bad_input(f"tensor shape {tuple(x.shape)} does not match the model's [n, {', '.join(map(str, shape))}]")
     model.check_rows(x.shape[0])
-    return x
+    return in_model_type(x, model)
