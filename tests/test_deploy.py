@@ -307,6 +307,20 @@ def test_report_html_escapes_every_text(bundle):
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page
 
 
+def test_report_html_csp_allows_only_its_own_script_by_hash(bundle):
+    """script-src names the page's one inline script by its SHA-256 (as a browser computes it over the
+    script's text), with no 'unsafe-inline': an injected script or event handler would not run."""
+    page = (bundle.out / "report.html").read_text()
+    csp = unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)[1])
+    directives = {d.split()[0]: d.split()[1:] for d in csp.split(";") if d.strip()}
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert len(scripts) == 1
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert directives["script-src"] == [f"'sha256-{digest}'"]
+    assert "'unsafe-inline'" not in directives["script-src"] and "'unsafe-eval'" not in csp
+    assert directives["default-src"] == ["'none'"]
+
+
 def test_report_html_of_a_bundle_with_nothing_measured(bundle):
     """No row benchmarked or evaluated, no golden set: the page still renders, saying so."""
     report = {**bundle.report, "rows": [{**r, "latency_ms": {}, "throughput": {}, "paths": {}, "accuracy": None}
