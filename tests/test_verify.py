@@ -160,6 +160,82 @@ def test_a_tampered_artifact_fails_verify_naming_the_image(golden_onnx, tmp_path
     assert "golden image 'synthetic-" in r.output and "DRIFT" in r.output
 
 
+# --- the tolerance comes from the artifact's real precision (issue 29, item 4) --------------------------------
+def _with_golden(src: Path, dst: Path, edit) -> Path:
+    """A copy of ``src`` whose golden set (its JSON, as a dict) ``edit`` changed."""
+    import onnx
+
+    model = onnx.load(str(src))
+    prop = next(p for p in model.metadata_props if p.key == "vitdeploy.golden")
+    data = json.loads(prop.value)
+    edit(data)
+    prop.value = json.dumps(data)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _edit_logits(data: dict, change) -> None:
+    for im in data["images"]:
+        logits = np.frombuffer(base64.b64decode(im["logits"]), "<f4")
+        im["logits"] = base64.b64encode(change(logits).astype("<f4").tobytes()).decode()
+
+
+def test_a_golden_set_cannot_loosen_its_own_tolerance(golden_onnx, tmp_path):
+    """Classes swapped (each image's stored logits rolled by one) and a stored tolerance that lets anything
+    through: the FP32 artifact is held to FP32's tolerance, and fails."""
+    def lax_and_swapped(data: dict) -> None:
+        data["tolerance"] = {"max_abs_rel": 1e9, "min_cosine": 0.0, "top1_margin": 1e9}
+        _edit_logits(data, lambda v: np.roll(v, 1))
+
+    bad = _with_golden(golden_onnx, tmp_path / "lax.onnx", lax_and_swapped)
+    report = verify_artifact(bad, backend="onnxruntime")
+    assert report.failed, report.to_dict()
+    verdict = report.results[0].verdict
+    assert verdict.precision == "fp32" and verdict.tolerance == {**TOLERANCES["fp32"], "top1_margin": 0.05}
+    assert "max abs error" in report.reason()
+    r = CliRunner().invoke(main, ["verify", str(bad)])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("Error: drift: lax.onnx"), r.output
+
+
+def test_a_golden_set_claiming_fp8_in_an_fp32_artifact_gets_fp32s_tolerance(golden_onnx, tmp_path):
+    """The set says fp8 (with fp8's tolerance, 0.8 x scale); the graph has no Q/DQ: fp32's applies, so
+    logits off by 0.2 x scale are drift."""
+    from vitdeploy.artifacts.golden import tolerance_for
+
+    def claim_fp8(data: dict) -> None:
+        data["precision"], data["tolerance"] = "fp8", tolerance_for("fp8")
+        _edit_logits(data, lambda v: v + 0.2 * max(1.0, float(np.abs(v).max())))
+
+    bad = _with_golden(golden_onnx, tmp_path / "fp8-claim.onnx", claim_fp8)
+    report = verify_artifact(bad, backend="onnxruntime")
+    assert report.failed and report.results[0].verdict.precision == "fp32", report.to_dict()
+    # a stored tolerance tighter than the precision's is kept
+    tight = _with_golden(golden_onnx, tmp_path / "tight.onnx", lambda d: d["tolerance"].update(max_abs_rel=1e-12))
+    assert verify_artifact(tight, backend="onnxruntime").results[0].verdict.tolerance["max_abs_rel"] == 1e-12
+
+
+def test_the_precision_is_read_from_the_graph(digits_onnx, tmp_path):
+    """Real exports read as what they are, and pass their golden sets with that precision's tolerance; a
+    hand-made graph with an FP8 DequantizeLinear reads as fp8."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vitdeploy.verify import artifact_precision
+
+    for name in ("fp32", "fp16", "int8"):
+        assert artifact_precision(digits_onnx[name]) == name
+    report = verify_artifact(digits_onnx["int8"], backend="onnxruntime")
+    assert report.passed and report.results[0].verdict.precision == "int8"
+    w = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [2], [1.0, 2.0])
+    graph = helper.make_graph([helper.make_node("DequantizeLinear", ["w", "s"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [w, helper.make_tensor("s", TensorProto.FLOAT, [], [1.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.save(model, str(tmp_path / "fp8.onnx"))
+    assert artifact_precision(tmp_path / "fp8.onnx") == "fp8"
+
+
 # --- first load -------------------------------------------------------------------------------------------
 @pytest.fixture
 def count_checks(monkeypatch):
@@ -168,9 +244,9 @@ def count_checks(monkeypatch):
     calls = []
     real = verify.verify_runtime
 
-    def spy(rt, golden, options=None):
+    def spy(rt, golden, options=None, precision=None):
         calls.append(rt.describe())
-        return real(rt, golden, options)
+        return real(rt, golden, options, precision)
 
     monkeypatch.setattr(verify, "verify_runtime", spy)
     return calls

@@ -116,6 +116,77 @@ def write_golden_tensors(path: str | Path, folder: str | Path) -> Path:
     return out / "golden_tensors.json"
 
 
+# --- the artifact's real precision ------------------------------------------------------------------------
+# Integer kernels ONNX Runtime's quantizer writes without Q/DQ nodes
+_INTEGER_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear",
+                "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QGemm"}
+
+
+def _format_of(data_type: int) -> str:
+    """An ONNX element type -> the number format it stores (fp32 for full-precision and non-float types)."""
+    from onnx import TensorProto as T
+
+    if data_type in (T.FLOAT16,):
+        return "fp16"
+    if data_type in (T.BFLOAT16,):
+        return "bf16"
+    if data_type in (T.INT8, T.UINT8, T.INT16, T.UINT16):
+        return "int8"
+    narrow = {getattr(T, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "INT4",
+                                       "UINT4", "FLOAT4E2M1") if hasattr(T, n)}
+    return "fp8" if data_type in narrow else "fp32"
+
+
+def graph_precision(model: Any) -> str:
+    """The lossiest number format an ONNX graph computes in, read from the graph itself (never from its
+    metadata): Q/DQ nodes by the type of their quantized tensors (int8, fp8), integer kernels (int8),
+    float16 or bfloat16 weights, constants, casts or inputs (fp16, bf16); fp32 otherwise."""
+    from onnx import TensorProto as T
+
+    from vitdeploy.artifacts.golden import LOSSINESS
+
+    g = model.graph
+    halves = (T.FLOAT16, T.BFLOAT16)
+    types = {t.name: t.data_type for t in g.initializer}
+    used = [*types.values(), *(v.type.tensor_type.elem_type for v in [*g.input, *g.output])]
+    found = {"fp32"}
+    for node in g.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and "value" in attrs:
+            types[node.output[0]] = attrs["value"].t.data_type
+            used.append(attrs["value"].t.data_type)
+        elif node.op_type == "Cast" and "to" in attrs:
+            used.append(attrs["to"].i)
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            # the quantized side: the zero point's type, a DQ's stored input, Q's output_dtype; else uint8
+            names = [*node.input[2:3], *(node.input[:1] if node.op_type == "DequantizeLinear" else [])]
+            quantized = [types[n] for n in names if n in types] + (
+                [attrs["output_dtype"].i] if "output_dtype" in attrs else [])
+            found |= {f for f in map(_format_of, quantized) if f in ("int8", "fp8")} or {"int8"}
+        elif node.op_type in _INTEGER_OPS:
+            found.add("int8")
+    found |= {_format_of(t) for t in used if t in halves}
+    return max(found, key=LOSSINESS.index)
+
+
+def artifact_precision(path: str | Path) -> str | None:
+    """The number format ``path`` really computes in: an ONNX's from its graph (:func:`graph_precision`);
+    an engine's as its build recorded it in the sidecar; None for anything else (a checkpoint: fp32)."""
+    from vitdeploy.artifacts.golden import LOSSINESS
+
+    kind = artifact_kind(path)
+    if kind == "onnx":
+        from vitdeploy.io import load_onnx_graph
+
+        return graph_precision(load_onnx_graph(path))
+    if kind == "engine":
+        from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
+
+        recorded = EngineSidecar.read(path).precision
+        return recorded if recorded in LOSSINESS else "fp8"  # unknown: the loosest floor, never the set's claim
+    return None
+
+
 # --- running the check --------------------------------------------------------------------------------
 @dataclass
 class PathResult:
@@ -135,10 +206,12 @@ def compute_precision(options: Mapping[str, Any] | None) -> str | None:
     return {"bf16": "bf16", "f16": "fp16"}.get(str((options or {}).get("precision_hint")))
 
 
-def verify_runtime(rt: Runtime, golden: GoldenSet, options: Mapping[str, Any] | None = None) -> list[PathResult]:
+def verify_runtime(rt: Runtime, golden: GoldenSet, options: Mapping[str, Any] | None = None,
+                   precision: str | None = None) -> list[PathResult]:
     """Run ``golden`` through ``rt`` (opened with ``options``): decode, ``rt``'s preprocessing (from its
     metadata), inference. A tuned plan's paths are each checked (its throughput path runs batches the
-    golden set would not), each with the tolerance of the format it computes in."""
+    golden set would not), each with the tolerance of the format it computes in. ``precision``: the
+    artifact's real one (:func:`artifact_precision`); the golden set's tolerance may only be tighter."""
     from vitdeploy.engines.plan import PlannedRuntime
 
     paths = [(rt, compute_precision(options))]
@@ -151,7 +224,7 @@ def verify_runtime(rt: Runtime, golden: GoldenSet, options: Mapping[str, Any] | 
     out = []
     for r, compute in paths:
         t0 = time.perf_counter()
-        verdict = golden.check(r.infer(rt.preprocess(images)), compute=compute)
+        verdict = golden.check(r.infer(rt.preprocess(images)), compute=compute, precision=precision)
         out.append(PathResult(r.describe(), verdict, time.perf_counter() - t0))
     return out
 
@@ -245,7 +318,7 @@ def verify_artifact(path: str | Path, backend: str = "auto", device: str = "auto
             return report
     with open_runtime(path, backend=backend, device=device, **options) as rt:
         report.labels = rt.labels
-        report.results = verify_runtime(rt, golden, options)
+        report.results = verify_runtime(rt, golden, options, artifact_precision(path))
     return report
 
 
@@ -259,7 +332,7 @@ def warm_up(rt: Runtime, batch_sizes: Iterable[int]) -> dict[int, float]:
     seconds = {}
     for batch in sorted(set(batch_sizes)):
         t0 = time.perf_counter()
-        rt.infer(np.repeat(one, batch, axis=0))
+        rt.warm(np.repeat(one, batch, axis=0))  # on every instance (each TensorRT slot captures its own)
         seconds[batch] = time.perf_counter() - t0
     return seconds
 
@@ -396,7 +469,7 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False,
     results = _cached(entries, _key_hash(key))
     outcome = FirstLoad(results or [], results is not None)
     if results is None:
-        outcome.results = verify_runtime(rt, golden, options)
+        outcome.results = verify_runtime(rt, golden, options, artifact_precision(path))
         _store(path, entries, key, outcome.results)
     bad = next((r for r in outcome.results if not r.verdict.passed), None)
     if bad is not None:

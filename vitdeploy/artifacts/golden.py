@@ -64,6 +64,13 @@ def tolerance_for(precision: str) -> dict[str, float]:
     return {**COMPUTE_TOLERANCES[precision], "top1_margin": TOP1_MARGIN[precision]}
 
 
+def tightened(stored: Mapping[str, float], floor: Mapping[str, float]) -> dict[str, float]:
+    """``floor``'s fields, each replaced by ``stored``'s where that is tighter: a stored tolerance may only
+    be tighter than the one of the artifact's real precision, never looser. A ``min_*`` field is a lower
+    bound (higher is tighter); every other field is an upper bound (lower is tighter)."""
+    return {k: (max if k.startswith("min_") else min)(float(stored.get(k, v)), v) for k, v in floor.items()}
+
+
 def lossier(a: str, b: str | None) -> str:
     """The lossier of two number formats (``a`` when ``b`` is None or unknown)."""
     if b is None or b not in LOSSINESS or a not in LOSSINESS:
@@ -190,18 +197,21 @@ class GoldenSet:
 
         return [open_image(im.png) for im in self.images]
 
-    def check(self, outputs: np.ndarray, compute: str | None = None) -> GoldenVerdict:
-        """Compare a runtime's logits for :meth:`decoded` (in order) with the stored ones; ``compute``: the
-        format the runtime computes in, when lossier than the artifact's (its tolerance applies then)."""
+    def check(self, outputs: np.ndarray, compute: str | None = None, precision: str | None = None) -> GoldenVerdict:
+        """Compare a runtime's logits for :meth:`decoded` (in order) with the stored ones. ``precision``: the
+        artifact's real precision, read from its graph (None: the set's own claim, for a set just made); the
+        stored tolerance applies only where it is tighter than that precision's. ``compute``: the format the
+        runtime computes in, when lossier than the artifact's (that format's tolerance applies then)."""
         out = np.asarray(outputs, dtype=np.float32)
         want = (len(self.images), self.images[0].logits.size)
         if out.shape != want:
             raise GoldenError(f"the runtime gave logits of shape {out.shape} for the golden set, expected {want}: "
                               "the artifact and its golden set describe different models")
-        precision = lossier(self.precision, compute)
-        tol = self.tolerance if precision == self.precision else tolerance_for(precision)
+        real = precision or self.precision
+        effective = lossier(real, compute)
+        tol = tolerance_for(effective) if effective != real else tightened(self.tolerance, tolerance_for(real))
         rows = [_row(im.name, im.logits, out[i], tol) for i, im in enumerate(self.images)]
-        return GoldenVerdict(precision, dict(tol), rows)
+        return GoldenVerdict(effective, dict(tol), rows)
 
     # -- (de)serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
