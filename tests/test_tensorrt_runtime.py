@@ -27,6 +27,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -55,26 +56,62 @@ class WrongDevice(AssertionError):
     pass
 
 
+class ProfileClash(AssertionError):
+    pass
+
+
+class Busy(AssertionError):
+    """Memory freed, or a context, stream or graph destroyed, while work that uses it is queued."""
+
+
+LEGACY_STREAM = 0  # CUDA's legacy default stream: torch's default stream
+TORCH_MEMORY: dict[int, np.ndarray] = {}  # the fake torch tensors' device memory, by address
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    """What the fake engine computes: each row's sum plus the label index (float32 [n, 10])."""
+    return x.reshape(len(x), -1).astype(np.float64).sum(1, keepdims=True).astype(np.float32) + np.arange(10)
+
+
 class FakeCuda:
-    """The CUDA layer's interface over a timeline: ops queued per stream (with the memory they touch),
-    waits between streams, graph capture, the last error, and each thread's current device."""
+    """The CUDA layer's interface over a device that computes: each copy or enqueue is queued on its
+    stream and runs only when that stream is synchronized (or an event it recorded is waited for by a
+    stream being synchronized). Device memory holds bytes; a copy moves them when it runs, so a read
+    of host output before its copy ran sees stale data. It also enforces: races between streams on
+    the same memory, one optimization profile per context in concurrent use, freeing or destroying
+    anything with queued work, CUDA graph capture rules, the legacy stream during a blocking stream's
+    capture (906), and each thread's current device."""
 
     name = "fake"
     can_capture = True
 
-    def __init__(self, fail_malloc_at: int | None = None, invalidate_capture: bool = False) -> None:
+    def __init__(self, fail_malloc_at: int | None = None, invalidate_capture: bool = False,
+                 fail_instantiate: bool = False, blocking_streams: bool = False) -> None:
         self.ids = itertools.count(1)
         self.mutex = threading.RLock()
-        self.pending: dict[int, dict[int, frozenset | None]] = {}  # stream -> {op: memory it touches}
+        self.pending: dict[int, dict[int, frozenset | None]] = {}  # stream -> {op: memory it touches}, not yet run
+        self.queued: dict[int, list[tuple[int, object]]] = {}  # stream -> [(op, run)] in order
         self.waited: dict[int, set[int]] = {}  # stream -> ops it is ordered after (through events)
+        self.done: set[int] = set()
+        self.cost: dict[int, float] = {}  # op -> its time on the device (ms), for event timing
+        self.last_op: dict[int, int] = {}
+        self.stream_of: dict[int, int] = {}
+        self.copies: set[int] = set()  # ops that read or write pinned host memory
+        self.writers: dict[int, object] = {}  # execution op -> its first half (writing its scratch)
+        self.profile_of: dict[int, tuple] = {}  # execution op -> (engine, profile)
+        self.graph_of: dict[int, int] = {}  # op -> the graph whose launch queued it
         self.capturing: set[int] = set()
         self.captured: dict[int, list[dict]] = {}  # stream -> executions recorded by its capture
         self.invalid: dict[int, str] = {}  # stream -> why its capture is invalidated
         self.invalidate_capture = invalidate_capture
+        self.fail_instantiate = fail_instantiate
+        self.blocking_streams = blocking_streams
+        self.check_races = True
         self.last_error: str | None = None
-        self.allocs: set[int] = set()
+        self.allocs: dict[int, np.ndarray] = {}  # ptr -> its bytes
+        self.scratch_own: dict[object, np.ndarray] = {}  # memory a context allocated itself
         self.pinned_arrays: list[np.ndarray] = []
-        self.streams: set[int] = set()
+        self.streams: dict[int, bool] = {}  # stream -> blocking
         self.events: set[int] = set()
         self.graphs: dict[int, list[dict]] = {}
         self.freed: list[str] = []
@@ -108,39 +145,105 @@ class FakeCuda:
     def clear_error(self) -> None:
         self.last_error = None
 
-    def queue(self, stream: int, touches: frozenset | None = None) -> int:
-        """An op on ``stream``; ``touches=None``: it may touch any memory."""
+    # -- the queue -------------------------------------------------------------------------------
+    def _legacy(self, stream: int) -> None:
+        """The legacy stream during a blocking stream's capture: cudaErrorStreamCaptureImplicit (906),
+        and the capture is invalidated (CUDA runtime docs, cudaStreamIsCapturing)."""
+        if stream != LEGACY_STREAM:
+            return
+        blocking = [s for s in self.capturing if self.streams.get(s)]
+        if blocking:
+            for s in blocking:
+                self.invalid[s] = "the legacy stream used during the capture"
+            raise cuda_memory.CudaError("cudaEventRecord failed: cudaErrorStreamCaptureImplicit (906)")
+
+    def queue(self, stream: int, touches: frozenset | None = None, run: object = None, cost: float = 0.0) -> int:
+        """An op on ``stream`` that runs ``run()`` when the stream gets there; ``touches=None``: any memory."""
         with self.mutex:
+            self._legacy(stream)
+            assert stream == LEGACY_STREAM or stream in self.streams, f"op on stream {stream}: not created or destroyed"
             op = next(self.ids)
             self.pending.setdefault(stream, {})[op] = touches
+            self.queued.setdefault(stream, []).append((op, run))
+            self.cost[op] = cost
+            self.last_op[stream] = op
+            self.stream_of[op] = stream
             return op
 
-    def execute(self, stream: int, touches: frozenset) -> int:
-        """A TensorRT execution on ``stream``: unfinished work on its memory elsewhere must be ordered before."""
+    def _run_until(self, stream: int, target: int | None) -> None:
+        """Run ``stream``'s queued ops in order, up to ``target`` (all when None)."""
+        with self.mutex:
+            ops = self.queued.get(stream, [])
+            while ops and (target is None or ops[0][0] <= target):
+                op, run = ops.pop(0)
+                if run is not None:
+                    run()
+                self.pending.get(stream, {}).pop(op, None)
+                self.done.add(op)
+
+    def _complete(self, ops: set[int]) -> None:
+        for stream in list(self.queued):
+            mine = [op for op, _ in self.queued.get(stream, []) if op in ops]
+            if mine:
+                self._run_until(stream, max(mine))
+
+    def execute(self, stream: int, touches: frozenset, run: object = None, profile: tuple | None = None,
+                cost: float = 1.0, graph: int | None = None, writer: object = None) -> int:
+        """A TensorRT execution on ``stream``: unfinished work on its memory, or on its optimization profile,
+        on another stream must be ordered before it."""
         with self.mutex:
             waited = self.waited.get(stream, set())
             for other, ops in self.pending.items():
                 for op, mem in ops.items():
-                    if other != stream and op not in waited and (mem is None or mem & touches):
+                    if other == stream or op in waited:
+                        continue
+                    if self.check_races and (mem is None or mem & touches):
                         raise Race(f"context runs on stream {stream} while stream {other} has unordered work "
                                    "on the same memory in flight")
-            op = self.queue(stream, touches)
+                    if profile is not None and self.profile_of.get(op) == profile:
+                        raise ProfileClash(f"two contexts on optimization profile {profile[1]} run at once (streams "
+                                           f"{other} and {stream}): each context in concurrent use needs its own")
+            op = self.queue(stream, touches, run, cost)
+            if profile is not None:
+                self.profile_of[op] = profile
+            if graph is not None:
+                self.graph_of[op] = graph
+            if writer is not None:
+                self.writers[op] = writer
             self.executions.append((stream, op))
             return op
 
-    # memory (256-byte aligned, like cudaMalloc)
+    # -- memory (256-byte aligned, like cudaMalloc) ------------------------------------------------
     def malloc(self, nbytes: int) -> int:
         with self.mutex:
             self.mallocs += 1
             if self.mallocs == self.fail_malloc_at:
                 raise cuda_memory.CudaError("cudaMalloc failed: cudaErrorMemoryAllocation")
-            ptr = next(self.ids) * 4096
-            self.allocs.add(ptr)
+            ptr = (1 << 40) + next(self.ids) * (1 << 24)
+            self.allocs[ptr] = np.zeros(nbytes, np.uint8)
             return ptr
+
+    def buffer(self, ptr: object, nbytes: int) -> np.ndarray:
+        """``nbytes`` of device memory at ``ptr`` (ours, a fake torch tensor's, or a context's own)."""
+        if not isinstance(ptr, int):
+            return self.scratch_own.setdefault(ptr, np.zeros(max(nbytes, 1 << 12), np.uint8))[:nbytes]
+        for base, data in itertools.chain(self.allocs.items(), TORCH_MEMORY.items()):
+            if base <= ptr < base + len(data):
+                assert ptr + nbytes <= base + len(data), f"{nbytes} bytes at {ptr:#x}: past the allocation's end"
+                return data[ptr - base:ptr - base + nbytes]
+        return TORCH_MEMORY.setdefault(ptr, np.zeros(max(nbytes, 1 << 16), np.uint8))[:nbytes]  # a raw address
+
+    def _busy(self, what: str, test) -> None:
+        with self.mutex:
+            for stream, ops in self.pending.items():
+                for op, mem in ops.items():
+                    if test(op, mem):
+                        raise Busy(f"{what} while stream {stream} has queued work that uses it")
 
     def free(self, ptr: int) -> None:
         assert ptr in self.allocs, f"free of {ptr}: not allocated (double free?)"
-        self.allocs.remove(ptr)
+        self._busy(f"cudaFree({ptr:#x})", lambda op, mem: mem is not None and ptr in mem)
+        del self.allocs[ptr]
         self.freed.append("device")
 
     def pinned(self, shape: tuple[int, ...], dtype: object) -> np.ndarray:
@@ -149,26 +252,34 @@ class FakeCuda:
         return arr
 
     def free_pinned(self) -> None:
+        self._busy("cudaFreeHost", lambda op, mem: op in self.copies)
         if self.pinned_arrays:
             self.freed.append("pinned")
         self.pinned_arrays.clear()
 
-    # streams
+    # -- streams and copies --------------------------------------------------------------------
     def stream(self) -> int:
         s = next(self.ids)
-        self.streams.add(s)
+        self.streams[s] = self.blocking_streams
         return s
 
     def destroy_stream(self, stream: int) -> None:
         assert stream in self.streams
-        self.streams.remove(stream)
+        self._busy(f"cudaStreamDestroy({stream})", lambda op, mem: op in self.pending.get(stream, {}))
+        del self.streams[stream]
         self.freed.append("stream")
 
     def htod(self, dst: int, src: np.ndarray, stream: int) -> None:
-        self.queue(stream, frozenset({dst}))
+        def run() -> None:  # reads the host buffer when it runs, as an async copy from pinned memory does
+            self.buffer(dst, src.nbytes)[:] = src.reshape(-1).view(np.uint8)
+
+        self.copies.add(self.queue(stream, frozenset({dst}), run, cost=src.nbytes / 1e4))
 
     def dtoh(self, dst: np.ndarray, src: int, stream: int) -> None:
-        self.queue(stream, frozenset({src}))
+        def run() -> None:
+            dst.reshape(-1).view(np.uint8)[:] = self.buffer(src, dst.nbytes)
+
+        self.copies.add(self.queue(stream, frozenset({src}), run, cost=dst.nbytes / 1e4))
 
     def sync(self, stream: int) -> None:
         assert stream not in self.capturing, "stream synchronize during capture invalidates it"
@@ -178,30 +289,50 @@ class FakeCuda:
         time.sleep(self.sync_delay)  # the GPU working
         with self.mutex:
             self.in_sync -= 1
+            self._run_until(stream, None)
             self.pending.pop(stream, None)
 
-    # events
+    # -- events ------------------------------------------------------------------------------------
     def event(self) -> dict:
-        e = {"id": next(self.ids), "ops": set()}
+        e = {"id": next(self.ids), "ops": set(), "stream": None, "mark": 0}
         self.events.add(e["id"])
         return e
 
     def record(self, event: dict, stream: int) -> None:
         with self.mutex:
+            self._legacy(stream)
             event["ops"] = set(self.pending.get(stream, {})) | self.waited.get(stream, set())
+            event["stream"], event["mark"] = stream, self.last_op.get(stream, 0)
 
     def wait_event(self, stream: int, event: dict) -> None:
         with self.mutex:
-            self.waited.setdefault(stream, set()).update(event["ops"])
+            ops = set(event["ops"])
+            self.waited.setdefault(stream, set()).update(ops)
+            self.queue(stream, frozenset(), lambda: self._complete(ops))  # runs the event's work first
 
     def elapsed_ms(self, start: dict, end: dict) -> float:
-        return 0.25
+        """The device time between two events, which must both have completed (cudaErrorNotReady otherwise)."""
+        with self.mutex:
+            if not (start["ops"] | end["ops"]) <= self.done:
+                raise cuda_memory.CudaError("cudaEventElapsedTime failed: cudaErrorNotReady")
+            return sum(self.cost[op] for op in range(start["mark"] + 1, end["mark"] + 1)
+                       if self.stream_of.get(op) == end["stream"])
+
+    def concurrent(self, op: int, stream: int, memory: object) -> None:
+        """What a GPU may do while ``op`` runs: executions queued on other streams, not ordered with it, on
+        the same scratch memory run their first half now (writing that scratch under ``op``)."""
+        for other, ops in list(self.pending.items()):
+            if other == stream or op in self.waited.get(other, set()):
+                continue
+            for o, mem in list(ops.items()):
+                if o in self.writers and mem and memory in mem and o not in self.waited.get(stream, set()):
+                    self.writers[o]()
 
     def destroy_event(self, event: dict) -> None:
         self.events.remove(event["id"])
         self.freed.append("event")
 
-    # graphs
+    # -- graphs --------------------------------------------------------------------------------------
     def begin_capture(self, stream: int) -> None:
         assert stream not in self.capturing
         self.capturing.add(stream)
@@ -212,7 +343,8 @@ class FakeCuda:
         """An execution recorded (not run) by a capture, with the context's state it bakes in."""
         if self.invalidate_capture:
             self.invalid[stream] = "an operation not permitted under capture"
-        self.captured[stream].append({"context": context, "state": context.state(), "touches": touches})
+        self.captured[stream].append({"context": weakref.ref(context), "state": context.state(),
+                                      "touches": touches})
 
     def end_capture(self, stream: int) -> int:
         self.capturing.discard(stream)
@@ -220,6 +352,9 @@ class FakeCuda:
         if self.invalid.pop(stream, None):
             self.last_error = "cudaErrorStreamCaptureInvalidated"
             raise cuda_memory.CaptureInvalidated("cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated")
+        if self.fail_instantiate:
+            self.last_error = "cudaErrorInvalidValue"
+            raise cuda_memory.CudaError("cudaGraphInstantiate failed: cudaErrorInvalidValue")
         g = next(self.ids)
         self.graphs[g] = recorded
         return g
@@ -227,20 +362,25 @@ class FakeCuda:
     def launch(self, graph: int, stream: int) -> None:
         assert graph in self.graphs, "launch of a destroyed graph"
         for rec in self.graphs[graph]:
-            context = rec["context"]
+            context = rec["context"]()
+            assert context is not None, "a graph replayed after its execution context was destroyed"
             context.on_device()
             if context.state() != rec["state"]:
                 raise StaleGraph(f"graph captured with {rec['state']} replayed on a context now at {context.state()}")
-            self.execute(stream, rec["touches"])
+            context.enqueue(stream, graph=graph)
         self.launches += 1
 
     def destroy_graph(self, graph: int) -> None:
+        self._busy(f"cudaGraphExecDestroy({graph})", lambda op, mem: self.graph_of.get(op) == graph)
         del self.graphs[graph]
         self.freed.append("graph")
 
 
 class FakeContext:
-    """An execution context with TensorRT's documented contract (see the module docstring)."""
+    """An execution context with TensorRT's documented contract (see the module docstring). Its enqueue
+    computes :func:`expected` of the input it is bound to, through its scratch memory: it writes each
+    row's sum there and reads it back, so two contexts on one scratch block running at once give a
+    wrong answer (a context running beside an unfinished one on the same memory is also a Race)."""
 
     def __init__(self, gpu: FakeCuda, engine: object, user_managed: bool, fail_in_capture: bool, rtx: bool,
                  config: object = None) -> None:
@@ -252,8 +392,9 @@ class FakeContext:
         self.memory: object = None if user_managed else ("own", id(self))
         self.shape: tuple | None = None
         self.addresses: dict[str, int] = {}
-        self.changes = 0  # shape or address changes: each one changes the context's internal state
-        self.ran: set[tuple] = set()  # shapes enqueued plainly (TensorRT's lazy setup done)
+        self.profile = 0  # TensorRT selects profile 0 for a new context
+        self.changes = 0  # shape, address or profile changes: each one changes the context's internal state
+        self.ran: set[tuple] = set()  # shapes whose plain enqueue has run on the device (lazy setup done)
         self.error = engine.error  # TensorRT reports through the runtime's logger
 
     def on_device(self) -> None:
@@ -264,12 +405,21 @@ class FakeContext:
     def state(self) -> tuple:
         """What a captured graph bakes in. Setting a shape back to the captured one does not restore it:
         TensorRT's internal state for the shapes in between has replaced it."""
-        return self.shape, tuple(sorted(self.addresses.items())), self.memory, self.changes
+        return self.shape, tuple(sorted(self.addresses.items())), self.memory, self.profile, self.changes
 
     def set_device_memory(self, memory: int, size: int) -> None:
         assert self.user_managed, "set_device_memory on a context that allocates its own memory"
         assert memory % 256 == 0 and size >= self.engine.device_memory_size_v2, "scratch too small or misaligned"
         self.memory = memory
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.on_device()
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            self.error(f"setOptimizationProfileAsync: profile {index} of {self.engine.num_optimization_profiles}")
+            return False
+        self.changes += index != self.profile
+        self.profile = index
+        return True
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         shape = tuple(shape)
@@ -288,6 +438,30 @@ class FakeContext:
         self.addresses[name] = ptr
         return True
 
+    def enqueue(self, stream: int, graph: int | None = None) -> None:
+        """Queue this context's kernels on ``stream``, with the shapes and addresses set now."""
+        gpu, shape, memory, me = self.gpu, self.shape, self.memory, weakref.ref(self)
+        n, in_dtype = shape[0], self.engine.in_dtype
+        ptr_in, ptr_out = self.addresses["pixel_values"], self.addresses["logits"]
+        holder: dict = {}
+
+        def write() -> None:  # the first half: each row's sum into the scratch memory
+            x = gpu.buffer(ptr_in, int(np.prod(shape)) * in_dtype.itemsize).view(in_dtype).reshape(shape)
+            gpu.buffer(memory, n * 4).view(np.float32)[:] = expected(x)[:, 0]
+
+        def run() -> None:
+            if me() is None:
+                raise Busy("an execution context was destroyed while its work was queued")
+            write()
+            gpu.concurrent(holder["op"], stream, memory)  # whatever runs beside us on this scratch block
+            sums = gpu.buffer(memory, n * 4).view(np.float32)
+            gpu.buffer(ptr_out, n * 40).view(np.float32).reshape(n, 10)[:] = sums[:, None] + np.arange(10)
+            me().ran.add(shape)
+
+        touches = frozenset({memory, ptr_in, ptr_out})
+        holder["op"] = gpu.execute(stream, touches, run, (id(self.engine), self.profile), cost=1.0 + n / 100,
+                                   graph=graph, writer=write)
+
     def execute_async_v3(self, stream: int) -> bool:
         self.on_device()
         gpu = self.gpu
@@ -296,16 +470,15 @@ class FakeContext:
             return False
         if self.memory is None or self.shape is None or set(self.addresses) != {"pixel_values", "logits"}:
             return False
-        touches = frozenset({self.memory, *self.addresses.values()})
         if stream in gpu.capturing:
+            touches = frozenset({self.memory, *self.addresses.values()})
             if self.rtx:
                 gpu.invalid[stream] = "TensorRT-RTX engine not built with REQUIRE_USER_ALLOCATION"
             elif self.shape not in self.ran:
-                gpu.invalid[stream] = "TensorRT's lazy setup inside capture"
+                gpu.invalid[stream] = "TensorRT's lazy setup inside capture (its first enqueue has not run yet)"
             gpu.capture(stream, self, touches)
             return not self.fail_in_capture
-        gpu.execute(stream, touches)
-        self.ran.add(self.shape)
+        self.enqueue(stream)
         return True
 
 
@@ -361,9 +534,10 @@ class FakeInspector:
 
 
 def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLOAT", version: str = "1.7.1.116",
-             fail_in_capture: bool = False) -> types.SimpleNamespace:
+             fail_in_capture: bool = False, profiles: int = 1) -> types.SimpleNamespace:
     created: dict = {"runtimes": [], "caches": [], "configs": [], "contexts": []}
     rtx = flavour == "tensorrt_rtx"
+    numpy_in = np.dtype({"HALF": "float16", "UINT8": "uint8"}.get(in_dtype, "float32"))
 
     class ILogger:
         Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
@@ -374,6 +548,8 @@ def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLO
     class Engine:
         num_io_tensors = 2
         device_memory_size_v2 = 1 << 20
+        num_optimization_profiles = profiles
+        in_dtype = numpy_in
 
         def __init__(self, logger: object) -> None:
             self.logger = logger
@@ -487,6 +663,20 @@ class FakeCudaTensor:
         self.layout = torch.strided
         self.ptr = next(self.addresses) if ptr is None else ptr
         self.contiguous_ = contiguous
+        nbytes = int(np.prod(self.shape)) * torch.tensor([], dtype=self.dtype).element_size()
+        TORCH_MEMORY[self.ptr] = np.zeros(nbytes, np.uint8)  # its device memory
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> FakeCudaTensor:
+        """A float32 tensor holding ``x`` (as ``torch.from_numpy(x).cuda()`` would)."""
+        t = cls(len(x), shape=x.shape)
+        TORCH_MEMORY[t.ptr][:] = np.ascontiguousarray(x, np.float32).reshape(-1).view(np.uint8)
+        return t
+
+    def numpy(self, gpu: FakeCuda, stream: int = LEGACY_STREAM) -> np.ndarray:
+        """Its values, after the work queued on ``stream`` (torch's) so far (as ``.cpu()`` would)."""
+        gpu.sync(stream)
+        return TORCH_MEMORY[self.ptr].view(np.float32).reshape(self.shape).copy()
 
     def is_contiguous(self) -> bool:
         return self.contiguous_
@@ -506,10 +696,12 @@ class FakeCudaTensor:
 
 @pytest.fixture
 def torch_stream(monkeypatch):
-    """torch's current stream: a foreign stream handle (777) the runtime must order itself with."""
+    """torch's current stream: its default stream, CUDA's legacy stream (handle 0), which the runtime must
+    order itself with."""
     import torch
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=777))
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: types.SimpleNamespace(cuda_stream=LEGACY_STREAM))
     empty = torch.empty
 
     def cuda_empty(*size, dtype=None, device=None, **kw):  # torch.empty on a CUDA device, without one
@@ -519,7 +711,7 @@ def torch_stream(monkeypatch):
         return FakeCudaTensor(shape[0], dtype, torch.device(device).index, shape=shape)
 
     monkeypatch.setattr(torch, "empty", cuda_empty)
-    return 777
+    return LEGACY_STREAM
 
 
 def _threads(*fns) -> None:
@@ -604,34 +796,162 @@ def test_infer_torch_and_infer_from_threads_never_overlap(fake, torch_stream):
 # -- CUDA graphs: one context per captured size (issue 17, item 1) -----------------------------------
 def test_graphs_replay_only_on_the_shapes_they_were_captured_with(fake, torch_stream):
     """The batcher's sizes change every batch: a graph must never replay after its context ran another
-    shape (8, 3, 4, 3, 8; infer splitting 11 rows into 8 + 3; zero-copy calls between)."""
+    shape (8, 3, 4, 3, 8; infer splitting 11 rows into 8 + 3; zero-copy calls between), and every
+    answer is the engine's."""
     _full_trt(fake)
     rt = _open(fake, cuda_graph=True)
-    for n in (8, 3, 4, 3, 8):
-        assert rt.infer(_x(n)).shape == (n, 10)
-    assert rt.infer(_x(11)).shape == (11, 10)  # 8 + 3, both replayed
-    rt.infer_torch(FakeCudaTensor(3))
+    for n in (8, 3, 4, 3, 8, 11):
+        x = _x(n)
+        np.testing.assert_allclose(rt.infer(x), expected(x), rtol=1e-5)  # 11: 8 + 3, both replayed
+    t = FakeCudaTensor.of(_x(3))
+    np.testing.assert_allclose(rt.infer_torch(t).numpy(fake.cuda), expected(_x(3)), rtol=1e-5)
     rt.run_device(0x10000, 0x20000, (5, 3, 8, 8), torch_stream)
     for n in (3, 8, 4):
-        rt.infer(_x(n))
+        np.testing.assert_allclose(rt.infer(_x(n)), expected(_x(n)), rtol=1e-5)
     slot = rt.slots[0]
-    assert list(slot.graphs) == [3, 8, 4]  # least recently used first
+    assert sorted(slot.graphs) == [3, 4, 8]
     assert fake.cuda.captures == 3 and fake.cuda.launches == 7  # 3, 8; 8 + 3; 3, 8, 4
     # each captured size has its own context, all on the slot's one scratch block
     contexts = [ctx for ctx, _ in slot.graphs.values()] + [slot.context]
     assert len({id(c) for c in contexts}) == 4 and {c.memory for c in contexts} == {slot.scratch}
-    assert [c.shape for c, _ in slot.graphs.values()] == [(3, 3, 8, 8), (8, 3, 8, 8), (4, 3, 8, 8)]
+    assert sorted(c.shape for c, _ in slot.graphs.values()) == [(3, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8)]
     rt.close()
     assert fake.cuda.graphs == {}
 
 
-def test_captured_sizes_are_bounded(fake):
+def test_a_slot_captures_its_first_max_graphs_sizes_and_runs_others_plainly(fake):
+    """No eviction: once a slot holds max_graphs graphs, other sizes run on its plain context (no new
+    context, no capture, no host sync while serving), and the captured ones keep replaying."""
     _full_trt(fake)
     rt = _open(fake, cuda_graph=True, max_graphs=2)
-    for n in (1, 2, 1, 3, 2):
+    for n in (1, 2, 1, 3, 2, 3, 5):
+        np.testing.assert_allclose(rt.infer(_x(n)), expected(_x(n)), rtol=1e-5)
+    assert sorted(rt.slots[0].graphs) == [1, 2] and fake.cuda.captures == 2
+    assert fake.cuda.launches == 2 and len(fake.trt.created["contexts"]) == 3  # plain + one per graph
+    assert len(fake.cuda.graphs) == 2 and "graph" not in fake.cuda.freed
+    rt.close()
+
+
+def test_capture_beside_infer_torch_on_the_legacy_stream(fake, torch_stream):
+    """One thread captures (a new size) while another orders its call with torch's default stream, the
+    legacy stream: the slot streams do not block on it (cuda_memory makes them non-blocking; checked
+    against cudart's rules in test_cuda_python_streams_leave_the_legacy_stream_usable_during_a_capture),
+    so neither call fails and no size loses its graph."""
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    rt = _open(fake, instances=2, cuda_graph=True)
+    begin, capturing, go_on = fake.cuda.begin_capture, threading.Event(), threading.Event()
+
+    def begin_and_wait(stream: int) -> None:
+        begin(stream)
+        capturing.set()
+        assert go_on.wait(5)
+
+    fake.cuda.begin_capture = begin_and_wait
+    x = _x(4)
+
+    def torch_call() -> None:
+        assert capturing.wait(5)
+        try:
+            np.testing.assert_allclose(rt.infer_torch(FakeCudaTensor.of(x)).numpy(fake.cuda), expected(x), rtol=1e-5)
+        finally:
+            go_on.set()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a lost capture would warn
+        _threads(lambda: np.testing.assert_allclose(rt.infer(_x(3)), expected(_x(3)), rtol=1e-5), torch_call)
+    assert rt._no_graph == set() and 3 in (rt.slots[0].graphs | rt.slots[1].graphs)
+    rt.close()
+
+
+def test_the_fake_fails_a_legacy_stream_call_during_a_blocking_capture(fake, torch_stream):
+    """What the test above guards against, shown on the fake: blocking streams make that call fail (906)."""
+    _full_trt(fake)
+    fake.cuda.blocking_streams = True
+    rt = _open(fake, cuda_graph=True)
+    fake.cuda.begin_capture(rt.slots[0].stream)
+    with pytest.raises(cuda_memory.CudaError, match="cudaErrorStreamCaptureImplicit"):
+        fake.cuda.record(rt.slots[0].events[4], torch_stream)
+    with pytest.raises(cuda_memory.CaptureInvalidated):
+        fake.cuda.end_capture(rt.slots[0].stream)
+
+
+def test_answers_are_read_after_their_copies_and_timing_per_call(fake):
+    """Every answer is the engine's function of its own input (a host read before the copy back ends
+    sees a stale buffer), and each thread's last_timing is its own call's."""
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    rt = _open(fake, instances=2)
+    assert rt.last_timing == {}
+    for n in (1, 8, 2, 2, 5):
+        x = _x(n) + n
+        np.testing.assert_allclose(rt.infer(x), expected(x), rtol=1e-5)
+    rt.close()
+    rt = _open(fake)  # one instance: the two calls below take turns on it
+    small, big = threading.Barrier(2, timeout=5), {}
+
+    def call(n: int) -> None:
         rt.infer(_x(n))
-    assert list(rt.slots[0].graphs) == [3, 2]  # 1 was the least recently used when 3 came
-    assert len(fake.cuda.graphs) == 2 and fake.cuda.freed.count("graph") == 2  # 1, then 2 evicted (and recaptured)
+        small.wait()  # the other thread's call has ended too
+        big[n] = dict(rt.last_timing)
+
+    _threads(lambda: call(1), lambda: call(8))
+    assert big[1]["h2d_ms"] == pytest.approx(1 * 192 * 4 / 1e4) and big[8]["h2d_ms"] == pytest.approx(8 * 192 * 4 / 1e4)
+    assert big[1]["compute_ms"] == pytest.approx(1.01) and big[8]["d2h_ms"] == pytest.approx(8 * 40 / 1e4)
+    rt.close()
+
+
+def test_close_right_after_a_zero_copy_call_waits_for_it(fake, torch_stream):
+    """infer_torch returns before the device has run (ordered by events only): close must let that work
+    finish before it frees the scratch memory and destroys the context and stream it uses."""
+    _full_trt(fake)
+    rt = _open(fake)
+    x = _x(3)
+    out = rt.infer_torch(FakeCudaTensor.of(x))
+    assert fake.cuda.pending[rt.slots[0].stream]  # queued, not run
+    rt.close()
+    np.testing.assert_allclose(out.numpy(fake.cuda), expected(x), rtol=1e-5)
+
+
+def test_warm_runs_every_size_on_every_instance_and_serving_then_captures_nothing(fake, torch_stream):
+    """verify's warm-up (via Runtime.warm) runs each size on each slot: afterwards no size the warm-up ran
+    creates a context or captures while serving, whichever slot a call gets."""
+    from vitdeploy.serving.readiness import warm_sizes
+    from vitdeploy.verify import warm_up
+
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    rt = _open(fake, instances=2, cuda_graph=True)
+    sizes = warm_sizes(6, rt)
+    warm_up(rt, sizes)
+    assert [sorted(s.graphs) for s in rt.slots] == [sizes, sizes]
+    contexts, captures = len(fake.trt.created["contexts"]), fake.cuda.captures
+    _mixed_load(rt, fake, rounds=3, threads=4)
+    for n in sizes:
+        np.testing.assert_allclose(rt.infer(_x(n)), expected(_x(n)), rtol=1e-5)
+    assert len(fake.trt.created["contexts"]) == contexts and fake.cuda.captures == captures
+    rt.close()
+
+
+@pytest.mark.parametrize("how", ["instantiate", "begin"])
+def test_any_capture_failure_falls_back_once_per_size(fake, how):
+    """cudaGraphInstantiate refusing the graph (or any other error of the capture) is a failed capture: that
+    size runs without a graph from then on, and is never captured again."""
+    _full_trt(fake)
+    if how == "instantiate":
+        fake.cuda.fail_instantiate = True
+    else:
+        def refuse(stream: int) -> None:
+            fake.cuda.captures += 1
+            raise cuda_memory.CudaError("cudaStreamBeginCapture failed: cudaErrorIllegalState")
+
+        fake.cuda.begin_capture = refuse
+    rt = _open(fake, cuda_graph=True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed for batch 2 .*(cudaGraphInstantiate|BeginCapture)"):
+        for n in (2, 2, 3, 2, 3):
+            np.testing.assert_allclose(rt.infer(_x(n)), expected(_x(n)), rtol=1e-5)
+    assert fake.cuda.captures == 2 and fake.cuda.capturing == set() and fake.cuda.last_error is None
+    assert rt._no_graph == {2, 3} and rt.slots[0].graphs == {} and fake.cuda.graphs == {}
     rt.close()
 
 
@@ -789,7 +1109,7 @@ def _pycuda_memory(threads: PyCudaThreads) -> dict[str, object]:
             gpu.free(int(self))
 
     class Stream:
-        def __init__(self) -> None:
+        def __init__(self, flags: int = 0) -> None:
             need("cuStreamCreate")
             self.handle = gpu.stream()
 
@@ -812,6 +1132,7 @@ def _pycuda_memory(threads: PyCudaThreads) -> dict[str, object]:
 
         def synchronize(self) -> None:
             need("cuEventSynchronize")
+            gpu._complete(self.ev["ops"])
 
         def time_till(self, other: Event) -> float:
             need("cuEventElapsedTime")
@@ -827,11 +1148,11 @@ def _pycuda_memory(threads: PyCudaThreads) -> dict[str, object]:
 
     def memcpy_htod_async(dst: int, src: np.ndarray, stream: Stream) -> None:
         need("cuMemcpyHtoDAsync")
-        gpu.queue(stream.handle, frozenset({int(dst)}))
+        gpu.htod(int(dst), src, stream.handle)
 
     def memcpy_dtoh_async(dst: np.ndarray, src: int, stream: Stream) -> None:
         need("cuMemcpyDtoHAsync")
-        gpu.queue(stream.handle, frozenset({int(src)}))
+        gpu.dtoh(dst, int(src), stream.handle)
 
     return dict(mem_alloc=mem_alloc, pagelocked_empty=pagelocked_empty, Stream=Stream, Event=Event,
                 memcpy_htod_async=memcpy_htod_async, memcpy_dtoh_async=memcpy_dtoh_async)
@@ -868,14 +1189,14 @@ def test_pycuda_runs_calls_from_any_thread(pycuda):
     assert _in_thread(rt.infer, _x(3)).shape == (3, 10)  # the batcher's worker thread
     assert rt.infer(_x(2)).shape == (2, 10)
     _in_thread(rt.close)
-    assert pycuda.cuda.allocs == set()
+    assert pycuda.cuda.allocs == {}
 
 
 def test_pycuda_refuses_cuda_graphs_when_the_runtime_opens(pycuda):
     with pytest.raises(VitDeployError, match=r"--cuda-graph needs CUDA stream capture, which pycuda does not have: "
                                              r"pip install 'vitdeploy\[cuda\]'"):
         _open(pycuda, memory="pycuda", cuda_graph=True)
-    assert pycuda.cuda.allocs == set()
+    assert pycuda.cuda.allocs == {}
 
 
 # -- devices (item 6) -----------------------------------------------------------------------------------------
@@ -893,7 +1214,7 @@ def test_engine_runs_on_the_device_asked_for_in_every_thread(fake):
     assert _in_thread(from_a_thread_on_device_0).shape == (2, 10)
     assert rt.infer(_x(3)).shape == (3, 10)
     _in_thread(rt.close)
-    assert fake.cuda.allocs == set()
+    assert fake.cuda.allocs == {}
 
 
 @pytest.mark.parametrize(("device", "message"), [
@@ -906,40 +1227,131 @@ def test_devices_an_engine_cannot_run_on_are_refused(fake, device, message):
 
     with pytest.raises(VitDeployError, match=message):
         open_runtime(fake.engine, device=device)
-    assert fake.cuda.allocs == set()
+    assert fake.cuda.allocs == {}
 
 
-def test_cuda_python_layer_selects_its_device_on_each_thread(monkeypatch):
-    calls: list[tuple[str, int]] = []
-    current = threading.local()
-    rt = types.ModuleType("cuda.bindings.runtime")
-    rt.cudaGetDeviceCount = lambda: (0, 2)
-    rt.cudaGetDevice = lambda: (0, getattr(current, "device", 0))
+class FakeCudart:
+    """cuda-python's runtime and driver modules over CUDA's per-thread rules: a thread has no current
+    context until ``cudaSetDevice`` (which creates, once, the device's primary context: each is recorded
+    in ``contexts``); ``cudaGetDevice`` says 0 on a thread without one; streams are blocking unless made
+    with ``cudaStreamNonBlocking``; while a blocking stream captures, a call on the legacy stream (0)
+    fails with cudaErrorStreamCaptureImplicit (906) and invalidates that capture."""
 
-    def set_device(d: int) -> tuple:
-        calls.append((threading.current_thread().name, d))
-        current.device = d
+    cudaStreamNonBlocking = 1
+
+    def __init__(self, count: int = 2) -> None:
+        self.count, self.tls = count, threading.local()
+        self.contexts: set[int] = set()
+        self.blocking: dict[int, bool] = {}
+        self.capturing: dict[int, bool] = {}  # stream -> still valid
+        self.handles = itertools.count(1)
+        self.calls: list[tuple[str, int]] = []
+        self.runtime, self.driver = types.ModuleType("cuda.bindings.runtime"), types.ModuleType("cuda.bindings.driver")
+        for name in ("cudaGetDeviceCount", "cudaGetDevice", "cudaSetDevice", "cudaStreamCreate",
+                     "cudaStreamCreateWithFlags", "cudaStreamBeginCapture", "cudaStreamEndCapture", "cudaEventRecord",
+                     "cudaEventCreate", "cudaGraphInstantiate"):
+            setattr(self.runtime, name, getattr(self, name))
+        self.runtime.cudaStreamNonBlocking = self.cudaStreamNonBlocking
+        self.runtime.cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=2)
+        self.driver.cuCtxGetCurrent = lambda: (0, getattr(self.tls, "device", -1) + 1)  # NULL: 0
+
+    def install(self, monkeypatch) -> None:
+        bindings = types.ModuleType("cuda.bindings")
+        bindings.runtime, bindings.driver = self.runtime, self.driver
+        monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", self.runtime)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.driver", self.driver)
+
+    def cudaGetDeviceCount(self) -> tuple:
+        return 0, self.count
+
+    def cudaGetDevice(self) -> tuple:
+        return 0, getattr(self.tls, "device", 0)
+
+    def cudaSetDevice(self, d: int) -> tuple:
+        self.calls.append((threading.current_thread().name, d))
+        self.contexts.add(d)  # the primary context is created (CUDA 12 and later)
+        self.tls.device = d
         return (0,)
 
-    rt.cudaSetDevice = set_device
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = rt
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+    def cudaStreamCreate(self) -> tuple:
+        return self.cudaStreamCreateWithFlags(0)
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple:
+        s = next(self.handles)
+        self.blocking[s] = not flags & self.cudaStreamNonBlocking
+        return 0, s
+
+    def cudaEventCreate(self) -> tuple:
+        return 0, next(self.handles)
+
+    def cudaStreamBeginCapture(self, stream: int, mode: int) -> tuple:
+        self.capturing[stream] = True
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream: int) -> tuple:
+        return (0, "graph") if self.capturing.pop(stream) else (901, None)
+
+    def cudaGraphInstantiate(self, graph: object, flags: int) -> tuple:
+        return 0, "exec"
+
+    def cudaEventRecord(self, event: int, stream: int) -> tuple:
+        if stream == 0 and any(self.blocking[s] for s in self.capturing):
+            for s in self.capturing:
+                self.capturing[s] = not self.blocking[s]
+            return (906,)  # cudaErrorStreamCaptureImplicit
+        return (0,)
+
+
+def test_cuda_python_layer_on_a_new_thread_touches_only_its_device(monkeypatch):
+    """A cuda:1 layer used from threads that never chose a device: only cuda:1's context is created (setting
+    0 "back" would create cuda:0's, pytorch/pytorch#94864), and a thread that works on cuda:0 (torch's) gets
+    cuda:0 back after each call."""
+    cudart = FakeCudart()
+    cudart.install(monkeypatch)
     layer = REAL_DEVICE_MEMORY("cuda-python", device=1)
 
     def use() -> None:
-        with layer.activate():
-            pass
+        for _ in range(2):
+            with layer.activate():
+                assert cudart.tls.device == 1
 
-    use()
+    _in_thread(use)
     t = threading.Thread(target=use, name="worker")
     t.start()
     t.join()
-    # selected for the call, and the thread's own device current again after it
-    assert calls == [("MainThread", 1), ("MainThread", 0), ("worker", 1), ("worker", 0)]
+    assert cudart.contexts == {1}
+    assert [d for _, d in cudart.calls] == [1, 1]  # once per thread: after that cuda:1 is that thread's device
+
+    def torch_thread() -> None:
+        cudart.cudaSetDevice(0)  # this thread works on cuda:0
+        use()
+        assert cudart.tls.device == 0
+
+    _in_thread(torch_thread)
+    assert cudart.contexts == {0, 1}
     with pytest.raises(cuda_memory.CudaError, match=r"cuda:2 does not exist: this machine has 2 CUDA device"):
         REAL_DEVICE_MEMORY("cuda-python", device=2)
+
+
+def test_cuda_python_streams_leave_the_legacy_stream_usable_during_a_capture(monkeypatch):
+    """One thread captures on a slot's stream while another orders its work with torch's default stream
+    (the legacy stream, 0): with blocking streams that call fails (906) and the capture is lost."""
+    cudart = FakeCudart()
+    cudart.install(monkeypatch)
+    layer = REAL_DEVICE_MEMORY("cuda-python", device=0)
+    capturing, other = layer.stream(), layer.stream()
+    layer.begin_capture(capturing)
+    layer.record(layer.event(), 0)  # run_device: the caller's stream is torch's default
+    layer.record(layer.event(), other)
+    assert layer.end_capture(capturing) == cuda_memory.CudaGraph("graph", "exec")
+    # what the fake does with a blocking stream (cudaStreamCreate), as the layer made them before
+    blocking = int(cudart.cudaStreamCreate()[1])
+    layer.begin_capture(blocking)
+    with pytest.raises(cuda_memory.CudaError, match="cudaEventRecord failed: 906"):
+        layer.record(layer.event(), 0)
+    with pytest.raises(cuda_memory.CaptureInvalidated):
+        layer.end_capture(blocking)
 
 
 def test_cuda_python_layer_reports_an_invalidated_capture_and_clears_the_error(monkeypatch):
@@ -969,10 +1381,26 @@ def test_cuda_python_layer_reports_an_invalidated_capture_and_clears_the_error(m
 
 
 # -- several contexts on one engine ----------------------------------------------------------------------
+def _mixed_load(rt, fake, rounds: int = 5, threads: int = 4) -> None:
+    """infer and infer_torch from several threads at once; every answer checked."""
+    def host(i: int) -> None:
+        x = _x(i + 2)
+        np.testing.assert_allclose(rt.infer(x), expected(x), rtol=1e-5)
+
+    def device(i: int) -> None:
+        x = _x(i + 1)
+        out = rt.infer_torch(FakeCudaTensor.of(x))
+        np.testing.assert_allclose(out.numpy(fake.cuda), expected(x), rtol=1e-5)
+
+    for _ in range(rounds):
+        _threads(*[(lambda i=i: device(i)) if i % 2 else (lambda i=i: host(i)) for i in range(threads)])
+
+
 def test_instances_keep_several_batches_in_flight(fake, torch_stream):
     """Two threads, two instances: both calls are on the GPU at once (each waits in sync for the other),
-    on two streams with their own buffers and scratch, and nothing races."""
+    on two streams with their own buffers, scratch and optimization profile, and nothing races."""
     _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
     rt = _open(fake, instances=2, cuda_graph=True)
     assert rt.instances == 2 and "2 instances" in rt.describe()
     both_in_flight = threading.Barrier(2, timeout=5)
@@ -984,21 +1412,72 @@ def test_instances_keep_several_batches_in_flight(fake, torch_stream):
         sync(stream)
 
     fake.cuda.sync = sync_when_both_are_in_flight
-    outs = []
-    threads = [threading.Thread(target=lambda n=n: outs.append(rt.infer(_x(n)))) for n in (3, 5)]
+    outs = {}
+    threads = [threading.Thread(target=lambda n=n: outs.__setitem__(n, rt.infer(_x(n)))) for n in (3, 5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(o.shape[0] for o in outs) == [3, 5] and not both_in_flight.broken
+    assert sorted(outs) == [3, 5] and not both_in_flight.broken
+    for n, out in outs.items():
+        np.testing.assert_allclose(out, expected(_x(n)), rtol=1e-5)
     fake.cuda.sync = sync
     a, b = rt.slots
     assert len({a.stream, b.stream}) == 2 and not {a.d_in, a.d_out, a.scratch} & {b.d_in, b.d_out, b.scratch}
-    for _ in range(5):  # a mixed load from four threads: no Race, no stale graph
-        _threads(*[(lambda: rt.infer_torch(FakeCudaTensor(2))) if i % 2 else (lambda i=i: rt.infer(_x(i + 2)))
-                   for i in range(4)])
+    _mixed_load(rt, fake)  # no Race, no stale graph, no two contexts on one profile at once
+    contexts = fake.trt.created["contexts"]
+    assert {c.profile for c in contexts if c.memory == a.scratch} == {0}
+    assert {c.profile for c in contexts if c.memory == b.scratch} == {1}  # its graph contexts too
     rt.close()
-    assert fake.cuda.allocs == set() and fake.cuda.streams == set()
+    assert fake.cuda.allocs == {} and fake.cuda.streams == {}
+
+
+def test_more_instances_than_profiles_is_refused_with_the_rebuild(fake):
+    _full_trt(fake)
+    with pytest.raises(VitDeployError, match=r"m\.engine has 1 optimization profile\(s\); 2 instances need one each "
+                                             r".*rebuild with `vitdeploy build m\.onnx --instances 2`"):
+        _open(fake, instances=2)
+    assert fake.cuda.allocs == {}
+
+
+def test_two_contexts_on_one_profile_in_flight_are_caught(fake):
+    """The fake's check itself: an engine with one profile and two slots forced onto it."""
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    rt = _open(fake, instances=2)
+    rt.slots[1].context.set_optimization_profile_async(0, rt.slots[1].stream)
+    a, b = rt.slots
+    for slot in (a, b):
+        rt._bind(slot.context, slot.d_in, slot.d_out)
+        rt._set_shape(slot.context, (2, 3, 8, 8))
+    with fake.cuda.activate():
+        rt._execute(a.context, a.stream)
+        with pytest.raises(ProfileClash, match="two contexts on optimization profile 0 run at once"):
+            rt._execute(b.context, b.stream)
+    rt.close()
+
+
+def test_two_contexts_sharing_scratch_at_once_give_a_wrong_answer(fake):
+    """The fake's value model: without the race check, two contexts on one scratch block running at once
+    (two streams, nothing ordering them) corrupt each other's result."""
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    rt = _open(fake, instances=2)
+    fake.cuda.check_races = False
+    a, b = rt.slots
+    b.context.set_device_memory(a.scratch, 1 << 20)  # b shares a's scratch
+    xa, xb = _x(2), 2 * _x(2) + 1
+    with fake.cuda.activate():
+        for slot, x in ((a, xa), (b, xb)):
+            slot.h_in[:2] = x
+            fake.cuda.htod(slot.d_in, slot.h_in[:2], slot.stream)
+            rt._set_shape(slot.context, (2, 3, 8, 8))
+            rt._execute(slot.context, slot.stream)
+            fake.cuda.dtoh(slot.h_out[:2], slot.d_out, slot.stream)
+        fake.cuda.sync(a.stream)
+        fake.cuda.sync(b.stream)
+    assert not np.allclose(a.h_out[:2], expected(xa))  # a read b's sums from the shared scratch
+    rt.close()
 
 
 # -- close -------------------------------------------------------------------------------------------
@@ -1010,7 +1489,7 @@ def test_close_frees_everything_once_and_later_calls_fail_clearly(fake, torch_st
     assert len(fake.cuda.graphs) == 2
     rt.close()
     rt.close()  # idempotent
-    assert fake.cuda.allocs == set() and fake.cuda.streams == set() and fake.cuda.events == set()
+    assert fake.cuda.allocs == {} and fake.cuda.streams == {} and fake.cuda.events == set()
     assert fake.cuda.graphs == {} and fake.cuda.pinned_arrays == []
     assert sorted(fake.cuda.freed) == sorted(["graph"] * 2 + ["event"] * 6 + ["stream"] + ["device"] * 3 + ["pinned"])
     assert rt.engine is None and rt.runtime is None and rt.slots[0].context is None
@@ -1067,7 +1546,7 @@ def test_engine_layers_sets_the_input_shape_before_inspecting(fake):
 
     info = engine_layers(fake.engine)
     assert info["Layers"] == ["conv", "matmul"] and info["shape"] == [2, 3, 8, 8]  # the profile's opt
-    assert fake.cuda.allocs == set()
+    assert fake.cuda.allocs == {}
 
 
 # -- failures ----------------------------------------------------------------------------------------
@@ -1075,21 +1554,21 @@ def test_failing_init_frees_what_it_allocated(fake):
     fake.cuda.fail_malloc_at = 2  # d_in allocated, d_out fails
     with pytest.raises(cuda_memory.CudaError, match="cudaErrorMemoryAllocation"):
         _open(fake)
-    assert fake.cuda.mallocs == 2 and fake.cuda.allocs == set() and fake.cuda.streams == set()
+    assert fake.cuda.mallocs == 2 and fake.cuda.allocs == {} and fake.cuda.streams == {}
 
 
 def test_corrupt_engine_is_refused_and_nothing_leaks(fake):
     write_engine(fake.engine, b"not an engine", _sidecar(), durable=False)
     with pytest.raises(VitDeployError, match=r"TensorRT could not load .*rebuild it with `vitdeploy build`"):
         _open(fake)
-    assert fake.cuda.allocs == set() and fake.cuda.streams == set()
+    assert fake.cuda.allocs == {} and fake.cuda.streams == {}
 
 
 def test_bf16_io_is_refused_by_name(fake):
     fake.trt_kwargs = {"in_dtype": "BF16"}
     with pytest.raises(VitDeployError, match=r"'pixel_values' is bf16: .*export with float32"):
         _open(fake)
-    assert fake.cuda.allocs == set()
+    assert fake.cuda.allocs == {}
 
 
 def test_engine_from_another_build_is_refused(fake, tmp_path):
@@ -1215,6 +1694,7 @@ def test_current_gpu_through_the_old_cuda_python_layout(monkeypatch):
     must the GPU query."""
     cuda_pkg = types.ModuleType("cuda")
     cuda_pkg.cudart = _fake_cudart()
+    cuda_pkg.cuda = types.ModuleType("cuda.cuda")  # the driver module of that layout
     monkeypatch.setitem(sys.modules, "cuda", cuda_pkg)
     monkeypatch.setitem(sys.modules, "cuda.cudart", cuda_pkg.cudart)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)

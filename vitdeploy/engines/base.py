@@ -57,7 +57,8 @@ class Runtime(abc.ABC):
     where: str = "cpu"  # where the model runs: "cpu" or "cuda"
     threads: int | None = None  # CPU threads the backend uses, where it has a setting
     output_name: str = "logits"  # the logits tensor's name in the artifact
-    last_timing: Mapping[str, float] = MappingProxyType({})  # the last call's device phases (ms), if measured
+    # the device phases (ms) of the last call made from the calling thread, where measured (TensorRT: per thread)
+    last_timing: Mapping[str, float] = MappingProxyType({})
     instances: int = 1  # calls that can run at once without waiting for each other (TensorRT contexts)
     spec: InputSpec
     metadata: ArtifactMetadata | None
@@ -128,6 +129,16 @@ class Runtime(abc.ABC):
                 chunk = np.concatenate([chunk, pad])
             outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:k])
         return np.concatenate(outs)
+
+    def warm(self, batch: Any) -> None:
+        """Run ``batch`` once on every instance of the runtime that takes its size (a server's warm-up:
+        each TensorRT instance sets up, and with CUDA graphs captures, that size). One :meth:`infer` where
+        instances share everything."""
+        inner = self.runtime_for(len(batch))
+        if inner is not self:
+            inner.warm(batch)
+        else:
+            self.infer(batch)
 
     def preprocess(self, images: list[PILImage.Image]) -> np.ndarray:
         """Decoded RGB images -> the batch this artifact takes: normalized float32 [N, C, H, W], or the

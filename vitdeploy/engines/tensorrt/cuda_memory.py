@@ -8,7 +8,8 @@ machine without a driver fails with one clear line.
 A layer is bound to one device (``cuda:N``). CUDA's current device and pycuda's current context
 belong to a thread, so every call into the layer or into TensorRT runs inside ``with
 layer.activate():``, on whichever thread makes it: cuda-python selects the device there
-(``cudaSetDevice``, per thread), pycuda pushes its context there and pops it after. pycuda has no
+(``cudaSetDevice``, per thread, restoring the thread's own device only where it had one), pycuda
+pushes its context there and pops it after. Streams are non-blocking (ordered with others by events). pycuda has no
 stream capture (``can_capture`` is False): its runtime refuses ``--cuda-graph``.
 """
 
@@ -44,6 +45,15 @@ class CudaGraph:
     exec: Any
 
 
+def _driver() -> Any:
+    """cuda-python's driver module in either layout (``cuda.bindings.driver``, or ``cuda.cuda`` before 12.6)."""
+    try:
+        from cuda.bindings import driver  # type: ignore[import-not-found]
+    except ImportError:
+        from cuda import cuda as driver  # type: ignore[import-not-found,no-redef]
+    return driver
+
+
 class CudaPython:
     """NVIDIA's cuda-python runtime bindings (``cuda.bindings.runtime``, or ``cuda.cudart``)."""
 
@@ -57,6 +67,7 @@ class CudaPython:
         if cudart is None:
             raise ImportError("cuda-python is not installed")
         self.rt = cudart
+        self.driver = _driver()
         self.device = device
         self._pinned: list[int] = []
         err, count = cudart.cudaGetDeviceCount()
@@ -68,16 +79,25 @@ class CudaPython:
 
     @contextmanager
     def activate(self) -> Iterator[None]:
-        """Make this layer's device current on the calling thread (cudaSetDevice is per thread), and
-        the thread's previous device current again afterwards (torch, say, keeps working where it was)."""
-        previous = int(self._call("cudaGetDevice"))
+        """Make this layer's device current on the calling thread (cudaSetDevice is per thread); afterwards
+        make the thread's previous device current again, but only where the thread had one: on a thread
+        with no current context (a new thread), ``cudaGetDevice`` says 0 without meaning it, and setting
+        0 "back" would create cuda:0's primary context (hundreds of MB, and an error where cuda:0 is
+        exclusive or prohibited; pytorch/pytorch#94864). The driver's ``cuCtxGetCurrent`` tells."""
+        previous = int(self._call("cudaGetDevice")) if self._has_context() else None
         if previous != self.device:
             self._call("cudaSetDevice", self.device)
         try:
             yield
         finally:
-            if previous != self.device:
+            if previous is not None and previous != self.device:
                 self._call("cudaSetDevice", previous)
+
+    def _has_context(self) -> bool:
+        """Whether a CUDA context is current on this thread (the driver API; it creates none)."""
+        err, ctx = self.driver.cuCtxGetCurrent()
+        self._check(err, "cuCtxGetCurrent")
+        return bool(int(ctx or 0))
 
     def clear_error(self) -> None:
         """Read and reset CUDA's last error (cudaGetLastError), so it does not fail a later call."""
@@ -116,7 +136,11 @@ class CudaPython:
 
     # streams and copies
     def stream(self) -> int:
-        return int(self._call("cudaStreamCreate"))
+        """A non-blocking stream: it never synchronizes with the legacy default stream (handle 0, torch's
+        default), so a capture on it leaves stream 0 usable by other threads (with a blocking stream, a call
+        on stream 0 during the capture fails with cudaErrorStreamCaptureImplicit and may invalidate it).
+        Ordering with a caller's stream is done with events."""
+        return int(self._call("cudaStreamCreateWithFlags", self.rt.cudaStreamNonBlocking))
 
     def destroy_stream(self, stream: int) -> None:
         self._call("cudaStreamDestroy", stream)
@@ -231,7 +255,7 @@ class PyCuda:
         self._pinned.clear()
 
     def stream(self) -> int:
-        s = self.cuda.Stream()
+        s = self.cuda.Stream(flags=1)  # CU_STREAM_NON_BLOCKING, as cuda-python's
         self._streams[s.handle] = s
         return int(s.handle)
 

@@ -4,19 +4,26 @@ Instances. A runtime deserializes its engine once and holds ``instances`` slots 
 with its own stream, device and pinned buffers, scratch memory and execution contexts. A call takes
 a free slot (waiting for one when all are busy), so up to ``instances`` batches are in flight at
 once, from any threads: the copies of one overlap the compute of another. A slot runs one call at a
-time, and all its work is queued on its own stream. Only the slot's contexts use its scratch memory.
+time, and all its work is queued on its own (non-blocking) stream. Only the slot's contexts use its
+scratch memory. An engine with a dynamic batch needs one optimization profile per instance
+(NvInferRuntime.h: each execution context in concurrent use must use a separate profile): ``vitdeploy
+build --instances N`` builds N identical ones, and every context of slot ``i`` selects profile ``i``;
+fewer profiles than instances is refused with the rebuild command.
 
 CUDA graphs (``cuda_graph=True``). A graph captured around ``execute_async_v3`` is tied to the shapes
 and addresses set when it was captured (TensorRT developer guide, CUDA Graphs; NVIDIA/TensorRT#3798).
 So, with full TensorRT, each slot keeps one execution context per captured batch size, its shape and
 addresses set once and never changed; all a slot's contexts share the slot's scratch block (the
-user-managed allocation strategy plus ``set_device_memory``, NvInferRuntime.h), and at most
-``max_graphs`` sizes per slot are kept (least recently used dropped). A size is captured on its
-first use, after one plain enqueue on its context (TensorRT's lazy setup must not be captured, as
-trtexec does). The slot's plain context (any shape; :meth:`run_device`, :meth:`infer_torch`, sizes
-without a graph) is never captured. If a capture fails (``cudaErrorStreamCaptureInvalidated``, or
-TensorRT refuses the enqueue) the runtime does what trtexec does: ends the capture, clears CUDA's
-error, runs that size without a graph from then on, and warns once.
+user-managed allocation strategy plus ``set_device_memory``, NvInferRuntime.h). A slot captures the
+first ``max_graphs`` sizes it runs and keeps them (nothing is evicted); other sizes run on its plain
+context, so serving never creates a context or captures once a slot is full. :meth:`warm` runs a size
+on every slot (a server's warm-up does so for each size it will form). A size is captured on its
+first use, after one plain enqueue on its context, synchronized (TensorRT's lazy setup must not be
+captured, as trtexec does). The slot's plain context (any shape; :meth:`run_device`, :meth:`infer_torch`,
+sizes without a graph) is never captured. If a capture fails in any way (begin, TensorRT's enqueue,
+``cudaErrorStreamCaptureInvalidated``, instantiation) the runtime does what trtexec does: ends the
+capture, clears CUDA's error, runs that size without a graph from then on, and warns once. A graph
+runs only from a host call, which ends with a stream sync, so a free slot's graphs are idle.
 With TensorRT-RTX the runtime does not capture streams itself: RTX engines take part in stream
 capture only when built with ``REQUIRE_USER_ALLOCATION`` (TensorRT-RTX 1.2 release notes), and RTX
 has built-in CUDA graphs that re-capture per shape by themselves. ``cuda_graph=True`` sets its
@@ -27,8 +34,10 @@ the profile, an address TensorRT refuses); tensor addresses must be 256-byte ali
 :meth:`infer_torch` refuses a tensor of another dtype, device, layout or alignment.
 
 Devices and threads. ``device`` is ``cuda`` (device 0) or ``cuda:N``; never ``cpu``. The CUDA layer is
-activated around every call on the calling thread: cuda-python selects the device there, pycuda
-pushes its context there (pycuda has no stream capture, so it refuses ``--cuda-graph``).
+activated around every call on the calling thread: cuda-python selects the device there (and switches
+back only on a thread that had a device of its own, so a new thread never gets cuda:0's context),
+pycuda pushes its context there (pycuda has no stream capture, so it refuses ``--cuda-graph``).
+``last_timing`` is per thread: the device phases of that thread's last host call.
 
 Versions. An engine runs on the TensorRT that built it; a version-compatible one also on later
 releases of that major version and one major later from 8 or 10 (8 -> 10, 10 -> 11). TensorRT-RTX
@@ -44,11 +53,11 @@ import queue
 import re
 import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,7 +73,8 @@ if TYPE_CHECKING:
     from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
 
 ALIGNMENT = 256  # bytes: TensorRT's requirement for tensor addresses (NvInferRuntime.h, setTensorAddress)
-MAX_GRAPHS = 8  # captured batch sizes kept per slot (each holds an execution context and a graph)
+MAX_GRAPHS = 8  # batch sizes captured per slot, the first it runs (each holds an execution context and a graph)
+_NO_TIMING: Mapping[str, float] = MappingProxyType({})
 # Version-compatible engines across major versions (TensorRT support matrix): built -> runs on
 _CROSS_MAJOR = {(8, 10), (10, 11)}
 
@@ -164,6 +174,7 @@ class _Slot:
     """One instance: a stream, I/O buffers, scratch memory and its contexts; one call at a time."""
 
     index: int
+    profile: int = 0  # the optimization profile of every context of this slot (a dynamic engine: its own)
     stream: int = 0
     d_in: int = 0
     d_out: int = 0
@@ -173,7 +184,7 @@ class _Slot:
     events: list[Any] = field(default_factory=list)
     context: Any = None  # the plain context: any shape, any address, never captured
     shape: tuple[int, ...] | None = None  # the plain context's input shape now
-    graphs: OrderedDict[int, tuple[Any, Any]] = field(default_factory=OrderedDict)  # batch -> (context, graph)
+    graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # batch -> (context, graph)
 
 
 class TensorRTRuntime(Runtime):
@@ -189,6 +200,7 @@ class TensorRTRuntime(Runtime):
 
         self._closed = True  # until everything below exists
         self._state = threading.Lock()
+        self._timing = threading.local()  # each thread's last call's device phases
         self.slots: list[_Slot] = []
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         if int(instances) < 1 or int(max_graphs) < 1:
@@ -208,7 +220,6 @@ class TensorRTRuntime(Runtime):
         self.max_graphs = int(max_graphs)
         self._no_graph: set[int] = set()  # batch sizes whose capture failed: they run without a graph
         self._warned = False
-        self.last_timing: dict[str, float] = {}
         self.cache_path = runtime_cache_path(self.path)
         self.runtime_cache: Any = None
         self._rconfig: Any = None
@@ -255,8 +266,20 @@ class TensorRTRuntime(Runtime):
         self._opt_shape = tuple(opt)
         self.metadata = ArtifactMetadata.from_dict(side.model) if side.model else None
         self._scratch_bytes = 0 if self.rtx else int(engine.device_memory_size_v2)
+        self._dynamic = lo != hi
+        self._check_profiles(int(engine.num_optimization_profiles), instances)
         for i in range(instances):
             self._new_slot(i, tuple(hi), in_dtype)
+
+    def _check_profiles(self, profiles: int, instances: int) -> None:
+        """NvInferRuntime.h: "each execution context in concurrent use must use a separate optimization
+        profile" (an engine with dynamic shapes). Each slot takes profile ``slot.index``."""
+        if self._dynamic and profiles < instances:
+            source = self.side.onnx_path or "MODEL.onnx"
+            raise VitDeployError(
+                f"{self.path.name} has {profiles} optimization profile(s); {instances} instances need one each "
+                f"(TensorRT runs concurrent contexts of a dynamic-batch engine on separate profiles): rebuild with "
+                f"`vitdeploy build {source} --instances {instances}`, or run it with {profiles} instance(s)")
 
     def _load_cache(self) -> None:
         self.runtime_cache = self._rconfig.create_runtime_cache()
@@ -272,7 +295,7 @@ class TensorRTRuntime(Runtime):
         self._rconfig.set_runtime_cache(self.runtime_cache)
 
     def _new_slot(self, index: int, max_shape: tuple[int, ...], in_dtype: np.dtype) -> None:
-        cuda, slot = self.cuda, _Slot(index)
+        cuda, slot = self.cuda, _Slot(index, profile=index if self._dynamic else 0)
         self.slots.append(slot)  # first, so that a failure below frees what was made
         slot.stream = cuda.stream()
         slot.d_in = cuda.malloc(int(np.prod(max_shape)) * in_dtype.itemsize)
@@ -299,6 +322,9 @@ class TensorRTRuntime(Runtime):
                                  f"({self._why('out of device memory?')})")
         if not self.rtx:
             ctx.set_device_memory(slot.scratch, self._scratch_bytes)
+        if self._dynamic and not ctx.set_optimization_profile_async(slot.profile, slot.stream):
+            raise VitDeployError(f"TensorRT refused optimization profile {slot.profile} of {self.path.name}: "
+                                 f"{self._why()}")
         self._bind(ctx, slot.d_in, slot.d_out)
         return ctx
 
@@ -364,78 +390,109 @@ class TensorRTRuntime(Runtime):
         self._execute(slot.context, slot.stream)
 
     def _enqueue(self, slot: _Slot, n: int) -> None:
-        """Run batch ``n`` (its input in slot.d_in) on the slot's stream: by its graph when it has one."""
+        """Run batch ``n`` (its input in slot.d_in) on the slot's stream: by its graph when it has one.
+        A slot captures the first ``max_graphs`` sizes it runs and keeps them; other sizes run on the
+        plain context (no capture, no new context, no host sync while serving)."""
         shape = (n, *self.spec.shape)
-        if not self.own_capture or n in self._no_graph:
-            self._plain(slot, shape)
-            return
         entry = slot.graphs.get(n)
         if entry is not None:
-            slot.graphs.move_to_end(n)
             self.cuda.launch(entry[1], slot.stream)
+            return
+        if not self.own_capture or n in self._no_graph or len(slot.graphs) >= self.max_graphs:
+            self._plain(slot, shape)
             return
         ctx = self._new_context(slot)  # this size's own context: its shape is never changed again
         self._set_shape(ctx, shape)
         self._execute(ctx, slot.stream)  # this call's result, and TensorRT's lazy setup (never captured)
         graph = self._capture(ctx, slot, n)
-        if graph is None:
-            return
-        slot.graphs[n] = (ctx, graph)
-        if len(slot.graphs) > self.max_graphs:
-            self.cuda.sync(slot.stream)  # the evicted context may still be running
-            _, (_, old) = slot.graphs.popitem(last=False)
-            self.cuda.destroy_graph(old)
+        if graph is not None:
+            slot.graphs[n] = (ctx, graph)
 
     def _capture(self, ctx: Any, slot: _Slot, n: int) -> Any:
-        """A graph of ``ctx``'s enqueue, or None (after ending the capture and clearing CUDA's error, as
-        trtexec does): that size then runs without a graph, with one warning per runtime."""
-        from vitdeploy.engines.tensorrt.cuda_memory import CaptureInvalidated
-
+        """A graph of ``ctx``'s enqueue, or None: after any failure (begin, the enqueue, end, instantiate)
+        the capture is ended and CUDA's error cleared, as trtexec does, and that size runs without a graph
+        from then on, with one warning per runtime."""
         cuda, stream = self.cuda, slot.stream
+        # The plain run above finishes first: TensorRT's first enqueue of a shape sets things up, which a
+        # capture must not record (trtexec synchronizes there too), and ``ctx`` is dropped on a failure.
         cuda.sync(stream)
-        cuda.begin_capture(stream)
-        cause = ""
+        ok, cause, graph = False, "", None
+        try:
+            cuda.begin_capture(stream)
+        except Exception as e:  # not capturing: nothing to end
+            cuda.clear_error()
+            return self._no_graph_for(n, str(e))
         try:
             ok = bool(ctx.execute_async_v3(stream))
         except Exception as e:
-            ok, cause = False, str(e)
+            cause = str(e)
         try:
-            graph = cuda.end_capture(stream)
-        except CaptureInvalidated as e:
+            graph = cuda.end_capture(stream)  # ends the capture whatever it reports
+        except Exception as e:  # invalidated, instantiation refused, or anything else
             cuda.clear_error()
-            graph, cause = None, cause or str(e)
+            cause = cause or str(e)
         if ok and graph is not None:
             return graph
         if graph is not None:
-            cuda.destroy_graph(graph)
+            cuda.destroy_graph(graph)  # never launched
+        return self._no_graph_for(n, cause or self._why())
+
+    def _no_graph_for(self, n: int, cause: str) -> None:
         with self._state:
             self._no_graph.add(n)
             warn, self._warned = not self._warned, True
         if warn:
-            warnings.warn(f"CUDA graph capture failed for batch {n} ({cause or self._why()}): batches of that size "
-                          "(and any other whose capture fails, not reported again) run without a CUDA graph",
-                          stacklevel=6)
+            warnings.warn(f"CUDA graph capture failed for batch {n} ({cause}): batches of that size (and any other "
+                          "whose capture fails, not reported again) run without a CUDA graph", stacklevel=7)
         return None
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        n = batch.shape[0]
         with self._slot() as slot:
-            cuda, stream = self.cuda, slot.stream
-            h_in = slot.h_in[:n]
-            np.copyto(h_in, batch)
-            e0, e1, e2, e3 = slot.events[:4]
-            cuda.record(e0, stream)
-            cuda.htod(slot.d_in, h_in, stream)
-            cuda.record(e1, stream)
-            self._enqueue(slot, n)
-            cuda.record(e2, stream)
-            h_out = slot.h_out[:n]
-            cuda.dtoh(h_out, slot.d_out, stream)
-            cuda.record(e3, stream)
-            cuda.sync(stream)
-            self.last_timing = {"h2d_ms": cuda.elapsed_ms(e0, e1), "compute_ms": cuda.elapsed_ms(e1, e2),
-                                "d2h_ms": cuda.elapsed_ms(e2, e3)}
-            return h_out.astype(np.float32, copy=True)
+            return self._run_on(slot, batch)
+
+    def _run_on(self, slot: _Slot, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        cuda, stream = self.cuda, slot.stream
+        h_in = slot.h_in[:n]
+        np.copyto(h_in, batch)
+        e0, e1, e2, e3 = slot.events[:4]
+        cuda.record(e0, stream)
+        cuda.htod(slot.d_in, h_in, stream)
+        cuda.record(e1, stream)
+        self._enqueue(slot, n)
+        cuda.record(e2, stream)
+        h_out = slot.h_out[:n]
+        cuda.dtoh(h_out, slot.d_out, stream)
+        cuda.record(e3, stream)
+        cuda.sync(stream)  # the host reads h_out next; and every graph is idle when its slot is free
+        self._timing.value = MappingProxyType({"h2d_ms": cuda.elapsed_ms(e0, e1), "compute_ms": cuda.elapsed_ms(e1, e2),
+                                               "d2h_ms": cuda.elapsed_ms(e2, e3)})
+        return h_out.astype(np.float32, copy=True)
+
+    @property  # type: ignore[override]
+    def last_timing(self) -> Mapping[str, float]:
+        """The device phases (ms: h2d, compute, d2h) of the last host call made from this thread (its last
+        chunk, for a batch split into several); empty before one. Per thread: calls from other threads, on
+        other instances, never replace it."""
+        return getattr(self._timing, "value", _NO_TIMING)
+
+    def warm(self, batch: Any) -> None:
+        """Run ``batch`` once on every instance, so that each has set up (and, with CUDA graphs, captured)
+        that size before serving: a server's warm-up. Waits for the calls in flight."""
+        x = self.check_input(batch)
+        if not self.spec.min_batch <= len(x) <= self.spec.max_batch:
+            self.infer(x)
+            return
+        self._check_open()
+        taken = [self._free.get() for _ in self.slots]
+        try:
+            self._check_open()
+            with self.cuda.activate():
+                for slot in taken:
+                    self._run_on(slot, x)
+        finally:
+            for slot in taken:
+                self._free.put(slot)
 
     def run_device(self, in_ptr: int, out_ptr: int, shape: tuple[int, ...], caller_stream: int) -> None:
         """Run on device memory the caller owns, ordered with the caller's stream, without a host sync.

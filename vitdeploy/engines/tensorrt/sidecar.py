@@ -134,6 +134,11 @@ class EngineSidecar:
         return bool(self.options.get("version_compatible"))
 
     @property
+    def profiles(self) -> int:
+        """Identical optimization profiles in the engine: one per instance it runs at once (``--instances``)."""
+        return int(self.options.get("instances") or 1)
+
+    @property
     def hardware_compat(self) -> str | None:
         return self.options.get("hardware_compat")
 
