@@ -402,3 +402,54 @@ def test_version_compatible_is_refused_for_tensorrt_rtx(tiny_onnx, tiny_checkpoi
     with pytest.raises(BuildError, match="--profiling-verbosity 'loud': choose layer_names_only, detailed, none"):
         build_engine(tiny_onnx["a"], tmp_path / "p.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"],
                                                                         profiling_verbosity="loud"))
+
+
+@pytest.fixture
+def profiles_built(monkeypatch):
+    """The optimization profiles TensorRT-RTX's real builder config held when the engine was built (the
+    real build runs: an engine on CPU cannot be deserialized here to count them)."""
+    seen = []
+    real = trt.Builder.build_serialized_network
+
+    def spy(self, network, config):
+        seen.append(config.num_optimization_profiles)
+        return real(self, network, config)
+
+    monkeypatch.setattr(trt.Builder, "build_serialized_network", spy)
+    return seen
+
+
+def test_instances_build_one_profile_each(tiny_onnx, tmp_path, profiles_built):
+    """TensorRT runs concurrent contexts of a dynamic-batch engine on separate optimization profiles: `build
+    --instances 2` builds two identical ones and records them; the runtime's slot i selects profile i."""
+    r = CliRunner().invoke(main, ["build", str(tiny_onnx["a"]), "-o", str(tmp_path / "i.engine"), "--trt", "rtx",
+                                  "--compute-capability", "sm89", "--max-batch", "8", "--instances", "2"])
+    assert r.exit_code == 0, r.output
+    assert "x2 (one per instance)" in r.output
+    side = EngineSidecar.read(tmp_path / "i.engine")
+    assert side.options["instances"] == 2 and side.profiles == 2
+    assert profiles_built == [2]
+    one = build_engine(tiny_onnx["a"], tmp_path / "one.engine",
+                       BuildOptions(flavour="rtx", compute_capabilities=["sm89"]))
+    assert one.profiles == 1 and EngineSidecar.read(one.engine).profiles == 1
+    r = CliRunner().invoke(main, ["build", str(tiny_onnx["a"]), "--instances", "0"])
+    assert r.exit_code == 2 and "--instances" in r.output
+    with pytest.raises(BuildError, match=r"--instances 0: an engine runs at least one execution context"):
+        build_engine(tiny_onnx["a"], tmp_path / "z.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"],
+                                                                         instances=0))
+
+
+def test_a_static_engine_gets_one_profile_whatever_the_instances(tmp_path, profiles_built):
+    """A static batch has no shapes to choose: its contexts may share the one profile."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 10), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "s",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 10])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "s.onnx")
+    report = build_engine(tmp_path / "s.onnx", tmp_path / "s.engine",
+                          BuildOptions(flavour="rtx", compute_capabilities=["sm89"], instances=3))
+    assert report.profiles == 1 and EngineSidecar.read(report.engine).profiles == 1 and profiles_built == [1]

@@ -30,6 +30,9 @@ from vitdeploy.cli.common import check_built, config_arg, model_options, split_l
 @click.option("--profiling-verbosity", type=click.Choice(["layer_names_only", "detailed", "none"]),
               default="layer_names_only", show_default=True,
               help="What the engine keeps for `inspect`; detailed slows every inference.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Execution contexts the engine will run at once (`serve --instances`, open_runtime(instances=)): "
+                   "a dynamic-batch engine gets one optimization profile each, as TensorRT requires.")
 @model_options
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True,
               help="When MODEL is a checkpoint: the precision to export first.")
@@ -37,7 +40,7 @@ from vitdeploy.cli.common import check_built, config_arg, model_options, split_l
 def build(model: str, output: Path | None, flavour: str, batch: int | None, min_batch: int | None,
           opt_batch: int | None, max_batch: int | None, compute_capability: str | None, workspace: int | None,
           opt_level: int, timing_cache: Path | None, tf32: bool, hardware_compat: str | None,
-          version_compatible: bool, profiling_verbosity: str, preset: str | None, config: str | None,
+          version_compatible: bool, profiling_verbosity: str, instances: int, preset: str | None, config: str | None,
           seed: int | None, precision: str, calib_dir: Path | None) -> None:
     """Build a TensorRT engine from an ONNX (or from a checkpoint: export, then build)."""
     from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine, check_build_targets
@@ -46,7 +49,7 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
         flavour=flavour, batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
         compute_capabilities=split_list(compute_capability), workspace_mib=workspace, opt_level=opt_level,
         timing_cache=timing_cache, tf32=tf32, hardware_compat=hardware_compat, version_compatible=version_compatible,
-        profiling_verbosity=profiling_verbosity,
+        profiling_verbosity=profiling_verbosity, instances=instances,
     )
     check_build_targets(opts)  # a flavour/target that cannot work is refused before any export or build
     source = Path(model)

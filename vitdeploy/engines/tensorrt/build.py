@@ -163,6 +163,9 @@ class BuildOptions:
     version_compatible: bool = False  # full TensorRT only: TensorRT-RTX engines are tied to their release
     # what the engine keeps for the inspector: DETAILED slows enqueueV3, so it is opt-in
     profiling_verbosity: str = "layer_names_only"  # layer_names_only | detailed | none
+    # execution contexts the runtime will run at once: a dynamic-batch engine gets one identical
+    # optimization profile each (TensorRT: contexts in concurrent use need separate profiles)
+    instances: int = 1
 
 
 @dataclass
@@ -177,6 +180,7 @@ class BuildReport:
     seconds: float
     engine_bytes: int
     phases: list[str]
+    profiles: int = 1  # identical optimization profiles: instances the engine runs at once
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -187,7 +191,7 @@ class BuildReport:
         return (f"built {self.engine} ({self.engine_bytes / 1e6:.1f} MB, {self.precision}) with {self.flavour} "
                 f"{self.trt_version} for {', '.join(self.targets)} in {self.seconds:.1f} s; "
                 f"batch profile min/opt/max {self.profile['min'][0]}/{self.profile['opt'][0]}/{self.profile['max'][0]}"
-                f"; sidecar {self.sidecar.name}")
+                f"{f' x{self.profiles} (one per instance)' if self.profiles > 1 else ''}; sidecar {self.sidecar.name}")
 
 
 def parse_compute_capability(text: str) -> str:
@@ -209,6 +213,8 @@ PROFILING_VERBOSITY = ("layer_names_only", "detailed", "none")
 
 def check_options(flavour: str, options: BuildOptions) -> None:
     """BuildError for options that ``flavour`` cannot honour, before any work is done."""
+    if int(options.instances) < 1:
+        raise BuildError(f"--instances {options.instances}: an engine runs at least one execution context")
     if options.profiling_verbosity not in PROFILING_VERBOSITY:
         raise BuildError(f"--profiling-verbosity {options.profiling_verbosity!r}: choose "
                          f"{', '.join(PROFILING_VERBOSITY)}")
@@ -322,9 +328,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     config = _configure(trt, builder, opts, flavour, targets)
     timing_cache = _use_timing_cache(config, opts, flavour)
     profile = _batch_profile(network.get_input(0), opts, onnx_path.name)
-    trt_profile = builder.create_optimization_profile()
-    trt_profile.set_shape(network.get_input(0).name, profile["min"], profile["opt"], profile["max"])
-    config.add_optimization_profile(trt_profile)
+    _add_profiles(builder, config, network.get_input(0).name, profile, opts.instances)
     cancel = cancel or threading.Event()
     serialized, phases, seconds = _build(trt, builder, network, config, cancel, progress)
     if on_phase:
@@ -349,7 +353,8 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     if timing_cache is not None and opts.timing_cache is not None:
         atomic_write_bytes(opts.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return BuildReport(output, sidecar_path(output), flavour, trt.__version__, side.precision, targets,
-                       side.profile, seconds, side.engine_bytes or output.stat().st_size, phases)
+                       side.profile, seconds, side.engine_bytes or output.stat().st_size, phases,
+                       profile_count(side.profile, opts.instances))
 
 
 def _parse(trt: Any, builder: Any, log: Logger, onnx_path: Path) -> tuple[Any, Any]:
@@ -405,6 +410,20 @@ def _use_timing_cache(config: Any, opts: BuildOptions, flavour: str) -> Any:
     cache = config.create_timing_cache(data)
     config.set_timing_cache(cache, False)
     return cache
+
+
+def profile_count(profile: dict[str, list[int]], instances: int) -> int:
+    """Optimization profiles an engine gets: one per instance with a dynamic batch, else one (a static
+    engine has no shapes to choose, so its contexts may share it)."""
+    return max(1, int(instances)) if profile["min"] != profile["max"] else 1
+
+
+def _add_profiles(builder: Any, config: Any, name: str, profile: dict[str, list[int]], instances: int) -> None:
+    """``profile_count`` identical optimization profiles (index i for the runtime's instance i)."""
+    for _ in range(profile_count(profile, instances)):
+        trt_profile = builder.create_optimization_profile()
+        trt_profile.set_shape(name, profile["min"], profile["opt"], profile["max"])
+        config.add_optimization_profile(trt_profile)
 
 
 def _batch_profile(inp: Any, opts: BuildOptions, name: str) -> dict[str, list[int]]:

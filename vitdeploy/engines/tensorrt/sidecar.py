@@ -135,8 +135,9 @@ class EngineSidecar:
 
     @property
     def profiles(self) -> int:
-        """Identical optimization profiles in the engine: one per instance it runs at once (``--instances``)."""
-        return int(self.options.get("instances") or 1)
+        """Identical optimization profiles in the engine: one per instance it runs at once (``--instances``)
+        for a dynamic batch; a static engine has one."""
+        return int(self.options.get("instances") or 1) if self.profile["min"] != self.profile["max"] else 1
 
     @property
     def hardware_compat(self) -> str | None:
