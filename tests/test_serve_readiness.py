@@ -4,6 +4,7 @@ reason in the log and in the bodies of /readyz and /v2/health/ready."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -119,3 +120,99 @@ def test_serve_with_a_good_artifact_turns_ready(serving_onnx, tmp_path):
         ready = _settled(srv.url)
         assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
         assert (tmp_path / "good.verified.json").exists()  # the check ran (and its verdict is kept)
+
+
+# --- issue 29: verification keyed on the bytes loaded; an unverified model says so ----------------------------
+def _strip_golden(src, dst):
+    """A copy of ``src`` without its golden set (as an old export, or one stripped of it)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    keep = [p for p in model.metadata_props if p.key != "vitdeploy.golden"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_a_file_swapped_after_loading_is_refused_and_never_blessed(serving_onnx, tmp_path):
+    """serve stamps the file, opens it, then checks in the background: a file replaced in between (by one
+    that fails the golden set) is refused, no verdict is cached for it, and the next load checks it."""
+    from vitdeploy.errors import VitDeployError
+    from vitdeploy.verify import DriftError, open_verified, verified_path
+
+    path = shutil.copy(serving_onnx, tmp_path / "m.onnx")
+    swapped = _tamper(serving_onnx, tmp_path / "swapped.onnx", weight_scale=1.5)
+    prepare = warm_and_verify(path, 2)  # as serve does: before the runtime opens the file
+    with open_runtime(path, threads=1) as rt:
+        os.replace(swapped, path)
+        with pytest.raises(VitDeployError, match="changed on disk after it was loaded"):
+            prepare(rt)
+    assert not verified_path(path).exists()
+    with pytest.raises(DriftError, match="fails its golden set"):
+        open_verified(path, backend="onnxruntime", threads=1)
+
+
+def test_open_verified_refuses_a_file_replaced_while_it_opened(serving_onnx, tmp_path, monkeypatch):
+    from vitdeploy import verify
+    from vitdeploy.errors import VitDeployError
+
+    path = shutil.copy(serving_onnx, tmp_path / "m.onnx")
+    swapped = _tamper(serving_onnx, tmp_path / "swapped.onnx", weight_scale=1.5)
+    real = verify.open_runtime
+
+    def open_then_swap(*args, **kwargs):
+        rt = real(*args, **kwargs)
+        os.replace(swapped, path)
+        return rt
+
+    monkeypatch.setattr(verify, "open_runtime", open_then_swap)
+    with pytest.raises(VitDeployError, match="changed on disk after it was loaded"):
+        verify.open_verified(path, backend="onnxruntime", threads=1)
+    assert not verify.verified_path(path).exists()
+
+
+def test_serve_says_an_artifact_without_a_golden_set_is_not_verified(serving_onnx, tmp_path):
+    import httpx
+
+    bare = _strip_golden(serving_onnx, tmp_path / "bare.onnx")
+    with Started(bare, "--max-batch", "2") as srv:
+        ready = _settled(srv.url)
+        assert ready.status_code == 200 and ready.json()["verified"] is False, ready.text
+        assert "carries no golden set" in ready.json()["verification"]
+        assert httpx.get(srv.url + "/readyz", timeout=5).json()["verified"] is False
+        banner = next(line for line in srv.output().splitlines() if line.startswith("serving "))
+        assert "NOT VERIFIED: bare.onnx carries no golden set" in banner and "golden set passes" not in banner
+
+
+def test_serve_reports_a_verified_artifact(serving_onnx, tmp_path):
+    good = shutil.copy(serving_onnx, tmp_path / "good.onnx")
+    with Started(good, "--max-batch", "2") as srv:
+        ready = _settled(srv.url)
+        assert ready.status_code == 200 and ready.json()["verified"] is True, ready.text
+        assert "NOT VERIFIED" not in srv.output()
+
+
+def test_require_verified_refuses_an_artifact_without_a_golden_set(serving_onnx, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from vitdeploy.cli import main
+
+    bare = _strip_golden(serving_onnx, tmp_path / "bare.onnx")
+    image = tmp_path / "i.png"
+    Image.new("RGB", (70, 70), (200, 10, 10)).save(image)
+    for args in (["serve", "--model", str(bare)], ["predict", "--model", str(bare), str(image)],
+                 ["bench", str(bare), "--batch", "1", "--iters", "2", "--warmup", "0"]):
+        r = CliRunner().invoke(main, [*args, "--require-verified"])
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.strip().splitlines()[-1] == (
+            "Error: bare.onnx carries no golden set: re-export it with `vitdeploy export` to add one; "
+            "--require-verified refuses it"), r.output
+    r = CliRunner().invoke(main, ["predict", "--model", str(bare), str(image)])  # without it: runs, and says so
+    assert r.exit_code == 0 and "bare.onnx" in r.output, r.output
+    good = shutil.copy(serving_onnx, tmp_path / "good.onnx")
+    r = CliRunner().invoke(main, ["predict", "--model", str(good), str(image), "--require-verified"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["predict", "--model", str(good), str(image), "--require-verified", "--no-verify"])
+    assert r.exit_code == 2 and "contradict" in r.output

@@ -46,6 +46,14 @@ class DriftError(VitDeployError):
     """An artifact whose answers on this runtime left its golden set's tolerance."""
 
 
+class UnverifiedError(VitDeployError):
+    """An artifact that cannot be verified (it carries no golden set) where verification is required."""
+
+
+class ArtifactChanged(VitDeployError):
+    """The artifact's file changed between loading it and checking it: the check would vouch for other bytes."""
+
+
 def verified_path(artifact: str | Path) -> Path:
     """``m.onnx`` -> ``m.verified.json`` (same folder, same stem): the first-load verdicts."""
     p = Path(artifact)
@@ -411,11 +419,35 @@ def _file_stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def _known_sha256(path: Path, entries: list[dict[str, Any]]) -> str | None:
-    """The artifact's SHA-256 from a cached entry whose file stamp (size, mtime, inode) is this file's:
+@dataclass(frozen=True)
+class LoadStamp:
+    """The artifact's file as it was just before a runtime loaded it (size, mtime, inode): the check that
+    follows vouches only for those bytes, so it refuses a file that has changed since (issue 29)."""
+
+    path: Path
+    stamp: tuple[int, ...]
+
+    @classmethod
+    def take(cls, path: str | Path) -> LoadStamp | None:
+        """Stat ``path`` now (before opening it); None for what is not a file (a preset name, a folder)."""
+        p = Path(path)
+        return cls(p, tuple(_file_stamp(p))) if p.is_file() else None
+
+    def check_unchanged(self) -> None:
+        """ArtifactChanged when the file is no longer the one loaded (replaced, rewritten or removed)."""
+        try:
+            now = tuple(_file_stamp(self.path))
+        except OSError:
+            now = ()
+        if now != self.stamp:
+            raise ArtifactChanged(f"{self.path.name} changed on disk after it was loaded: the model running is not "
+                                  "the file there now, so it is not verified as that file; load it again (restart)")
+
+
+def _known_sha256(stamp: list[int], entries: list[dict[str, Any]]) -> str | None:
+    """The artifact's SHA-256 from a cached entry whose file stamp (size, mtime, inode) is ``stamp``:
     hashing a 350 MB ViT-B on every load is what this saves (a file rewritten in place with its old
     mtime restored goes unnoticed; whoever can do that can also edit the cache)."""
-    stamp = _file_stamp(path)
     for entry in entries:
         sha = (entry.get("key") or {}).get("artifact_sha256") if isinstance(entry.get("key"), dict) else None
         if entry.get("artifact_stamp") == stamp and isinstance(sha, str):
@@ -423,11 +455,12 @@ def _known_sha256(path: Path, entries: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _store(path: Path, entries: list[dict[str, Any]], key: dict[str, Any], results: list[PathResult]) -> None:
+def _store(path: Path, entries: list[dict[str, Any]], key: dict[str, Any], results: list[PathResult],
+           stamp: list[int]) -> None:
     from vitdeploy.io import atomic_write_bytes
 
     key_hash = _key_hash(key)
-    entry = {"key_sha256": key_hash, "key": key, "artifact_stamp": _file_stamp(path),
+    entry = {"key_sha256": key_hash, "key": key, "artifact_stamp": stamp,
              "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "results": [r.to_dict() for r in results]}
     kept = [e for e in entries if e.get("key_sha256") != key_hash][-(CACHE_ENTRIES - 1):]
@@ -452,25 +485,36 @@ class FirstLoad:
 
 
 def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False,
-                     options: Mapping[str, Any] | None = None) -> FirstLoad | None:
+                     options: Mapping[str, Any] | None = None, loaded: LoadStamp | None = None,
+                     require: bool = False) -> FirstLoad | None:
     """Verify ``rt`` (opened on ``path``) against the artifact's golden set, once per target: the
-    verdict is cached in ``<stem>.verified.json`` under :func:`target_key`. A failed verdict raises
-    :class:`DriftError` naming the image and the drift, unless ``allow_drift`` (then a warning).
-    None when there is nothing to check (a checkpoint, or an artifact without a golden set)."""
+    verdict is cached in ``<stem>.verified.json`` under :func:`target_key`, keyed on the bytes that were
+    loaded: ``loaded`` is the file's stamp taken before opening (:meth:`LoadStamp.take`; None: as it is
+    now), and a file changed since is refused (:class:`ArtifactChanged`), never checked in its place.
+    A failed verdict raises :class:`DriftError` naming the image and the drift, unless ``allow_drift``
+    (then a warning). None when there is nothing to check (a checkpoint, or an artifact without a golden
+    set), or :class:`UnverifiedError` with ``require``."""
+    from vitdeploy.io import sha256_file
+
     path = Path(path)
-    if not path.is_file() or artifact_kind(path) == "checkpoint":
-        return None
     golden = rt.metadata.golden if rt.metadata else None
-    if golden is None:
-        log.info("%s carries no golden set: not verified (re-export it to add one)", path.name)
+    checkpoint = not path.is_file() or artifact_kind(path) == "checkpoint"
+    if checkpoint or golden is None:
+        why = unverified_reason(path)
+        if require:
+            raise UnverifiedError(f"{why}; --require-verified refuses it")
+        log.log(logging.INFO if checkpoint else logging.WARNING, "not verified: %s", why)
         return None
+    loaded = loaded or LoadStamp(path, tuple(_file_stamp(path)))
     entries = _read_cache(path)
-    key = target_key(path, rt, _known_sha256(path, entries))
+    sha = _known_sha256(list(loaded.stamp), entries) or sha256_file(path)
+    loaded.check_unchanged()  # what was hashed is what was loaded
+    key = target_key(path, rt, sha)
     results = _cached(entries, _key_hash(key))
     outcome = FirstLoad(results or [], results is not None)
     if results is None:
         outcome.results = verify_runtime(rt, golden, options, artifact_precision(path))
-        _store(path, entries, key, outcome.results)
+        _store(path, entries, key, outcome.results, list(loaded.stamp))
     bad = next((r for r in outcome.results if not r.verdict.passed), None)
     if bad is not None:
         message = f"{path.name} fails its golden set on {bad.runtime}: {bad.verdict.reason()}"
@@ -482,15 +526,46 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False,
     return outcome
 
 
+def unverified_reason(path: str | Path) -> str:
+    """Why ``path`` cannot be verified (no golden set to check), in words a banner or /readyz can show."""
+    name = Path(path).name or str(path)
+    if not Path(path).is_file() or artifact_kind(path) == "checkpoint":
+        return f"{name} is a checkpoint: there is no golden set to check (export it with `vitdeploy export`)"
+    return f"{name} carries no golden set: re-export it with `vitdeploy export` to add one"
+
+
+def verification_status(path: str | Path, outcome: FirstLoad | None, checked: bool = True) -> dict[str, Any]:
+    """What readiness reports: ``verified`` (the golden set passed on this machine) and, in words, why
+    (or why not): not ``checked`` (--no-verify), no golden set, passed, or failed and run anyway."""
+    if not checked:
+        return {"verified": False, "verification": "not checked (--no-verify)"}
+    if outcome is None:
+        return {"verified": False, "verification": unverified_reason(path)}
+    if not outcome.passed:
+        bad = next(r for r in outcome.results if not r.verdict.passed)
+        return {"verified": False, "verification": f"fails its golden set, run anyway (--allow-drift): "
+                f"{bad.verdict.reason()}"}
+    return {"verified": True, "verification": "golden set passed on this machine"
+            + (" (cached verdict)" if outcome.cached else "")}
+
+
 def open_verified(path: str | Path, backend: str = "auto", device: str = "auto", verify: bool = True,
-                  allow_drift: bool = False, **options: Any) -> Runtime:
-    """:func:`vitdeploy.engines.open_runtime`, then :func:`first_load_check` (``verify=False`` skips it).
-    The runtime is closed again if the check refuses it."""
+                  allow_drift: bool = False, require_verified: bool = False, **options: Any) -> Runtime:
+    """:func:`vitdeploy.engines.open_runtime`, then :func:`first_load_check` (``verify=False`` skips it;
+    ``require_verified`` refuses an artifact without a golden set). The file is stamped before it is
+    opened, so the check vouches for the bytes that were loaded. The runtime is closed again if the check
+    refuses it."""
+    if require_verified and not verify:
+        raise VitDeployError("--require-verified and --no-verify contradict each other: drop one")
+    loaded = LoadStamp.take(path) if verify else None
     rt = open_runtime(path, backend=backend, device=device, **options)
     if not verify:
         return rt
     try:
-        first_load_check(path, rt, allow_drift=allow_drift, options=options)
+        if loaded is not None:
+            loaded.check_unchanged()
+        first_load_check(path, rt, allow_drift=allow_drift, options=options, loaded=loaded,
+                         require=require_verified)
     except BaseException:
         rt.close()
         raise

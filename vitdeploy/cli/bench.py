@@ -8,7 +8,15 @@ from typing import Any
 import click
 
 from vitdeploy.cli.app import main, make_console
-from vitdeploy.cli.common import int_list, json_option, open_artifact, split_list, verify_options, write_json
+from vitdeploy.cli.common import (
+    int_list,
+    json_option,
+    open_artifact,
+    require_verified_option,
+    split_list,
+    verify_options,
+    write_json,
+)
 
 
 @main.command()
@@ -51,17 +59,22 @@ from vitdeploy.cli.common import int_list, json_option, open_artifact, split_lis
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--wide", is_flag=True, help="Every column, whatever the terminal's width.")
 @verify_options
+@require_verified_option
 def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None, concurrency: str, requests: int,
           time_limit: float, uint8: bool, processes: str, reference: Path | None, rows: int, tolerance: float,
           backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
           qdq_activations: str, json_out: str | None,
-          csv_path: Path | None, plot_path: Path | None, wide: bool, no_verify: bool, allow_drift: bool) -> None:
+          csv_path: Path | None, plot_path: Path | None, wide: bool, no_verify: bool, allow_drift: bool,
+          require_verified: bool) -> None:
     """Latency and throughput of artifacts side by side (ONNX, engines, checkpoints via torch); with --url,
     a load test of a KServe v2 server at each --concurrency, every answer checked for its own rows."""
     if url or served_model:
         if artifacts or not (url and served_model):
             raise click.UsageError("--url takes --model NAME and no artifacts; artifacts take no --url")
+        if require_verified:
+            raise click.UsageError("--require-verified checks artifacts opened here; with --url, ask the server "
+                                   "(its /readyz says \"verified\")")
         clients = int_list(concurrency, "--concurrency: client counts")
         return _bench_url(url, served_model, clients, requests, time_limit, uint8, reference, rows, tolerance,
                           json_out, plot_path, wide, _processes(processes))
@@ -69,8 +82,10 @@ def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None,
         raise click.UsageError("give artifacts to benchmark, or --url and --model to load-test a server")
     from vitdeploy.bench import run_bench
 
+    if require_verified:
+        _require_golden(artifacts, no_verify)
     options = {"cuda_graph": cuda_graph, "compile": torch_compile, "qdq_activations": qdq_activations,
-               "verify": not no_verify, "allow_drift": allow_drift}
+               "verify": not no_verify, "allow_drift": allow_drift, "require_verified": require_verified}
     runtimes = _bench_runtimes(artifacts, backends, dtypes, threads, device, options)
     report = run_bench(runtimes, int_list(batch), warmup, None if duration else iters, duration, progress=True)
     _print_bench(report, json_out, csv_path, plot_path, wide)
@@ -99,12 +114,24 @@ def _bench_runtimes(artifacts: tuple[str, ...], backends: str, dtypes: str | Non
                     extra["compile"] = True
                 if kind == "onnx" and b in ("auto", "onnxruntime") and options["qdq_activations"] != "auto":
                     extra["qdq_activations"] = options["qdq_activations"]
-                extra.update(verify=options["verify"], allow_drift=options["allow_drift"])
+                extra.update(verify=options["verify"], allow_drift=options["allow_drift"],
+                             require_verified=options["require_verified"])
                 # torch keeps its own thread default otherwise: every CPU backend gets the same count
                 t = threads or (usable_cpus() if kind == "checkpoint" else None)
                 runtimes.append((Path(artifact).name,
                                  lambda a=artifact, b=b, t=t, d=d, e=extra: open_artifact(a, b, t, d, device, **e)))
     return runtimes
+
+
+def _require_golden(artifacts: tuple[str, ...], no_verify: bool) -> None:
+    """--require-verified: every artifact carries a golden set (checked before any is benchmarked)."""
+    from vitdeploy.verify import artifact_golden, unverified_reason
+
+    if no_verify:
+        raise click.UsageError("--require-verified and --no-verify contradict each other: drop one")
+    for artifact in artifacts:
+        if not Path(artifact).is_file() or artifact_golden(artifact) is None:
+            raise click.ClickException(f"{unverified_reason(artifact)}; --require-verified refuses it")
 
 
 def _print_bench(report: Any, json_out: str | None, csv_path: Path | None, plot_path: Path | None,

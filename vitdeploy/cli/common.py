@@ -28,6 +28,13 @@ def verify_options(f: Any) -> Any:
     return f
 
 
+def require_verified_option(f: Any) -> Any:
+    """--require-verified (serve, predict, bench): refuse an artifact that cannot be verified."""
+    return click.option("--require-verified", is_flag=True,
+                        help="Refuse an artifact that carries no golden set (so cannot be verified here), "
+                        "instead of running it with a warning.")(f)
+
+
 def quiet_exporter_logs() -> None:
     """The library leaves logging and warnings alone; this process (the CLI) hides torch.onnx's notices
     ("torchvision is not installed"), the FP16 converter's per-weight clamping warnings and ONNX Runtime's

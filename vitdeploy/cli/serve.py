@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from vitdeploy.cli.app import main
-from vitdeploy.cli.common import verify_options
+from vitdeploy.cli.common import require_verified_option, verify_options
 
 
 def _serve_limit_options(f: Any) -> Any:
@@ -94,6 +94,22 @@ def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drai
                 ssl_keyfile=server_limits["ssl_keyfile"])
 
 
+def _unverified(model: str, no_verify: bool, require_verified: bool) -> str | None:
+    """Why ``model`` will not be verified (the banner says it, /readyz too), or None; --require-verified
+    refuses such a model here, before the server starts."""
+    from vitdeploy.verify import artifact_golden, unverified_reason
+
+    if require_verified and no_verify:
+        raise click.UsageError("--require-verified and --no-verify contradict each other: drop one")
+    if no_verify:
+        return "--no-verify"
+    if artifact_golden(model) is not None:
+        return None
+    if require_verified:
+        raise click.ClickException(f"{unverified_reason(model)}; --require-verified refuses it")
+    return unverified_reason(model)
+
+
 @main.command()
 @click.option("--model", "-m", required=True, help="ONNX file or TensorRT engine.")
 @click.option("--backend", default="auto", show_default=True)
@@ -124,9 +140,11 @@ def _serve_workers(env: dict[str, str], host: str, port: int, workers: int, drai
               "request costs the event loop time under load; /metrics counts requests by endpoint and code).")
 @_serve_limit_options
 @verify_options
+@require_verified_option
 def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
           workers: int, instances: int, name: str | None, request_timeout: float, max_image_pixels: int | None,
           drain_grace: float, fixed_delay: bool, access_log: bool, no_verify: bool, allow_drift: bool,
+          require_verified: bool,
           **limits: Any) -> None:
     """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
     KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks.
@@ -151,6 +169,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
                                  "contexts on one engine; for more processes on an ONNX use --workers",
                                  param_hint="--instances")
     runtime_options = {"instances": instances} if instances > 1 else {}
+    unverified = _unverified(model, no_verify, require_verified)
     from vitdeploy.serving.readiness import WARM_EVERY_SIZE_UP_TO, warm_and_verify
 
     if workers > 1:  # each worker warms up and checks (the verdict is cached beside the artifact)
@@ -175,7 +194,8 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
         scheme = "https" if server_limits["ssl_certfile"] else "http"
         sizes = "every batch size" if max_batch <= WARM_EVERY_SIZE_UP_TO else "1, powers of two and max batch"
         click.echo(f"serving {rt.describe()} as {name!r} on {scheme}://{host}:{port} (ready once {sizes} "
-                   f"{'is warm' if no_verify else 'is warm and the golden set passes'})")
+                   f"{'is warm' if no_verify or unverified else 'is warm and the golden set passes'})"
+                   + (f"; NOT VERIFIED: {unverified}" if unverified else ""))
         app = create_app(rt, max_batch, max_delay_ms, max_queue, request_timeout=request_timeout,
                          max_image_pixels=max_image_pixels, model_name=name, prepare=prepare,
                          adaptive_delay=not fixed_delay, **app_limits)

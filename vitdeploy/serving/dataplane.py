@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ class DataPlane:
         self.draining = False
         self.preparing: str | None = None  # what readiness waits for, while prepare runs
         self.unfit: str | None = None  # why prepare failed: the server stays up, never ready
+        self.prepared: dict[str, Any] = {}  # what prepare's work reported (verified, and why): in /readyz
 
     # -- state -----------------------------------------------------------------------------------------
     def live(self) -> bool:
@@ -72,21 +73,23 @@ class DataPlane:
             return 503, {"status": "preparing", "reason": self.preparing}
         if self.draining or not self.batcher.alive:
             return 503, {"status": "draining"}
-        return 200, {"status": "ready", "model": self.runtime.describe(), "max_batch": self.max_batch}
+        return 200, {"status": "ready", "model": self.runtime.describe(), "max_batch": self.max_batch,
+                     **self.prepared}
 
     def begin_drain(self) -> None:
         """From now on readiness answers 503; requests are still served."""
         self.draining = True
 
-    def prepare(self, work: Callable[[Runtime], None], what: str) -> threading.Thread:
-        """Run ``work(runtime)`` (warm-up, the golden check) in a background thread; ready once it returns.
-        An exception keeps the server not ready: its message is logged and becomes the readiness reason."""
+    def prepare(self, work: Callable[[Runtime], Mapping[str, Any] | None], what: str) -> threading.Thread:
+        """Run ``work(runtime)`` (warm-up, the golden check) in a background thread; ready once it returns,
+        with what it returns (whether the model is verified, and why) in the readiness body. An exception
+        keeps the server not ready: its message is logged and becomes the readiness reason."""
         self.preparing = what
 
         def run() -> None:
             try:
                 t0 = time.perf_counter()
-                work(self.runtime)
+                self.prepared = dict(work(self.runtime) or {})
                 log.info("ready: %s took %.1f s", what, time.perf_counter() - t0)
             except BaseException as e:  # whatever it is, it is why this server is not ready
                 self.unfit = str(e) if isinstance(e, VitDeployError) else f"{type(e).__name__}: {e}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vitdeploy.engines.base import Runtime
 
@@ -29,16 +30,27 @@ def warm_sizes(max_batch: int, runtime: Runtime | None = None) -> list[int]:
     return sorted(sizes)
 
 
-def _warm_and_verify(artifact: Path | None, max_batch: int, verify: bool, allow_drift: bool, rt: Runtime) -> None:
-    from vitdeploy.verify import first_load_check, warm_up
+def _warm_and_verify(artifact: Path | None, max_batch: int, verify: bool, allow_drift: bool, loaded: Any,
+                     rt: Runtime) -> dict[str, Any]:
+    from vitdeploy.verify import first_load_check, verification_status, warm_up
 
-    if verify and artifact is not None:  # DriftError (unless allow_drift): the server stays not ready
-        first_load_check(artifact, rt, allow_drift=allow_drift)
+    status: dict[str, Any] = {}
+    if artifact is not None:  # DriftError or ArtifactChanged (unless allow_drift): the server stays not ready
+        outcome = first_load_check(artifact, rt, allow_drift=allow_drift, loaded=loaded) if verify else None
+        status = verification_status(artifact, outcome, checked=verify)
     warm_up(rt, warm_sizes(max_batch, rt))
+    return status
 
 
 def warm_and_verify(artifact: str | Path | None, max_batch: int, verify: bool = True,
-                    allow_drift: bool = False) -> Callable[[Runtime], None]:
+                    allow_drift: bool = False) -> Callable[[Runtime], dict[str, Any]]:
     """The work readiness waits for: the golden check of ``artifact`` (once per target, the verdict cached
-    beside it; skipped when ``verify`` is False), then the warm-up of :func:`warm_sizes`."""
-    return functools.partial(_warm_and_verify, Path(artifact) if artifact else None, max_batch, verify, allow_drift)
+    beside it; skipped when ``verify`` is False), then the warm-up of :func:`warm_sizes`. Call it before
+    the runtime opens ``artifact``: the file is stamped now, and the check refuses a file changed since
+    (it would vouch for bytes that were never loaded). The work returns what /readyz adds: ``verified``
+    and, in words, why or why not (:func:`vitdeploy.verify.verification_status`)."""
+    from vitdeploy.verify import LoadStamp
+
+    path = Path(artifact) if artifact else None
+    loaded = LoadStamp.take(path) if path is not None and verify else None
+    return functools.partial(_warm_and_verify, path, max_batch, verify, allow_drift, loaded)

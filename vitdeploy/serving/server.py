@@ -67,7 +67,7 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
                max_image_pixels: int | None = None, model_name: str = "model", owns_runtime: bool = False,
                memory_budget: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                api_key: str | None = None, public_probes: bool = False,
-               prepare: Callable[[Any], None] | None = None, adaptive_delay: bool = True) -> Any:
+               prepare: Callable[[Any], Any] | None = None, adaptive_delay: bool = True) -> Any:
     """The FastAPI app. The runtime stays the caller's (closed at shutdown only with ``owns_runtime``).
 
     ``max_body_bytes`` defaults to 20 MiB or room for a full ``max_batch`` as JSON, whichever is larger;
@@ -206,10 +206,13 @@ def app_from_env() -> Any:
         raise VitDeployError("VITDEPLOY_SERVE_MODEL is not set")
     return_large_frees()
     instances = int(env.get("VITDEPLOY_SERVE_INSTANCES", "1"))
+    max_batch = int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32"))
+    # before the runtime opens the file: the golden check vouches only for the bytes that were loaded
+    prepare = warm_and_verify(model, max_batch, verify=env.get("VITDEPLOY_SERVE_VERIFY", "1") == "1",
+                              allow_drift=env.get("VITDEPLOY_SERVE_ALLOW_DRIFT") == "1")
     runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"), shared_cores=True,
                            **({"instances": instances} if instances > 1 else {}))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
-    max_batch = int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32"))
     app = create_app(runtime, max_batch,
                      float(env.get("VITDEPLOY_SERVE_MAX_DELAY_MS", "2")),
                      int(env.get("VITDEPLOY_SERVE_MAX_QUEUE", "256")),
@@ -221,7 +224,6 @@ def app_from_env() -> Any:
                      public_probes=env.get("VITDEPLOY_SERVE_PUBLIC_PROBES") == "1",
                      model_name=env.get("VITDEPLOY_SERVE_NAME", "model"), owns_runtime=True,
                      adaptive_delay=env.get("VITDEPLOY_SERVE_FIXED_DELAY") != "1",
-                     prepare=warm_and_verify(model, max_batch, verify=env.get("VITDEPLOY_SERVE_VERIFY", "1") == "1",
-                                             allow_drift=env.get("VITDEPLOY_SERVE_ALLOW_DRIFT") == "1"))
+                     prepare=prepare)
     freeze_startup_objects()
     return app
