@@ -35,22 +35,33 @@ V2_DATATYPES = {r.numpy: r.v2 for r in dtypes.TABLE}  # numpy name -> KServe v2 
 
 class ModelIO:
     """What a request is checked against: the input spec, tensor names, v2 datatype and batch limit;
-    and what answers name: the labels (``num_labels`` is -1 when the artifact does not say)."""
+    and what answers name: the labels (``num_labels`` is -1 when the artifact does not say), the task and
+    the output's size per image (the artifact's metadata; -1 when it does not say)."""
 
     def __init__(self, spec: Any, input_name: str, output_name: str, datatype: str, max_batch: int,
-                 labels: list[str] | None = None, num_labels: int = -1) -> None:
+                 labels: list[str] | None = None, num_labels: int = -1, task: str = "classification",
+                 output_size: int | None = None, normalized: bool = False) -> None:
         self.spec, self.input_name, self.output_name = spec, input_name, output_name
         self.datatype, self.max_batch = datatype, max_batch
         self.dtype = np.dtype(spec.dtype)  # every request's tensor is made this type as it is parsed
         self.shape = tuple(int(d) for d in spec.shape)
         self.labels, self.num_labels = labels or [], num_labels
+        self.task, self.normalized = task, normalized
+        self.output_size = num_labels if output_size is None else output_size
 
     @classmethod
     def of(cls, runtime: Runtime, max_batch: int) -> ModelIO:
-        spec, labels = runtime.spec, list(runtime.labels)
-        num_labels = len(labels) or int((runtime.metadata.config if runtime.metadata else {}).get("num_labels", -1))
+        spec, labels, meta = runtime.spec, list(runtime.labels), runtime.metadata
+        num_labels = len(labels) or int((meta.config if meta else {}).get("num_labels", -1))
+        if meta is not None and meta.is_embedding:
+            num_labels = -1  # an embedding model has no labels, whatever its config's num_labels says
         return cls(spec, spec.name, runtime.output_name or "logits", V2_DATATYPES.get(spec.dtype, spec.dtype.upper()),
-                   max_batch, labels, num_labels)
+                   max_batch, labels, num_labels, meta.task if meta else "classification",
+                   meta.output_size if meta else None, bool(meta and meta.normalized))
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.task == "embedding"
 
     def check_rows(self, rows: int) -> None:
         if not 1 <= rows <= self.max_batch:

@@ -1,7 +1,11 @@
-"""`vitdeploy serve`'s own routes, over the data plane: classify an image, logits for tensors, and the probes.
+"""`vitdeploy serve`'s own routes, over the data plane: classify or embed an image, logits for tensors, and the
+probes. A classifier answers /v1/classify and /v1/logits, an embedding model /v1/embed (the artifact's task
+says which); the routes of the other task answer 404 with the route to use.
 
     POST /v1/classify   image bytes (or multipart field "file"); ?top_k=5
     POST /v1/logits     JSON {"inputs": [[C][H][W]...]} or application/octet-stream float32 with X-Shape: n,C,H,W
+    POST /v1/embed      image bytes (or multipart field "file") -> {"embedding": [...], "size", "norm", "normalized"};
+                        Accept: application/octet-stream -> float32 bytes with X-Shape: 1,D
     GET  /healthz       the process and its inference worker are up
     GET  /readyz        the model is prepared (warm, verified) and the server is not draining
     GET  /metrics       Prometheus text format
@@ -43,9 +47,11 @@ class V1Endpoints:
     def register_inference(self, routes: InferenceRoutes) -> None:
         routes.add("/v1/classify", self.classify, "classify")
         routes.add("/v1/logits", self.logits, "logits")
+        routes.add("/v1/embed", self.embed, "embed")
 
     async def classify(self, request: RawRequest, scope: RequestScope) -> Answer:
         """Image bytes (or a multipart 'file' field) -> the top-k labels (?top_k=5) as JSON."""
+        self._check_task("classification", "/v1/classify")
         if self.plane.runtime.metadata is None:
             raise HTTPFailure(400, "no_metadata", "this artifact has no preprocessing metadata: "
                               "use /v1/logits or re-export it with vitdeploy")
@@ -59,6 +65,7 @@ class V1Endpoints:
 
     async def logits(self, request: RawRequest, scope: RequestScope) -> Answer:
         """JSON {"inputs": [...]} or float32 bytes with X-Shape: n,C,H,W -> the logits."""
+        self._check_task("classification", "/v1/logits")
         headers = request.headers
         dims = self._binary_dims(headers)
         body = await self.intake.read_chunks(request, scope.lease, scope.start)
@@ -69,6 +76,18 @@ class V1Endpoints:
             raw = await self.intake.cpu(lambda: np.ascontiguousarray(out, "<f4").tobytes())
             return scope.answer(raw, "application/octet-stream", {"X-Shape": ",".join(map(str, out.shape))})
         return scope.answer(await self.intake.cpu(parsing.json_bytes, {"logits": out.tolist()}), "application/json")
+
+    async def embed(self, request: RawRequest, scope: RequestScope) -> Answer:
+        """Image bytes (or a multipart 'file' field) -> the image's embedding as JSON, or as float32 bytes."""
+        self._check_task("embedding", "/v1/embed")
+        body = await self._image_bytes(request, scope.lease, scope.start)
+        x = await self.intake.cpu(self._decode_image, body, scope.lease, scope.rid)
+        del body
+        out = await scope.infer(x)
+        if request.headers.get("accept") == "application/octet-stream":
+            raw = np.ascontiguousarray(out[None], "<f4").tobytes()
+            return scope.answer(raw, "application/octet-stream", {"X-Shape": f"1,{out.shape[-1]}"})
+        return scope.answer(await self.intake.cpu(self._embedding_json, out), "application/json")
 
     async def healthz(self) -> Any:
         if not self.plane.live():
@@ -133,6 +152,23 @@ class V1Endpoints:
                               "GIF or TIFF bytes, or a multipart 'file' field holding one") from None
         # the batch form this artifact takes (float32 NCHW, or uint8 NHWC), from its metadata
         return np.asarray(self.plane.runtime.preprocess([image]))[0]
+
+    def _check_task(self, task: str, route: str) -> None:
+        """A 404 naming the routes that fit, for a route of the other task (checked before the body is read)."""
+        if (self.model.task == "embedding") == (task == "embedding"):
+            return
+        if self.model.is_embedding:
+            fits = "POST images to /v1/embed, or tensors to /v2/models/NAME/infer"
+        else:
+            fits = "POST images to /v1/classify, or tensors to /v1/logits or /v2/models/NAME/infer"
+        raise HTTPFailure(404, "wrong_task", f"{route} is for {task.replace('classification', 'classifier')} "
+                          f"models, and this model's artifact says task {self.model.task}: {fits}")
+
+    def _embedding_json(self, vector: np.ndarray) -> bytes:
+        v = np.asarray(vector, np.float32)
+        return parsing.json_bytes({"embedding": v.tolist(), "size": int(v.shape[-1]),
+                                   "norm": float(np.linalg.norm(v.astype(np.float64))),
+                                   "normalized": self.model.normalized})
 
     def _top_k_json(self, logits: np.ndarray, k: int) -> bytes:
         probs = softmax(logits[None])[0]

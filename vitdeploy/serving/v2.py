@@ -40,7 +40,8 @@ class V2Endpoints:
             routes.add(path, self.infer, "v2_infer")
 
     async def infer(self, request: RawRequest, scope: RequestScope, name: str, version: str | None = None) -> Answer:
-        """A KServe v2 inference request (JSON tensors or the binary tensor data extension) -> the logits."""
+        """A KServe v2 inference request (JSON tensors or the binary tensor data extension) -> the artifact's
+        output (logits or embeddings), under its name."""
         if (unknown := self._unknown_model(name, version)) is not None:
             raise HTTPFailure(404, "unknown_model", unknown)
         body = await self.intake.read_chunks(request, scope.lease, scope.start)
@@ -69,7 +70,7 @@ class V2Endpoints:
         model, backend = self.model, self.plane.runtime.backend
         return {"name": self.name, "versions": ["1"], "platform": f"vitdeploy_{backend}",
                 "inputs": [{"name": model.input_name, "datatype": model.datatype, "shape": [-1, *model.shape]}],
-                "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, model.num_labels]}]}
+                "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, model.output_size]}]}
 
     def model_ready(self) -> Any:
         return Response(status_code=200 if self.plane.ready() else 503)
@@ -78,7 +79,7 @@ class V2Endpoints:
         model, backend = self.model, self.plane.runtime.backend
         return {"name": self.name, "platform": f"vitdeploy_{backend}", "max_batch_size": model.max_batch,
                 "input": [{"name": model.input_name, "data_type": f"TYPE_{model.datatype}", "dims": list(model.shape)}],
-                "output": [{"name": model.output_name, "data_type": "TYPE_FP32", "dims": [model.num_labels]}],
+                "output": [{"name": model.output_name, "data_type": "TYPE_FP32", "dims": [model.output_size]}],
                 "dynamic_batching": {"max_queue_delay_microseconds": int(self.plane.max_delay_ms * 1000)}}
 
     # -- helpers -------------------------------------------------------------------------------------------

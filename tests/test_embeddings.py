@@ -1,0 +1,322 @@
+"""Embedding artifacts through every consumer: eval (kNN top-1, cosine to FP32), predict (.npy), serve
+(/v1/embed, KServe v2), Triton, deploy's report, compare, bench and inspect.
+
+The embedding model here is the trained digits ViT's pooled output (the class token after the final
+LayerNorm, as DINOv2's embedding is), exported with torch.onnx and given embedding metadata: real
+weights, so kNN top-1 and the INT8-against-FP32 cosine are real numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitdeploy.errors import VitDeployError
+
+EMBED_SIZE = 64  # the digits ViT's hidden size
+
+
+def export_embedding(checkpoint: Path, path: Path, normalize: bool = False, batch: int | None = None) -> Path:
+    """The digits ViT's class token after its final LayerNorm (L2-normalized with ``normalize``), as an ONNX
+    with input ``pixel_values`` and output ``embeddings``, and the metadata an embedding export carries."""
+    import onnx
+    import torch
+
+    from vitdeploy import __version__
+    from vitdeploy.artifacts.metadata import ArtifactMetadata, set_metadata
+    from vitdeploy.checkpoints import resolve
+    from vitdeploy.preprocess import Preprocessing
+
+    vit = resolve(str(checkpoint), None).model.eval()
+    cfg = vit.config
+
+    class Embedder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit.vit
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            x = self.vit(pixel_values)[:, 0]
+            return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    h, w = cfg.image_hw
+    example = torch.zeros(batch or 2, cfg.num_channels, h, w)
+    with torch.no_grad():
+        torch.onnx.export(Embedder().eval(), (example,), str(path), dynamo=False, input_names=["pixel_values"],
+                          output_names=["embeddings"], opset_version=17,
+                          dynamic_axes=None if batch else {"pixel_values": {0: "N"}, "embeddings": {0: "N"}})
+    model = onnx.load(str(path))
+    set_metadata(model, ArtifactMetadata(
+        version=__version__, config=cfg.to_dict(), preprocessing=Preprocessing.from_config(cfg).to_dict(), labels=[],
+        precision="fp32", batch=str(batch) if batch else "dynamic", task="embedding", output_name="embeddings",
+        output_size=cfg.hidden_size, normalized=normalize))
+    onnx.save(model, str(path))
+    return path
+
+
+def quantize_embedding(fp32: Path, path: Path, calib_dir: Path, precision: str = "int8") -> Path:
+    """``fp32`` as Q/DQ INT8 through vitdeploy's own quantizer, calibrated on images; metadata kept."""
+    import onnx
+
+    from vitdeploy.artifacts.metadata import read_onnx_metadata, set_metadata
+    from vitdeploy.exporters.precision import quantize
+    from vitdeploy.preprocess import Preprocessing, batches, find_images
+
+    meta = read_onnx_metadata(fp32)
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    quantize(fp32, path, "pixel_values", batches(find_images(calib_dir)[:64], prep, 16), precision=precision)
+    model = onnx.load(str(path))
+    meta.precision = precision
+    set_metadata(model, meta)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def embed(digits, tmp_path_factory) -> dict[str, Path]:
+    """The digits embedding model: fp32 (dynamic batch), L2-normalized, a static batch of 2, INT8."""
+    root = tmp_path_factory.mktemp("embed")
+    out = {"fp32": export_embedding(digits["checkpoint"], root / "embed.onnx"),
+           "norm": export_embedding(digits["checkpoint"], root / "embed-norm.onnx", normalize=True),
+           "b2": export_embedding(digits["checkpoint"], root / "embed-b2.onnx", batch=2)}
+    out["int8"] = quantize_embedding(out["fp32"], root / "embed-int8.onnx", digits["train"])
+    return out
+
+
+def _image(path: Path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def _torch_embeddings(checkpoint: Path, x: np.ndarray) -> np.ndarray:
+    """The reference: our torch ViT's pooled output, computed without any ONNX."""
+    import torch
+
+    from vitdeploy.checkpoints import resolve
+
+    vit = resolve(str(checkpoint), None).model.eval()
+    with torch.no_grad():
+        return vit.vit(torch.from_numpy(x))[:, 0].numpy()
+
+
+# -- the fixture itself --------------------------------------------------------------------------------------
+def test_the_embedding_artifact_is_the_models_pooled_output(embed, digits):
+    from vitdeploy.engines import open_runtime
+
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    want = _torch_embeddings(digits["checkpoint"], x)
+    with open_runtime(embed["fp32"]) as rt, open_runtime(embed["norm"]) as rn:
+        assert (rt.metadata.task, rt.metadata.output_size, rt.output_name) == ("embedding", EMBED_SIZE, "embeddings")
+        np.testing.assert_allclose(rt.infer(x), want, atol=1e-4)
+        np.testing.assert_allclose(rn.infer(x), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+
+
+# -- eval: kNN top-1 and the cosine to FP32 ------------------------------------------------------------------
+def _sklearn_knn(x: np.ndarray, classes: list[str], k: int) -> list[str]:
+    """Leave-one-out kNN by scikit-learn's NearestNeighbors (cosine distance): the k nearest other images,
+    majority vote, a tie to the nearest of the tied."""
+    from collections import Counter
+
+    from sklearn.neighbors import NearestNeighbors
+
+    _, idx = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(x).kneighbors(x)
+    preds = []
+    for i, row in enumerate(idx):
+        near = [classes[j] for j in row if j != i][:k]
+        counts = Counter(near)
+        preds.append(next(c for c in near if counts[c] == max(counts.values())))
+    return preds
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_knn_top1_matches_scikit_learn(k):
+    from vitdeploy.evaluate import knn_result
+
+    rng = np.random.default_rng(k)
+    centres = rng.standard_normal((4, 16))
+    classes = [str(c) for c in rng.integers(0, 4, 300)]
+    x = (centres[[int(c) for c in classes]] + 1.5 * rng.standard_normal((300, 16))).astype(np.float32)
+    x *= rng.uniform(0.1, 10, (300, 1)).astype(np.float32)  # cosine: each row's scale must not matter
+    result = knn_result(x, classes, k)
+    want = _sklearn_knn(x, classes, k)
+    assert result.predictions == want
+    assert result.correct == sum(p == c for p, c in zip(want, classes, strict=True))
+    assert 0.4 < result.knn_top1 < 1.0  # a task with errors, so agreement on the misses counts too
+    assert result.size == 16 and result.non_finite == 0
+
+
+def test_knn_counts_a_broken_embedding_as_a_miss_and_refuses_what_cannot_be_scored():
+    from vitdeploy.evaluate import knn_result, row_cosines
+
+    x = np.array([[1, 0], [1, 0.1], [1, -0.1], [0, 1], [0.1, 1], [-0.1, 1]], np.float32)
+    classes = ["a", "a", "a", "b", "b", "b"]
+    assert knn_result(x, classes).correct == 6
+    x[0] = np.nan
+    r = knn_result(x, classes)
+    assert (r.correct, r.non_finite, r.predictions[0]) == (5, 1, "")
+    assert r.mean_norm == pytest.approx(np.sqrt(1.01) * 4 / 5 + 1 / 5)  # over the finite ones
+    want = [0.0, 1.1 / np.sqrt(2 * 1.01), 0.9 / np.sqrt(2 * 1.01), 1 / np.sqrt(2)]
+    np.testing.assert_allclose(row_cosines(x[:4], np.ones((4, 2))), want, rtol=1e-6)
+    with pytest.raises(VitDeployError, match="at least 2"):
+        knn_result(x[:1], ["a"])
+    with pytest.raises(VitDeployError, match="k=6"):
+        knn_result(x, classes, k=6)
+
+
+def test_eval_of_an_embedding_model_is_knn_top1_and_its_cosine_to_fp32(embed, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+    from vitdeploy.cli import main
+    from vitdeploy.preprocess import Preprocessing, labelled_images, load_images
+
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(main, ["eval", "-m", str(embed["int8"]), "--data", str(digits["test"]), "--reference",
+                                  str(embed["fp32"]), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    got = json.loads(out.read_text())
+    # the independent figures: torch's pooled output, scikit-learn's kNN
+    files, classes = labelled_images(digits["test"])
+    prep = Preprocessing.from_dict(read_onnx_metadata(embed["fp32"]).preprocessing)
+    ref = _torch_embeddings(digits["checkpoint"], load_images(files, prep))
+    want_fp32 = np.mean([p == c for p, c in zip(_sklearn_knn(ref, classes, 1), classes, strict=True)])
+    assert got["task"] == "embedding" and got["k"] == 1 and got["size"] == EMBED_SIZE and got["total"] == len(files)
+    assert got["reference"]["measure"] == "cosine"
+    assert got["reference"]["reference_score"] == pytest.approx(want_fp32, abs=1 / len(files))
+    assert want_fp32 > 0.9  # a trained model: the figure means something
+    assert got["reference"]["mean"] >= 0.99 and got["reference"]["lowest"] > 0.9
+    assert abs(got["knn_top1"] - want_fp32) <= 0.02  # INT8 keeps its neighbours
+    assert "kNN top-1" in r.output and "cosine to" in r.output
+
+
+def test_eval_refuses_a_reference_of_another_task_in_one_line(embed, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from tests.test_hostile_files import good_metadata, tiny_onnx
+    from vitdeploy.cli import main
+
+    other = tiny_onnx(tmp_path / "clf.onnx", meta=good_metadata())
+    r = CliRunner().invoke(main, ["eval", "-m", str(embed["fp32"]), "--data", str(digits["test"]), "--reference",
+                                  str(other), "--no-verify"])
+    assert r.exit_code == 1 and "classification model with 3 outputs" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_evaluate_folder_refuses_an_embedding_model(embed, digits):
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.evaluate import evaluate_folder
+
+    with open_runtime(embed["fp32"]) as rt, pytest.raises(VitDeployError, match="embedding model, not a classifier"):
+        evaluate_folder(rt, digits["test"])
+
+
+# -- predict: the vectors to a .npy, their norms printed -----------------------------------------------------
+def test_predict_writes_an_embedding_models_vectors_and_prints_their_norms(embed, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+    from vitdeploy.preprocess import Preprocessing, find_images, load_images
+
+    files = find_images(digits["test"])[:3]
+    out = tmp_path / "vectors.npy"
+    r = CliRunner().invoke(main, ["predict", *map(str, files), "-m", str(embed["fp32"]), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    got = np.load(out)
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+
+    x = load_images(files, Preprocessing.from_dict(read_onnx_metadata(embed["fp32"]).preprocessing))
+    want = _torch_embeddings(digits["checkpoint"], x)
+    assert got.shape == (3, EMBED_SIZE) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    for f, v in zip(files, want, strict=True):
+        line = next(line for line in r.output.splitlines() if line.startswith(f"{f}:"))
+        assert line.endswith(f"norm {np.linalg.norm(v):.4f}"), line
+    # normalized in the graph: unit norms; as JSON on stdout
+    r = CliRunner().invoke(main, ["predict", *map(str, files), "-m", str(embed["norm"]), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["size"] == EMBED_SIZE and doc["normalized"] is True and doc["output"] is None
+    assert [d["norm"] for d in doc["images"]] == pytest.approx([1.0] * 3, abs=1e-5)
+
+
+def test_predict_output_must_be_a_npy_and_a_classifier_writes_its_logits(embed, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.preprocess import find_images
+
+    files = find_images(digits["test"])[:2]
+    r = CliRunner().invoke(main, ["predict", str(files[0]), "-m", str(embed["fp32"]), "--output", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "does not end in .npy" in r.output and not (tmp_path / "x").exists()
+    out = tmp_path / "logits.npy"
+    r = CliRunner().invoke(main, ["predict", *map(str, files), "-m", str(digits["checkpoint"]), "--output", str(out),
+                                  "--top-k", "1"])
+    assert r.exit_code == 0, r.output
+    with open_runtime(digits["checkpoint"]) as rt:
+        want = rt.infer(rt.preprocess([_image(f) for f in files]))
+    np.testing.assert_allclose(np.load(out), want, atol=1e-5)
+    top = [line.split(": ")[1].split()[0] for line in r.output.splitlines() if ": " in line and "running" not in line]
+    assert top == [str(int(i)) for i in want.argmax(1)]
+
+
+# -- serve: /v1/embed, the other task's routes, KServe v2 with the artifact's output -------------------------
+def test_serve_answers_embed_and_kserve_v2_with_the_artifacts_output(embed, digits):
+    import httpx
+
+    from tests.http_server import Server
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.preprocess import find_images
+
+    png = find_images(digits["test"])[0]
+    with open_runtime(embed["fp32"]) as rt, Server(rt, model_name="emb") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        want = rt.infer(rt.preprocess([_image(png)]))[0]
+        r = c.post("/v1/embed", content=png.read_bytes())
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        np.testing.assert_allclose(doc["embedding"], want, atol=1e-5)
+        assert doc["size"] == EMBED_SIZE and doc["normalized"] is False
+        assert doc["norm"] == pytest.approx(float(np.linalg.norm(want)), rel=1e-5)
+        r = c.post("/v1/embed", content=png.read_bytes(), headers={"accept": "application/octet-stream"})
+        assert r.headers["x-shape"] == f"1,{EMBED_SIZE}"
+        np.testing.assert_allclose(np.frombuffer(r.content, "<f4"), want, atol=1e-5)
+        # the classifier's routes: a 404 that names the route to use, before any body is read
+        for route in ("/v1/classify", "/v1/logits"):
+            r = c.post(route, content=png.read_bytes())
+            assert r.status_code == 404 and "/v1/embed" in r.text and "task embedding" in r.text, (route, r.text)
+        meta = c.get("/v2/models/emb").json()
+        assert meta["outputs"] == [{"name": "embeddings", "datatype": "FP32", "shape": [-1, EMBED_SIZE]}]
+        assert c.get("/v2/models/emb/config").json()["output"] == [
+            {"name": "embeddings", "data_type": "TYPE_FP32", "dims": [EMBED_SIZE]}]
+        x = np.random.default_rng(1).standard_normal((3, 3, 224, 224)).astype(np.float32)
+        got = _kserve_infer(srv.url, "emb", x)
+        np.testing.assert_allclose(got, rt.infer(x), atol=1e-5)
+
+
+def _kserve_infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
+    """tritonclient.http, the names read from the model's metadata (as against Triton)."""
+    import tritonclient.http as th
+
+    with th.InferenceServerClient(url.removeprefix("http://")) as client:
+        meta = client.get_model_metadata(model)
+        inp = th.InferInput(meta["inputs"][0]["name"], list(x.shape), meta["inputs"][0]["datatype"])
+        inp.set_data_from_numpy(x, binary_data=True)
+        out = th.InferRequestedOutput(meta["outputs"][0]["name"], binary_data=True)
+        return client.infer(model, [inp], outputs=[out]).as_numpy(meta["outputs"][0]["name"])
+
+
+def test_a_classifier_server_answers_embed_with_a_404_naming_its_routes(serving_onnx):
+    import httpx
+
+    from tests.http_server import Server
+    from vitdeploy.engines import open_runtime
+
+    with open_runtime(serving_onnx) as rt, Server(rt) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/embed", content=b"\x89PNG")
+        assert r.status_code == 404 and "/v1/classify" in r.text and "task classification" in r.text, r.text
+        assert c.get("/v2/models/m").json()["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, 7]}
