@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from vitdeploy.cli.app import main
-from vitdeploy.cli.common import json_option, verify_options, write_json
+from vitdeploy.cli.common import json_option, require_verified_option, verify_options, write_json
 
 
 @main.command()
@@ -21,15 +21,19 @@ from vitdeploy.cli.common import json_option, verify_options, write_json
               "(a classifier's logits).")
 @json_option
 @verify_options
+@require_verified_option
 def predict(images: tuple[Path, ...], model: str, backend: str, top_k: int, output: Path | None, json_out: str | None,
-            no_verify: bool, allow_drift: bool) -> None:
+            no_verify: bool, allow_drift: bool, require_verified: bool) -> None:
     """Classify image files, or embed them (an embedding model: the vectors to --output x.npy, their norms
     printed); preprocessing, labels and the task come from the artifact's metadata."""
     from vitdeploy.verify import open_verified
 
+    if require_verified and no_verify:
+        raise click.UsageError("--require-verified and --no-verify contradict each other: drop one")
     if output is not None and output.suffix != ".npy":
         raise click.BadParameter(f"{output} does not end in .npy: name the file x.npy", param_hint="--output")
-    with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift) as rt:
+    with open_verified(model, backend=backend, verify=not no_verify, allow_drift=allow_drift,
+                       require_verified=require_verified) as rt:
         click.echo(f"running {rt.describe()}", err=True)
         if rt.metadata is not None and rt.metadata.is_embedding:
             _embed(rt, images, output, json_out)
