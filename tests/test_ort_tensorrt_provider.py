@@ -123,6 +123,31 @@ def test_device_tensorrt_never_runs_quietly_elsewhere(tmp_path, offered):
         OnnxRuntime(path, device="cuda")
 
 
+@pytest.mark.skipif(TRT in REAL_PROVIDERS, reason="this onnxruntime has a real TensorRT provider")
+def test_cuda_n_is_passed_as_device_id_and_never_runs_on_the_cpu(tmp_path, offered):
+    """`cuda:N` gives both GPU providers device_id N (ONNX Runtime's own option); this onnxruntime cannot start
+    them, so the session is refused, not run on the CPU; with no GPU provider offered it is refused up front."""
+    from vitdeploy.engines import open_runtime
+
+    path = _onnx(tmp_path / "m.onnx")
+    sessions = offered(TRT, CUDA)
+    with pytest.raises(VitDeployError, match=r"--device cuda:1: ONNX Runtime could not start its CUDAExecutionProvider "
+                                             r"and fell back to CPUExecutionProvider"):
+        open_runtime(path, backend="onnxruntime", device="cuda:1")
+    assert sessions[-1] == [(CUDA, {"device_id": "1"}), CPU]
+    with pytest.raises(VitDeployError, match=r"--device tensorrt:2: ONNX Runtime could not start its Tensorrt"):
+        OnnxRuntime(path, device="tensorrt:2")
+    (trt_name, trt_options), cuda, cpu = sessions[-1]
+    assert (trt_name, trt_options["device_id"], cuda, cpu) == (TRT, "2", (CUDA, {"device_id": "2"}), CPU)
+    assert trt_options["trt_profile_max_shapes"] == f"pixel_values:{DYNAMIC_MAX_BATCH}x3x224x224"
+    offered()  # the CPU package
+    with pytest.raises(VitDeployError, match=r"--device cuda:1: this onnxruntime has no GPU providers"):
+        OnnxRuntime(path, device="cuda:1")
+    for bad in ("cuda:x", "cpu:1", "cuda1"):
+        with pytest.raises(VitDeployError, match=r"ONNX Runtime runs on auto, cpu, cuda, cuda:N, tensorrt"):
+            OnnxRuntime(path, device=bad)
+
+
 @pytest.mark.skipif(TRT not in REAL_PROVIDERS,
                     reason="onnxruntime-gpu not installed (docs/engines.md: Installing on a GPU machine)")
 def test_with_onnxruntime_gpu(tmp_path):

@@ -183,25 +183,41 @@ def _tensorrt_options(path: Path, engine_cache: str | None) -> dict[str, str]:
     return tensorrt_provider_options(name, dims, batch, cache)
 
 
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``auto``, ``cpu``, ``cuda[:N]`` or ``tensorrt[:N]`` -> (kind, N or None); anything else refused."""
+    import re
+
+    text = str(device).strip().lower()
+    m = re.fullmatch(r"(auto|cpu|cuda|tensorrt)(?::(\d+))?", text)
+    if m is None or (m.group(2) is not None and m.group(1) in ("auto", "cpu")):
+        raise VitDeployError(f"--device {device!r}: ONNX Runtime runs on auto, cpu, cuda, cuda:N, tensorrt or "
+                             "tensorrt:N")
+    return m.group(1), int(m.group(2)) if m.group(2) is not None else None
+
+
 def choose_providers(device: str = "auto", tensorrt_options: Callable[[], dict[str, str]] | None = None) -> list[Any]:
     """TensorRT, then CUDA, then CPU, as far as this onnxruntime build and ``device`` allow.
 
     ``tensorrt_options`` makes the TensorRT provider's options, called only where that provider is chosen.
+    ``cuda:N`` / ``tensorrt:N`` give both GPU providers ``device_id`` N; a GPU device that no offered
+    provider can run is refused (never quietly the CPU).
     """
     import onnxruntime as ort
 
+    kind, index = parse_device(device)
+    on = {"device_id": str(index)} if index is not None else {}
     available = ort.get_available_providers()
-    if device == "tensorrt" and _PROVIDER["tensorrt"] not in available:
-        raise VitDeployError(f"--device tensorrt: this onnxruntime has no TensorRT execution provider "
+    if kind == "tensorrt" and _PROVIDER["tensorrt"] not in available:
+        raise VitDeployError(f"--device {device}: this onnxruntime has no TensorRT execution provider "
                              f"({', '.join(available)}): {GPU_ORT_INSTALL}; or use --device cuda")
     providers: list[Any] = []
-    if device in ("auto", "cuda", "tensorrt"):
-        if _PROVIDER["tensorrt"] in available and device != "cuda":
-            providers.append((_PROVIDER["tensorrt"], tensorrt_options() if tensorrt_options else {}))
+    if kind in ("auto", "cuda", "tensorrt"):
+        if _PROVIDER["tensorrt"] in available and kind != "cuda":
+            providers.append((_PROVIDER["tensorrt"], {**(tensorrt_options() if tensorrt_options else {}), **on}))
         if _PROVIDER["cuda"] in available:
-            providers.append(_PROVIDER["cuda"])
-        if device == "cuda" and not providers:
-            raise VitDeployError(f"--device cuda: this onnxruntime has no GPU providers ({', '.join(available)}): "
+            providers.append((_PROVIDER["cuda"], on) if on else _PROVIDER["cuda"])
+        if kind == "cuda" and not providers:
+            raise VitDeployError(f"--device {device}: this onnxruntime has no GPU providers ({', '.join(available)}): "
                                  f"{GPU_ORT_INSTALL}")
     providers.append("CPUExecutionProvider")
     return providers
@@ -210,7 +226,7 @@ def choose_providers(device: str = "auto", tensorrt_options: Callable[[], dict[s
 def _check_provider(device: str, running: list[str]) -> None:
     """Refuse a session that ONNX Runtime quietly moved off the provider ``device`` asked for (it falls
     back, with a printed "EP Error", when the provider's libraries or the GPU are missing)."""
-    wanted = _PROVIDER.get(device)
+    wanted = _PROVIDER.get(parse_device(device)[0])
     if wanted and wanted not in running:
         raise VitDeployError(f"--device {device}: ONNX Runtime could not start its {wanted} and fell back to "
                              f"{', '.join(running)} (its EP Error above names the missing library): install "
