@@ -387,3 +387,78 @@ def test_verify_reads_the_golden_tensors_and_runs_to_the_cuda_boundary(lean_exam
                           timeout=120)
     assert done.returncode == 1 and "not a whole number of 49152-byte images" in done.stderr, done.stderr
     assert "vitdeploy verify MODEL.onnx --write-tensors" in done.stderr and "createInferRuntime" not in done.stderr
+
+
+CHUNKS_CHECK = r"""
+#include "batching.h"
+#include <cstdio>
+int main() {
+  int n, lo, hi;
+  while (std::scanf("%d %d %d", &n, &lo, &hi) == 3) {
+    std::string all;
+    for (int i = 0; i < n; ++i) all += static_cast<char>('A' + i % 26);  // one byte per image
+    for (const vit::Chunk& c : vit::batchChunks(n, lo, hi)) std::printf("%s ", vit::chunkInput(all, 1, c).c_str());
+    std::printf("\n");
+  }
+}
+"""
+
+
+def test_verify_chunks_the_golden_set_as_the_python_runtime_does(tmp_path):
+    """batching.h (what `vit_infer --verify` and a batch file of N images run through) splits N images into
+    batches the engine's profile takes, exactly as vitdeploy's Runtime.infer does: a static batch of 1 runs
+    the 4 golden images one by one, a static 4 pads a short last batch with its last image, and so on."""
+    from vitdeploy.engines.base import InputSpec, Runtime
+
+    if shutil.which("c++") is None:
+        _absent("c++ not found: apt-get install g++")
+    (tmp_path / "chunks.cpp").write_text(CHUNKS_CHECK)
+    done = subprocess.run(["c++", "-std=c++17", "-Wall", f"-I{EXAMPLE}", str(tmp_path / "chunks.cpp"), "-o",
+                           str(tmp_path / "chunks")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    class Recording(Runtime):
+        def __init__(self, lo: int, hi: int) -> None:
+            self.spec, self.metadata, self.batches = InputSpec("x", "float32", (1,), lo, hi), None, []
+
+        def _run(self, batch: np.ndarray) -> np.ndarray:
+            self.batches.append("".join(chr(ord("A") + int(v) % 26) for v in batch[:, 0]))
+            return np.zeros((len(batch), 2), np.float32)
+
+    cases = [(4, 1, 1), (4, 4, 4), (6, 4, 4), (1, 4, 4), (4, 1, 8), (11, 1, 8), (17, 2, 8), (8, 8, 8), (9, 8, 8)]
+    out = subprocess.run([str(tmp_path / "chunks")], input="".join(f"{n} {lo} {hi}\n" for n, lo, hi in cases),
+                         capture_output=True, text=True, timeout=60).stdout.splitlines()
+    for (n, lo, hi), line in zip(cases, out, strict=True):
+        rt = Recording(lo, hi)
+        rt.infer(np.arange(n, dtype=np.float32)[:, None])
+        assert line.split() == rt.batches, (n, lo, hi)
+    assert out[0].split() == ["A", "B", "C", "D"] and out[2].split() == ["ABCD", "EFFF"]
+
+
+@pytest.mark.gpu
+def test_verify_passes_on_a_default_static_batch_export_on_gpu(request, tmp_path):
+    """The default export has a static batch of 1; `vit_infer --verify` runs its golden set (4 images) in
+    batches of 1 and passes."""
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine, current_gpu
+    from vitdeploy.exporters import ExportOptions, export_onnx
+    from vitdeploy.verify import write_golden_tensors
+
+    if current_gpu() is None:
+        pytest.skip("needs an NVIDIA GPU to run an engine (none visible: no driver or no device)")
+    pytest.importorskip("tensorrt", reason="full TensorRT not installed: it builds the engines here")
+    library = _full_nvinfer()
+    if library is None:
+        pytest.skip(NO_NVINFER)
+    tools = _toolchain(on_gpu=True)
+    digits = request.getfixturevalue("digits")
+    onnx_path = export_onnx(digits["checkpoint"], tmp_path / "m.onnx", options=ExportOptions()).path
+    engine = tmp_path / "m.engine"
+    build_engine(onnx_path, engine, BuildOptions(flavour="tensorrt", version_compatible=True))
+    golden = tmp_path / "golden"
+    write_golden_tensors(onnx_path, golden)
+    count = (golden / "golden_logits.bin").stat().st_size // (10 * 4)
+    assert count > 1
+    exe = _cmake_build(tmp_path / "full", library, tools)
+    done = subprocess.run([str(exe), str(engine), "--verify", str(golden)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"PASSED: {count} golden images" in done.stdout, done.stdout + done.stderr
+    assert f"{count} images in {count} batch(es) of the engine's 1..1" in done.stderr

@@ -1,7 +1,10 @@
-// Load a vitdeploy engine, read its flavour, I/O names, types and labels from its JSON sidecar, run one
-// batch of preprocessed images and print the top-5 classes of each.
+// Load a vitdeploy engine, read its flavour, I/O names, types and labels from its JSON sidecar, run N
+// preprocessed images and print the top-5 classes of each. The N images run in batches the engine's
+// profile takes, read from the engine (batching.h: at most its max batch; a short last batch padded up
+// to its min), so a static batch of 1 (the default export) runs them one by one.
 //
 //   vit_infer model.engine batch.bin N
+//   vit_infer model.engine --verify GOLDEN_DIR   (the golden set, in the same batches)
 //
 // batch.bin holds what the engine's input takes, as Python writes it:
 //   float32 or float16 input (--fp16-io): N x 3 x H x W float32, normalized,
@@ -19,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "batching.h"
 #include "io_types.h"
 
 #include <algorithm>
@@ -32,6 +36,7 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef VITDEPLOY_TENSORRT_RTX
@@ -197,10 +202,9 @@ static void checkEngine(const nvinfer1::ICudaEngine& engine, const Sidecar& side
       fail(enginePath + ": input " + side.input.name + " has another shape in the engine than in its sidecar: rebuild both");
 }
 
-// Run one batch; the logits as float32, [n, classes].
-static std::vector<float> infer(nvinfer1::ICudaEngine& engine, const Sidecar& side, const std::string& hostIn, int n) {
-  std::unique_ptr<nvinfer1::IExecutionContext> context{engine.createExecutionContext()};
-  if (!context) fail("createExecutionContext failed (the TensorRT error above; often too little free GPU memory)");
+// Run one batch the profile takes; the logits as float32, [n, classes].
+static std::vector<float> inferBatch(nvinfer1::ICudaEngine& engine, nvinfer1::IExecutionContext* context,
+                                     const Sidecar& side, const std::string& hostIn, int n) {
   const char* input = side.input.name.c_str();
   const char* output = side.output.name.c_str();
   nvinfer1::Dims inDims = engine.getTensorShape(input);
@@ -233,6 +237,34 @@ static std::vector<float> infer(nvinfer1::ICudaEngine& engine, const Sidecar& si
     } else {
       std::memcpy(&logits[i], hostOut.data() + i * sizeof(float), sizeof(float));
     }
+  }
+  return logits;
+}
+
+// The batch sizes the engine takes (its profile 0; a static batch: that batch), read from the engine.
+static std::pair<int, int> batchRange(const nvinfer1::ICudaEngine& engine, const char* input) {
+  const nvinfer1::Dims dims = engine.getTensorShape(input);
+  if (dims.d[0] > 0) return {static_cast<int>(dims.d[0]), static_cast<int>(dims.d[0])};
+  const nvinfer1::Dims lo = engine.getProfileShape(input, 0, nvinfer1::OptProfileSelector::kMIN);
+  const nvinfer1::Dims hi = engine.getProfileShape(input, 0, nvinfer1::OptProfileSelector::kMAX);
+  return {static_cast<int>(lo.d[0]), static_cast<int>(hi.d[0])};
+}
+
+// Run n images in batches the engine's profile takes (batching.h); the logits as float32, [n, classes].
+static std::vector<float> infer(nvinfer1::ICudaEngine& engine, const Sidecar& side, const std::string& hostIn, int n) {
+  std::unique_ptr<nvinfer1::IExecutionContext> context{engine.createExecutionContext()};
+  if (!context) fail("createExecutionContext failed (the TensorRT error above; often too little free GPU memory)");
+  const auto [lo, hi] = batchRange(engine, side.input.name.c_str());
+  const std::vector<vit::Chunk> chunks = vit::batchChunks(n, lo, hi);
+  if (chunks.empty()) fail("the engine's batch profile " + std::to_string(lo) + ".." + std::to_string(hi) + " is unusable");
+  if (chunks.size() > 1 || chunks[0].padded != n)
+    std::cerr << n << " images in " << chunks.size() << " batch(es) of the engine's " << lo << ".." << hi << std::endl;
+  const size_t imageBytes = hostIn.size() / static_cast<size_t>(n);
+  std::vector<float> logits;
+  for (const vit::Chunk& c : chunks) {
+    const std::vector<float> out = inferBatch(engine, context.get(), side, vit::chunkInput(hostIn, imageBytes, c), c.padded);
+    const size_t classes = out.size() / static_cast<size_t>(c.padded);
+    logits.insert(logits.end(), out.begin(), out.begin() + static_cast<std::ptrdiff_t>(classes * c.count));
   }
   return logits;
 }
