@@ -320,3 +320,17 @@ def test_a_classifier_server_answers_embed_with_a_404_naming_its_routes(serving_
         r = c.post("/v1/embed", content=b"\x89PNG")
         assert r.status_code == 404 and "/v1/classify" in r.text and "task classification" in r.text, r.text
         assert c.get("/v2/models/m").json()["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, 7]}
+
+
+# -- every backend returns the artifact's output, whatever its name ------------------------------------------
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("artifact", ["fp32", "b2"])
+def test_every_backend_returns_the_embedding_output(embed, digits, backend, artifact):
+    from vitdeploy.engines import open_runtime
+
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'vitdeploy[openvino]'")
+    x = np.random.default_rng(2).standard_normal((3, 3, 224, 224)).astype(np.float32)  # 3 on a batch of 2: split
+    with open_runtime(embed[artifact], backend=backend) as rt:
+        assert rt.output_name == "embeddings" and rt.metadata.is_embedding
+        np.testing.assert_allclose(rt.infer(x), _torch_embeddings(digits["checkpoint"], x), atol=1e-4)

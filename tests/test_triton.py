@@ -457,3 +457,50 @@ def test_backend_names_the_vitdeploy_backend_and_old_spellings_still_work(small_
     assert config == (tmp_path / "old" / name / "config.pbtxt").read_text() and 'string_value: "openvino"' in config
     with pytest.warns(DeprecationWarning, match="triton_backend"):
         triton_mod.write_triton_repo(small_onnx["dynamic"], tmp_path / "lib", backend="python")
+
+
+# -- an embedding model: any output name and size (issue 30) -------------------------------------------------
+@pytest.fixture(scope="module")
+def embedding_onnx(digits, tmp_path_factory) -> Path:
+    from tests.test_embeddings import export_embedding
+
+    return export_embedding(digits["checkpoint"], tmp_path_factory.mktemp("triton_embed") / "embed.onnx")
+
+
+def test_an_embedding_models_repository_declares_its_output(embedding_onnx, tmp_path):
+    from tritonclient.grpc import model_config_pb2
+
+    for backend in ("native", "python"):
+        out = triton_mod.write_triton_repo(embedding_onnx, tmp_path / backend, name="emb", triton_backend=backend)
+        cfg = _parse_pbtxt(out.config)
+        assert [(o.name, list(o.dims), o.label_filename) for o in cfg.output] == [("embeddings", [64], "")]
+        assert model_config_pb2.DataType.Name(cfg.output[0].data_type) == "TYPE_FP32"
+        assert out.labels is None and not (out.model_dir / "labels.txt").exists()  # no labels: no label file
+
+
+def test_triton_serves_an_embedding_model_as_onnx_runtime_answers(local_triton, embedding_onnx, tmp_path):
+    repo = tmp_path / "repo"
+    r = CliRunner().invoke(main, ["triton", str(embedding_onnx), "--repo", str(repo), "--name", "emb",
+                                  "--triton-backend", "python", "--execution-env", str(local_triton.env),
+                                  "--max-batch", "8", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    server = harness.start_tritonserver(local_triton, repo, log_dir=tmp_path)
+    try:
+        x = np.random.default_rng(5).standard_normal((5, 3, 224, 224)).astype(np.float32)
+        with open_runtime(embedding_onnx) as rt:
+            want = rt.infer(x)
+        got = _http_infer(server.http_url, "emb", x)  # the output's name read from Triton's model metadata
+        assert got.shape == (5, 64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()
+
+
+def test_an_output_size_the_graph_contradicts_is_refused_in_one_line(tmp_path):
+    from tests.test_hostile_files import good_metadata, tiny_onnx
+
+    meta = good_metadata(task="embedding", output_name="embeddings", output_size=5, labels=[])
+    onnx = tiny_onnx(tmp_path / "m.onnx", meta=meta, output_name="embeddings")  # the graph gives 3 per image
+    r = CliRunner().invoke(main, ["triton", str(onnx), "--repo", str(tmp_path / "repo")])
+    assert r.exit_code == 1 and "output has 3 values per image and its metadata says 5" in r.output, r.output
+    assert not (tmp_path / "repo" / "m").exists()

@@ -61,6 +61,7 @@ class OpenVinoRuntime(Runtime):
         lo, hi = (dims[0], dims[0]) if dims[0] > 0 else (1, DYNAMIC_MAX_BATCH)
         dtype = {ov.Type.f16: "float16", ov.Type.u8: "uint8"}.get(port.get_element_type(), "float32")
         self.spec = InputSpec(port.get_any_name(), dtype, tuple(dims[1:]), lo, hi)
+        self.output_name = self.compiled.output(0).get_any_name()  # the graph's: logits, embeddings, ...
         try:
             self.metadata: ArtifactMetadata | None = read_onnx_metadata(self.path)
         except NoMetadataError:  # a plain ONNX runs; invalid metadata is refused (its one-line error)

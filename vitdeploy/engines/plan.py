@@ -219,6 +219,7 @@ class PlannedRuntime(Runtime):
         self._throughput: Runtime | None = self._latency if plan.throughput.key() == plan.latency.key() else None
         self.spec = self._latency.spec
         self.metadata = self._latency.metadata
+        self.output_name = self._latency.output_name
         self.threads = self._latency.threads
         self.where = "cpu"
 

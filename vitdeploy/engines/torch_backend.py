@@ -55,6 +55,7 @@ class TorchRuntime(Runtime):
             labels=cfg.labels, precision=dtype, batch="dynamic", source=str(source),
             source_sha256=loaded.sha256 or "",
         )
+        self.output_name = self.metadata.output_name  # the task's output (logits or embeddings)
 
     @property
     def torch_cuda(self) -> bool:

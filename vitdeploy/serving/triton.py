@@ -79,9 +79,22 @@ def _artifact_io(path: Path) -> _ArtifactIO:
         batch = inp["shape"][0]
         out_dtype = "float32" if inp["dtype"] == "uint8" else inp["dtype"]  # a uint8-input graph returns float32
         return _ArtifactIO("onnx", None, inp["name"], out["name"], inp["dtype"], out_dtype, inp["shape"][1:],
-                           out["shape"][1:], batch if isinstance(batch, int) and batch > 0 else None, None,
+                           _output_dims(path, out["shape"][1:], info.get("model")),
+                           batch if isinstance(batch, int) and batch > 0 else None, None,
                            list((info.get("model") or {}).get("labels", [])))
     raise VitDeployError(f"{path}: Triton repositories hold an ONNX file or a TensorRT engine")
+
+
+def _output_dims(path: Path, dims: list[Any], meta: dict[str, Any] | None) -> list[Any]:
+    """The output's per-image dims: the graph's, where a symbolic size (an exporter's name for a size it
+    did not fold) is the artifact's ``output_size`` (logits or embedding values per image)."""
+    size = (meta or {}).get("output_size")
+    if len(dims) != 1 or not isinstance(size, int):
+        return dims
+    if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != size:
+        raise VitDeployError(f"{path.name}: its graph's output has {dims[0]} values per image and its metadata says "
+                             f"{size}: re-export the model with `vitdeploy export`")
+    return [size]
 
 
 def _triton_type(dtype: str) -> str:
