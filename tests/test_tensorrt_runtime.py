@@ -533,8 +533,19 @@ class FakeInspector:
                            "shape": list(ctx.shape)})
 
 
+class OldFakeInspector:
+    """TensorRT 10.1-10.9's inspector: the same, its context attribute named ``context``."""
+
+    context: FakeContext | None = None
+
+    def get_engine_information(self, fmt: str) -> str:
+        inspector = FakeInspector()
+        inspector.execution_context = self.context
+        return inspector.get_engine_information(fmt)
+
+
 def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLOAT", version: str = "1.7.1.116",
-             fail_in_capture: bool = False, profiles: int = 1) -> types.SimpleNamespace:
+             fail_in_capture: bool = False, profiles: int = 1, old_inspector: bool = False) -> types.SimpleNamespace:
     created: dict = {"runtimes": [], "caches": [], "configs": [], "contexts": []}
     rtx = flavour == "tensorrt_rtx"
     numpy_in = np.dtype({"HALF": "float16", "UINT8": "uint8"}.get(in_dtype, "float32"))
@@ -575,8 +586,8 @@ def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLO
         def create_runtime_config(self) -> FakeRuntimeConfig:
             return FakeRuntimeConfig(created)
 
-        def create_engine_inspector(self) -> FakeInspector:
-            return FakeInspector()
+        def create_engine_inspector(self) -> FakeInspector | OldFakeInspector:
+            return OldFakeInspector() if old_inspector else FakeInspector()
 
         def create_execution_context(self, arg: object = None) -> FakeContext:
             config = arg if isinstance(arg, FakeRuntimeConfig) else None
@@ -1541,9 +1552,12 @@ def test_runtime_cache_only_for_tensorrt_rtx(fake, tmp_path):
     assert not (tmp_path / "m.rtcache").exists() and fake.trt.created["caches"] == []
 
 
-def test_engine_layers_sets_the_input_shape_before_inspecting(fake):
+@pytest.mark.parametrize("old_inspector", [False, True])
+def test_engine_layers_sets_the_input_shape_before_inspecting(fake, old_inspector):
+    """Also with TensorRT before 10.10 (the floor is 10.1), whose inspector names its context ``context``."""
     from vitdeploy.engines.tensorrt.runtime import engine_layers
 
+    fake.trt_kwargs["old_inspector"] = old_inspector
     info = engine_layers(fake.engine)
     assert info["Layers"] == ["conv", "matmul"] and info["shape"] == [2, 3, 8, 8]  # the profile's opt
     assert fake.cuda.allocs == {}
@@ -1680,6 +1694,21 @@ def test_refusals_advise_a_rebuild_that_works():
         check_compatible(_sidecar(), "tensorrt", "10.16.1.11", ("NVIDIA L4", "sm89"))
     with pytest.raises(VitDeployError, match="needs an NVIDIA GPU"):
         check_compatible(_sidecar(), "tensorrt_rtx", "1.7.1.116", None)
+
+
+def test_the_declared_tensorrt_floor_has_what_the_runtime_calls():
+    """device_memory_size_v2 and set_device_memory(ptr, size) arrived in TensorRT 10.1 (NvInferRuntime.h; the
+    10.0.1 bindings lack both, the 10.1.0 ones have them: ../shared/tools/trt_api_check.py's wheels), and the
+    runtime calls both for every full-TensorRT engine: the `tensorrt` extra must not promise 10.0."""
+    from pathlib import Path
+
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    (req,) = [Requirement(r) for r in project["optional-dependencies"]["tensorrt"] if r.startswith("tensorrt")]
+    assert not req.specifier.contains(Version("10.0.1")) and req.specifier.contains(Version("10.1.0")), req
 
 
 def _fake_cudart(count: int = 1, name: bytes = b"NVIDIA H200\x00\x00", cc: tuple[int, int] = (9, 0)):

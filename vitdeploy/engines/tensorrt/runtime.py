@@ -558,7 +558,9 @@ class TensorRTRuntime(Runtime):
             self._set_shape(slot.context, self._opt_shape)
             slot.shape = self._opt_shape
             inspector = self.engine.create_engine_inspector()
-            inspector.execution_context = slot.context
+            # the inspector's context: ``execution_context`` from TensorRT 10.10 (and TensorRT-RTX), ``context`` before
+            setattr(inspector, "execution_context" if hasattr(type(inspector), "execution_context") else "context",
+                    slot.context)
             return json.loads(inspector.get_engine_information(self.trt.LayerInformationFormat.JSON))
 
     # -- closing ----------------------------------------------------------------------------------------
