@@ -334,3 +334,91 @@ def test_every_backend_returns_the_embedding_output(embed, digits, backend, arti
     with open_runtime(embed[artifact], backend=backend) as rt:
         assert rt.output_name == "embeddings" and rt.metadata.is_embedding
         np.testing.assert_allclose(rt.infer(x), _torch_embeddings(digits["checkpoint"], x), atol=1e-4)
+
+
+# -- the C++ example: any output name and size, an embedding model's norms and golden cosines ----------------
+OUTPUTS_CHECK = r"""
+#include "outputs.h"
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+// stdin: n size precision, then n*size float32 values of a and of b as text; stdout: per row norm(a) cosine(a, b),
+// then the precision's floor
+int main() {
+  int n; size_t size; std::string precision;
+  std::cin >> n >> size >> precision;
+  std::vector<float> a(n * size), b(n * size);
+  for (auto& v : a) std::cin >> v;
+  for (auto& v : b) std::cin >> v;
+  std::cout.precision(17);
+  for (int i = 0; i < n; ++i)
+    std::cout << vit::rowNorm(&a[i * size], size) << " " << vit::rowCosine(&a[i * size], &b[i * size], size) << "\n";
+  std::cout << vit::minCosine(precision) << "\n";
+}
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "fp8"])
+def test_cpp_example_norms_and_golden_cosines_match_numpy_and_the_tolerances(tmp_path, precision):
+    import shutil
+    import subprocess
+
+    from vitdeploy.artifacts.golden import COMPUTE_TOLERANCES
+
+    if shutil.which("c++") is None:
+        pytest.skip("c++ not found: apt-get install g++")
+    example = Path(__file__).resolve().parent.parent / "examples" / "cpp"
+    (tmp_path / "check.cpp").write_text(OUTPUTS_CHECK)
+    done = subprocess.run(["c++", "-std=c++17", "-Wall", f"-I{example}", str(tmp_path / "check.cpp"), "-o",
+                           str(tmp_path / "check")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((5, 384)).astype(np.float32)
+    b = (a + rng.standard_normal(a.shape).astype(np.float32) * np.float32([0, 1e-3, 0.1, 1, 10])[:, None])
+    b[4] = 0  # a zero row scores 0
+    text = f"5 384 {precision}\n" + " ".join(repr(float(v)) for v in [*a.ravel(), *b.ravel()])
+    out = subprocess.run([str(tmp_path / "check")], input=text, capture_output=True, text=True, timeout=60).stdout
+    rows = np.array([line.split() for line in out.splitlines()[:5]], float)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(rows[:, 0], np.linalg.norm(a64, axis=1), rtol=1e-12)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
+    np.testing.assert_allclose(rows[:4, 1], cos[:4], rtol=1e-12)
+    assert rows[4, 1] == 0.0
+    assert float(out.splitlines()[5]) == COMPUTE_TOLERANCES[precision]["min_cosine"]
+
+
+CUDA_STUB = """#pragma once
+#include <cstddef>
+typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t;
+typedef int cudaError_t;
+enum { cudaSuccess = 0 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
+cudaError_t cudaMalloc(void**, size_t);
+cudaError_t cudaFree(void*);
+cudaError_t cudaMemcpyAsync(void*, const void*, size_t, cudaMemcpyKind, cudaStream_t);
+cudaError_t cudaStreamCreate(cudaStream_t*);
+cudaError_t cudaStreamSynchronize(cudaStream_t);
+cudaError_t cudaStreamDestroy(cudaStream_t);
+const char* cudaGetErrorString(cudaError_t);
+"""
+
+
+@pytest.mark.parametrize("flavour", ["", "-DVITDEPLOY_TENSORRT_LEAN", "-DVITDEPLOY_TENSORRT_RTX"])
+def test_cpp_example_compiles_in_every_flavour(tmp_path, flavour):
+    """main.cpp against the vendored TensorRT and JSON headers and a stub of the few CUDA runtime names it calls
+    (tests/test_cpp_example.py builds and runs it where CUDA's headers are installed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("c++") is None:
+        pytest.skip("c++ not found: apt-get install g++")
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "cuda_runtime_api.h").write_text(CUDA_STUB)
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-deprecated-declarations",
+           *([flavour] if flavour else []), f"-I{tmp_path}", f"-I{root / 'third_party' / 'tensorrt' / 'include'}",
+           f"-I{root / 'third_party' / 'nlohmann_json' / 'include'}", str(root / "examples" / "cpp" / "main.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

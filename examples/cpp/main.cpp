@@ -1,5 +1,6 @@
-// Load a vitdeploy engine, read its flavour, I/O names, types and labels from its JSON sidecar, run N
-// preprocessed images and print the top-5 classes of each. The N images run in batches the engine's
+// Load a vitdeploy engine, read its flavour, task, I/O names, types and labels from its JSON sidecar, run N
+// preprocessed images and print the top-5 classes of each (a classifier) or the size and L2 norm of each
+// image's embedding (an embedding model: its sidecar's task; any output name and size, outputs.h). The N images run in batches the engine's
 // profile takes, read from the engine (batching.h: at most its max batch; a short last batch padded up
 // to its min), so a static batch of 1 (the default export) runs them one by one.
 //
@@ -24,6 +25,7 @@
 
 #include "batching.h"
 #include "io_types.h"
+#include "outputs.h"
 
 #include <algorithm>
 #include <cmath>
@@ -94,7 +96,7 @@ struct Tensor {
 
 // What the program needs from the engine's sidecar (vitdeploy/engines/sidecar.py writes it).
 struct Sidecar {
-  std::string flavour, trtVersion, precision;
+  std::string flavour, trtVersion, precision, task = "classification";
   Tensor input, output;
   bool versionCompatible = false;
   std::vector<std::string> labels;
@@ -128,6 +130,7 @@ static Sidecar readSidecar(const std::string& path) {
     const auto model = j.find("model");
     if (model != j.end() && model->is_object() && model->contains("labels"))
       s.labels = model->at("labels").get<std::vector<std::string>>();
+    if (model != j.end() && model->is_object()) s.task = model->value("task", std::string("classification"));
   } catch (const json::exception& e) {
     fail("sidecar " + path + " is malformed (" + e.what() + "): rebuild the engine with `vitdeploy build`");
   }
@@ -269,6 +272,32 @@ static std::vector<float> infer(nvinfer1::ICudaEngine& engine, const Sidecar& si
   return logits;
 }
 
+// An embedding model's rows: each image's embedding size and L2 norm, and its first values.
+static void printEmbeddings(const std::vector<float>& rows, int n) {
+  const size_t size = rows.size() / static_cast<size_t>(n);
+  for (int b = 0; b < n; ++b) {
+    const float* row = rows.data() + static_cast<size_t>(b) * size;
+    std::cout << "image " << b << ": embedding of " << size << ", norm " << vit::rowNorm(row, size) << ", [";
+    for (size_t i = 0; i < std::min<size_t>(4, size); ++i) std::cout << (i ? " " : "") << row[i];
+    std::cout << (size > 4 ? " ...]" : "]") << std::endl;
+  }
+}
+
+// An embedding model's golden check: each image's cosine to its expected vector, at least the precision allows.
+static int checkGoldenEmbeddings(const std::vector<float>& got, const std::vector<float>& want, int n,
+                                 const std::string& precision) {
+  const size_t size = got.size() / static_cast<size_t>(n);
+  const double floor = vit::minCosine(precision);
+  int bad = 0;
+  for (int b = 0; b < n; ++b) {
+    const double cosine = vit::rowCosine(got.data() + b * size, want.data() + b * size, size);
+    bad += cosine >= floor ? 0 : 1;
+    std::cout << "golden " << b << ": cosine " << cosine << (cosine >= floor ? " ok" : " DRIFT") << " (at least "
+              << floor << " in " << precision << ")" << std::endl;
+  }
+  return bad;
+}
+
 static void printTop5(const std::vector<float>& logits, int n, const std::vector<std::string>& labels) {
   const int classes = static_cast<int>(logits.size() / static_cast<size_t>(n));
   for (int b = 0; b < n; ++b) {
@@ -304,12 +333,13 @@ static int goldenCount(const std::string& dir, const Tensor& in) {
 
 // Top-1 of every golden image against the expected logits, where the expected top-1 leads clearly (by more than
 // 5% of the logits' largest magnitude; a near-tie may flip in any lower precision). Returns the mismatches.
-static int checkGolden(const std::vector<float>& got, const std::string& dir, int n) {
+static int checkGolden(const std::vector<float>& got, const std::string& dir, int n, const Sidecar& side) {
   const std::string raw = readFile(dir + "/golden_logits.bin");
   if (raw.size() != got.size() * sizeof(float))
     fail(dir + "/golden_logits.bin does not match the engine's output size: write both files from this engine's ONNX");
   std::vector<float> want(got.size());
   std::memcpy(want.data(), raw.data(), raw.size());
+  if (side.task == "embedding") return checkGoldenEmbeddings(got, want, n, side.precision);
   const size_t classes = got.size() / static_cast<size_t>(n);
   float scale = 1e-12f;
   for (float v : want) scale = std::max(scale, std::fabs(v));
@@ -350,7 +380,7 @@ int main(int argc, char** argv) {
   if (n < 1) fail(std::string("N must be a positive batch size, not ") + argv[3]);
   const std::string hostIn = hostInput(verify ? goldenDir + "/golden_input.bin" : argv[2], side.input, n);
   std::cerr << "engine " << enginePath << ": " << kFlavourTitle << " " << side.trtVersion << ", " << side.precision
-            << ", input " << side.input.name << " (" << vit::dataTypeName(side.input.type) << "), output "
+            << ", " << side.task << ", input " << side.input.name << " (" << vit::dataTypeName(side.input.type) << "), output "
             << side.output.name << " (" << vit::dataTypeName(side.output.type) << "), " << side.labels.size()
             << " labels" << (side.versionCompatible ? ", version-compatible" : "") << std::endl;
 
@@ -371,11 +401,15 @@ int main(int argc, char** argv) {
   checkEngine(*engine, side, enginePath);
   const std::vector<float> logits = infer(*engine, side, hostIn, n);
   if (verify) {
-    const int bad = checkGolden(logits, goldenDir, n);
-    std::cout << (bad ? "DRIFT: " + std::to_string(bad) + " of " + std::to_string(n) + " golden images changed top-1"
+    const int bad = checkGolden(logits, goldenDir, n, side);
+    const std::string what = side.task == "embedding" ? " drifted from their embeddings" : " changed top-1";
+    std::cout << (bad ? "DRIFT: " + std::to_string(bad) + " of " + std::to_string(n) + " golden images" + what
                       : "PASSED: " + std::to_string(n) + " golden images") << std::endl;
     return bad ? 1 : 0;
   }
-  printTop5(logits, n, side.labels);
+  if (side.task == "embedding")
+    printEmbeddings(logits, n);
+  else
+    printTop5(logits, n, side.labels);
   return 0;
 }
