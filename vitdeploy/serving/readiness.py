@@ -13,8 +13,10 @@ from typing import Any
 
 from vitdeploy.engines.base import Runtime
 
-# Every batch size up to this many is warmed; beyond it, 1, the powers of two and the largest: a batch of
-# another size then runs once cold (a few of them on TensorRT with CUDA graphs, a capture each).
+# Every batch size up to this many is warmed, on every instance (Runtime.warm); beyond it, 1, the powers of two
+# and the largest: a batch of another size then runs once cold. With TensorRT CUDA graphs each instance captures
+# the first max_graphs sizes it runs (the warm-up's, smallest first) and runs all others without a graph, so it
+# captures at most max_graphs times in its life, and not at all while serving once the warm-up has filled it.
 WARM_EVERY_SIZE_UP_TO = 16
 
 
