@@ -355,3 +355,74 @@ def test_triton_stage_without_tritonclient_is_not_possible_not_failed(monkeypatc
                         lambda name, *a: None if name == "tritonclient" else real(name, *a))
     with pytest.raises(stages.NotPossible, match=r"pip install 'vitdeploy\[triton\]'"):
         stages._triton(None, None, "m", {})
+
+
+# --- issue 29: the resume key covers every file a source reads; no writes through links ---------------------
+def _source_key(source: str, out: Path, **options) -> dict:
+    from vitdeploy.deploy.bundle import Bundle, source_key
+
+    return source_key(Bundle(source, out, DeployOptions(**options), {}, lambda _m: None))
+
+
+def test_resume_key_covers_the_config_beside_bare_weights(hf_folders, tmp_path):
+    """Bare HF weights take config.json from beside them: a changed id2label or image_mean there changes the
+    key (so the export is redone, not skipped with the old labels and mean); a given --config replaces it."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(hf_folders["p16-w48"] / name, folder / name)
+    weights = str(folder / "model.safetensors")
+    before = _source_key(weights, tmp_path / "out")
+    assert before == _source_key(weights, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(i): f"changed-{i}" for i in range(len(config["id2label"]))}
+    config["image_mean"] = [0.1, 0.2, 0.3]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert _source_key(weights, tmp_path / "out") != before
+    given = tmp_path / "given.json"
+    shutil.copy(folder / "config.json", given)
+    keyed = _source_key(weights, tmp_path / "out", config=str(given))
+    (folder / "config.json").write_text("{}")  # not read when --config is given
+    assert _source_key(weights, tmp_path / "out", config=str(given)) == keyed
+
+
+def test_resume_key_of_a_hub_id_is_its_resolved_snapshot(hf_folders, tmp_path, monkeypatch):
+    """refs/main moved to a new revision in the local cache: the key changes with the snapshot's commit and
+    files (the old key was the name only, and the export was skipped with the old weights)."""
+    from tests.test_checkpoints import _populate_hub_cache
+
+    cache = tmp_path / "hub"
+    src = hf_folders["p16-w48"]
+    files = {n: (src / n).read_bytes() for n in ("config.json", "model.safetensors")}
+    _populate_hub_cache(cache, "org/tiny-vit", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _source_key("org/tiny-vit", tmp_path / "out")
+    repo = cache / "models--org--tiny-vit"
+    new = repo / "snapshots" / ("1" * 40)
+    shutil.copytree(repo / "snapshots" / ("0" * 40), new)
+    (repo / "refs" / "main").write_text("1" * 40)
+    after = _source_key("org/tiny-vit", tmp_path / "out")
+    assert after != before
+    assert before.get("revision") == "0" * 40 and after["revision"] == "1" * 40 and before["files"] is not None
+    (new / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    assert _source_key("org/tiny-vit", tmp_path / "out")["files"] != before["files"]
+
+
+@pytest.mark.parametrize("part", ["onnx", "engines", "triton", "report.html", "onnx/m.onnx"])
+def test_deploy_refuses_a_symlinked_part_of_the_bundle(tiny_checkpoint, tmp_path, part):
+    """A bundle part (or a file in one) that is a symbolic link would take deploy's writes, and its cleaning
+    of stale files, outside --out: one line, exit 1, nothing written there."""
+    out, elsewhere = tmp_path / "bundle", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.data").write_bytes(b"not the bundle's")
+    target = elsewhere if "." not in part else elsewhere / "keep.data"
+    (out / part).parent.mkdir(parents=True, exist_ok=True)
+    (out / part).symlink_to(target)
+    r = CliRunner().invoke(main, ["deploy", "--model", str(tiny_checkpoint), "--out", str(out), "--precision", "fp32",
+                                  *FAST])
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "is a symbolic link" in lines[0] and str(out / part) in lines[0], r.output
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.data"]
+    assert (elsewhere / "keep.data").read_bytes() == b"not the bundle's"

@@ -339,6 +339,34 @@ def _hub_snapshot(repo_id: str) -> Path:
     return Path(folder)
 
 
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files :func:`resolve` reads for a source, for a resume key to hash: ``root`` (paths are keyed
+    relative to it), ``files``, and a Hub id's resolved revision (its snapshot's commit hash)."""
+
+    root: Path | None
+    files: list[Path]
+    revision: str | None = None
+
+
+def source_files(source: str | Path, config: str | Path | None = None) -> SourceFiles:
+    """Every file :func:`resolve` reads for ``source``: a weights file and, without ``config``, the
+    config.json beside it; every file of a model folder; a Hub id's snapshot in the local cache as
+    ``refs/main`` resolves it now (downloading it when online, as loading it would); none for a preset
+    (its name and seed are its identity). CheckpointError for a Hub id that cannot be resolved."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        sibling = path.parent / "config.json"
+        return SourceFiles(path.parent, [path, *([sibling] if config is None and sibling.is_file() else [])])
+    if path.is_dir():
+        return SourceFiles(path, sorted(f for f in path.rglob("*") if f.is_file()))
+    if not (is_preset(text) and not path.exists()) and re.match(r"^[\w.-]+/[\w.-]+$", text):
+        folder = _hub_snapshot(text)
+        return SourceFiles(folder, sorted(f for f in folder.rglob("*") if f.is_file()), folder.name)
+    return SourceFiles(None, [])
+
+
 def load_model(source: str | Path, config: ViTConfig | str | Path | None = None,
                seed: int | None = None) -> ViTForImageClassification:
     """A ViT in eval mode from a preset, HF folder, timm weights, our checkpoint or a Hub id.

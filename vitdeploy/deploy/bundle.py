@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 DONE, SKIPPED, FAILED, NOT_POSSIBLE = "done", "skipped", "failed", "not possible"
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 MANIFEST = "manifest.json"  # every unit's record, rewritten after each unit (an interrupted run keeps its work)
+BUNDLE_FOLDERS = ("onnx", "engines", "triton")
 
 
 @dataclass
@@ -214,13 +216,19 @@ def files_sha256(b: Bundle, root: Path, files: list[Path]) -> str:
 
 
 def source_key(b: Bundle) -> dict[str, Any]:
-    """The checkpoint's identity: its file(s)' bytes; for a preset or Hub id, the name (and seed)."""
+    """The checkpoint's identity: the bytes of every file loading it reads (a weights file and the
+    config.json beside it, a folder's files, a Hub id's resolved snapshot and its commit); for a preset,
+    the name (and seed)."""
+    from vitdeploy.checkpoints import SourceFiles, source_files
+
     opts = b.options
-    path = Path(b.source).expanduser()
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
-    root = path.parent if path.is_file() else path
+    try:
+        src = source_files(b.source, opts.config)
+    except VitDeployError:  # a Hub id that cannot be resolved: the export stage fails with the reason
+        src = SourceFiles(None, [])
     config_file = Path(opts.config) if opts.config and Path(opts.config).is_file() else None
-    return {"source": b.source if not files else None, "files": files_sha256(b, root, files) if files else None,
+    files = files_sha256(b, src.root, src.files) if src.root is not None and src.files else None
+    return {"source": b.source if not files else None, "files": files, "revision": src.revision,
             "config": opts.config if config_file is None else None,
             "config_sha256": b.sha(config_file) if config_file else None, "seed": opts.seed}
 
@@ -267,6 +275,21 @@ def read_previous(path: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def refuse_links(out: Path) -> None:
+    """A VitDeployError naming the first symbolic link among the bundle's parts (``onnx/``, ``engines/``,
+    ``triton/``, the reports, and everything under those folders): deploy writes and cleans only inside
+    ``--out``, and a link would take its writes (and its removal of stale files) elsewhere."""
+    if not out.is_dir():
+        return
+    for name in (*BUNDLE_FOLDERS, MANIFEST, REPORT_JSON, REPORT_HTML):
+        part = out / name
+        inner = part.rglob("*") if part.is_dir() and not part.is_symlink() else iter(())
+        link = next((p for p in (part, *inner) if p.is_symlink()), None)
+        if link is not None:
+            raise VitDeployError(f"{link} is a symbolic link (to {os.readlink(link)}): a bundle's parts must be "
+                                 f"inside --out {out}; remove the link, or deploy into another --out")
+
+
 # --- the run ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
@@ -310,6 +333,7 @@ def deploy(source: str | Path, out: str | Path, options: DeployOptions | None = 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VitDeployError(f"--out {out} is a file: name a folder for the bundle")
+    refuse_links(out)
     out.mkdir(parents=True, exist_ok=True)
     b = Bundle(str(source), out, opts, read_previous(out / MANIFEST), log or (lambda _m: None), progress)
     b.source_key = source_key(b)
