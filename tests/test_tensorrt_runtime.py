@@ -1746,9 +1746,10 @@ def test_current_gpu_through_cuda_bindings(monkeypatch):
 # -- on a GPU --------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
-    """Build with a flavour that runs on this GPU (by compute capability), then, with graphs off and on
-    and one or two instances, alternate batch sizes (8, 3, 4, 3, 8, and 11 = 8 + 3) and call infer and
-    infer_torch from two threads at once: every answer matches ONNX Runtime's."""
+    """Build with a flavour that runs on this GPU (by compute capability), two profiles (--instances 2),
+    then, with graphs off and on and one or two instances, alternate batch sizes (8, 3, 4, 3, 8, and
+    11 = 8 + 3) and call infer and infer_torch from two threads at once: every answer matches ONNX
+    Runtime's."""
     import importlib.util
 
     from vitdeploy.engines import open_runtime
@@ -1766,7 +1767,8 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
         pytest.skip("infer_torch needs torch with CUDA")
     digits_onnx = request.getfixturevalue("digits_onnx")  # after the skips: exporting takes a while
     flavour = {"tensorrt": "tensorrt", "tensorrt_rtx": "rtx"}[runnable[0]]
-    tb.build_engine(digits_onnx["fp16"], tmp_path / "m.engine", tb.BuildOptions(flavour=flavour, max_batch=8))
+    tb.build_engine(digits_onnx["fp16"], tmp_path / "m.engine", tb.BuildOptions(flavour=flavour, max_batch=8,
+                                                                              instances=2))
     with open_runtime(digits_onnx["fp16"]) as ort:
         x = np.random.default_rng(0).standard_normal((11, *ort.spec.shape)).astype(np.float32)
         ref = ort.infer(x)
@@ -1798,3 +1800,65 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(request, tmp_path):
             rt.infer(x[:1])
     if runnable[0] == "tensorrt_rtx":
         assert (tmp_path / "m.rtcache").is_file()
+
+
+NEW_THREAD_ON_LAST_GPU = r"""
+import sys, threading
+import numpy as np
+from cuda.bindings import driver
+from vitdeploy.engines import open_runtime
+
+engine, x_path, ref_path, last = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+x, ref = np.load(x_path), np.load(ref_path)
+out = {}
+
+def work():
+    with open_runtime(engine, device=f"cuda:{last}", instances=2, cuda_graph=True) as rt:
+        out["err"] = max(float(np.abs(rt.infer(x[:n]) - ref[:n]).max()) for n in (1, 3, 8, 3))
+    err, ctx = driver.cuCtxGetCurrent()
+    err, dev = driver.cuCtxGetDevice()
+    out["current"] = int(dev)
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+driver.cuInit(0)
+active = {}
+for i in range(last + 1):
+    err, flags, state = driver.cuDevicePrimaryCtxGetState(i)
+    active[i] = bool(state)
+print(out["err"], out["current"], sorted(i for i, a in active.items() if a))
+"""
+
+
+@pytest.mark.gpu
+def test_a_runtime_on_the_last_gpu_from_a_new_thread_touches_only_that_gpu(request, tmp_path):
+    """In a fresh process, a runtime on the last GPU opened and used from a new thread (graphs on, two
+    instances): its answers match ONNX Runtime's, and the only primary context created is that GPU's (a
+    switch "back" to cuda:0 would create cuda:0's; on a one-GPU machine that is the same device)."""
+    import importlib.util
+    import subprocess
+
+    from vitdeploy.engines import open_runtime
+
+    gpu = tb.current_gpu()
+    if gpu is None:
+        pytest.skip("needs an NVIDIA GPU to run an engine (none visible: no driver or no device)")
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda.bindings") is None:
+        pytest.skip("needs full TensorRT and cuda-python (cuda.bindings) installed")
+    last = len(sysinfo.cuda_devices()) - 1
+    digits_onnx = request.getfixturevalue("digits_onnx")
+    tb.build_engine(digits_onnx["fp16"], tmp_path / "m.engine",
+                    tb.BuildOptions(flavour="tensorrt", max_batch=8, instances=2))  # built on cuda:0: same model
+    with open_runtime(digits_onnx["fp16"]) as ort:
+        x = np.random.default_rng(1).standard_normal((8, *ort.spec.shape)).astype(np.float32)
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "ref.npy", ort.infer(x))
+    (tmp_path / "child.py").write_text(NEW_THREAD_ON_LAST_GPU)
+    done = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "m.engine"),
+                           str(tmp_path / "x.npy"), str(tmp_path / "ref.npy"), str(last)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err, current, active = done.stdout.split(maxsplit=2)
+    assert float(err) < 5e-2 and int(current) == last, done.stdout
+    assert active.strip() == str([last]), f"primary contexts created: {active} (only cuda:{last} expected)"
