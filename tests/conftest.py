@@ -140,7 +140,9 @@ def digits_onnx(digits, tmp_path_factory) -> dict[str, Path]:
     for name, opts in {
         "fp32": ExportOptions(dynamic_batch=True),
         "fp16": ExportOptions(dynamic_batch=True, precision="fp16"),
-        "int8": ExportOptions(dynamic_batch=True, precision="int8", calib_dir=digits["train"], calib_samples=200),
+        # attention float: the linear layers' Q/DQ layout (INT8 attention: tests/test_attention_qdq.py)
+        "int8": ExportOptions(dynamic_batch=True, precision="int8", calib_dir=digits["train"], calib_samples=200,
+                              attention="float"),
         "fp32-b4": ExportOptions(batch=4),
     }.items():
         out[name] = export_onnx(digits["checkpoint"], root / f"digits-{name}.onnx", options=opts).path

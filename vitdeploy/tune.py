@@ -2,7 +2,11 @@
 
 Candidates: ONNX Runtime (an INT8 Q/DQ file both as written and with its activations as uint8) and
 OpenVINO (f32 hint, bf16 hint where the CPU has native bf16, LATENCY and THROUGHPUT hints), each at
-the thread counts worth trying (physical cores, and all logical CPUs when they differ).
+the thread counts worth trying (physical cores, and all logical CPUs when they differ). A file with INT8
+attention (``export --attention int8``) is also timed on OpenVINO with that attention's Q/DQ dropped
+(``attention="float"``): INT8 attention is kept only where it is faster, and like every path it passes
+the accuracy guard first. Where OpenVINO is missing and the CPU's ISA favours its INT8/bf16 kernels, the
+report says so and how to add it (:func:`missing_backend_advice`).
 
 Accuracy guard: the reference is the same file run literally by ONNX Runtime on the CPU (graph
 optimizations off, Q/DQ as written), i.e. what the ONNX means. The file's own quality against the
@@ -87,6 +91,7 @@ class TuneReport:
     candidates: list[Candidate]
     reference: str
     seconds: float
+    advice: list[str] = field(default_factory=list)  # a missing backend that would likely be faster here
 
     def table(self, width: int | None = None, wide: bool = False) -> Any:
         """Every candidate path as a rich Table with the columns that fit ``width``."""
@@ -117,11 +122,13 @@ class TuneReport:
         m = self.plan.machine
         return (f"wrote {plan_path(self.path)} in {self.seconds:.0f} s: batch < {self.plan.throughput_batch} -> "
                 f"{self.plan.latency.label}; batch >= {self.plan.throughput_batch} -> {self.plan.throughput.label} "
-                f"(CPU {m.cpu}, {m.cpus} CPUs, flags {' '.join(m.flags) or '-'})")
+                f"(CPU {m.cpu}, {m.cpus} CPUs, flags {' '.join(m.flags) or '-'})"
+                + "".join(f"\n{line}" for line in self.advice))
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "plan": self.plan.to_dict(), "reference": self.reference,
-                "seconds": self.seconds, "candidates": [c.to_dict() for c in self.candidates]}
+                "seconds": self.seconds, "candidates": [c.to_dict() for c in self.candidates],
+                "advice": self.advice}
 
 
 def physical_cores() -> int:
@@ -148,10 +155,35 @@ def _has_qdq(path: Path) -> bool:
     return any(n.op_type == "QuantizeLinear" for n in load_onnx_graph(path).graph.node)
 
 
+def _has_attention_qdq(path: Path) -> bool:
+    from vitdeploy.exporters.precision import qdq_coverage
+    from vitdeploy.io import load_onnx_graph
+
+    return qdq_coverage(load_onnx_graph(path))["attention_quantized"] > 0
+
+
+# ISA flags on which OpenVINO's CPU plugin has INT8 (VNNI, AMX) or bf16 kernels that ONNX Runtime's
+# default CPU provider does not use for a whole ViT (attention included)
+OPENVINO_ISA = ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx_vnni")
+
+
+def missing_backend_advice(flags: list[str], qdq: bool, installed: bool | None = None) -> list[str]:
+    """What to install for a likely faster path on this CPU: OpenVINO where the ISA has the INT8/bf16
+    instructions its kernels use (a likelihood from the ISA, not a measurement: tune measures once it is there)."""
+    installed = importlib.util.find_spec("openvino") is not None if installed is None else installed
+    useful = [f for f in OPENVINO_ISA if f in flags]
+    if installed or not useful:
+        return []
+    what = "INT8 (attention included)" if qdq else "bf16"
+    return [f"OpenVINO is not installed: on this CPU ({', '.join(useful)}) its {what} paths are likely faster "
+            "than ONNX Runtime's; add it with pip install 'vitdeploy[openvino]' and run tune again"]
+
+
 def candidate_paths(path: Path, threads: list[int], flags: list[str]) -> list[PathChoice]:
     """Every CPU path worth measuring for this file on this CPU."""
     x86 = is_x86()
     qdq = _has_qdq(path)
+    attention_qdq = qdq and _has_attention_qdq(path)
     out: list[PathChoice] = []
     for t in threads:
         if qdq:
@@ -169,6 +201,11 @@ def candidate_paths(path: Path, threads: list[int], flags: list[str]) -> list[Pa
                 for mode in ("LATENCY", "THROUGHPUT"):
                     out.append(PathChoice("openvino", {"threads": t, "precision_hint": precision, "hint": mode},
                                           f"openvino, {precision}, {mode.lower()}, {t} threads"))
+                    if attention_qdq and precision == hints[-1]:  # the same, attention float
+                        out.append(PathChoice(
+                            "openvino", {"threads": t, "precision_hint": precision, "hint": mode,
+                                         "attention": "float"},
+                            f"openvino, {precision}, {mode.lower()}, {t} threads, attention Q/DQ dropped"))
     return out
 
 
@@ -267,7 +304,8 @@ def tune_with(path: str | Path, opts: TuneOptions) -> TuneReport:
     plan = _choose(path, machine, results, opts.batch)
     if opts.write:
         plan.write(plan_path(path))
-    return TuneReport(path, plan, results, ref.name, time.perf_counter() - t_start)
+    advice = missing_backend_advice(list(machine.flags), _has_qdq(path)) if opts.candidates is None else []
+    return TuneReport(path, plan, results, ref.name, time.perf_counter() - t_start, advice)
 
 
 def _check_artifact(path: Path, batch: int) -> None:
@@ -409,11 +447,18 @@ def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarra
     """The accuracy guard: True when ``rt`` passes; otherwise ``c`` is rejected, with the reason."""
     out = rt.infer(x_verify)
     c.guard = compare_logits(reference, out)
-    decisive = decisive_inputs(reference, c.guard.scale)
+    embedding = rt.metadata is not None and rt.metadata.is_embedding
+    # an embedding has no top-1: every input's own cosine must pass instead
+    decisive = decisive_inputs(reference, c.guard.scale) & (not embedding)
     c.decisive = int(decisive.sum())
     if c.decisive:
         c.decisive_top1 = float(np.mean(reference[decisive].argmax(-1) == np.asarray(out)[decisive].argmax(-1)))
     tol = GUARD_TOLERANCES[c.precision]
+    if embedding and _lowest_cosine(reference, out) < tol["min_cosine"]:
+        c.status = "rejected"
+        c.reason = (f"accuracy guard: an input's embedding has cosine {_lowest_cosine(reference, out):.5f} to the "
+                    f"reference's, below {tol['min_cosine']}")
+        return False
     if not c.guard.within(**tol) or c.decisive_top1 < MIN_TOP1[c.precision]:
         c.status = "rejected"
         c.reason = (f"accuracy guard: need max abs <= {tol['max_abs_rel']:g} x scale, cosine >= "
@@ -428,6 +473,12 @@ def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarra
             c.status, c.reason = "rejected", f"golden set: {bad.verdict.reason()}"
             return False
     return True
+
+
+def _lowest_cosine(reference: np.ndarray, out: np.ndarray) -> float:
+    from vitdeploy.evaluate import row_cosines
+
+    return float(row_cosines(reference, out).min())
 
 
 def _measure_candidate(rt: Runtime, c: Candidate, ref: _Reference, opts: TuneOptions, best: dict[int, float]) -> None:

@@ -64,6 +64,9 @@ def build(model: str, output: Path | None, flavour: str, batch: int | None, min_
         click.echo(export_onnx(model, onnx_path, config=config_arg(preset, config), options=eopts,
                                progress=True).render())
         source = onnx_path
+    from vitdeploy.inspection import attention_summary
+
+    click.echo(attention_summary(source))  # the static fused-attention check, as `inspect` reports it
     report = build_engine(source, output or source.with_suffix(".engine"), opts, progress=True)
     click.echo(report.render())
     check_built(report.engine)

@@ -30,6 +30,9 @@ def _render_inspect(info: dict[str, Any]) -> str:
     for key, value in info.items():
         if key in ("path", "kind", "bytes", "model"):
             continue
+        if key == "attention":
+            lines += ["  " + line for line in _render_attention(value)]
+            continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
         lines.append(f"  {key}: {value}")
@@ -40,3 +43,13 @@ def _render_inspect(info: dict[str, Any]) -> str:
                      f"{len(model.get('labels', []))} labels, precision {model.get('precision')}, "
                      f"from {model.get('source')} (vitdeploy {model.get('version')})")
     return "\n".join(lines)
+
+
+def _render_attention(fusion: dict[str, Any]) -> list[str]:
+    """The static fused-attention check: its summary, then one line per block that breaks a rule."""
+    lines = [fusion["summary"]]
+    for b in fusion["blocks"]:
+        if b["broken"]:
+            lines.append(f"  block {b['index']} ({b['qk']}, head size {b['head_size']}, {b['sequence']} tokens): "
+                         f"{b['broken']} broken: {b['why']}")
+    return lines

@@ -29,6 +29,7 @@ class OpenVinoOptions:
     threads: int | None = None
     precision_hint: str = "f32"  # f32 | bf16 | f16
     hint: str = "LATENCY"  # LATENCY | THROUGHPUT
+    attention: str = "as_written"  # as_written | float (attention's Q/DQ dropped when read)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,14 @@ import numpy as np
 from vitdeploy import __version__
 from vitdeploy.artifacts.golden import GoldenSet, GoldenVerdict
 from vitdeploy.errors import VitDeployError
+from vitdeploy.exporters.attention import resolve_attention
 from vitdeploy.exporters.metadata import ArtifactMetadata, set_metadata
 from vitdeploy.exporters.precision import PRECISION_STEPS, PrecisionJob, PrecisionResult
 from vitdeploy.io import check_output_dir, publish_onnx, staging_dir
 from vitdeploy.metrics import TOLERANCES, Comparison, compare_logits
 
 INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "logits"
+OUTPUT_NAME = "logits"  # a classifier's output; an embedding model's is "embeddings" (see output_name)
 # Ops left behind by tracing dynamic shapes or SDPA's masking; none may remain in our graph.
 FORBIDDEN_OPS = ("Shape", "ConstantOfShape", "IsNaN", "Where", "Expand", "If", "Loop", "Range", "Size")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: ViT-H goes to external data
@@ -54,6 +55,10 @@ class ExportOptions:
     uint8_input: bool = False  # preprocessing in the graph: uint8 NHWC pixels in, see uint8_input_module
     external_data_bytes: int = EXTERNAL_DATA_BYTES  # weights above this go to a .data file beside the ONNX
     golden_images: Path | None = None  # images for the golden set (default: calibration images, else synthetic)
+    attention: str = "auto"  # auto | float | int8 | fp8: Q/DQ on attention (vitdeploy.exporters.attention)
+    task: str | None = None  # classification | embedding; None: what the checkpoint is (vitdeploy.families)
+    normalize: bool | None = None  # embeddings L2-normalized in the graph
+    image_size: int | None = None  # another input size (DINOv2: its positions interpolated once, baked in)
 
 
 @dataclass
@@ -99,6 +104,13 @@ class ExportReport:
                          + (self.golden.summary() if self.golden else "not checked (--no-verify)"))
         lines += self.notes
         return "\n".join(lines)
+
+
+def output_name(config: Any) -> str:
+    """The graph's output: ``logits`` for a classifier, ``embeddings`` for an embedding model."""
+    from vitdeploy.artifacts.metadata import TASK_OUTPUTS
+
+    return TASK_OUTPUTS[config.task]
 
 
 @cache
@@ -213,7 +225,7 @@ def _torch_export(model: Any, config: Any, batch: int, dynamic: bool, opset: int
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[output_name(config)],
                 opset_version=opset, optimize=True, verbose=False, **kwargs,
             )
     except Exception as e:
@@ -337,7 +349,7 @@ def verify_onnx(path: Path, model: Any, config: Any, opts: ExportOptions, batch:
         with torch.no_grad():
             refs.append(model(torch.from_numpy(as_float)).numpy())
         feed = x.astype(np.float16) if "float16" in in_type else x
-        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0].astype(np.float32))
+        outs.append(session.run([output_name(config)], {INPUT_NAME: feed})[0].astype(np.float32))
     return compare_logits(np.concatenate(refs), np.concatenate(outs))
 
 
@@ -364,7 +376,7 @@ def make_golden(model: Any, config: Any, opts: ExportOptions) -> GoldenSet:
         with torch.no_grad():
             return model(torch.from_numpy(x)).numpy()
 
-    return make_golden_set(images, prep, reference, opts.precision, source)
+    return make_golden_set(images, prep, reference, opts.precision, source, task=config.task)
 
 
 def check_golden(session: Any, golden: GoldenSet, config: Any, opts: ExportOptions,
@@ -384,7 +396,7 @@ def check_golden(session: Any, golden: GoldenSet, config: Any, opts: ExportOptio
         k = len(chunk)
         if k < step:  # a static batch: pad with the last image
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - k, axis=0)])
-        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0][:k].astype(np.float32))
+        outs.append(session.run([output_name(config)], {INPUT_NAME: chunk})[0][:k].astype(np.float32))
     return golden.check(np.concatenate(outs))
 
 
@@ -420,6 +432,7 @@ def _check_options(opts: ExportOptions) -> tuple[int, list[str], list[Path]]:
         raise ExportError("give --batch N (static) or --dynamic-batch, not both")
     if opts.golden_images is not None:
         find_images(opts.golden_images)  # a wrong folder is refused before the export's work
+    resolve_attention(opts.precision, opts.attention, opts.verify)  # a wrong --attention is refused here
     return opset, notes, calib_files
 
 
@@ -481,10 +494,13 @@ def _metadata(loaded: Any, opts: ExportOptions, opset: int, golden: GoldenSet, n
         notes.append(f"input: uint8 pixels [N, {h}, {w}, {cfg.num_channels}] (resized, not normalized); "
                      "the graph casts, cuts the patches out of NHWC and projects them (the model's mean/std "
                      "folded into the projection)")
+    embedding = cfg.task == "embedding"
     return ArtifactMetadata(
         version=__version__, config=cfg.to_dict(), preprocessing=Preprocessing.from_config(cfg).to_dict(),
-        labels=cfg.labels, precision=opts.precision, batch="dynamic" if opts.dynamic_batch else str(opts.batch),
-        source=str(loaded.source), source_sha256=loaded.sha256 or "", extra=extra,
+        labels=[] if embedding else cfg.labels, precision=opts.precision,
+        batch="dynamic" if opts.dynamic_batch else str(opts.batch), source=str(loaded.source),
+        source_sha256=loaded.sha256 or "", task=cfg.task, output_name=output_name(cfg), output_size=cfg.output_size,
+        normalized=embedding and cfg.normalize, extra=extra,
     )
 
 
@@ -501,7 +517,8 @@ def _fp32_on_disk(model_ir: Any, large: bool, tmpdir: Path) -> Path:
 
 
 def _to_precision(proto: Any, fp32_path: Path, tmp: Path, large: bool, cfg: Any, calib_files: list[Path],
-                  opts: ExportOptions, batch: int | None, progress: bool, notes: list[str]) -> PrecisionResult:
+                  opts: ExportOptions, batch: int | None, progress: bool, notes: list[str],
+                  attention: str = "float") -> PrecisionResult:
     """Stage "precision": the FP32 graph (``proto``, or ``fp32_path`` when it is large) through
     ``opts.precision``'s step in PRECISION_STEPS; a calibrated one is fed ``calib_files``."""
     from vitdeploy.exporters.precision import calibration_batches
@@ -514,7 +531,8 @@ def _to_precision(proto: Any, fp32_path: Path, tmp: Path, large: bool, cfg: Any,
         to_input = prep.pixels if opts.uint8_input else prep  # calibrate on what the graph takes
         calibration = calibration_batches(calib_files, lambda f: to_input(open_image(f)), batch, progress)
     job = PrecisionJob(opts.precision, proto, fp32_path, tmp, large, INPUT_NAME, opts.external_data_bytes,
-                       fp16_io=opts.fp16_io, calib_method=opts.calib_method, calibration=calibration)
+                       fp16_io=opts.fp16_io, calib_method=opts.calib_method, calibration=calibration,
+                       attention=attention)
     result = step.run(job)
     if step.calibrated:
         notes.append(f"calibrated on {len(calib_files)} images from {opts.calib_dir} ({opts.calib_method}"
@@ -545,7 +563,8 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
     opset, notes, calib_files = _check_options(opts)
 
     t0 = time.perf_counter()
-    loaded = resolve(source, config, seed=opts.seed)
+    loaded = resolve(source, config, seed=opts.seed, task=opts.task, normalize=opts.normalize,
+                     image_size=opts.image_size)
     model, cfg = loaded.model, loaded.model.config
     batch = None if opts.dynamic_batch else opts.batch
     model_ir = _trace(model, opts, opset)
@@ -556,10 +575,22 @@ def export_onnx(source: Any, output: str | Path, config: Any = None, options: Ex
         tmp = Path(tmpdir) / "out" / output.name
         fp32_path = _fp32_on_disk(model_ir, large, Path(tmpdir))
         del model_ir  # ViT-H: the IR's weights are on disk now
-        result = _to_precision(proto, fp32_path, tmp, large, cfg, calib_files, opts, batch, progress, notes)
-        del proto
-        _write_staged(result, meta, tmp)
-        comparison, verdict = _verify_staged(tmp, model, cfg, opts, batch, golden) if opts.verify else (None, None)
+        modes, note = resolve_attention(opts.precision, opts.attention, opts.verify)
+        for mode in modes:  # --attention auto: quantized, else float with the reason
+            result = _to_precision(proto, fp32_path, tmp, large, cfg, calib_files, opts, batch, progress,
+                                   notes if mode == modes[0] else [], mode)
+            proto = None  # a second try reads the FP32 graph the first wrote to fp32_path
+            _write_staged(result, meta, tmp)
+            try:
+                comparison, verdict = (_verify_staged(tmp, model, cfg, opts, batch, golden) if opts.verify
+                                       else (None, None))
+                break
+            except ExportError as e:
+                if mode == modes[-1]:
+                    raise
+                why = str(e).removesuffix("; nothing written")
+                note = f"attention: float ({mode} attention failed the accuracy check: {why})"
+        notes += [*result.notes, *([note] if note else [])]
         data_files = publish_onnx(tmp, output)
         if result.large:
             notes.append(f"weights in {', '.join(f.name for f in data_files)} (ONNX external data: the model "

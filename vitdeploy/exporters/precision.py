@@ -20,7 +20,7 @@ tolerances (``vitdeploy.metrics.TOLERANCES``, and the golden set's in ``vitdeplo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,8 @@ def float_nodes(model: Any) -> list[str]:
 
 def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iterator[np.ndarray],
              precision: str = "int8", method: str = "minmax", external_data: bool = False) -> None:
-    """Static Q/DQ quantization of an FP32 ONNX file, calibrated on ``batches``."""
+    """Static Q/DQ quantization of an FP32 ONNX file, calibrated on ``batches``; attention stays float
+    (:func:`float_nodes`: :mod:`vitdeploy.exporters.attention` quantizes it afterwards)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -171,7 +172,8 @@ def mismatched_quantizer(error: ImportError) -> str:
 
 
 def qdq_coverage(model: Any) -> dict[str, int]:
-    """How many ops with weights (MatMul/Gemm/Conv) read quantized weights and activations."""
+    """How many ops with weights (MatMul/Gemm/Conv) read quantized weights and activations, and how many
+    attention blocks have Q/DQ on all four inputs of their two products."""
     producers = {out: n for n in model.graph.node for out in n.output}
     weights = {i.name for i in model.graph.initializer}
 
@@ -189,7 +191,14 @@ def qdq_coverage(model: Any) -> dict[str, int]:
         if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and is_weight(n.input[1]):
             total += 1
             quantized += dq(n.input[0]) and dq(n.input[1])
-    return {"quantizable": total, "quantized": quantized,
+    from vitdeploy.exporters.attention import find_attention
+
+    nodes = {n.name: n for n in model.graph.node}
+    blocks = find_attention(model)
+    attention = sum(dq(nodes[b.qk].input[0]) and dq(nodes[b.qk].input[1]) and dq(nodes[b.pv].input[0])
+                    and dq(nodes[b.pv].input[1]) for b in blocks)
+    return {"quantizable": total, "quantized": quantized, "attention_blocks": len(blocks),
+            "attention_quantized": attention,
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
             "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in model.graph.node)}
 
@@ -208,6 +217,7 @@ class PrecisionJob:
     fp16_io: bool = False  # FP16 inputs and outputs too (default: they stay float32)
     calib_method: str = "minmax"
     calibration: Iterator[np.ndarray] | None = None  # batches in the form the graph takes
+    attention: str = "float"  # float | int8 | fp8: Q/DQ on attention (vitdeploy.exporters.attention)
 
 
 @dataclass
@@ -215,6 +225,7 @@ class PrecisionResult:
     proto: Any  # the graph in the target precision (weights external, not loaded, when ``large``)
     large: bool  # its weights go to external data
     qdq: dict[str, int] | None = None  # Q/DQ coverage (:func:`qdq_coverage`) of a quantized graph
+    notes: list[str] = field(default_factory=list)  # what the step chose, for the export report
 
 
 @dataclass(frozen=True)
@@ -243,17 +254,30 @@ def _half(job: PrecisionJob) -> PrecisionResult:
 
 
 def _qdq(job: PrecisionJob) -> PrecisionResult:
-    """Calibrated static Q/DQ (:func:`quantize`) written to ``job.output``."""
+    """Calibrated static Q/DQ (:func:`quantize`) written to ``job.output``; with ``job.attention`` quantized,
+    attention's Q/DQ too (:func:`vitdeploy.exporters.attention.quantize_attention`), Q/K/V calibrated on
+    the same batches."""
     import onnx
+
+    from vitdeploy.exporters.attention import AmaxObserver, quantize_attention
 
     if job.calibration is None:
         raise VitDeployError(f"--precision {job.precision} needs calibration images: give --calib-dir DIR")
     if job.proto is not None:
         onnx.save_model(job.proto, str(job.fp32_path))
-    quantize(job.fp32_path, job.output, job.input_name, job.calibration, job.precision, job.calib_method,
+    batches, observer = job.calibration, None
+    if job.attention != "float":
+        observer = AmaxObserver(job.fp32_path, job.input_name)
+        batches = observer.observe(batches)
+    quantize(job.fp32_path, job.output, job.input_name, batches, job.precision, job.calib_method,
              external_data=job.large)
     proto = onnx.load(str(job.output), load_external_data=not job.large)
-    return PrecisionResult(proto, job.large, qdq_coverage(proto))
+    notes: list[str] = []
+    if observer is not None:
+        blocks = quantize_attention(proto, job.attention, observer.amax)
+        notes.append(f"attention: {job.attention} Q/DQ on {len(blocks)} blocks (Q·Kᵀ, Softmax output, P·V; "
+                     f"TensorRT's fused-attention layout, see `vitdeploy inspect`)")
+    return PrecisionResult(proto, job.large, qdq_coverage(proto), notes)
 
 
 PRECISION_STEPS: dict[str, PrecisionStep] = {
