@@ -60,3 +60,274 @@ def test_a_bad_task_is_refused_in_one_line_when_the_artifact_opens(tmp_path, cas
     with pytest.raises(VitDeployError, match=field) as e:
         open_runtime(onnx_path).close()
     assert "\n" not in str(e.value) and "re-export" in str(e.value), str(e.value)
+
+
+# -- every family against HF transformers, through saved files -------------------------------------------
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+def _hf(name: str):
+    """(HF model, what our model's output equals, our load options) for a reference case."""
+    import transformers as T
+
+    vision = dict(**TINY, intermediate_size=64, image_size=32, patch_size=16)
+    dino = dict(**TINY, mlp_ratio=2, image_size=28, patch_size=14)
+    pooler = lambda out: out.pooler_output  # noqa: E731
+    cases = {
+        "deit-teacher": (lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**vision, num_labels=5)),
+                         lambda out: out.logits, {}),
+        "deit-embedding": (lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**vision, num_labels=5)),
+                           lambda out: out.hidden_states[-1], {"task": "embedding"}),
+        "dinov2-classifier": (lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**dino, num_labels=4)),
+                              lambda out: out.logits, {}),
+        "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**dino)), pooler, {}),
+        "dinov2-swiglu": (lambda: T.Dinov2Model(T.Dinov2Config(**{**dino, "mlp_ratio": 4}, use_swiglu_ffn=True)),
+                          pooler, {}),
+        "dinov2-interpolated": (lambda: T.Dinov2Model(T.Dinov2Config(**{**dino, "image_size": 56})), pooler,
+                                {"image_size": 42}),
+        "dinov2-registers": (lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**dino)), pooler, {}),
+        "dinov2-registers-classifier": (
+            lambda: T.Dinov2WithRegistersForImageClassification(T.Dinov2WithRegistersConfig(**dino, num_labels=3)),
+            lambda out: out.logits, {}),
+        "clip-vision-projection": (lambda: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**vision,
+                                                                                              projection_dim=24)),
+                                   lambda out: out.image_embeds, {}),
+        "clip-vision": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**vision)), pooler, {}),
+        "clip": (lambda: T.CLIPModel(T.CLIPConfig(vision_config=vision, text_config=TEXT, projection_dim=24)),
+                 None, {}),
+        "siglip-vision": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**vision)), pooler, {}),
+        "siglip": (lambda: T.SiglipModel(T.SiglipConfig(vision_config=vision, text_config=TEXT)), None, {}),
+    }
+    return cases[name]
+
+
+def _reference_folder(name: str, root):
+    """The HF model with random weights (seed 0, every parameter perturbed so none sits at its init value),
+    saved with save_pretrained, and the reader of its output."""
+    import torch
+
+    make, read, options = _hf(name)
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = root / name
+    model.save_pretrained(folder)
+    return model, read, options, folder
+
+
+def _their_output(model, read, x):
+    import torch
+
+    with torch.no_grad():
+        if read is None:  # an image-text model: its image features
+            out = model.get_image_features(pixel_values=x)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+        out = model(pixel_values=x, output_hidden_states=True)
+        value = read(out)
+        if value.dim() == 3:  # a base model's last hidden state, after its final LayerNorm: [CLS]
+            base = getattr(model, "deit", None) or model
+            value = base.layernorm(value)[:, 0]
+        return value
+
+
+FAMILY_CASES = ["deit-teacher", "deit-embedding", "dinov2-classifier", "dinov2", "dinov2-swiglu",
+                "dinov2-interpolated", "dinov2-registers", "dinov2-registers-classifier", "clip-vision-projection",
+                "clip-vision", "clip", "siglip-vision", "siglip"]
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_each_family_equals_hf_transformers(tmp_path, name):
+    import torch
+
+    from vitdeploy import load_model
+
+    theirs, read, options, folder = _reference_folder(name, tmp_path)
+    ours = load_model(folder, **options)
+    h, w = ours.config.image_hw
+    x = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(1))
+    expected = _their_output(theirs, read, x)
+    with torch.no_grad():
+        got = ours(x)
+    assert got.shape == expected.shape == (3, ours.config.output_size)
+    assert (got - expected).abs().max().item() <= 1e-4, (got - expected).abs().max().item()
+    assert expected.abs().max().item() > 0.1  # not two near-zero tensors
+
+
+def _same(model, folder_model, read, x) -> float:
+    import torch
+
+    with torch.no_grad():
+        return (model(x) - _their_output(folder_model, read, x)).abs().max().item()
+
+
+def test_l2_normalized_embeddings_are_hf_embeddings_normalized(tmp_path):
+    import torch
+
+    from vitdeploy import load_model
+
+    theirs, read, _, folder = _reference_folder("clip-vision-projection", tmp_path)
+    ours = load_model(folder, normalize=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = torch.nn.functional.normalize(_their_output(theirs, read, x), dim=-1)
+    with torch.no_grad():
+        got = ours(x)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_bare_safetensors_beside_a_config_and_our_own_file_round_trip(tmp_path):
+    import shutil
+
+    import torch
+
+    from vitdeploy import load_model, save_model
+
+    theirs, read, options, folder = _reference_folder("dinov2-interpolated", tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "config.json", bare / "config.json")
+    shutil.copy(folder / "model.safetensors", bare / "weights.safetensors")
+    ours = load_model(bare / "weights.safetensors", **options)
+    x = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    assert _same(ours, theirs, read, x) <= 1e-4
+    save_model(ours, tmp_path / "own.safetensors")
+    again = load_model(tmp_path / "own.safetensors")
+    assert again.config == ours.config and again.config.position_grid == (4, 4)
+    assert _same(again, theirs, read, x) <= 1e-4
+
+
+def test_a_family_loads_from_a_hub_id_in_the_local_cache(tmp_path, monkeypatch):
+    import torch
+
+    from tests.test_checkpoints import _populate_hub_cache
+    from vitdeploy.checkpoints import resolve
+
+    theirs, read, _, folder = _reference_folder("siglip", tmp_path)
+    cache = tmp_path / "hub"
+    _populate_hub_cache(cache, "google/siglip-test", {name: (folder / name).read_bytes()
+                                                       for name in ("config.json", "model.safetensors")})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = resolve("google/siglip-test")
+    assert loaded.kind == "hf" and loaded.model.config.model_type == "siglip_vision_model"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert _same(loaded.model, theirs, read, x) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["beit", "eva", "swin", "siglip2", "siglip2_vision_model", "vit_mae", 7])
+def test_unsupported_model_types_are_refused_in_one_line(tmp_path, model_type):
+    from vitdeploy import load_model
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 32}))
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(VitDeployError) as e:
+        load_model(folder)
+    message = str(e.value)
+    assert "\n" not in message and f"model_type {model_type!r} is not supported" in message
+    assert "dinov2, dinov2_with_registers, clip_vision_model, clip, siglip_vision_model, siglip" in message
+
+
+TASK_REFUSALS = {
+    "classifier of a base model": ("dinov2", {"task": "classification"}, "no classifier head"),
+    "classifier of CLIP": ("clip-vision-projection", {"task": "classification"}, "gives embedding, not"),
+    "image size of CLIP": ("clip-vision", {"image_size": 48}, "only DINOv2 interpolates"),
+    "normalized logits": ("deit-teacher", {"normalize": True}, "normalize applies to task='embedding'"),
+}
+
+
+@pytest.mark.parametrize("case", TASK_REFUSALS)
+def test_impossible_task_options_are_refused_in_one_line(tmp_path, case):
+    from vitdeploy import load_model
+
+    name, options, message = TASK_REFUSALS[case]
+    _, _, _, folder = _reference_folder(name, tmp_path)
+    with pytest.raises(VitDeployError, match=message) as e:
+        load_model(folder, **options)
+    assert "\n" not in str(e.value)
+
+
+def test_presets_are_the_published_sizes():
+    from vitdeploy.config import is_preset, preset
+
+    sizes = {  # name: (hidden, layers, tokens at the input, output size, task)
+        "deit-base-distilled-patch16-224": (768, 12, 198, 1000, "classification"),
+        "dinov2-base": (768, 12, 257, 768, "embedding"),
+        "dinov2-with-registers-base": (768, 12, 261, 768, "embedding"),
+        "dinov2-giant": (1536, 40, 257, 1536, "embedding"),
+        "clip-vit-base-patch16": (768, 12, 197, 512, "embedding"),
+        "clip-vit-large-patch14": (1024, 24, 257, 768, "embedding"),
+        "siglip-base-patch16-224": (768, 12, 196, 768, "embedding"),
+    }
+    for name, expected in sizes.items():
+        c = preset(name)
+        assert is_preset(name)
+        assert (c.hidden_size, c.num_hidden_layers, c.seq_len, c.output_size, c.task) == expected, name
+    assert preset("dinov2-base").position_grid == (37, 37) and preset("dinov2-giant").intermediate_size == 4096
+    with pytest.raises(VitDeployError, match=r"unknown preset 'dinov3-base'.*dinov2-base"):
+        preset("dinov3-base")
+
+
+@pytest.mark.parametrize("name", ["deit-tiny-distilled-patch16-224", "dinov2-with-registers-small"])
+def test_a_preset_builds_with_random_init_and_runs(name):
+    import torch
+
+    from vitdeploy import load_model
+
+    model = load_model(name, seed=0)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, model.config.output_size) and torch.isfinite(out).all()
+
+
+# -- export: every family at a tiny size, ONNX Runtime against HF ----------------------------------------
+EXPORT_CASES = {  # name: (export options, precision, largest difference to HF allowed, min cosine)
+    "deit-teacher": ({}, "fp32", 1e-4, 0.99999),
+    "dinov2-registers-classifier": ({}, "fp32", 1e-4, 0.99999),
+    "dinov2-interpolated": ({"image_size": 42}, "fp32", 1e-4, 0.99999),
+    "dinov2": ({"task": "embedding"}, "fp16", None, 0.999),
+    "clip": ({"normalize": True}, "fp32", 1e-4, 0.99999),
+    "siglip-vision": ({}, "fp32", 1e-4, 0.99999),
+    "siglip": ({}, "fp16", None, 0.999),
+}
+
+
+@pytest.mark.parametrize("name", EXPORT_CASES)
+def test_each_family_exports_and_onnx_runtime_equals_hf(tmp_path, name):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+    from vitdeploy.exporters import ExportOptions, export_onnx
+    from vitdeploy.exporters.onnx_export import FORBIDDEN_OPS
+
+    options, precision, max_diff, min_cosine = EXPORT_CASES[name]
+    theirs, read, _, folder = _reference_folder(name, tmp_path)
+    out = tmp_path / "model.onnx"
+    report = export_onnx(folder, out, options=ExportOptions(batch=2, precision=precision, **options))
+    meta = read_onnx_metadata(out)
+    graph = onnx.load(str(out))
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {*FORBIDDEN_OPS, "Resize"}, ops  # DINOv2's interpolated positions are a constant
+    embedding = meta.task == "embedding"
+    assert meta.output_name == ("embeddings" if embedding else "logits") == graph.graph.output[0].name
+    assert meta.normalized == bool(options.get("normalize")) and meta.golden.task == meta.task
+    assert report.golden.passed
+    h, w = meta.preprocessing["image_size"]
+    x = np.random.default_rng(5).standard_normal((2, 3, h, w)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run([meta.output_name], {"pixel_values": x})[0].astype(np.float64)
+    expected = _their_output(theirs, read, torch.from_numpy(x)).numpy().astype(np.float64)
+    if options.get("normalize"):
+        expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
+    assert got.shape == expected.shape == (2, meta.output_size)
+    cosine = (got * expected).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert cosine.min() >= min_cosine, cosine
+    if max_diff is not None:
+        assert np.abs(got - expected).max() <= max_diff

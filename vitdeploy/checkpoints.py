@@ -1,5 +1,9 @@
 """Checkpoints -> our model: presets, HF folders, timm weights, our own files and Hub ids.
 
+Every family of vitdeploy.families loads from its HF folders (a ``clip``/``siglip`` folder: its vision
+half), Hub ids in the local cache, bare safetensors beside a config.json, and presets; each family's key
+map puts its HF names into ours. timm weights: the plain ViT.
+
 Only safetensors and ``torch.load(weights_only=True)`` are used: nothing is unpickled.
 """
 
@@ -96,13 +100,62 @@ def _unwrap(state: Any) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith("vit.") for k in state):
+    from vitdeploy.families import detect_family
+
+    if any(k.startswith("vit.") for k in state) or detect_family(state) is not None:
         return "hf"
     if "cls_token" in state or any(k.startswith("blocks.") for k in state):
         return "timm"
+    if any(k.startswith(("embeddings.", "vision_model.", "encoder.")) for k in state):
+        return "hf"
     raise CheckpointError(
-        "unrecognised checkpoint layout: expected HF ViT keys (vit.embeddings...) or timm keys (blocks.N...)"
+        "unrecognised checkpoint layout: expected HF keys (vit.embeddings..., dinov2..., vision_model...) "
+        "or timm keys (blocks.N...)"
     )
+
+
+def to_our_names(state: dict[str, torch.Tensor], layout: str, config: ViTConfig,
+                 source: str) -> tuple[dict[str, torch.Tensor], ViTConfig]:
+    """A checkpoint's state dict in our names (its family's key map), and the config it loads with."""
+    from vitdeploy.families import hf_to_ours
+
+    if layout == "timm":
+        if config.model_type != "vit":
+            raise CheckpointError(f"{source}: timm weights of a {config.model_type} model are not supported yet; "
+                                  "load its Hugging Face checkpoint instead")
+        return hf_to_ours(timm_to_hf(state), config), config.replace(layer_norm_eps=1e-6)
+    state = hf_to_ours(state, config)
+    if config.task == "classification" and "classifier.weight" not in state:
+        raise CheckpointError(f"{source} has no classifier head (a base model): use it for embeddings "
+                              "(--task embedding)")
+    return state, config
+
+
+def with_options(config: ViTConfig, *, task: str | None = None, normalize: bool | None = None,
+                 image_size: int | None = None, trained: bool = True) -> ViTConfig:
+    """``config`` with an export's choices: the task, L2-normalized embeddings, another input size
+    (``trained``: weights exist whose positions were learned at the config's size)."""
+    from vitdeploy.families import family_for
+
+    changes: dict[str, Any] = {}
+    family = family_for(config.model_type)
+    if task is not None and task != config.task:
+        if task not in family.tasks:
+            raise CheckpointError(f"a {config.model_type} model gives {' or '.join(family.tasks)}, not {task}: "
+                                  f"use --task {family.tasks[0]}")
+        changes["task"] = task
+    if normalize is not None:
+        changes["normalize"] = normalize
+    if image_size is not None and (image_size, image_size) != config.image_hw:
+        if trained and not family.resizes_positions:
+            raise CheckpointError(
+                f"--image-size {image_size}: a {config.model_type} model's position embeddings are trained at "
+                f"{config.image_hw[0]}x{config.image_hw[1]}; only DINOv2 interpolates them to another size")
+        changes["image_size"] = image_size
+        if trained:
+            changes["position_grid"] = config.position_grid or (config.image_hw[0] // config.patch_hw[0],
+                                                                config.image_hw[1] // config.patch_hw[1])
+    return config.replace(**changes) if changes else config
 
 
 # -- reading files ---------------------------------------------------------------------------
@@ -246,12 +299,11 @@ def _timm_config(d: dict[str, Any]) -> ViTConfig:
     return preset(f"vit-{m.group(1)}-patch{m.group(2)}-224", **kwargs)
 
 
-def _load_folder(folder: Path, config: ViTConfig | None) -> tuple[ViTForImageClassification, str, Path]:
+def _load_folder(folder: Path, config: ViTConfig | None,
+                 options: dict[str, Any]) -> tuple[ViTForImageClassification, str, Path]:
     cfg_file = folder / "config.json"
     raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     weights = _weights_in(folder)
-    state, _ = _read_folder_weights(weights)
-    layout = detect_layout(state)
     if config is None:
         if not raw:
             raise CheckpointError(f"model folder {folder} has no config.json: pass --config or --preset")
@@ -259,50 +311,35 @@ def _load_folder(folder: Path, config: ViTConfig | None) -> tuple[ViTForImageCla
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
             config = config.apply_preprocessor_config(json.loads(pre.read_text()))
-    if layout == "timm":
-        state = timm_to_hf(state)
-        config = config.replace(layer_norm_eps=1e-6)
+    config = with_options(config, **options)
+    state, _ = _read_folder_weights(weights)
+    layout = detect_layout(state)
+    state, config = to_our_names(state, layout, config, str(folder))
     return build_model(config, state), layout, weights
 
 
 # -- public -----------------------------------------------------------------------------------
-def resolve(source: str | Path, config: ViTConfig | str | Path | None = None,
-            seed: int | None = None) -> LoadedCheckpoint:
-    """Resolve ``source`` to a model in eval mode; see :func:`load_model`."""
+def resolve(source: str | Path, config: ViTConfig | str | Path | None = None, seed: int | None = None, *,
+            task: str | None = None, normalize: bool | None = None, image_size: int | None = None) -> LoadedCheckpoint:
+    """Resolve ``source`` to a model in eval mode; see :func:`load_model`. ``task``, ``normalize`` and
+    ``image_size`` change what the checkpoint is read as (:func:`with_options`)."""
     cfg = _config_from_arg(config)
+    options: dict[str, Any] = {"task": task, "normalize": normalize, "image_size": image_size}
     text = str(source)
     path = Path(text).expanduser()
     if is_preset(text) and not path.exists():
-        base = preset(text)
-        if cfg is not None:
-            base = cfg
+        base = with_options(cfg if cfg is not None else preset(text), **options, trained=False)
         return LoadedCheckpoint(build_model(base, seed=seed), text, "preset", None)
     if path.is_dir():
-        model, layout, weights = _load_folder(path, cfg)
+        model, layout, weights = _load_folder(path, cfg, options)
         return LoadedCheckpoint(model, text, layout, _sha256(weights))
     if path.is_file():
-        state, meta = read_state_dict(path)
-        if meta.get("format") == _OWN_FORMAT and "config" in meta:
-            own = ViTConfig.from_dict(json.loads(meta["config"]))
-            return LoadedCheckpoint(build_model(cfg or own, state), text, "vitdeploy", _sha256(path))
-        layout = detect_layout(state)
-        if cfg is None:
-            sibling = path.parent / "config.json"
-            if sibling.is_file() and layout == "hf":
-                cfg = ViTConfig.from_json_file(sibling)
-            else:
-                raise CheckpointError(
-                    f"{path.name} holds {layout} weights without a config: pass --preset NAME or --config FILE"
-                )
-        if layout == "timm":
-            state = timm_to_hf(state)
-            cfg = cfg.replace(layer_norm_eps=1e-6)
-        return LoadedCheckpoint(build_model(cfg, state), text, layout, _sha256(path))
+        return _load_file(path, cfg, options)
     if path.suffix in _WEIGHT_SUFFIXES or text.startswith((".", "/", "~")):
         raise CheckpointError(f"checkpoint {text} does not exist")
     if re.match(r"^[\w.-]+/[\w.-]+$", text):
         folder = _hub_snapshot(text)
-        model, layout, weights = _load_folder(folder, cfg)
+        model, layout, weights = _load_folder(folder, cfg, options)
         return LoadedCheckpoint(model, text, layout, _sha256(weights))
     from vitdeploy.config import PRESETS
 
@@ -310,6 +347,29 @@ def resolve(source: str | Path, config: ViTConfig | str | Path | None = None,
         f"unknown model {text!r}: give a preset ({', '.join(PRESETS[:4])}, ...), a model folder, "
         "a weights file or a Hugging Face Hub id such as google/vit-base-patch16-224"
     )
+
+
+def _load_file(path: Path, cfg: ViTConfig | None, options: dict[str, Any]) -> LoadedCheckpoint:
+    """One weights file: ours (its config inside), or HF/timm weights with a config beside it or given."""
+    state, meta = read_state_dict(path)
+    if meta.get("format") == _OWN_FORMAT and "config" in meta:
+        own = with_options(cfg or ViTConfig.from_dict(json.loads(meta["config"])), **options)
+        if own.task == "embedding":
+            from vitdeploy.families.base import HEAD_KEYS
+
+            state = {k: v for k, v in state.items() if not HEAD_KEYS.match(k)}
+        return LoadedCheckpoint(build_model(own, state), str(path), "vitdeploy", _sha256(path))
+    layout = detect_layout(state)
+    if cfg is None:
+        sibling = path.parent / "config.json"
+        if sibling.is_file() and layout == "hf":
+            cfg = ViTConfig.from_json_file(sibling)
+        else:
+            raise CheckpointError(
+                f"{path.name} holds {layout} weights without a config: pass --preset NAME or --config FILE"
+            )
+    state, cfg = to_our_names(state, layout, with_options(cfg, **options), path.name)
+    return LoadedCheckpoint(build_model(cfg, state), str(path), layout, _sha256(path))
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -368,13 +428,15 @@ def source_files(source: str | Path, config: str | Path | None = None) -> Source
 
 
 def load_model(source: str | Path, config: ViTConfig | str | Path | None = None,
-               seed: int | None = None) -> ViTForImageClassification:
-    """A ViT in eval mode from a preset, HF folder, timm weights, our checkpoint or a Hub id.
+               seed: int | None = None, **options: Any) -> ViTForImageClassification:
+    """A ViT (any family of vitdeploy.families) in eval mode from a preset, HF folder, timm weights, our
+    checkpoint or a Hub id.
 
     ``config`` (a ViTConfig, preset name or config.json) is needed for bare timm/HF weight files
-    and overrides a preset's architecture; ``seed`` fixes a preset's random init.
+    and overrides a preset's architecture; ``seed`` fixes a preset's random init; ``options``: ``task``,
+    ``normalize``, ``image_size`` (see :func:`resolve`).
     """
-    return resolve(source, config, seed).model
+    return resolve(source, config, seed, **options).model
 
 
 def save_model(model: ViTForImageClassification, path: str | Path) -> None:

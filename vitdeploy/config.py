@@ -1,4 +1,9 @@
-"""ViTConfig: HF ViTConfig's fields and defaults, HF config.json round-trip, and named presets."""
+"""ViTConfig: HF ViTConfig's fields and defaults, HF config.json round-trip, and named presets.
+
+The ViT family (DeiT, DINOv2, CLIP and SigLIP image towers) is the same config with its block options
+set (tokens, LayerScale, SwiGLU, pre-norm, pooling, projection): ``vitdeploy.families`` reads each
+family's HF config.json into these fields.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,11 @@ from typing import Any
 from vitdeploy.errors import ConfigError
 
 IntOrPair = int | tuple[int, int]
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
+CLASSIFIER_INPUTS = ("cls", "cls_distilled", "cls_patch_mean")
+POOLINGS = ("cls", "map")
+TASKS = ("classification", "embedding")
+OWN_CONFIG = "vitdeploy_config"  # marks a config.json written by ViTConfig for a non-ViT family
 
 # HF's ViTImageProcessor: resample=2 (PIL bilinear) and 3 (bicubic)
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
@@ -57,6 +67,21 @@ class ViTConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_pct: float | None = None
     interpolation: str = "bilinear"
+    # the family's block options (timm's VisionTransformer arguments); the defaults are HF's ViT
+    model_type: str = "vit"  # the HF model_type the weights came as (vitdeploy.families)
+    class_token: bool = True
+    distillation_token: bool = False  # DeiT: a second token after [CLS]
+    num_register_tokens: int = 0  # DINOv2 with registers: tokens after [CLS], without positions
+    layerscale_value: float | None = None  # LayerScale on both residual branches (DINOv2)
+    use_swiglu_ffn: bool = False  # SwiGLU MLP; intermediate_size is its hidden width (DINOv2 giant)
+    pre_norm: bool = False  # a LayerNorm before the blocks (CLIP)
+    patch_bias: bool = True  # the patch convolution has a bias (not CLIP's)
+    classifier_input: str = "cls"  # cls | cls_distilled (DeiT's two heads) | cls_patch_mean (DINOv2)
+    pooling: str = "cls"  # the embedding: cls (the [CLS] row) | map (SigLIP's attention-pooling head)
+    projection_dim: int = 0  # a projection without bias on the embedding (CLIP's image_embeds); 0: none
+    position_grid: tuple[int, int] | None = None  # trained position grid, interpolated to the input's
+    task: str = "classification"  # classification (logits) | embedding (one vector per image)
+    normalize: bool = False  # embeddings L2-normalized in the model
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +89,8 @@ class ViTConfig:
             self.image_size = tuple(self.image_size)  # type: ignore[assignment]
         if isinstance(self.patch_size, list):
             self.patch_size = tuple(self.patch_size)  # type: ignore[assignment]
+        if self.position_grid is not None:
+            self.position_grid = to_2tuple(self.position_grid)
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if self.num_labels != len(self.id2label):
@@ -98,8 +125,8 @@ class ViTConfig:
                 raise ConfigError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.layer_norm_eps <= 0:
             raise ConfigError(f"ViTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-            raise ConfigError(f"ViTConfig.hidden_act {self.hidden_act!r} is not supported (use 'gelu')")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"ViTConfig.hidden_act {self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ConfigError("ViTConfig.image_mean and image_std need one value per channel")
         if any(s <= 0 for s in self.image_std):
@@ -110,6 +137,29 @@ class ViTConfig:
             raise ConfigError(
                 f"ViTConfig.interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE_PIL)}"
             )
+        self._validate_family()
+
+    def _validate_family(self) -> None:
+        for name, allowed in (("classifier_input", CLASSIFIER_INPUTS), ("pooling", POOLINGS), ("task", TASKS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"ViTConfig.{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("num_register_tokens", "projection_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 16:
+                raise ConfigError(f"ViTConfig.{name} must be a count from 0, got {value!r}")
+        if self.layerscale_value is not None and not self.layerscale_value > 0:
+            raise ConfigError(f"ViTConfig.layerscale_value must be positive, got {self.layerscale_value!r}")
+        if self.position_grid is not None and min(self.position_grid) <= 0:
+            raise ConfigError(f"ViTConfig.position_grid must be positive, got {self.position_grid!r}")
+        if self.distillation_token and not self.class_token:
+            raise ConfigError("ViTConfig.distillation_token needs class_token")
+        if not self.class_token and (self.pooling == "cls" or self.task == "classification"):
+            raise ConfigError("a model without a class token (SigLIP) pools with pooling='map' and gives "
+                              "embeddings only: use task='embedding'")
+        if self.classifier_input == "cls_distilled" and not self.distillation_token:
+            raise ConfigError("ViTConfig.classifier_input 'cls_distilled' needs distillation_token")
+        if self.normalize and self.task != "embedding":
+            raise ConfigError("ViTConfig.normalize applies to task='embedding' only")
 
     # -- derived ------------------------------------------------------------------------
     @property
@@ -126,6 +176,25 @@ class ViTConfig:
         return (ih // ph) * (iw // pw)
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [CLS], DeiT's distillation token, DINOv2's registers."""
+        return int(self.class_token) + int(self.distillation_token) + self.num_register_tokens
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def embedding_size(self) -> int:
+        """The width of the embedding (CLIP: its projection's)."""
+        return self.projection_dim or self.hidden_size
+
+    @property
+    def output_size(self) -> int:
+        """Values per image of the model's output: num_labels for a classifier, else the embedding's width."""
+        return self.num_labels if self.task == "classification" else self.embedding_size
+
+    @property
     def labels(self) -> list[str]:
         """One label per class, ``LABEL_i`` where the config names none (as HF does)."""
         names = self.id2label or {}
@@ -136,7 +205,7 @@ class ViTConfig:
         matrix product: patch projection, Q/K/V, Q·Kᵀ, P·V, attention output, MLP, classifier on
         [CLS]). Its last block computes only the [CLS] row past the keys and values;
         ``full_last_layer=True`` counts every row there, as HF transformers' forward pass does."""
-        (ph, pw), h, s, i = self.patch_hw, self.hidden_size, self.num_patches + 1, self.intermediate_size
+        (ph, pw), h, s, i = self.patch_hw, self.hidden_size, self.seq_len, self.intermediate_size
         patch = self.num_patches * self.num_channels * ph * pw * h
         layer = 4 * s * h * h + 2 * s * s * h + 2 * s * h * i
         # [CLS] only: K and V of every row; Q, Q·Kᵀ, P·V, attention output and MLP of one row
@@ -149,15 +218,16 @@ class ViTConfig:
     # -- HF config.json -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """HF ``config.json`` fields, plus our preprocessing keys (HF ignores unknown keys)."""
-        d: dict[str, Any] = {
-            "architectures": ["ViTForImageClassification"],
-            "model_type": "vit",
-        }
+        d: dict[str, Any] = {"architectures": ["ViTForImageClassification"]}
+        if self.model_type != "vit":  # a family member's config is ours, not HF's: read back as is
+            d = {"architectures": [], OWN_CONFIG: True}
         for f in dataclasses.fields(self):
             if f.name in ("extra", "id2label"):
                 continue
             value = getattr(self, f.name)
             d[f.name] = list(value) if isinstance(value, tuple) else value
+        if self.model_type != "vit" and self.id2label is None:
+            return d  # ours, read back as is: no invented names
         labels = self.labels
         d["id2label"] = {str(i): name for i, name in enumerate(labels)}
         d["label2id"] = {name: i for i, name in enumerate(labels)}
@@ -168,14 +238,26 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a JSON object, not a {type(d).__name__}")
+        if d.get("model_type", "vit") != "vit" and not d.get(OWN_CONFIG):
+            from vitdeploy.families import config_from_hf
+
+            return config_from_hf(d)  # each family reads its own HF config.json; others are refused
+        return cls.from_fields(d)
+
+    @classmethod
+    def from_fields(cls, d: dict[str, Any], **overrides: Any) -> ViTConfig:
+        """A config from a dict of our field names (HF ViT's are ours); unknown keys kept in ``extra``."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         if "id2label" in d and "num_labels" not in d:
             kwargs["num_labels"] = len(d["id2label"])
-        if d.get("model_type", "vit") != "vit":
-            raise ConfigError(f"config model_type is {d['model_type']!r}, vitdeploy reads 'vit' configs")
         extra = {k: v for k, v in d.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        try:
+            return cls(**{**kwargs, **overrides}, extra=extra)
+        except TypeError as e:  # a field of the wrong type (a string for a number, ...)
+            raise ConfigError(f"config has a field of the wrong type: {e}") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ViTConfig:
@@ -220,10 +302,16 @@ PRESETS: tuple[str, ...] = tuple(
 
 
 def preset(name: str, **overrides: Any) -> ViTConfig:
-    """A named configuration such as ``vit-base-patch16-224`` (the default model)."""
+    """A named configuration such as ``vit-base-patch16-224`` (the default model), or a family member's
+    (``dinov2-base``, ``clip-vit-base-patch16``, ...: vitdeploy.families)."""
     m = _PRESET_RE.match(name)
     if not m:
-        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        from vitdeploy.families import family_preset, preset_names
+
+        found = family_preset(name, **overrides)
+        if found is None:
+            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join((*PRESETS, *preset_names()))}")
+        return found
     hidden, layers, heads, mlp = _SIZES[m.group(1)]
     return ViTConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -232,4 +320,6 @@ def preset(name: str, **overrides: Any) -> ViTConfig:
 
 
 def is_preset(name: str) -> bool:
-    return bool(_PRESET_RE.match(name))
+    from vitdeploy.families import preset_names
+
+    return bool(_PRESET_RE.match(name)) or name in preset_names()

@@ -151,14 +151,18 @@ class GoldenVerdict:
                    [GoldenRow.from_dict(r) for r in d["rows"]])
 
 
-def _row(name: str, ref: np.ndarray, out: np.ndarray, tol: Mapping[str, float]) -> GoldenRow:
+def _row(name: str, ref: np.ndarray, out: np.ndarray, tol: Mapping[str, float], embedding: bool = False) -> GoldenRow:
+    """One image's check. An embedding (``embedding``) has no top-1: its cosine and its max error relative
+    to its own largest value (an L2-normalized vector's values are far below 1, the logits' floor)."""
     expected = int(np.argmax(ref))
     if not np.all(np.isfinite(out)):
         return GoldenRow(name, expected, -1, True, math.inf, 1.0, 0.0, "the logits hold NaN or infinite values")
     c = compare_logits(ref[None], out[None])
+    if embedding:
+        c.scale = float(np.abs(ref).max()) or 1.0
     got = int(np.argmax(out))
-    lead = float(np.diff(np.sort(ref)[-2:])[0]) if ref.size > 1 else math.inf
-    checked = lead > tol["top1_margin"] * c.scale
+    lead = float(np.diff(np.sort(ref)[-2:])[0]) if ref.size > 1 and not embedding else math.inf
+    checked = not embedding and lead > tol["top1_margin"] * c.scale
     problems = []
     if c.max_abs > tol["max_abs_rel"] * c.scale:
         problems.append(f"max abs error {c.max_abs / c.scale:.3g} x scale > {tol['max_abs_rel']:g}")
@@ -191,6 +195,11 @@ class GoldenSet:
     format: str = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def task(self) -> str:
+        """classification (logits: top-1 checked) or embedding (cosine and relative error only)."""
+        return str(self.extra.get("task", "classification"))
+
     def decoded(self) -> list[PILImage.Image]:
         """The stored images, decoded to RGB (the first step of the checked path)."""
         from vitdeploy.preprocess import open_image
@@ -210,7 +219,8 @@ class GoldenSet:
         real = precision or self.precision
         effective = lossier(real, compute)
         tol = tolerance_for(effective) if effective != real else tightened(self.tolerance, tolerance_for(real))
-        rows = [_row(im.name, im.logits, out[i], tol) for i, im in enumerate(self.images)]
+        embedding = self.task == "embedding"
+        rows = [_row(im.name, im.logits, out[i], tol, embedding) for i, im in enumerate(self.images)]
         return GoldenVerdict(effective, dict(tol), rows)
 
     # -- (de)serialization -------------------------------------------------------------------------
@@ -261,6 +271,8 @@ class GoldenSet:
             images = [_image_from_dict(e) for e in entries]
             if len({im.logits.size for im in images}) != 1:
                 raise ValueError("images have logits of different lengths")
+            if data.get("task", "classification") not in ("classification", "embedding"):
+                raise ValueError(f"task {data.get('task')!r} is not classification or embedding")
             known = {"format", "precision", "tolerance", "source", "reference", "images"}
             return cls(images, precision, tol, str(data.get("source", "")), str(data.get("reference", "")),
                        extra={k: v for k, v in data.items() if k not in known})
@@ -362,7 +374,7 @@ def _png(image: PILImage.Image, side: int) -> bytes:
 
 def make_golden_set(images: Sequence[tuple[str, PILImage.Image]], prep: Preprocessing,
                     model: Callable[[np.ndarray], np.ndarray], precision: str, source: str,
-                    max_bytes: int = MAX_BYTES) -> GoldenSet:
+                    max_bytes: int = MAX_BYTES, task: str = "classification") -> GoldenSet:
     """Encode ``images`` as PNG (at most 1.25x the model's input side, smaller until the set fits in
     ``max_bytes``) and record ``model``'s logits for them through decode -> ``prep`` -> model.
     ``model`` takes normalized float32 NCHW and returns logits (the float reference: torch FP32)."""
@@ -377,7 +389,8 @@ def make_golden_set(images: Sequence[tuple[str, PILImage.Image]], prep: Preproce
         x = prep.normalize(np.stack([prep.pixels(open_image(p)) for p in pngs]))
         logits = np.asarray(model(x), dtype=np.float32)
         golden = GoldenSet([GoldenImage(name[:200], png, logits[i]) for i, ((name, _), png) in
-                            enumerate(zip(images, pngs, strict=True))], precision, tolerance_for(precision), source)
+                            enumerate(zip(images, pngs, strict=True))], precision, tolerance_for(precision), source,
+                            extra={"task": task} if task != "classification" else {})
         if golden.nbytes <= max_bytes:
             return golden
         if side <= 16:

@@ -38,7 +38,7 @@ class TensorRTOptions:
     memory: str = "auto"  # auto | cuda-python | pycuda
     runtime_cache: bool = True  # TensorRT-RTX's JIT cache beside the engine
     instances: int = 1  # execution contexts in flight
-    max_graphs: int = 8  # captured batch sizes kept per context slot
+    max_graphs: int = 8  # batch sizes each instance captures (the first it runs); others run without a graph
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""The ViT family: one registration per family (vit, deit, dinov2, clip, siglip), looked up by HF model_type.
+
+Adding the next family is one module here and its tests: its config reader, key map, presets and
+preprocessing defaults (see ``base.Family``); the model's blocks take the options it sets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitdeploy.config import ViTConfig
+from vitdeploy.errors import ConfigError
+from vitdeploy.families import clip, deit, dinov2, siglip, vit
+from vitdeploy.families.base import HEAD_KEYS, Family, StateDict
+
+FAMILIES: tuple[Family, ...] = (vit.FAMILY, deit.FAMILY, dinov2.FAMILY, clip.FAMILY, siglip.FAMILY)
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_TYPE)
+
+
+def family_for(model_type: Any) -> Family:
+    """The family that reads ``model_type``; one ConfigError naming it and the supported list otherwise."""
+    family = _BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise ConfigError(f"model_type {model_type!r} is not supported: vitdeploy reads "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return family
+
+
+def config_from_hf(d: dict[str, Any]) -> ViTConfig:
+    """An HF ``config.json`` of any supported family as a ViTConfig."""
+    return family_for(d.get("model_type", "vit")).config_from_hf(d)
+
+
+def hf_to_ours(state: StateDict, config: ViTConfig) -> StateDict:
+    """An HF checkpoint's state dict in our names, for ``config``'s family and task (an embedding model
+    reads past a classifier checkpoint's heads)."""
+    out = family_for(config.model_type).hf_keys(state)
+    if config.task == "embedding":
+        out = {k: v for k, v in out.items() if not HEAD_KEYS.match(k)}
+    return out
+
+
+def detect_family(state: StateDict) -> Family | None:
+    """The family whose HF names a state dict has (for a weights file given without a config)."""
+    for family in reversed(FAMILIES):  # the most specific first
+        if family.detect(state):
+            return family
+    return None
+
+
+def preset_names() -> tuple[str, ...]:
+    return tuple(name for f in FAMILIES for name in f.presets)
+
+
+def family_preset(name: str, **overrides: Any) -> ViTConfig | None:
+    """A family member's preset (random init at its real size), or None for an unknown name."""
+    for family in FAMILIES:
+        if name in family.presets:
+            config = family.presets[name]()
+            return config.replace(**overrides) if overrides else config
+    return None

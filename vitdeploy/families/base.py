@@ -1,0 +1,130 @@
+"""What a family registers, and the small helpers its key maps and config readers share.
+
+A family is data and plain functions (timm's ``@register_model`` variants; HF's per-family
+``config.json`` and checkpoint names): its HF ``model_type``s, a reader of HF ``config.json`` into
+ViTConfig's block options, a key map from its checkpoint names (HF, timm) to ours (HF ViT's names,
+plus the few a family adds), its presets and its preprocessing defaults. No torch at import: the key
+maps only call methods of the tensors they are given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitdeploy.config import ViTConfig
+from vitdeploy.errors import ConfigError
+
+StateDict = dict[str, Any]  # name -> torch.Tensor
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the parts of a classifier checkpoint that an embedding model does not have
+HEAD_KEYS = re.compile(r"^(classifier|distillation_classifier)\.")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family member's registration; see the module docstring."""
+
+    name: str
+    model_types: tuple[str, ...]  # HF model_types (config.json) this family reads
+    config_from_hf: Callable[[dict[str, Any]], ViTConfig]
+    hf_keys: Callable[[StateDict], StateDict]  # HF checkpoint names -> ours
+    presets: Mapping[str, Callable[[], ViTConfig]] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ("classification", "embedding")  # the first is a preset's default
+    resizes_positions: bool = False  # position embeddings interpolated to another input size (DINOv2)
+    detect: Callable[[StateDict], bool] = lambda state: False  # is this an HF state dict of the family?
+
+
+def rename(state: StateDict, rules: list[tuple[str, str]], drop: tuple[str, ...] = ()) -> StateDict:
+    """Each key through the first regex rule that matches (``re.sub``); keys matching ``drop`` removed;
+    a key no rule matches is kept as is (the strict load names it)."""
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+    dropped = [re.compile(p) for p in drop]
+    out: StateDict = {}
+    for key, value in state.items():
+        if any(p.search(key) for p in dropped):
+            continue
+        for pattern, repl in compiled:
+            if pattern.search(key):
+                key = pattern.sub(repl, key)
+                break
+        out[key] = value
+    return out
+
+
+def strip_prefix(state: StateDict, prefixes: tuple[str, ...]) -> StateDict:
+    """Keys without the first of ``prefixes`` that some key has (HF's base-model prefix: ``dinov2.``, ...)."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return dict(state)
+
+
+# the names inside one transformer block of CLIP and SigLIP (HF) -> HF ViT's
+CLIP_BLOCK_RULES = [
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"vit.encoder.layer.\1.layernorm_before."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"vit.encoder.layer.\1.layernorm_after."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.q_proj\.", r"vit.encoder.layer.\1.attention.attention.query."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.k_proj\.", r"vit.encoder.layer.\1.attention.attention.key."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.v_proj\.", r"vit.encoder.layer.\1.attention.attention.value."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+    (r"^embeddings\.patch_embedding\.", "vit.embeddings.patch_embeddings.projection."),
+    (r"^post_layernorm\.", "vit.layernorm."),
+]
+# an image-text folder's text half (CLIP, SigLIP), read past
+TEXT_KEYS = (r"^text_model\.", r"^text_projection\.", r"^logit_scale$", r"^logit_bias$")
+
+
+def split_qkv(state: StateDict, pattern: str, target: str) -> StateDict:
+    """A fused query/key/value tensor (timm's ``qkv``, torch MultiheadAttention's ``in_proj``) split in that
+    order along dim 0 into ``target.format(i=..., part=...)`` + ``.weight``/``.bias``."""
+    out: StateDict = {}
+    regex = re.compile(pattern)
+    for key, value in state.items():
+        m = regex.match(key)
+        if not m:
+            out[key] = value
+            continue
+        i, kind = m.group("i") if "i" in regex.groupindex else "", m.group("kind")
+        for part, tensor in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+            out[target.format(i=i, part=part) + "." + kind] = tensor
+    return out
+
+
+def hf_task(d: dict[str, Any]) -> str:
+    """classification when config.json's architecture is a classifier, else embedding (a base model)."""
+    archs = d.get("architectures") or []
+    return "classification" if any("ForImageClassification" in str(a) for a in archs) else "embedding"
+
+
+def hf_labels(d: dict[str, Any]) -> dict[str, Any]:
+    """num_labels and id2label, as HF's config.json has them."""
+    out: dict[str, Any] = {}
+    if isinstance(d.get("id2label"), dict):
+        out["id2label"] = d["id2label"]
+    elif isinstance(d.get("num_labels"), int):
+        out["num_labels"] = d["num_labels"]
+    return out
+
+
+def hf_common(d: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The fields every family shares with HF ViT's config (and ``names``), where config.json has them."""
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+            "layer_norm_eps", "patch_size", "num_channels", "qkv_bias", "initializer_range", *names)
+    return {k: d[k] for k in keys if k in d}
+
+
+def build(d: dict[str, Any], **fields: Any) -> ViTConfig:
+    """A ViTConfig from a family reader's fields; a bad field is one ConfigError naming it."""
+    try:
+        return ViTConfig(**fields, extra={k: v for k, v in d.items() if k not in fields})
+    except TypeError as e:
+        raise ConfigError(f"config.json of a {fields.get('model_type')} model has a field of the wrong type: {e}") \
+            from None
