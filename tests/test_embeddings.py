@@ -422,3 +422,90 @@ def test_cpp_example_compiles_in_every_flavour(tmp_path, flavour):
            f"-I{root / 'third_party' / 'nlohmann_json' / 'include'}", str(root / "examples" / "cpp" / "main.cpp")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# -- compare, bench, inspect ---------------------------------------------------------------------------------
+def test_compare_reports_each_inputs_cosine_for_embeddings(embed, tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+    from vitdeploy.engines import open_runtime
+
+    r = CliRunner().invoke(main, ["compare", str(embed["fp32"]), str(embed["int8"]), "--inputs", "4", "--atol", "10",
+                                  "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert "cosine per input" in r.output and "top-1" not in r.output
+    got = json.loads((tmp_path / "c.json").read_text())
+    x = np.random.default_rng(0).standard_normal((4, 3, 224, 224), dtype=np.float32)  # compare's random inputs
+    with open_runtime(embed["fp32"]) as a, open_runtime(embed["int8"]) as b:
+        ya, yb = a.infer(x).astype(np.float64), b.infer(x).astype(np.float64)
+    cos = (ya * yb).sum(1) / np.linalg.norm(ya, axis=1) / np.linalg.norm(yb, axis=1)
+    assert got["task"] == "embedding"
+    assert got["cosine_mean"] == pytest.approx(cos.mean(), abs=1e-6)
+    assert got["cosine_lowest"] == pytest.approx(cos.min(), abs=1e-6)
+
+
+def test_compare_refuses_two_tasks_in_one_line(embed, tmp_path):
+    from click.testing import CliRunner
+
+    from tests.test_hostile_files import good_metadata, tiny_onnx
+    from vitdeploy.cli import main
+
+    clf = tiny_onnx(tmp_path / "clf.onnx", meta=good_metadata())
+    emb = tiny_onnx(tmp_path / "emb.onnx", meta=good_metadata(task="embedding", output_name="embeddings",
+                                                              output_size=3, labels=[]), output_name="embeddings")
+    r = CliRunner().invoke(main, ["compare", str(clf), str(emb)])
+    assert r.exit_code == 1 and "A is a classifier and B an embedding model" in r.output, r.output
+
+
+class _OneRowTurned:
+    """A runtime whose answers are the real ones except the first row of every call, turned a quarter away
+    from itself (same norm, cosine 0): small against the batch's scale, so only a per-input cosine sees it."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def infer(self, batch):
+        out = self.real.infer(batch).copy()
+        v = out[0]
+        turned = np.roll(v, 1) - (np.roll(v, 1) @ v) / (v @ v) * v  # orthogonal to v
+        out[0] = turned * np.linalg.norm(v) / np.linalg.norm(turned)
+        return out
+
+
+def test_tune_guards_an_embedding_model_by_each_inputs_cosine(embed, tmp_path):
+    import shutil
+
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.engines.base import Runtime
+    from vitdeploy.engines.plan import PathChoice
+    from vitdeploy.tune import tune
+
+    path = tmp_path / "e-int8.onnx"
+    shutil.copy(embed["int8"], path)
+    good = PathChoice("onnxruntime", {"threads": 1, "qdq_activations": "uint8"}, "good")
+    bad = PathChoice("onnxruntime", {"threads": 2, "qdq_activations": "int8"}, "one input turned")
+
+    class Turned(Runtime):
+        def __init__(self, real):
+            self.real, self.spec, self.metadata, self.backend = real, real.spec, real.metadata, real.backend
+
+        def _run(self, batch):
+            return _OneRowTurned(self.real).infer(batch)
+
+        def close(self):
+            self.real.close()
+
+    def opener(choice):
+        rt = open_runtime(path, backend=choice.backend, use_plan=False, **choice.options)
+        return Turned(rt) if choice == bad else rt
+
+    report = tune(path, batch=2, candidates=[bad, good], opener=opener, warmup=1, iters=3, min_seconds=0.0)
+    status = {c.choice.label: c for c in report.candidates}
+    assert status["one input turned"].status == "rejected", status["one input turned"].reason
+    assert "cosine 0.00000" in status["one input turned"].reason
+    assert status["good"].status == "ok" and status["good"].decisive == 0  # an embedding has no top-1
+    assert report.plan.latency == good
