@@ -334,3 +334,63 @@ def test_top1_guard_counts_only_inputs_where_the_reference_is_decisive():
     decisive_flip = ref.copy()
     decisive_flip[0] = [1.0, 5.0, 0.0]
     assert np.mean(ref[mask].argmax(-1) == decisive_flip[mask].argmax(-1)) == 0.5
+
+
+@pytest.fixture(scope="module")
+def int8_attention(digits, tmp_path_factory):
+    """The digits model in INT8 with INT8 attention (``export --attention int8``), in a folder of its own."""
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("tune_attention") / "m-int8-attention.onnx"
+    return export_onnx(digits["checkpoint"], out, options=ExportOptions(
+        dynamic_batch=True, precision="int8", attention="int8", calib_dir=digits["train"], calib_samples=64)).path
+
+
+def test_int8_attention_is_timed_both_ways_behind_the_guard(int8_attention):
+    """OpenVINO runs the file's INT8 attention in int8 (its runtime model says so) and, as a second candidate,
+    with attention's Q/DQ dropped; each passes the accuracy guard before it is timed; the fastest is chosen."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'vitdeploy[openvino]'")
+    report = tune(int8_attention, batch=2, threads=[2], **FAST)
+    by_label = {c.choice.label: c for c in report.candidates}
+    dropped = [c for c in report.candidates if c.choice.options.get("attention") == "float"]
+    assert len(dropped) == 2 and all(c.choice.backend == "openvino" for c in dropped)  # latency, throughput
+    for c in dropped:
+        written = by_label[c.choice.label.removesuffix(", attention Q/DQ dropped")]
+        assert "attention in i8]" in written.description or "attention in i8," in written.description
+        assert "(its Q/DQ dropped)" in c.description and "attention in i8]" not in c.description
+        assert c.guard is not None and written.guard is not None  # both were guarded
+    ok = [c for c in report.candidates if c.status == "ok"]
+    assert all(c.guard.within(max_abs_rel=0.5, min_cosine=0.98) for c in ok)
+    finalists = [c for c in ok if 1 in c.runoff] or [c for c in ok if 1 not in c.pruned]
+    assert report.plan.latency == min(finalists, key=lambda c: c.ms_per_image[1]).choice
+
+
+def test_openvino_attention_float_changes_only_attention(int8_attention, digits):
+    """Both ways agree with the file run literally by ONNX Runtime on held-out digits, within INT8's tolerance."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed: pip install 'vitdeploy[openvino]'")
+    from vitdeploy.metrics import TOLERANCES, compare_logits
+    from vitdeploy.preprocess import find_images, open_image
+    with open_runtime(int8_attention, backend="openvino", use_plan=False) as written, \
+            open_runtime(int8_attention, backend="openvino", use_plan=False, attention="float") as dropped, \
+            open_runtime(int8_attention, backend="onnxruntime", use_plan=False, optimization="disable") as ref:
+        assert written.attention_precisions() == ["i8,i8,i8"] * 2  # Q, K and V enter attention as int8
+        assert dropped.attention_qdq_dropped == 2 * 4
+        assert not any(p == "i8,i8,i8" for p in dropped.attention_precisions())
+        x = ref.preprocess([open_image(f) for f in find_images(digits["test"])[:32]])
+        expected = ref.infer(x)
+        for rt in (written, dropped):
+            comparison = compare_logits(expected, rt.infer(x))
+            assert comparison.within(**TOLERANCES["int8"]) and comparison.top1_agreement >= 0.95, comparison.summary()
+    with pytest.raises(VitDeployError, match="OpenVINO attention 'int4': choose as_written or float"):
+        open_runtime(int8_attention, backend="openvino", use_plan=False, attention="int4")
+
+
+def test_tune_names_a_missing_backend_from_the_isa():
+    from vitdeploy.tune import missing_backend_advice
+
+    (line,) = missing_backend_advice(["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], qdq=True, installed=False)
+    assert "OpenVINO is not installed: on this CPU (avx512_vnni, avx512_bf16)" in line
+    assert "INT8 (attention included)" in line and "pip install 'vitdeploy[openvino]'" in line
+    assert "amx_int8" in missing_backend_advice(["amx_int8", "amx_bf16"], qdq=False, installed=False)[0]
+    assert missing_backend_advice(["avx2", "avx512f"], qdq=True, installed=False) == []  # no VNNI, no bf16
+    assert missing_backend_advice(["amx_int8"], qdq=True, installed=True) == []
