@@ -509,3 +509,35 @@ def test_tune_guards_an_embedding_model_by_each_inputs_cosine(embed, tmp_path):
     assert "cosine 0.00000" in status["one input turned"].reason
     assert status["good"].status == "ok" and status["good"].decisive == 0  # an embedding has no top-1
     assert report.plan.latency == good
+
+
+def test_bench_and_inspect_take_an_embedding_model(embed, tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    r = CliRunner().invoke(main, ["inspect", str(embed["norm"])])
+    assert r.exit_code == 0, r.output
+    assert "embedding: embeddings of 64, L2-normalized" in r.output and "labels" not in r.output.split("model:")[-1]
+    r = CliRunner().invoke(main, ["bench", str(embed["fp32"]), "--batch", "1,2", "--warmup", "0", "--iters", "2",
+                                  "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert rows and all(row.get("status", "ok") == "ok" for row in rows["results"]), rows
+
+
+def test_a_load_test_checks_a_served_embedding_model_against_its_artifact(embed, tmp_path):
+    from click.testing import CliRunner
+
+    from tests.http_server import Server
+    from vitdeploy.cli import main
+    from vitdeploy.engines import open_runtime
+
+    with open_runtime(embed["fp32"]) as rt, Server(rt, model_name="emb") as srv:
+        args = ["bench", "--url", srv.url, "--model", "emb", "--concurrency", "1,2", "--requests", "8", "--rows", "4",
+                "--processes", "1", "--json", str(tmp_path / "l.json")]
+        r = CliRunner().invoke(main, [*args, "--reference", str(embed["fp32"])])
+        assert r.exit_code == 0, r.output
+        # the same load test against another model's vectors (unit length): refused, and it says why
+        r = CliRunner().invoke(main, [*args, "--reference", str(embed["norm"])])
+        assert r.exit_code == 1 and "is not the reference's" in r.output, r.output

@@ -39,8 +39,13 @@ def _render_inspect(info: dict[str, Any]) -> str:
     model = info.get("model") or {}
     if model:
         cfg = model.get("config", {})
+        if model.get("task") == "embedding":
+            task = (f"embedding: {model.get('output_name')} of {model.get('output_size')}"
+                    f"{', L2-normalized' if model.get('normalized') else ''}")
+        else:
+            task = f"classifier: {model.get('output_name', 'logits')} of {len(model.get('labels', []))} labels"
         lines.append(f"  model: {cfg.get('hidden_size')}x{cfg.get('num_hidden_layers')} layers, "
-                     f"{len(model.get('labels', []))} labels, precision {model.get('precision')}, "
+                     f"{task}, precision {model.get('precision')}, "
                      f"from {model.get('source')} (vitdeploy {model.get('version')})")
     return "\n".join(lines)
 
