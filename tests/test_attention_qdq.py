@@ -280,3 +280,63 @@ def test_vit_b16_twelve_of_twelve_blocks(tmp_path, calib, precision):
     fusion = check_attention_fusion(onnx.load(str(report.path), load_external_data=False))
     assert (fusion.precision, fusion.passed, len(fusion.blocks)) == (precision, 12, 12), fusion.summary()
     assert {b.head_size for b in fusion.blocks} == {64} and fusion.blocks[0].sequence == 197
+
+
+def _fused_attention_layers(layers: object) -> list[str]:
+    """Names of the engine inspector's layers that are fused attention kernels (TensorRT names them after
+    MHA / fMHA / attention; an unfused block shows two MatMuls and a Softmax instead)."""
+    entries = layers.get("Layers", []) if isinstance(layers, dict) else []
+    out = []
+    for layer in entries:
+        text = layer if isinstance(layer, str) else " ".join(str(layer.get(k, "")) for k in ("Name", "LayerType",
+                                                                                            "Metadata", "TacticName"))
+        if any(word in text.lower() for word in ("mha", "attention", "fmha")):
+            out.append(text[:160])
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.slow
+def test_gpu_engines_fuse_quantized_attention(tmp_path, calib):
+    """On a GPU: ViT-B/16 INT8 and FP8 engines with and without attention Q/DQ; the inspector's layer list
+    shows one fused attention layer per block for the Q/DQ layout; latency against FP16 at batch 1 and 64
+    is printed (run with -s), never asserted."""
+    import importlib.util
+
+    from vitdeploy.bench import measure
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine, current_gpu
+    from vitdeploy.engines.tensorrt.runtime import engine_layers
+
+    gpu = current_gpu()
+    if gpu is None:
+        pytest.skip("needs an NVIDIA GPU with CUDA (none found): the engines are built and run on it")
+    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+        pytest.skip("needs TensorRT or TensorRT-RTX (pip install 'vitdeploy[tensorrt]' or '[tensorrt-rtx]')")
+    sm = int(gpu[1].removeprefix("sm"))
+    variants = [("fp16", "float"), ("int8", "float"), ("int8", "int8")]
+    variants += [("fp8", "float"), ("fp8", "fp8")] if sm >= 89 else []  # FP8 needs Ada or later
+    results: dict[str, dict[int, float]] = {}
+    for precision, attention in variants:
+        name = f"{precision}-{attention}"
+        onnx_path = export_onnx("vit-base-patch16-224", tmp_path / f"{name}.onnx", options=ExportOptions(
+            precision=precision, attention=attention if precision != "fp16" else "auto", dynamic_batch=True,
+            calib_dir=calib if precision != "fp16" else None, calib_samples=12, seed=0, verify=False)).path
+        engine = tmp_path / f"{name}.engine"
+        try:
+            build_engine(onnx_path, engine, BuildOptions(min_batch=1, opt_batch=64, max_batch=64,
+                                                         profiling_verbosity="detailed"))
+            layers = engine_layers(engine)
+        except VitDeployError as e:
+            pytest.skip(f"this GPU ({gpu[0]}, {gpu[1]}) cannot build or run the engine here: {e}")
+        fused = _fused_attention_layers(layers)
+        if attention in ("int8", "fp8"):
+            assert check_attention_fusion(onnx.load(str(onnx_path), load_external_data=False)).passed == 12
+            assert len(fused) == 12, (name, fused, layers)
+        with open_runtime(engine) as rt:
+            results[name] = {b: measure(rt, b, warmup=5, iters=20).latency_ms.median for b in (1, 64)}
+        print(f"{gpu[0]} {name}: fused attention layers {len(fused)}; median ms at batch 1 "
+              f"{results[name][1]:.3f}, batch 64 {results[name][64]:.3f}")
+    for name, ms in results.items():
+        print(f"{name}: " + ", ".join(f"batch {b}: {results['fp16-float'][b] / ms[b]:.2f}x FP16" for b in (1, 64)))
