@@ -532,6 +532,32 @@ def test_serve_warns_when_exposed_and_reads_its_key_file(tmp_path):
     assert out.exit_code != 0 and "is empty" in out.output, out.output
 
 
+def test_a_key_no_client_can_send_is_refused_at_start_up(runtime, tmp_path):
+    """Issue 29, item 11: a key with non-ASCII characters never matched (the header is read as latin-1, the key
+    encoded as UTF-8), so every request got 401. Refused at start-up, in the library and by `serve` (exit 2),
+    with a one-line error that does not quote the key. Old code started the server."""
+    import httpx
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+    from vitdeploy.errors import VitDeployError
+    from vitdeploy.serving.server import create_app
+
+    for key in ("clé-secrète", "two words", "tab\tkey"):
+        with pytest.raises(VitDeployError, match="not visible ASCII"):
+            create_app(runtime, api_key=key)
+    key_file = tmp_path / "key"
+    key_file.write_text("clé-secrète\n", encoding="utf-8")
+    for flags in (["--api-key-file", str(key_file)], ["--api-key", "mot-de-passe-é"]):
+        out = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "missing.onnx"), *flags])
+        assert out.exit_code == 2 and "character" in out.output and "not visible ASCII" in out.output, out.output
+        assert "secr" not in out.output and "passe" not in out.output and "Traceback" not in out.output
+    with Server(runtime, api_key="A-z0-9._~+/=") as srv:  # every visible ASCII character class still works
+        r = httpx.post(srv.url + "/v1/logits", json={"inputs": _inputs(1).tolist()},
+                       headers={"authorization": "Bearer A-z0-9._~+/="}, timeout=10)
+        assert r.status_code == 200, r.text
+
+
 # -- fuzz: arbitrary bytes, headers and JSON -------------------------------------------------------------------------
 FUZZ_EXAMPLES = {"v1": 120, "v2": 120, "headers": 80}
 
@@ -769,3 +795,68 @@ def test_batcher_refuses_a_type_its_model_cannot_take_alone(u8_runtime):
         futures += [batcher.submit(good[2]), batcher.submit(good[3])]
         for px, f in zip(good, futures, strict=True):
             assert np.abs(f.result(10) - u8_runtime.infer(px)).max() < 1e-4
+
+
+# -- issue 29, item 2: crop_pct and thin images ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def crop_onnx(serving_onnx, tmp_path_factory):
+    """The small ViT as a timm-style artifact: crop_pct 0.9 in its preprocessing metadata."""
+    import dataclasses
+
+    import onnx
+
+    from vitdeploy.artifacts.metadata import read_onnx_metadata, set_metadata
+
+    meta = read_onnx_metadata(serving_onnx)
+    model = onnx.load(str(serving_onnx))
+    set_metadata(model, dataclasses.replace(meta, preprocessing={**meta.preprocessing, "crop_pct": 0.9}))
+    path = tmp_path_factory.mktemp("crop") / "crop.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _noise_png(width, height):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_thin_image_under_crop_pct_is_refused_before_its_resize(crop_onnx):
+    """A 24190x10 PNG (242 k pixels, 6% of the pixel limit) under crop_pct 0.9 asks for a resize to 172k x 71
+    (12 M pixels) before its centre crop: refused with 400 from the header, and the server's peak RSS stays
+    where it was. Old code resized it (answered 200, RSS up by the resize: ~100 MB here, 584 MB at 224x224)."""
+    import httpx
+
+    thin = _noise_png(24190, 10)
+    with ServeProcess(crop_onnx, "--no-verify") as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.post("/v1/classify", content=_noise_png(80, 60)).status_code == 200
+        base = srv.peak_rss_mb()
+        r = c.post("/v1/classify", content=thin)
+        assert r.status_code == 400 and "crop_pct" in r.json()["error"], r.text
+        assert "--max-image-pixels" in r.json()["error"]
+        peak = srv.peak_rss_mb()
+        assert peak - base < 25, (base, peak)
+        assert c.post("/v1/classify", content=_noise_png(80, 60)).status_code == 200
+    print(f"\nthin image: {len(thin) / 1e3:.0f} kB PNG of 24190x10 refused; peak RSS {base:.0f} -> {peak:.0f} MB")
+
+
+def test_resize_before_the_crop_is_charged_to_the_memory_budget(crop_onnx):
+    """A 2000x10 image under crop_pct 0.9 (a ~14200x71 resize, within the pixel limit) is answered, and the
+    resize is charged to the memory budget before it runs: the budget's peak covers it. With a budget too
+    small for that resize, the same image is refused with 413 before it is decoded. Old code charged only
+    the decoded pixels (16 bytes each: 320 kB)."""
+    import httpx
+
+    thin = _noise_png(2000, 10)
+    nw, nh = 14000, 71  # the short side 10 -> 64 / 0.9 = 71 (x 7.1), so the long side 2000 -> over 14000
+    with open_runtime(crop_onnx, threads=1) as rt:
+        with Server(rt) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/v1/classify?top_k=1", content=thin)
+            assert r.status_code == 200, r.text
+            assert srv.app.state.memory_budget.peak >= 4 * nw * nh  # at least the resized image, 4 bytes a pixel
+            assert srv.app.state.memory_budget.used == 0
+        with Server(rt, memory_budget=4 * 2**20) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/v1/classify", content=thin)
+            assert r.status_code == 413 and "--memory-budget" in r.json()["error"], r.text

@@ -446,3 +446,51 @@ def test_ctrl_c_under_load_drains_then_stops(small_onnx, runtime):
     print(f"\nctrl-c: {answered} answered under load, then {counts} after the stop, "
           f"readiness 503 from {ready[0][0] * 1e3:.0f} ms after SIGINT, exited after {exited_after:.1f} s; "
           f"peak RSS {rss_start:.0f} MB at start, {rss_loaded:.0f} MB after 1 s of load")
+
+
+# -- issue 29, item 10: a busy port --------------------------------------------------------------------------------
+def test_serve_on_a_busy_port_exits_1_with_one_line(small_onnx):
+    """`vitdeploy serve` on a port another socket listens on: exit 1 with "port P is in use", checked before
+    the model opens, so no warm-up thread runs. Old code: uvicorn's "[Errno 98]" log line, then exit 1, or
+    SIGABRT (134: "terminate called without an active exception") with the warm-up inside ONNX Runtime."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        exe = Path(sys.executable).parent / "vitdeploy"
+        proc = subprocess.run([str(exe), "serve", "--model", str(small_onnx), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"port {port} is in use on 127.0.0.1" in proc.stderr and "--port" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
+
+
+def test_run_server_on_a_busy_port_waits_for_the_warm_up_then_says_so(runtime, monkeypatch):
+    """The race the check above cannot close (the port taken between the check and uvicorn's bind): uvicorn
+    exits, and run_server first waits for the warm-up thread (inside the runtime, which its caller closes
+    next), then raises one line. Old code: uvicorn's SystemExit went out with the thread still running."""
+    from vitdeploy.errors import VitDeployError
+    from vitdeploy.serving import server as server_module
+
+    # the process-wide allocator and GC settings the serving process makes: not for the test process
+    monkeypatch.setattr(server_module, "freeze_startup_objects", lambda: None)
+    monkeypatch.setattr(server_module, "return_large_frees", lambda: None)
+    finished = threading.Event()
+
+    def warm_up(rt):
+        time.sleep(1.0)
+        rt.infer(_inputs(2))
+        finished.set()
+
+    app = server_module.create_app(runtime, prepare=warm_up)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(VitDeployError, match=f"port {port} is in use on 127.0.0.1"):
+            server_module.run_server(app, "127.0.0.1", port, log_level="critical")
+    assert finished.is_set()

@@ -50,13 +50,15 @@ def _serve_limits(host: str, memory_budget: int | None, limit_concurrency: int, 
                   ssl_keyfile: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The options above -> create_app's and run_server's keyword arguments; warns when the server is
     reachable from other machines without a key or TLS."""
-    from vitdeploy.serving.limits import exposure_warning
+    from vitdeploy.serving.limits import api_key_problem, exposure_warning
 
     if api_key_file is not None:
         api_key = (api_key_file.read_text().splitlines() or [""])[0].strip()
         if not api_key:
             raise click.BadParameter(f"{api_key_file} is empty: put the key on its first line",
                                      param_hint="--api-key-file")
+    if api_key and (problem := api_key_problem(api_key)) is not None:
+        raise click.BadParameter(problem, param_hint="--api-key-file" if api_key_file else "--api-key")
     if bool(ssl_certfile) != bool(ssl_keyfile):
         raise click.UsageError("--ssl-certfile and --ssl-keyfile go together")
     if (warning := exposure_warning(host, bool(api_key), bool(ssl_certfile))) is not None:
@@ -158,6 +160,9 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
         raise click.ClickException("serving needs the serve extra: pip install 'vitdeploy[serve]'") from None
     app_limits, server_limits = _serve_limits(host, **limits)
     server_limits["access_log"] = access_log
+    from vitdeploy.serving.server import check_port
+
+    check_port(host, port)  # before the model opens and its warm-up starts: a busy port is one line, exit 1
     from vitdeploy.engines import artifact_kind
 
     if artifact_kind(model) == "checkpoint":

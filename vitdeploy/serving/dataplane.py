@@ -52,6 +52,7 @@ class DataPlane:
         self.draining = False
         self.preparing: str | None = None  # what readiness waits for, while prepare runs
         self.unfit: str | None = None  # why prepare failed: the server stays up, never ready
+        self.prepare_thread: threading.Thread | None = None
         self.prepared: dict[str, Any] = {}  # what prepare's work reported (verified, and why): in /readyz
 
     # -- state -----------------------------------------------------------------------------------------
@@ -99,8 +100,22 @@ class DataPlane:
                 self.preparing = None
 
         thread = threading.Thread(target=run, name="vitdeploy-prepare", daemon=True)
+        self.prepare_thread = thread
         thread.start()
         return thread
+
+    def finish_preparing(self, timeout: float | None = None) -> bool:
+        """Wait for :meth:`prepare`'s thread (work inside a runtime cannot be interrupted): True once it has
+        ended. Before the runtime is closed or the process exits: a thread still inside ONNX Runtime when
+        the process ends aborts it ("terminate called without an active exception")."""
+        thread = self.prepare_thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("the warm-up and golden check are still running after %s s", timeout)
+            return False
+        return True
 
     # -- inference -------------------------------------------------------------------------------------
     def expect(self) -> bool:
@@ -157,7 +172,8 @@ class DataPlane:
     def shutdown(self, close_runtime: bool) -> None:
         """Run what is queued, then close the runtime when asked (never while an inference still runs on it)."""
         stopped = self.batcher.shutdown(True, self.request_timeout)
-        if close_runtime and stopped:
+        prepared = self.finish_preparing(self.request_timeout)
+        if close_runtime and stopped and prepared:
             self.runtime.close()
 
 

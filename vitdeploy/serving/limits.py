@@ -22,6 +22,7 @@ import numpy as np
 MiB = 1024 * 1024
 MIN_MEMORY_BUDGET = 256 * MiB
 IMAGE_BYTES_PER_PIXEL = 16  # Pillow holds RGB(A) as 4 bytes a pixel; palette -> RGBA -> composite -> RGB: ~4 copies
+RESIZE_BYTES_PER_PIXEL = 8  # the resized image and the resize's intermediate pass, 4 bytes a pixel each
 JSON_BYTES_PER_ITEM = 40  # a float object (24) and its list slot (8), or an empty list, plus a float32 (4)
 TRIM_AFTER_BYTES = 8 * MiB
 COUNT_STEP = MiB
@@ -61,8 +62,10 @@ def upfront_cost(declared: int, content_type: str, encoding: str | None) -> int:
     return 5 * declared
 
 
-def image_cost(body: bytes, pixels: int) -> int:
-    return len(body) + IMAGE_BYTES_PER_PIXEL * pixels
+def image_cost(body: bytes, pixels: int, resized: int = 0) -> int:
+    """Decoding ``pixels`` and resizing them to ``resized`` pixels (before the centre crop): Pillow holds
+    RGB as 4 bytes a pixel, and a resize makes its result and one pass's intermediate (at most as large)."""
+    return len(body) + IMAGE_BYTES_PER_PIXEL * pixels + RESIZE_BYTES_PER_PIXEL * resized
 
 
 class MemoryBudget:
@@ -251,6 +254,19 @@ def key_matches(authorization: str | None, key: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key.encode())
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` can never be sent as ``Authorization: Bearer <key>``, or None. A header carries visible
+    ASCII: a non-ASCII key reaches the server as other bytes (headers are read as latin-1) and never
+    matches, and a space or control character does not survive the trip either. The key is not quoted."""
+    if not key:
+        return "the API key is empty"
+    bad = next((i for i, ch in enumerate(key) if not 0x21 <= ord(ch) <= 0x7E), None)
+    if bad is None:
+        return None
+    return (f"the API key's character {bad + 1} of {len(key)} is not visible ASCII, so no client could send it "
+            "in an Authorization header: use letters, digits and -._~+/= only (for example `openssl rand -hex 32`)")
 
 
 def is_loopback(host: str) -> bool:

@@ -39,6 +39,7 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.serving.errors import HTTPFailure
 from vitdeploy.serving.limits import (
     MemoryBudget,
+    api_key_problem,
     default_max_image_pixels,
     default_memory_budget,
     freeze_startup_objects,
@@ -49,7 +50,7 @@ from vitdeploy.serving.middleware import BearerKey
 from vitdeploy.serving.parsing import INFLATE_STEP, V2_DATATYPES
 
 __all__ = ["DEFAULT_MAX_BODY", "INFLATE_STEP", "PROBES", "V2_DATATYPES", "BearerKey", "HTTPFailure", "app_from_env",
-           "create_app", "run_server", "uvicorn_config"]
+           "check_port", "create_app", "run_server", "uvicorn_config"]
 
 log = logging.getLogger("vitdeploy.serve")
 
@@ -92,6 +93,8 @@ def create_app(runtime: Runtime, max_batch: int = 32, max_delay_ms: float = 2.0,
     from vitdeploy.serving.v1 import V1Endpoints
     from vitdeploy.serving.v2 import V2Endpoints
 
+    if api_key is not None and (problem := api_key_problem(api_key)) is not None:
+        raise VitDeployError(problem)
     intake = _intake(runtime.spec, max_batch, max_body_bytes, memory_budget, body_timeout, request_timeout)
     budget, metrics = intake.budget, Metrics()
     # as many batches in flight as the runtime runs at once (TensorRT contexts); duck-typed test runtimes: one
@@ -192,7 +195,41 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_grace:
 
     return_large_frees()
     freeze_startup_objects()
-    DrainingServer(uvicorn_config(app, host, port, graceful_timeout, log_level, **limits)).run()
+    server = DrainingServer(uvicorn_config(app, host, port, graceful_timeout, log_level, **limits))
+    try:
+        server.run()
+    except SystemExit:
+        if server.started:
+            raise
+        # uvicorn could not listen (its log says why) and exits: the warm-up thread must not be inside the
+        # runtime as the caller closes it and the process ends (that aborts the process)
+        app.state.dataplane.finish_preparing(graceful_timeout)
+        check_port(host, port)
+        raise VitDeployError(f"could not listen on {host}:{port} (the log above says why)") from None
+
+
+def check_port(host: str, port: int) -> None:
+    """VitDeployError (one line) when ``host:port`` cannot be listened on, bound as uvicorn binds it
+    (SO_REUSEADDR): before anything starts, so that nothing runs in the background when the server cannot."""
+    import errno
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise VitDeployError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise VitDeployError(f"port {port} is in use on {host}: stop what listens there, or pick "
+                                         "another --port") from None
+                raise VitDeployError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def app_from_env() -> Any:

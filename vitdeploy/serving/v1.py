@@ -143,7 +143,8 @@ class V1Endpoints:
         if width * height > self.pixel_limit:
             raise HTTPFailure(413, "too_large", f"image of {width * height} pixels is over this server's limit of "
                               f"{self.pixel_limit} (--max-image-pixels): send a smaller image")
-        self.intake.settle(lease, len(body) + image_cost(body, width * height), "decoding this image")
+        resized = self._resized_pixels(width, height)
+        self.intake.settle(lease, len(body) + image_cost(body, width * height, resized), "decoding this image")
         try:
             image = open_image(body)
         except ImageError as e:
@@ -151,7 +152,10 @@ class V1Endpoints:
             raise HTTPFailure(400, "bad_image", "the body is not a readable image: send JPEG, PNG, WebP, BMP, "
                               "GIF or TIFF bytes, or a multipart 'file' field holding one") from None
         # the batch form this artifact takes (float32 NCHW, or uint8 NHWC), from its metadata
-        return np.asarray(self.plane.runtime.preprocess([image]))[0]
+        try:
+            return np.asarray(self.plane.runtime.preprocess([image]))[0]
+        except ImageError as e:  # a resize too large for the library's own limit: our words, no internals
+            raise HTTPFailure(400, "bad_image", str(e)) from None
 
     def _check_task(self, task: str, route: str) -> None:
         """A 404 naming the routes that fit, for a route of the other task (checked before the body is read)."""
@@ -169,6 +173,21 @@ class V1Endpoints:
         return parsing.json_bytes({"embedding": v.tolist(), "size": int(v.shape[-1]),
                                    "norm": float(np.linalg.norm(v.astype(np.float64))),
                                    "normalized": self.model.normalized})
+
+    def _resized_pixels(self, width: int, height: int) -> int:
+        """Pixels of the resize before the centre crop (a thin image's grows with its aspect ratio under
+        crop_pct), known from the header: charged with the decoding, and a 400 when over the pixel limit."""
+        from vitdeploy.preprocess import Preprocessing
+
+        if width < 1 or height < 1:  # unreadable: open_image says so
+            return 0
+        prep = Preprocessing.from_dict(self.plane.runtime.metadata.preprocessing)  # type: ignore[union-attr]
+        nw, nh = prep.resized_size(width, height)
+        if nw * nh > self.pixel_limit:
+            raise HTTPFailure(400, "bad_image", f"an image of {width}x{height} pixels would be resized to {nw}x{nh} "
+                              f"before its centre crop (crop_pct {prep.crop_pct}), over this server's limit of "
+                              f"{self.pixel_limit} pixels (--max-image-pixels): crop it nearer to square first")
+        return nw * nh
 
     def _top_k_json(self, logits: np.ndarray, k: int) -> bytes:
         probs = softmax(logits[None])[0]
