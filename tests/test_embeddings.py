@@ -541,3 +541,69 @@ def test_a_load_test_checks_a_served_embedding_model_against_its_artifact(embed,
         # the same load test against another model's vectors (unit length): refused, and it says why
         r = CliRunner().invoke(main, [*args, "--reference", str(embed["norm"])])
         assert r.exit_code == 1 and "is not the reference's" in r.output, r.output
+
+
+# -- deploy: the task in the report, INT8 against FP32 by cosine and kNN top-1 (the real exporter) -----------
+@pytest.fixture(scope="module")
+def embed_bundle(digits, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from tests.test_deploy import FAST, _subset
+    from vitdeploy.cli import main
+
+    root = tmp_path_factory.mktemp("embed_deploy")
+    calib, data = _subset(digits["train"], root / "calib", 4), _subset(digits["test"], root / "test", 12)
+    out = root / "bundle"
+    r = CliRunner().invoke(main, ["deploy", "--model", str(digits["checkpoint"]), "--out", str(out), "--task",
+                                  "embedding", "--precision", "fp32,int8", "--calib-dir", str(calib), "--data",
+                                  str(data), *FAST])
+    assert r.exit_code == 0, r.output
+    return {"out": out, "data": data, "stdout": r.stdout, "report": json.loads((out / "report.json").read_text())}
+
+
+def test_deploy_of_an_embedding_model_scores_it_by_knn_and_int8_by_its_cosine_to_fp32(embed_bundle, digits):
+    from vitdeploy.preprocess import Preprocessing, labelled_images, load_images
+
+    report, out = embed_bundle["report"], embed_bundle["out"]
+    assert report["model"] == {"task": "embedding", "output_name": "embeddings", "output_size": EMBED_SIZE,
+                               "normalized": False}
+    rows = {r["precision"]: r for r in report["rows"] if r["kind"] == "onnx"}
+    assert all(r["verdict"] == "passed" and r["measure"] == "kNN top-1" for r in rows.values()), rows
+    # FP32's kNN top-1 as scikit-learn finds it on torch's embeddings of the same images
+    files, classes = labelled_images(embed_bundle["data"])
+    from vitdeploy import load_model
+
+    x = load_images(files, Preprocessing.from_config(load_model(digits["checkpoint"]).config))
+    want = np.mean([p == c for p, c in zip(_sklearn_knn(_torch_embeddings(digits["checkpoint"], x), classes, 1),
+                                           classes, strict=True)])
+    assert rows["fp32"]["accuracy"] == pytest.approx(want, abs=1 / len(files)) and want > 0.8
+    assert rows["fp32"]["vs_fp32"] is None
+    vs = rows["int8"]["vs_fp32"]
+    assert vs["measure"] == "cosine" and vs["mean"] >= 0.99 and vs["lowest"] > 0.9
+    assert vs["reference_score"] == rows["fp32"]["accuracy"]
+    assert rows["int8"]["accuracy"] >= rows["fp32"]["accuracy"] - 0.05
+    assert all("embedding" in im and im["embedding"]["size"] == EMBED_SIZE and not im["top5"]
+               for g in report["golden"] for im in g["images"])
+    html = (out / "report.html").read_text()
+    assert "an embedding model: embeddings of 64" in html and "<th>kNN top-1</th>" in html
+    assert "<th>mean cosine to FP32</th>" in html and f"{vs['mean']:.4f}" in html
+    cfg = (out / "triton" / "digits_vit-int8" / "config.pbtxt").read_text()
+    assert 'name: "embeddings"' in cfg and "dims: 64" in cfg and "label_filename" not in cfg
+    assert "cos to fp32" in embed_bundle["stdout"]
+
+
+def test_an_embedding_bundles_row_commands_reproduce_its_figures(embed_bundle):
+    import shlex
+
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    row = next(r for r in embed_bundle["report"]["rows"] if r["precision"] == "int8")
+    export = next(c for c in row["commands"] if c.startswith("vitdeploy export"))
+    assert "--task embedding" in export
+    command = next(c for c in row["commands"] if c.startswith("vitdeploy eval"))
+    r = CliRunner().invoke(main, [*shlex.split(command)[1:], "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["knn_top1"] == row["accuracy"] and got["reference"]["mean"] == pytest.approx(row["vs_fp32"]["mean"])

@@ -58,7 +58,7 @@ class EvalResult:
         d = asdict(self)
         d.pop("predictions")
         d.pop("targets")
-        return d
+        return {**d, "measure": "top-1"}
 
 
 @dataclass
@@ -87,7 +87,7 @@ class EmbeddingEvalResult:
         d = asdict(self)
         d.pop("predictions")
         d.pop("targets")
-        return d
+        return {**d, "accuracy": self.knn_top1, "measure": "kNN top-1"}
 
     def summary(self) -> str:
         bad = f", {self.non_finite} not finite" if self.non_finite else ""
@@ -95,29 +95,51 @@ class EmbeddingEvalResult:
                 f"leave-one-out), {self.size}-d embeddings, mean norm {self.mean_norm:.4g}{bad}")
 
 
-def evaluate(runtime: Runtime, folder: str | Path, batch_size: int = 32, reference: Runtime | None = None,
-             k: int = 1) -> EvalResult | EmbeddingEvalResult:
+@dataclass
+class ReferenceOutputs:
+    """A reference's output rows on a folder's images (in :func:`vitdeploy.preprocess.labelled_images` order),
+    computed once for every artifact scored against it."""
+
+    name: str  # the reference runtime, described
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, reference: Runtime, folder: str | Path, batch_size: int = 32) -> ReferenceOutputs:
+        return cls(reference.describe(), outputs(reference, labelled_images(folder)[0], batch_size))
+
+
+def evaluate(runtime: Runtime, folder: str | Path, batch_size: int = 32,
+             reference: Runtime | ReferenceOutputs | None = None, k: int = 1) -> EvalResult | EmbeddingEvalResult:
     """The measure the artifact's task has (its metadata says which): top-1 for a classifier, kNN top-1 for
-    an embedding model; with ``reference``, the agreement with it on the same images."""
-    meta = _metadata(runtime)
-    if reference is not None:
+    an embedding model; with ``reference`` (a runtime, or its outputs on this folder), the agreement with it
+    on the same images."""
+    if isinstance(reference, Runtime):
         _check_reference(runtime, reference)
+        reference = ReferenceOutputs.of(reference, folder, batch_size)
     files, classes = labelled_images(folder)
-    out = outputs(runtime, files, batch_size)
-    ref = outputs(reference, files, batch_size) if reference is not None else None
+    return score(runtime, outputs(runtime, files, batch_size), classes, reference, k)
+
+
+def score(runtime: Runtime, out: np.ndarray, classes: list[str], reference: ReferenceOutputs | None = None,
+          k: int = 1) -> EvalResult | EmbeddingEvalResult:
+    """:func:`evaluate` on output rows already computed for images of ``classes``."""
+    meta = _metadata(runtime)
+    if reference is not None and reference.rows.shape != out.shape:
+        raise VitDeployError(f"the reference gives {reference.rows.shape[1:]} per image and this model "
+                             f"{out.shape[1:]}: give the FP32 export of the same model as the reference")
     if meta.is_embedding:
         result = knn_result(out, classes, k, normalized=meta.normalized)
-        if reference is not None and ref is not None:
-            cos = row_cosines(out, ref)
-            result.reference = Agreement(reference.describe(), "cosine", float(cos.mean()), float(cos.min()),
-                                         knn_result(ref, classes, k).knn_top1)
+        if reference is not None:
+            cos = row_cosines(out, reference.rows)
+            result.reference = Agreement(reference.name, "cosine", float(cos.mean()), float(cos.min()),
+                                         knn_result(reference.rows, classes, k).knn_top1)
         return result
     targets = _targets(runtime, classes)
     top1 = _top1(out, targets)
-    if reference is not None and ref is not None:
-        agree = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
-        top1.reference = Agreement(reference.describe(), "top-1 agreement", agree, agree,
-                                   _top1(ref, targets).accuracy)
+    if reference is not None:
+        agree = float(np.mean(out.argmax(-1) == reference.rows.argmax(-1)))
+        top1.reference = Agreement(reference.name, "top-1 agreement", agree, agree,
+                                   _top1(reference.rows, targets).accuracy)
     return top1
 
 
@@ -127,7 +149,7 @@ def evaluate_folder(runtime: Runtime, folder: str | Path, batch_size: int = 32) 
         raise VitDeployError("this artifact is an embedding model, not a classifier: score it with "
                              "vitdeploy.evaluate.evaluate (kNN top-1), or `vitdeploy eval`")
     result = evaluate(runtime, folder, batch_size)
-    assert isinstance(result, EvalResult)
+    assert isinstance(result, EvalResult)  # a classifier's
     return result
 
 

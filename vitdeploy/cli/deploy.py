@@ -21,7 +21,11 @@ from vitdeploy.cli.common import config_arg, model_options, quiet_exporter_logs,
               help="INT8/FP8: folder of calibration images.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="DIR/CLASS/image files: top-1 accuracy of every artifact.")
+              help="DIR/CLASS/image files: top-1 of every artifact (an embedding model: kNN top-1, leave-one-out), "
+              "and each against FP32.")
+@click.option("--task", type=click.Choice(["classification", "embedding"]), default=None,
+              help="What the artifacts answer [default: what the checkpoint is].")
+@click.option("--normalize", is_flag=True, help="Embeddings: L2-normalized in the graph.")
 @click.option("--compute-capability", default=None, help="TensorRT-RTX engine targets, e.g. sm89,sm120.")
 @click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
@@ -34,8 +38,8 @@ from vitdeploy.cli.common import config_arg, model_options, quiet_exporter_logs,
 @click.option("--wide", is_flag=True, help="Every column of the summary, whatever the terminal's width.")
 def deploy_command(model: str, preset: str | None, config: str | None, seed: int | None, out: Path,
                    precisions: str | None, calib_dir: Path | None, calib_samples: int, data: Path | None,
-                   compute_capability: str | None, flavour: str, max_batch: int, bench_iters: int,
-                   bench_warmup: int, tune_iters: int, tune_seconds: float, wide: bool) -> None:
+                   task: str | None, normalize: bool, compute_capability: str | None, flavour: str, max_batch: int,
+                   bench_iters: int, bench_warmup: int, tune_iters: int, tune_seconds: float, wide: bool) -> None:
     """One checkpoint -> a verified deployment bundle: ONNX files and engines, each verified; accuracy on --data;
     the fastest CPU path (tune) and its benchmark per artifact; a Triton repository; report.json and report.html."""
     from vitdeploy.deploy import DeployOptions, deploy
@@ -45,7 +49,8 @@ def deploy_command(model: str, preset: str | None, config: str | None, seed: int
     opts = DeployOptions(precisions=tuple(chosen), calib_dir=calib_dir, calib_samples=calib_samples, data=data,
                          compute_capabilities=tuple(split_list(compute_capability)), trt=flavour, max_batch=max_batch,
                          config=config_arg(preset, config), seed=seed, bench_iters=bench_iters,
-                         bench_warmup=bench_warmup, tune_iters=tune_iters, tune_seconds=tune_seconds)
+                         bench_warmup=bench_warmup, tune_iters=tune_iters, tune_seconds=tune_seconds, task=task,
+                         normalize=normalize)
     result = deploy(model, out, opts, log=click.echo, progress=True)
     console = make_console()
     console.print(result.summary_table(console.width, wide))

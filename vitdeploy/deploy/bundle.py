@@ -56,6 +56,8 @@ class DeployOptions:
     tune_iters: int = 10
     tune_seconds: float = 0.5
     eval_batch: int = 32
+    task: str | None = None  # classification | embedding; None: what the checkpoint is
+    normalize: bool = False  # embeddings L2-normalized in the graph
 
     def check(self) -> None:
         """A one-line VitDeployError for options that cannot work, before any work is done."""

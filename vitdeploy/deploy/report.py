@@ -35,9 +35,10 @@ def deploy_command(b: Bundle) -> str:
     o = b.options
     parts = ["vitdeploy deploy --model", _q(b.source), "--out", _q(b.out), "--precision", ",".join(o.precisions)]
     for flag, value in (("--config", o.config), ("--seed", o.seed), ("--calib-dir", o.calib_dir), ("--data", o.data),
-                        ("--compute-capability", ",".join(o.compute_capabilities) or None)):
+                        ("--compute-capability", ",".join(o.compute_capabilities) or None), ("--task", o.task)):
         if value is not None:
             parts += [flag, _q(value)]
+    parts += ["--normalize"] if o.normalize else []
     if o.calib_dir is not None:
         parts += ["--calib-samples", str(o.calib_samples)]
     parts += ["--trt", o.trt, "--max-batch", str(o.max_batch), "--bench-iters", str(o.bench_iters), "--bench-warmup",
@@ -54,6 +55,8 @@ def row_commands(b: Bundle, a: Artifact) -> list[str]:
                   "--dynamic-batch"]
         export += ["--config", _q(o.config)] if o.config else []
         export += ["--seed", str(o.seed)] if o.seed is not None else []
+        export += ["--task", o.task] if o.task else []
+        export += ["--normalize"] if o.normalize else []
         if a.precision in ("int8", "fp8"):
             export += ["--calib-dir", _q(o.calib_dir), "--calib-samples", str(o.calib_samples)]
         cmds.append(" ".join(export))
@@ -66,7 +69,10 @@ def row_commands(b: Bundle, a: Artifact) -> list[str]:
     cmds.append(f"vitdeploy verify {path}" + (" --backend onnxruntime --device cpu" if a.kind == "onnx" else ""))
     backend = "onnxruntime" if a.kind == "onnx" else "tensorrt"
     if o.data is not None:
-        cmds.append(f"vitdeploy eval --model {path} --data {_q(o.data)} --backend {backend} --batch {o.eval_batch}")
+        fp32 = next((x for x in b.onnx_files() if x.precision == "fp32"), None)
+        against = f" --reference {_q(fp32.path)}" if fp32 is not None and fp32 is not a else ""
+        cmds.append(f"vitdeploy eval --model {path} --data {_q(o.data)} --backend {backend} --batch {o.eval_batch}"
+                    + against)
     if a.kind == "onnx":
         cmds.append(f"vitdeploy tune {path} --batch {o.tune_batch} --iters {o.tune_iters}")
     batches = ",".join(map(str, o.bench_batches))
@@ -93,12 +99,14 @@ def artifact_row(b: Bundle, a: Artifact) -> dict[str, Any]:
     verify, acc, bench = (_unit(b, s, a.name) for s in ("verify", "accuracy", "bench"))
     rows = (bench.get("result") or {}).get("rows", [])
     by_batch = {str(r["batch"]): r for r in rows}
-    vres = verify.get("result") or {}
+    vres, ares = verify.get("result") or {}, acc.get("result") or {}
     verdict = vres.get("verdict") or ("FAILED" if verify.get("status") == FAILED else "not verified")
     return {
         "artifact": b.rel(a.path), "name": a.name, "kind": a.kind, "precision": a.precision,
         "bytes": a.path.stat().st_size, "flavour": a.flavour or None, "targets": a.targets or None,
-        "accuracy": (acc.get("result") or {}).get("accuracy"), "accuracy_note": _note(acc),
+        "accuracy": ares.get("accuracy"), "accuracy_note": _note(acc),
+        # top-1 (classifiers) or kNN top-1 (embeddings); against FP32: its cosine or its top-1 agreement
+        "measure": ares.get("measure", "top-1"), "vs_fp32": ares.get("reference"),
         "verdict": verdict, "verdict_detail": vres.get("detail") or verify.get("reason", ""),
         "paths": {k: r["backend"] for k, r in by_batch.items()},
         "latency_ms": {k: r["latency_ms"]["median"] for k, r in by_batch.items()},
@@ -136,9 +144,14 @@ def golden_sets(b: Bundle) -> list[dict[str, Any]]:
         if digest in sets:
             sets[digest]["artifacts"].append(b.rel(a.path))
             continue
-        labels = read_onnx_metadata(a.path).labels
-        images = []
+        meta = read_onnx_metadata(a.path)
+        labels, images = meta.labels, []
         for im in golden.images:
+            if meta.is_embedding:  # a vector has no classes: its size and norm
+                images.append({"name": im.name, "png": base64.b64encode(im.png).decode("ascii"), "top5": [],
+                               "embedding": {"size": int(im.logits.size),
+                                             "norm": float(np.linalg.norm(im.logits.astype(np.float64)))}})
+                continue
             p = np.exp(im.logits - im.logits.max())
             p /= p.sum()
             top = [{"label": labels[i] if i < len(labels) else str(i), "index": i, "probability": float(p[i])}
@@ -149,13 +162,25 @@ def golden_sets(b: Bundle) -> list[dict[str, Any]]:
     return list(sets.values())
 
 
+def model_task(b: Bundle) -> dict[str, Any]:
+    """The task the bundle's ONNX files record (the first one's metadata), and its output."""
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+
+    for a in b.onnx_files():
+        meta = read_onnx_metadata(a.path)
+        return {"task": meta.task, "output_name": meta.output_name, "output_size": meta.output_size,
+                "normalized": meta.normalized}
+    return {"task": b.options.task or "classification", "output_name": None, "output_size": None,
+            "normalized": b.options.normalize}
+
+
 def build_report(b: Bundle) -> dict[str, Any]:
     from vitdeploy import sysinfo
 
     rows = [artifact_row(b, a) for a in b.artifacts]
     return {
         "format": REPORT_FORMAT, "vitdeploy": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model_task(b),
         "source": b.source, "out": str(b.out.resolve()), "options": b.options.to_dict(), "command": deploy_command(b),
         "machine": sysinfo.machine(), "libraries": sysinfo.library_versions(), "stages": b.stages,
         "seconds": round(time.perf_counter() - b.started, 3), "rows": rows, "fastest": fastest(rows),
@@ -188,16 +213,29 @@ def summary_table(report: dict[str, Any], width: int | None = None, wide: bool =
     from vitdeploy.tables import Column, fit_table
 
     batches = [str(x) for x in report["options"]["bench_batches"]]
+    embedding = report.get("model", {}).get("task") == "embedding"
     columns = [Column("artifact", 0, "left", True), Column("precision", 1, "left"), Column("MB", 3),
-               Column("accuracy", 1), Column("best path", 2, "left", True),
+               Column("kNN top-1" if embedding else "accuracy", 1),
+               Column("cos to fp32" if embedding else "agree fp32", 2), Column("best path", 2, "left", True),
                *[Column(f"b{x} ms", 0) for x in batches], Column("verified", 0, "left", True)]
     rows = []
     for r in report["rows"]:
         acc = f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-"
         paths = sorted(set(r["paths"].values()))
-        rows.append([r["artifact"], r["precision"], f"{r['bytes'] / 1e6:.1f}", acc, "\n".join(paths) or "-",
-                     *[_ms(r, x) for x in batches], r["verdict"]])
+        rows.append([r["artifact"], r["precision"], f"{r['bytes'] / 1e6:.1f}", acc, vs_fp32_text(r),
+                     "\n".join(paths) or "-", *[_ms(r, x) for x in batches], r["verdict"]])
     return fit_table("vitdeploy deploy: artifacts (median latency per batch)", columns, rows, width, wide)
+
+
+def vs_fp32_text(row: dict[str, Any]) -> str:
+    """A row against FP32 in its task's measure: the mean (lowest) cosine of its embeddings, or its top-1
+    agreement; "-" for FP32 itself or without --data."""
+    ref = row.get("vs_fp32")
+    if not ref:
+        return "-"
+    if ref["measure"] == "cosine":
+        return f"{ref['mean']:.4f} ({ref['lowest']:.4f})"
+    return f"{ref['mean'] * 100:.1f}%"
 
 
 def summary_lines(report: dict[str, Any], out: Path) -> list[str]:

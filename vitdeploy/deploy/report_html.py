@@ -152,10 +152,29 @@ def _cell_ms(row: dict[str, Any], batch: str) -> str:
     return f'<td class="num">{ms:.2f}<br><span class="muted">{thr:.1f} img/s</span></td>'
 
 
+def _embedding(report: dict[str, Any]) -> bool:
+    return bool(report.get("model", {}).get("task") == "embedding")
+
+
+def _vs_fp32(r: dict[str, Any]) -> str:
+    """The row against FP32 in its task's measure (cosine of its embeddings, or top-1 agreement)."""
+    ref = r.get("vs_fp32")
+    if not ref:
+        return '<td class="num">-</td>'
+    if ref["measure"] == "cosine":
+        return (f'<td class="num vs-fp32">{ref["mean"]:.4f}<br><span class="muted">lowest {ref["lowest"]:.4f}; '
+                f'FP32 {ref["reference_score"] * 100:.2f}%</span></td>')
+    return (f'<td class="num vs-fp32">{ref["mean"] * 100:.2f}%<br><span class="muted">FP32 '
+            f'{ref["reference_score"] * 100:.2f}%</span></td>')
+
+
 def _artifact_table(report: dict[str, Any]) -> str:
     batches = [str(x) for x in report["options"]["bench_batches"]]
-    head = ("<tr><th>artifact</th><th>kind</th><th>precision</th><th>size</th><th>accuracy</th><th>best path</th>"
-            + "".join(f"<th>b{e(x)} median ms</th>" for x in batches) + "<th>verification</th></tr>")
+    measure, against = (("kNN top-1", "mean cosine to FP32") if _embedding(report)
+                        else ("top-1 accuracy", "top-1 agreement with FP32"))
+    head = (f"<tr><th>artifact</th><th>kind</th><th>precision</th><th>size</th><th>{measure}</th><th>{against}</th>"
+            "<th>best path</th>" + "".join(f"<th>b{e(x)} median ms</th>" for x in batches)
+            + "<th>verification</th></tr>")
     body = []
     for r in report["rows"]:
         acc = f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-"
@@ -166,7 +185,7 @@ def _artifact_table(report: dict[str, Any]) -> str:
         body.append(
             f'<tr class="artifact-row" data-artifact="{e(r["artifact"])}"><td>{e(r["artifact"])}</td><td>{e(kind)}</td>'
             f'<td>{e(r["precision"])}</td><td class="num">{r["bytes"] / 1e6:.2f} MB</td><td class="num">{e(acc)}'
-            f'{acc_note}</td><td>{paths}{bench_note}</td>{"".join(_cell_ms(r, x) for x in batches)}'
+            f'{acc_note}</td>{_vs_fp32(r)}<td>{paths}{bench_note}</td>{"".join(_cell_ms(r, x) for x in batches)}'
             f'<td><span class="{_verdict_class(r["verdict"])}">{e(r["verdict"])}</span><br>'
             f'<span class="muted">{e(r["verdict_detail"])}</span></td></tr>')
     return f'<h2 id="artifacts">Artifacts</h2><table id="artifacts-table">{head}{"".join(body)}</table>'
@@ -179,21 +198,26 @@ def _plots(report: dict[str, Any]) -> str:
             paths = " / ".join(dict.fromkeys(p.split("[")[0].removeprefix("tuned: ") for p in r["paths"].values()))
             series[f"{r['name']} ({paths})"] = [(int(k), v) for k, v in r["latency_ms"].items()]
     bars = [(f"{r['precision']} {r['kind']}", r["accuracy"]) for r in report["rows"] if r["accuracy"] is not None]
+    measure = "kNN top-1 (cosine, leave-one-out)" if _embedding(report) else "top-1 accuracy"
     return ('<h2 id="plots">Latency and accuracy</h2><div class="plots">'
             + line_chart("median latency against batch size, best path per artifact", series, "batch size",
                          "ms per batch")
-            + bar_chart("top-1 accuracy against precision", bars, "top-1 accuracy") + "</div>")
+            + bar_chart(f"{measure} against precision", bars, measure.split(" (")[0]) + "</div>")
 
 
 def _golden(report: dict[str, Any]) -> str:
-    parts = ['<h2 id="golden">Golden images</h2><p class="muted">Each artifact carries these images and the logits '
+    output, below = (("embeddings", "Below: the size and norm of the reference's embedding.") if _embedding(report)
+                     else ("logits", "Top-5 below: the reference's."))
+    parts = [f'<h2 id="golden">Golden images</h2><p class="muted">Each artifact carries these images and the {output} '
              "torch FP32 gave for them; the verification runs them through decode, the artifact's preprocessing and "
-             "the runtime. Top-5 below: the reference's.</p>"]
+             f"the runtime. {below}</p>"]
     for g in report["golden"]:
         parts.append(f'<p>{e(g["source"])}, carried by {e(", ".join(g["artifacts"]))}</p><div class="gallery">')
         for im in g["images"]:
             top = "".join(f"<li>{e(t['label'])} <span class=\"muted\">{t['probability'] * 100:.1f}%</span></li>"
                           for t in im["top5"])
+            if "embedding" in im:
+                top = f"<li>embedding of {im['embedding']['size']}, norm {im['embedding']['norm']:.4g}</li>"
             parts.append(f'<figure class="golden"><img alt="{e(im["name"])}" src="data:image/png;base64,{im["png"]}">'
                          f"<figcaption>{e(im['name'])}<ol>{top}</ol></figcaption></figure>")
         parts.append("</div>")
@@ -229,7 +253,12 @@ def _header(report: dict[str, Any]) -> str:
         thr = ", ".join(f"{v:.1f} img/s at batch {k}" for k, v in f["throughput"].items())
         best = (f"Fastest verified path on this machine: {f['artifact']} on {f['path']}, {f['latency_ms']:.2f} ms at "
                 f"batch {f['batch']} ({thr}).")
-    return (f"<h1>vitdeploy deploy: {e(report['source'])}</h1><p class=\"muted\">bundle {e(report['out'])}, "
+    m = report.get("model") or {}
+    task = (f"an embedding model: {m.get('output_name')} of {m.get('output_size')}"
+            f"{', L2-normalized' if m.get('normalized') else ''}" if m.get("task") == "embedding"
+            else "a classifier" + (f": {m['output_name']} of {m['output_size']}" if m.get("output_name") else ""))
+    return (f"<h1>vitdeploy deploy: {e(report['source'])}</h1><p id=\"task\">{e(task)}</p>"
+            f"<p class=\"muted\">bundle {e(report['out'])}, "
             f"vitdeploy {e(report['vitdeploy'])}, {e(report['created'])}, {report['seconds']:.1f} s</p>"
             f'<div class="callout" id="fastest">{e(best)}</div>')
 

@@ -48,9 +48,12 @@ def export_stage(b: Bundle) -> None:
         path = b.out / "onnx" / f"{b.stem()}-{precision}.onnx"
         lossy = precision in LOSSY
         eopts = ExportOptions(dynamic_batch=True, precision=precision, seed=opts.seed,
-                              calib_dir=opts.calib_dir if lossy else None, calib_samples=opts.calib_samples)
+                              calib_dir=opts.calib_dir if lossy else None, calib_samples=opts.calib_samples,
+                              task=opts.task, normalize=opts.normalize or None)
         key = {"source": b.source_key, "precision": precision, "calib": calib if lossy else None,
-               "calib_samples": opts.calib_samples if lossy else None, "libraries": library_key()}
+               "calib_samples": opts.calib_samples if lossy else None, "libraries": library_key(),
+               # named only when asked for, so a bundle made before tasks keeps its key
+               **({"task": opts.task, "normalize": opts.normalize} if opts.task or opts.normalize else {})}
         record = run_unit(b, "export", path.name, key, lambda p=path, e=eopts: _export(b, p, e))
         if _ok(record):
             b.artifacts.append(Artifact("onnx", precision, path))
@@ -140,10 +143,31 @@ def accuracy_stage(b: Bundle) -> None:
         b.log("  no --data: accuracy not measured")
         return
     data_key = folder_key(b, data)
+    fp32 = next((a for a in b.onnx_files() if a.precision == "fp32"), None)
+    reference = _Fp32Outputs(b, fp32, data)
     for a in b.artifacts:
+        ref = None if fp32 is None or a is fp32 else reference
         key = {"artifact": b.sha(a.path), "data": data_key, "libraries": library_key(),
-               "machine": machine_key() if a.kind == "engine" else None}
-        run_unit(b, "accuracy", a.name, key, lambda a=a: _accuracy(b, a, data))
+               "machine": machine_key() if a.kind == "engine" else None,
+               **({"reference": b.sha(fp32.path)} if ref is not None and fp32 is not None else {})}
+        run_unit(b, "accuracy", a.name, key, lambda a=a, ref=ref: _accuracy(b, a, data, ref))
+
+
+class _Fp32Outputs:
+    """The FP32 ONNX's outputs on the --data images, computed the first time an artifact is scored against
+    them (INT8, FP8, FP16 and the engines: cosine to FP32 for embeddings, top-1 agreement for classifiers)."""
+
+    def __init__(self, b: Bundle, fp32: Artifact | None, data: Path) -> None:
+        self.b, self.fp32, self.data, self._outputs = b, fp32, data, None
+
+    def get(self) -> Any:
+        from vitdeploy.evaluate import ReferenceOutputs
+
+        if self._outputs is None and self.fp32 is not None:
+            with _open_for(self.fp32, "onnxruntime") as rt:
+                self._outputs = ReferenceOutputs.of(rt, self.data, self.b.options.eval_batch)
+                self._outputs.name = f"{self.fp32.name} (fp32)"
+        return self._outputs
 
 
 def _open_for(a: Artifact, backend: str) -> Any:
@@ -158,11 +182,13 @@ def _open_for(a: Artifact, backend: str) -> Any:
     return open_verified(a.path, backend=backend, device="cpu")
 
 
-def _accuracy(b: Bundle, a: Artifact, data: Path) -> Work:
-    from vitdeploy.evaluate import evaluate_folder
+def _accuracy(b: Bundle, a: Artifact, data: Path, reference: _Fp32Outputs | None) -> Work:
+    """The task's measure (top-1, or kNN top-1 for an embedding model) and the agreement with FP32."""
+    from vitdeploy.evaluate import evaluate
 
     with _open_for(a, "onnxruntime") as rt:
-        result = evaluate_folder(rt, data, batch_size=b.options.eval_batch)
+        result = evaluate(rt, data, batch_size=b.options.eval_batch,
+                          reference=reference.get() if reference is not None else None)
         return Work({**result.to_dict(), "runtime": rt.describe()})
 
 
