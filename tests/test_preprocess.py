@@ -112,3 +112,32 @@ def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # 300*300 > 2x the limit
     with pytest.raises(ImageError, match="too large"):
         open_image(tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("crop", [0.001, 0.3, 0.49, 1.01])
+def test_crop_pct_outside_what_models_use_is_refused(crop):
+    """crop_pct 0.001 in an artifact's metadata asked for a 224k x 224k resize (issue 29, item 2): only
+    0.5..1 (the crops timm and HF models are trained with) is accepted, from metadata and from a config,
+    with a one-line error naming the range. Old code took anything in (0, 1]."""
+    from vitdeploy.config import ConfigError
+    from vitdeploy.errors import VitDeployError
+
+    prep = {"image_size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    with pytest.raises(VitDeployError, match=r"crop_pct .* not within 0\.5\.\.1"):
+        Preprocessing.from_dict({**prep, "crop_pct": crop})
+    with pytest.raises(ConfigError, match=r"crop_pct must be within 0\.5\.\.1"):
+        ViTConfig(hidden_size=32, num_attention_heads=2, crop_pct=crop)
+    for fine in (0.5, 0.875, 0.9, 1.0):
+        assert Preprocessing.from_dict({**prep, "crop_pct": fine}).crop_pct == fine
+
+
+def test_thin_image_resize_is_refused_before_it_runs():
+    """Under crop_pct the short side goes to size / crop_pct and the long side follows, so a thin image asks
+    for a resize that grows with its aspect ratio: a 5000x2 image at 64x64 with crop_pct 0.5 is a 320000x128
+    resize (41 M pixels). Refused with ImageError, which names the sizes, before Pillow allocates anything;
+    an ordinary image still gives the crop."""
+    prep = Preprocessing(image_size=(64, 64), crop_pct=0.5)
+    thin = Image.fromarray(np.zeros((2, 5000, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"5000x2 pixels would be resized to 320000x128"):
+        prep.pixels(thin)
+    assert prep.pixels(Image.fromarray(np.zeros((300, 200, 3), np.uint8))).shape == (64, 64, 3)

@@ -131,8 +131,9 @@ class ViTConfig:
             raise ConfigError("ViTConfig.image_mean and image_std need one value per channel")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError("ViTConfig.image_std values must be positive")
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"ViTConfig.crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.crop_pct is not None and not 0.5 <= self.crop_pct <= 1.0:  # preprocess.CROP_PCT_RANGE
+            raise ConfigError(f"ViTConfig.crop_pct must be within 0.5..1 (the crops image models are trained "
+                              f"with), got {self.crop_pct!r}")
         if self.interpolation not in _RESAMPLE_PIL:
             raise ConfigError(
                 f"ViTConfig.interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE_PIL)}"

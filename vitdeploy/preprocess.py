@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 MAX_IMAGE_SIDE = 1024  # an artifact's input side; ViT-H/14 at 518 is the largest we know of
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+# timm's eval crops lie in 0.875..1 (a few models 0.9-0.96); below half the image, crop_pct is a mistake
+# or an attack: 0.001 would ask for a resize of 224k x 224k pixels before the crop
+CROP_PCT_RANGE = (0.5, 1.0)
+MAX_RESIZE_PIXELS = 40_000_000  # the largest resize before a crop (160 MB as Pillow holds RGB); serve sets its own
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -67,8 +71,9 @@ class Preprocessing:
         if std is None or min(std) <= 0:
             raise bad(f"std {d.get('std')!r} is not 1 or 3 finite numbers above 0")
         crop = d.get("crop_pct")
-        if crop is not None and not (type(crop) in (int, float) and 0 < crop <= 1):
-            raise bad(f"crop_pct {crop!r} is not in (0, 1]")
+        low, high = CROP_PCT_RANGE
+        if crop is not None and not (type(crop) in (int, float) and low <= crop <= high):
+            raise bad(f"crop_pct {crop!r} is not within {low:g}..{high:g} (the crops image models are trained with)")
         interpolation = d.get("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
             raise bad(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
@@ -82,27 +87,36 @@ class Preprocessing:
         """One PIL image -> [3, H, W] float32: :meth:`pixels`, then :meth:`normalize`."""
         return self.normalize(self.pixels(image)[None])[0]
 
-    def pixels(self, image: PILImage.Image) -> np.ndarray:
+    def pixels(self, image: PILImage.Image, max_pixels: int | None = MAX_RESIZE_PIXELS) -> np.ndarray:
         """One PIL image -> [H, W, 3] uint8, resized (and centre-cropped) as HF's ViT image processor
         documents it: PIL resize of the 8-bit image, so each pixel is rounded to 8 bits here, before
-        any rescaling. This is also the input of a model exported with its preprocessing in the graph."""
+        any rescaling. This is also the input of a model exported with its preprocessing in the graph.
+        ImageError when the resize before the crop (:meth:`resized_size`) would exceed ``max_pixels``."""
         from PIL import Image
 
         resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[self.interpolation]
         th, tw = self.image_size
-        if self.crop_pct is None:
-            image = image.resize((tw, th), resample)
-        else:
-            # shorter side to size / crop_pct, then a centre crop (timm's eval transform)
-            scale_h, scale_w = th / self.crop_pct, tw / self.crop_pct
-            w, h = image.size
-            ratio = max(scale_h / h, scale_w / w)
-            nw, nh = max(tw, round(w * ratio)), max(th, round(h * ratio))
-            image = image.resize((nw, nh), resample)
+        nw, nh = self.resized_size(*image.size)
+        if max_pixels is not None and nw * nh > max_pixels:
+            raise ImageError(f"an image of {image.size[0]}x{image.size[1]} pixels would be resized to {nw}x{nh} "
+                             f"before its centre crop (crop_pct {self.crop_pct}), over {max_pixels} pixels: "
+                             "crop it nearer to the model's aspect ratio first")
+        image = image.resize((nw, nh), resample)
+        if (nw, nh) != (tw, th):  # a centre crop (timm's eval transform)
             left, top = (nw - tw) // 2, (nh - th) // 2
             image = image.crop((left, top, left + tw, top + th))
         return np.asarray(image, dtype=np.uint8)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image of ``width`` x ``height`` is resized to before the centre crop: the
+        model's size without ``crop_pct``, else the shorter side scaled to size / crop_pct (so a thin image's
+        long side grows with its aspect ratio). Known before any pixel is touched, to be charged or refused."""
+        th, tw = self.image_size
+        if self.crop_pct is None:
+            return tw, th
+        ratio = max(th / self.crop_pct / max(1, height), tw / self.crop_pct / max(1, width))
+        return max(tw, round(width * ratio)), max(th, round(height * ratio))
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """[N, H, W, 3] uint8 -> [N, 3, H, W] float32: rescale by 1/255, then (x - mean) / std."""
