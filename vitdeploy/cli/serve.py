@@ -148,8 +148,9 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
           drain_grace: float, fixed_delay: bool, access_log: bool, no_verify: bool, allow_drift: bool,
           require_verified: bool,
           **limits: Any) -> None:
-    """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify, /v1/logits, /metrics, and the
-    KServe v2 / Triton protocol (/v2/models/NAME/infer) that tritonclient speaks.
+    """Serve an ONNX or engine over HTTP with dynamic batching: /v1/classify and /v1/logits (a classifier) or
+    /v1/embed (an embedding model: its artifact's task), /metrics, and the KServe v2 / Triton protocol
+    (/v2/models/NAME/infer) that tritonclient speaks.
 
     /readyz and /v2/health/ready turn ready once the batch sizes the batcher forms are warm and the
     artifact passes its golden set on this machine (in the background, after the server starts); a
