@@ -607,3 +607,19 @@ def test_an_embedding_bundles_row_commands_reproduce_its_figures(embed_bundle):
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert got["knn_top1"] == row["accuracy"] and got["reference"]["mean"] == pytest.approx(row["vs_fp32"]["mean"])
+
+
+def test_a_tensorrt_rtx_engine_of_an_embedding_model_keeps_its_output_and_task(embed, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
+    from tests.test_triton import _parse_pbtxt
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
+    from vitdeploy.engines.tensorrt.sidecar import EngineSidecar
+    from vitdeploy.serving.triton import write_triton_repo
+
+    engine = tmp_path / "embed.engine"
+    build_engine(embed["fp32"], engine, BuildOptions(flavour="rtx", compute_capabilities=["sm89"], max_batch=4))
+    side = EngineSidecar.read(engine)
+    assert (side.output.name, side.output.shape) == ("embeddings", [-1, EMBED_SIZE])
+    assert (side.model["task"], side.model["output_size"]) == ("embedding", EMBED_SIZE)
+    cfg = _parse_pbtxt(write_triton_repo(engine, tmp_path / "repo", triton_backend="python").config)
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("embeddings", [EMBED_SIZE])]
