@@ -5,8 +5,10 @@
 Starts `vitdeploy serve` with default flags on a tiny ViT (224x224 input, exported first when no model is
 given), then runs the catalogue: memory (a dense 100 MB JSON body, 6300x6300 palette PNGs, a burst of
 max-batch requests), slow and idle clients (stalled 100 MB uploads, 100 connections with partial or no
-request head), 20 gzip bombs, malformed numbers and shapes, NaN and infinity, garbage images, and a
-second server with an API key and TLS. A probe asks /healthz every 20 ms throughout and samples the
+request head), 20 gzip bombs, malformed numbers and shapes, NaN and infinity, garbage images, a thin
+24190x10 PNG under crop_pct 0.9 (issue 29, item 2), a second server with an API key and TLS, and a third
+on a uint8 model (--uint8-input) where 6 good clients send KServe v2 UINT8 requests alone, then beside 2
+clients posting JSON floats to /v1/logits (issue 29, item 1: every good request must get its 200). A probe asks /healthz every 20 ms throughout and samples the
 server's RSS. Per attack it prints the status codes, the time, the server's peak RSS during the attack
 and its RSS after, and the slowest /healthz answer; it fails (exit 1) if any /healthz took 100 ms or more,
 if any answer was a 500 or not JSON, or if peak RSS went over the memory budget plus the footprint before
@@ -59,17 +61,21 @@ with httpx.Client(timeout=10, verify=verify) as c, open(out, "a", buffering=1) a
 CONNECTION_BUFFERS_MB = 110 * 0.125
 
 
-def tiny_model(folder: Path) -> Path:
+def tiny_model(folder: Path, uint8_input: bool = False) -> Path:
+    """A tiny ViT at 224x224 with timm's eval crop (crop_pct 0.9); ``uint8_input``: its preprocessing in the
+    graph (UINT8 NHWC pixels in)."""
     from vitdeploy import save_model
     from vitdeploy.checkpoints import build_model
     from vitdeploy.config import ViTConfig
     from vitdeploy.exporters import ExportOptions, export_onnx
 
     cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    patch_size=32, num_labels=10)
-    save_model(build_model(cfg, seed=0), folder / "tiny.safetensors")
-    return export_onnx(folder / "tiny.safetensors", folder / "tiny.onnx",
-                       options=ExportOptions(dynamic_batch=True)).path
+                    patch_size=32, num_labels=10, crop_pct=0.9)
+    if not (folder / "tiny.safetensors").exists():
+        save_model(build_model(cfg, seed=0), folder / "tiny.safetensors")
+    name = "tiny-u8.onnx" if uint8_input else "tiny.onnx"
+    return export_onnx(folder / "tiny.safetensors", folder / name,
+                       options=ExportOptions(dynamic_batch=True, uint8_input=uint8_input)).path
 
 
 def free_port() -> int:
@@ -90,6 +96,7 @@ class Serve:
         self.proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--port", str(self.port),
                                       "--name", "m", *flags], stdout=self.log, stderr=subprocess.STDOUT)
         self.rss_samples: list[tuple[float, float]] = []  # (time, RSS MB)
+        self.extra: dict[str, Any] = {}  # what an attack reports beyond its answers
         self.probe_file = Path(tempfile.mkstemp(suffix=".probe")[1])
         self.probe: subprocess.Popen | None = None
         self._stop = threading.Event()
@@ -280,6 +287,77 @@ def attack_garbage_images(srv: Serve) -> list[Any]:
     return leaks
 
 
+def noise_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def attack_thin_image(srv: Serve) -> list[Any]:
+    """A 24190x10 PNG (727 kB, 242 k pixels): under crop_pct 0.9 its short side goes to 248 and its long side
+    to ~600 k, a 150 M-pixel resize before the crop (issue 29, item 2)."""
+    return _post_all(srv.url, [("/v1/classify", noise_png(24190, 10), {})] * 3, workers=3)
+
+
+def _uint8_requests(shape: tuple[int, ...]) -> tuple[tuple[bytes, dict[str, str]], bytes, bytes]:
+    """A KServe v2 binary UINT8 request (the good clients'), and two /v1/logits JSON bodies of the same
+    shape: normalized floats (not pixels: 400) and whole numbers 0..255 as floats (pixels: 200)."""
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (1, *shape), dtype=np.uint8)
+    head = json.dumps({"inputs": [{"name": "pixel_values", "datatype": "UINT8", "shape": list(px.shape),
+                                   "parameters": {"binary_data_size": px.nbytes}}]}).encode()
+    good = (head + px.tobytes(), {"inference-header-content-length": str(len(head))})
+    floats = json.dumps({"inputs": ((px - 127.5) / 127.5).round(4).tolist()}).encode()
+    whole = json.dumps({"inputs": px.astype(np.float32).tolist()}).encode()
+    return good, floats, whole
+
+
+def _clients(srv: Serve, seconds: float, good: tuple[bytes, dict[str, str]], attackers: list[bytes],
+             n_good: int = 6) -> list[str]:
+    """``n_good`` threads sending ``good`` and one thread per attacker body, for ``seconds``: each answer as
+    'good <code>' or 'attacker <code>'."""
+    import httpx
+
+    end = time.perf_counter() + seconds
+
+    def client(body: bytes | None) -> list[str]:
+        seen = []
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            while time.perf_counter() < end:
+                try:
+                    if body is None:
+                        code = c.post("/v2/models/m/infer", content=good[0], headers=good[1]).status_code
+                    else:
+                        code = c.post("/v1/logits", content=body,
+                                      headers={"content-type": "application/json"}).status_code
+                except httpx.TransportError as e:
+                    code = type(e).__name__
+                seen.append(f"{'good' if body is None else 'attacker'} {code}")
+        return seen
+
+    with ThreadPoolExecutor(n_good + len(attackers)) as pool:
+        return [c for part in pool.map(client, [None] * n_good + attackers) for c in part]
+
+
+def attack_uint8_mixed(srv: Serve, shape: tuple[int, ...], seconds: float = 4.0) -> list[Any]:
+    """A uint8 model: 6 clients send valid v2 binary UINT8 requests for ``seconds`` alone, then again while 2
+    more post JSON to /v1/logits, one normalized floats, one whole-number floats (issue 29, item 1: each
+    float request made its whole batch float32, failing the good ones' requests with 500)."""
+    good, floats, whole = _uint8_requests(shape)
+    alone = _clients(srv, seconds, good, [])
+    mixed = _clients(srv, seconds, good, [floats, whole])
+    srv.extra = {"good_alone": dict(collections.Counter(alone)),
+                 "good_with_attackers": dict(collections.Counter(c for c in mixed if c.startswith("good"))),
+                 "attackers": dict(collections.Counter(c for c in mixed if c.startswith("attacker")))}
+    print(f"    uint8, {seconds:g} s each: good clients alone {srv.extra['good_alone']}; with 2 JSON clients "
+          f"{srv.extra['good_with_attackers']}, the JSON clients {srv.extra['attackers']}", flush=True)
+    return alone + mixed
+
+
 def tls_server(model: Path, folder: Path) -> Serve:
     """A second server with an API key file (probes public) and a self-signed certificate."""
     cert, key, keyfile = folder / "cert.pem", folder / "key.pem", folder / "api.key"
@@ -320,6 +398,7 @@ ATTACKS: list[tuple[str, str, Callable[[Serve], list[Any]], set[Any]]] = [
     ("11", "superscript length, 2**54 shapes, 100k '['", attack_malformed, {400}),
     ("12", "NaN / Inf in JSON and binary", attack_non_finite, {400}),
     ("13", "garbage images", attack_garbage_images, {400}),
+    ("29.2", "3 x 24190x10 PNG (727 kB) under crop_pct", attack_thin_image, {400}),
 ]
 
 
@@ -337,20 +416,46 @@ def run_attack(srv: Serve, item: str, name: str, attack: Callable[[], list[Any]]
           and peak <= max(base_mb, before) + budget_mb + CONNECTION_BUFFERS_MB)
     row = {"item": item, "attack": name, "codes": dict(collections.Counter(map(str, codes))),
            "seconds": round(seconds, 2), "peak_rss_mb": round(peak), "rss_after_mb": round(srv.rss()),
-           "healthz_worst_ms": round(worst * 1e3, 1), "probes": len(window), "ok": ok}
+           "healthz_worst_ms": round(worst * 1e3, 1), "probes": len(window), "ok": ok, **srv.extra}
     print(f"{item:>3} {name:<44} {row['codes']!s:<28} {seconds:6.2f} s  peak {peak:5.0f} MB  "
           f"after {row['rss_after_mb']:5.0f} MB  /healthz worst {worst * 1e3:6.1f} ms ({len(window)})  "
           f"{'ok' if ok else 'FAIL'}", flush=True)
     return row
 
 
+def crop_pct_of(model: Path) -> float | None:
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+
+    return read_onnx_metadata(model).preprocessing.get("crop_pct")
+
+
+def uint8_round(model: Path) -> dict[str, Any]:
+    """A third server, on a uint8 model: the mixed-client attack; every good request must get its 200."""
+    from vitdeploy.engines import open_runtime
+
+    with open_runtime(model) as rt:
+        shape, item_bytes = rt.spec.shape, int(np.prod(rt.spec.shape))
+    budget_mb = default_memory_budget(item_bytes, 32) / MiB
+    third = Serve(model).start()
+    try:
+        allowed = {"good 200", "attacker 400", "attacker 200"}
+        return run_attack(third, "29.1", "uint8 model: 6 v2 UINT8 clients, + 2 JSON", lambda: attack_uint8_mixed(
+            third, shape), allowed, budget_mb, third.rss())
+    finally:
+        third.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="a dynamic-batch ONNX of 224x224 input (default: export a tiny ViT)")
+    ap.add_argument("--uint8-model", type=Path, default=None, help="a dynamic-batch ONNX exported with --uint8-input "
+                    "(224x224) for the mixed-client attack (default: export the tiny ViT so)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     model = Path(args.model) if args.model else tiny_model(folder)
+    if not crop_pct_of(model):  # without a crop, a thin image is resized straight to the input: answered
+        ATTACKS[-1] = (*ATTACKS[-1][:3], {200})
     budget_mb = default_memory_budget(3 * 224 * 224 * 4, 32) / MiB
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); model {model.name}; default flags "
           f"(max batch 32, memory budget {budget_mb:.0f} MiB)")
@@ -377,6 +482,7 @@ def main() -> int:
                                {401, 200, "plain HTTP refused", "0.0.0.0 warned"}, budget_mb, second.rss()))
     finally:
         second.stop()
+    rows.append(uint8_round(args.uint8_model or tiny_model(folder, uint8_input=True)))
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
     failed = [r["attack"] for r in rows if not r["ok"]]
