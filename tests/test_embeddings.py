@@ -623,3 +623,25 @@ def test_a_tensorrt_rtx_engine_of_an_embedding_model_keeps_its_output_and_task(e
     assert (side.model["task"], side.model["output_size"]) == ("embedding", EMBED_SIZE)
     cfg = _parse_pbtxt(write_triton_repo(engine, tmp_path / "repo", triton_backend="python").config)
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("embeddings", [EMBED_SIZE])]
+
+
+def test_vitdeploy_serve_gets_ready_on_a_real_embedding_export_and_embeds(embed_bundle):
+    """The exporter's own embedding artifact (golden set and all) through a real `vitdeploy serve` process:
+    ready once its golden embeddings pass, then /v1/embed answers as ONNX Runtime does here."""
+    import httpx
+
+    from tests.http_server import ServeProcess
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.preprocess import find_images
+
+    onnx = embed_bundle["out"] / "onnx" / "digits_vit-fp32.onnx"
+    png = find_images(embed_bundle["data"])[0]
+    with open_runtime(onnx) as rt:
+        assert rt.metadata.golden is not None and rt.metadata.golden.task == "embedding"
+        want = rt.infer(rt.preprocess([_image(png)]))[0]
+    with ServeProcess(onnx, "--max-batch", "4") as srv:
+        ready = httpx.get(srv.url + "/readyz", timeout=10).json()
+        assert ready["status"] == "ready" and ready.get("verified", True) is True, ready
+        r = httpx.post(srv.url + "/v1/embed", content=png.read_bytes(), timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["embedding"], want, atol=1e-5)
