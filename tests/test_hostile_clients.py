@@ -860,3 +860,39 @@ def test_resize_before_the_crop_is_charged_to_the_memory_budget(crop_onnx):
         with Server(rt, memory_budget=4 * 2**20) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
             r = c.post("/v1/classify", content=thin)
             assert r.status_code == 413 and "--memory-budget" in r.json()["error"], r.text
+
+
+def test_fuzz_image_shapes_under_crop_pct(crop_onnx):
+    """Fuzz (issue 29, item 2): images of any shape, thin ones most, on a crop_pct 0.9 artifact with a 1 MP
+    pixel limit: 200 exactly when the resize before the crop fits the limit, otherwise 400 or 413 (never 500),
+    and the memory budget's peak stays within its capacity."""
+    import httpx
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vitdeploy.preprocess import Preprocessing
+
+    limit = 1_000_000
+    sides = st.integers(1, 20) | st.integers(1, 3000) | st.integers(3000, 60_000)
+    with open_runtime(crop_onnx, threads=1) as rt:
+        prep = Preprocessing.from_dict(rt.metadata.preprocessing)
+        with Server(rt, max_image_pixels=limit, memory_budget=64 * 2**20) as srv, \
+                httpx.Client(base_url=srv.url, timeout=30) as c:
+            @settings(deadline=None, derandomize=True, database=None, max_examples=40,
+                      suppress_health_check=list(HealthCheck))
+            @given(width=sides, height=sides)
+            def shapes(width, height):
+                if width * height > 4 * limit:  # not worth encoding: refused from the header (413)
+                    width = max(1, 4 * limit // height)
+                r = c.post("/v1/classify", content=_noise_png(width, height))
+                nw, nh = prep.resized_size(width, height)
+                if width * height > limit:
+                    assert r.status_code == 413, (width, height, r.text)
+                elif nw * nh > limit:
+                    assert r.status_code == 400 and "crop_pct" in r.text, (width, height, r.text)
+                else:
+                    assert r.status_code == 200, (width, height, r.text)
+
+            shapes()
+            budget = srv.app.state.memory_budget
+            assert budget.peak <= budget.capacity and budget.used == 0
