@@ -357,3 +357,156 @@ def test_serve_load_script_runs_rounds_and_keeps_each_servers_median(serving_onn
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
     assert all(lv["answered"] == 12 and lv["crossed"] == lv["wrong"] == lv["errors"] == 0 for lv in report["levels"])
     assert "adaptive" in report["server"]
+
+
+# -- issue 29: a hostile server (threads on loopback; the client's limits made small) ----------------------------
+SMALL = loadtest.Limits(metadata_bytes=8 << 10, metrics_bytes=64 << 10, answer_bytes=64 << 10, row_bytes=1 << 20,
+                        input_bytes=4 << 20)
+META = {"name": "fake", "versions": ["1"], "platform": "fake",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2, 3]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
+
+
+class Hostile(FakeV2):
+    """FakeV2 with one misbehaviour (``mode``), counting the bytes it managed to send and the requests it got."""
+
+    def __init__(self, mode: str, key: str | None = None) -> None:
+        ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _HostileHandler)
+        self.mode, self.key, self.sent, self.hits = mode, key, 0, 0
+        self.swap, self.delay, self.lock, self.waiting = False, 0.0, threading.Lock(), None
+
+
+class _HostileHandler(_FakeHandler):
+    def _stream(self, total: int, length: bool = False) -> None:
+        """``total`` bytes of 'x' (with a Content-Length, or none and Connection: close), until the client goes."""
+        self.send_response(200)
+        self.send_header("Content-Length" if length else "Connection", str(total) if length else "close")
+        self.end_headers()
+        chunk = b"x" * (64 << 10)
+        try:
+            for _ in range(total // len(chunk)):
+                self.wfile.write(chunk)
+                self.server.sent += len(chunk)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _drip(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+    def _wrong_key(self) -> bool:
+        return bool(self.server.key) and self.headers.get("Authorization") != f"Bearer {self.server.key}"
+
+    def do_GET(self) -> None:
+        self.server.hits += 1
+        mode = self.server.mode
+        if self._wrong_key():
+            return self._send(401, b'{"error": "give the key"}')
+        if self.path.rstrip("/") == "/v2/models/fake":
+            if mode == "huge-metadata":
+                return self._stream(150 << 20, length=True)
+            if mode == "endless-metadata":
+                return self._stream(150 << 20)
+            if mode == "drip-metadata":
+                return self._drip()
+            if mode == "bad-json-metadata":
+                return self._send(200, b'{"inputs": [')
+            if mode == "huge-shape":
+                meta = {**META, "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 100000, 100000]}]}
+                return self._send(200, json.dumps(meta).encode())
+            if mode == "odd-shape":
+                return self._send(200, json.dumps({**META, "inputs": [{"name": "x", "shape": "[-1]"}]}).encode())
+            return self._send(200, json.dumps(META).encode())
+        if self.path == "/metrics":
+            if mode == "endless-metrics":
+                return self._stream(600 << 20)
+            if mode == "redirect-metrics":
+                return self._send(302, b"", {"Location": f"{self.server.elsewhere}/metrics"})
+        return self._send(404, b'{"error": "not found"}')
+
+    def do_POST(self) -> None:
+        mode = self.server.mode
+        if mode not in ("huge-answer", "drip-answer", "bad-json-answer") and not self._wrong_key():
+            return super().do_POST()
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self._wrong_key():
+            return self._send(401, b'{"error": "give the key"}')
+        if mode == "huge-answer":
+            return self._stream(300 << 20, length=True)
+        if mode == "drip-answer":
+            return self._drip()
+        return self._send(200, b"{nope", {"Inference-Header-Content-Length": "5"})  # bad-json-answer
+
+
+@pytest.fixture
+def hostile(request, monkeypatch):
+    """A Hostile server in the mode the test asks for (``request.param``: mode, or (mode, key))."""
+    monkeypatch.setattr(loadtest, "LIMITS", SMALL)
+    mode, key = request.param if isinstance(request.param, tuple) else (request.param, None)
+    servers = [Hostile(mode, key), Hostile("honest")]
+    servers[0].elsewhere = servers[1].url
+    for s in servers:
+        threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True).start()
+    yield servers[0], servers[1]
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+HOSTILE = {
+    "huge-metadata": "over the 8192 this client reads",
+    "endless-metadata": "is over the 8192 bytes this client reads",
+    "drip-metadata": "no whole answer within 2 s",
+    "bad-json-metadata": "with something that is not JSON",
+    "huge-shape": "over the 1048576 this load test builds",
+    "odd-shape": "metadata is malformed",
+    "huge-answer": "over the 65536 this client reads",
+    "drip-answer": "no whole answer within 2 s",
+    "bad-json-answer": "is not a KServe v2 answer",
+    "endless-metrics": "is over the 65536 bytes this client reads",
+    "redirect-metrics": "follows no redirect",
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE), indirect=True)
+def test_a_hostile_server_ends_the_load_test_in_one_line(hostile):
+    """Each misbehaviour ends `bench --url` within the deadline, with one line (exit 1), having read no more
+    than the limits allow, and nothing from another address."""
+    server, elsewhere = hostile
+    t = time.perf_counter()
+    r = _bench("--url", server.url, "--model", "fake", "--concurrency", "1", "--requests", "4", "--rows", "2",
+               "--time-limit", "2", "--processes", "1")
+    took = time.perf_counter() - t
+    assert r.exit_code == 1 and not isinstance(r.exception, (RecursionError, TypeError, KeyError)), r.output
+    assert "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith("Error: "), r.output
+    assert HOSTILE[server.mode] in r.output.strip().splitlines()[-1], r.output
+    assert took < 10, took
+    assert server.sent < (32 << 20)  # the client stopped reading: the rest never left the server's buffers
+    assert elsewhere.hits == 0
+
+
+@pytest.mark.parametrize("hostile", [("honest", "s3cret")], indirect=True)
+def test_bench_url_sends_the_api_key_from_a_file_or_the_environment(hostile, tmp_path, monkeypatch):
+    server, _ = hostile
+    args = ["--url", server.url, "--model", "fake", "--concurrency", "1", "--requests", "4", "--rows", "2",
+            "--processes", "1"]
+    r = _bench(*args)
+    assert r.exit_code == 1 and "asks for an API key (HTTP 401): give --api-key-file FILE" in r.output, r.output
+    (tmp_path / "key").write_text("s3cret\n")
+    r = _bench(*args, "--api-key-file", str(tmp_path / "key"))
+    assert r.exit_code == 0 and "requests/s" in r.output, r.output
+    (tmp_path / "wrong").write_text("other\n")
+    r = _bench(*args, "--api-key-file", str(tmp_path / "wrong"))
+    assert r.exit_code == 1 and "refused the API key (HTTP 401)" in r.output, r.output
+    monkeypatch.setenv("VITDEPLOY_API_KEY", "s3cret")
+    r = _bench(*args)
+    assert r.exit_code == 0, r.output

@@ -35,6 +35,9 @@ from vitdeploy.cli.common import (
                    "one per CPU; one Python process's clients saturate its GIL near 2,000 requests/s).")
 @click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="--url: check every answer against this artifact's logits, computed here.")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--url: a file holding the server's API key (its first line), sent as Authorization: Bearer; "
+              "without it, $VITDEPLOY_API_KEY (what `vitdeploy serve` reads).")
 @click.option("--rows", type=click.IntRange(min=2), default=32, show_default=True,
               help="--url: distinct inputs the requests cycle through.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-3, show_default=True,
@@ -61,7 +64,8 @@ from vitdeploy.cli.common import (
 @verify_options
 @require_verified_option
 def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None, concurrency: str, requests: int,
-          time_limit: float, uint8: bool, processes: str, reference: Path | None, rows: int, tolerance: float,
+          time_limit: float, uint8: bool, processes: str, reference: Path | None, api_key_file: Path | None,
+          rows: int, tolerance: float,
           backends: str, dtypes: str | None, batch: str, warmup: int, iters: int,
           duration: float | None, threads: int | None, device: str, cuda_graph: bool, torch_compile: bool,
           qdq_activations: str, json_out: str | None,
@@ -77,7 +81,7 @@ def bench(artifacts: tuple[str, ...], url: str | None, served_model: str | None,
                                    "(its /readyz says \"verified\")")
         clients = int_list(concurrency, "--concurrency: client counts")
         return _bench_url(url, served_model, clients, requests, time_limit, uint8, reference, rows, tolerance,
-                          json_out, plot_path, wide, _processes(processes))
+                          json_out, plot_path, wide, _processes(processes), _api_key(api_key_file))
     if not artifacts:
         raise click.UsageError("give artifacts to benchmark, or --url and --model to load-test a server")
     from vitdeploy.bench import run_bench
@@ -169,13 +173,29 @@ def _processes(value: str) -> int | None:
     return n
 
 
+def _api_key(api_key_file: Path | None) -> str | None:
+    """--api-key-file's first line, else $VITDEPLOY_API_KEY (the variable `vitdeploy serve` reads), else None."""
+    import os
+
+    if api_key_file is None:
+        return os.environ.get("VITDEPLOY_API_KEY") or None
+    try:
+        key = (api_key_file.read_text().splitlines() or [""])[0].strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {api_key_file} ({type(e).__name__})", param_hint="--api-key-file"
+                                 ) from None
+    if not key:
+        raise click.BadParameter(f"{api_key_file} is empty: put the key on its first line", param_hint="--api-key-file")
+    return key
+
+
 def _bench_url(url: str, model: str, concurrency: list[int], requests: int, time_limit: float, uint8: bool,
                reference: Path | None, rows: int, tolerance: float, json_out: str | None, plot_path: Path | None,
-               wide: bool, processes: int | None = None) -> None:
+               wide: bool, processes: int | None = None, api_key: str | None = None) -> None:
     from vitdeploy.serving import loadtest
 
     report = loadtest.run(url, model, concurrency, requests, uint8=uint8, time_limit=time_limit, rows=rows,
-                          reference=reference, tolerance=tolerance, processes=processes)
+                          reference=reference, tolerance=tolerance, processes=processes, api_key=api_key)
     write_json(json_out, report.to_dict())
     if json_out == "-":
         if not report.ok:

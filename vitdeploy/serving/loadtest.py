@@ -13,16 +13,20 @@ answers must match them). The expected answers must differ pairwise (else reques
 apart: an error). Under load each answer must have the right shape, be finite and match its own row's
 expected answer; one that matches another row's answer is counted as *crossed*, any other as *wrong*.
 
+The server is not trusted (issue 29): every answer is read within a size limit (:data:`LIMITS`), every
+request has one deadline for the whole exchange (not per read), no redirect is followed, the input built
+from the model's metadata is capped, and each of these ends in one line of VitDeployError.
+
 A client, not a server: this module never imports the serving app (tests/test_loadtest.py checks it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,6 +38,20 @@ import numpy as np
 from vitdeploy.errors import VitDeployError
 
 NUMPY_TYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8, "INT8": np.int8}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What this client takes from a server it does not trust (tests use small ones)."""
+
+    metadata_bytes: int = 1 << 20  # /v2/models/NAME
+    metrics_bytes: int = 16 << 20  # /metrics, /v2/models/NAME/stats
+    answer_bytes: int = 64 << 20  # one inference answer
+    row_bytes: int = 64 << 20  # one input row, from the model's shape and type
+    input_bytes: int = 1 << 30  # every distinct row together (--rows x a row)
+
+
+LIMITS = Limits()
 
 
 def _th() -> Any:
@@ -207,44 +225,174 @@ def _host(url: str) -> tuple[str, bool]:
     return host, ssl
 
 
+def auth_headers(api_key: str | None) -> dict[str, str] | None:
+    """``Authorization: Bearer KEY`` for a keyed server (None without a key); a key HTTP cannot carry as
+    it is (not printable ASCII) is refused in one line."""
+    if not api_key:
+        return None
+    if not (api_key.isascii() and api_key.isprintable()) or " " in api_key:
+        raise VitDeployError("the API key holds characters an HTTP header cannot carry (non-ASCII, spaces or "
+                             "control characters): use the key the server was started with")
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+class LoadTestError(VitDeployError):
+    """What the server answered (or did not) that the load test cannot use."""
+
+
+def _base(url: str) -> str:
+    host, ssl = _host(url)
+    return f"{'https' if ssl else 'http'}://{host}"
+
+
+def _read_bounded(response: Any, limit: int, what: str) -> bytes:
+    """A geventhttpclient response's body, refused once it passes ``limit`` bytes (by its Content-Length
+    before reading, else as it arrives): a hostile server cannot make this client hold more."""
+    length = response.content_length
+    if length is not None and length > limit:
+        raise LoadTestError(f"{what} is {length} bytes, over the {limit} this client reads")
+    chunks, total = [], 0
+    while chunk := response.read(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            raise LoadTestError(f"{what} is over the {limit} bytes this client reads")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
+def _get(url: str, limit: int, timeout: float, headers: Mapping[str, str] | None, what: str) -> tuple[int, bytes]:
+    """GET ``url`` -> (status, body): the whole exchange within ``timeout`` seconds, the body within
+    ``limit`` bytes, no redirect followed. OSError when nothing answers; LoadTestError for the rest."""
+    import gevent
+    from geventhttpclient import URL, HTTPClient
+
+    u = URL(url)
+    try:
+        with gevent.Timeout(timeout, TimeoutError(f"no whole answer within {timeout:g} s")):
+            client = HTTPClient.from_url(u, connection_timeout=timeout, network_timeout=timeout, concurrency=1)
+            try:
+                response = client.get(u.request_uri, headers=dict(headers or {}))
+                status, location = response.status_code, response.get("location")
+                body = _read_bounded(response, limit, f"{what} ({url})")
+            finally:
+                client.close()
+    except (LoadTestError, OSError):
+        raise
+    except Exception as e:  # parse errors, the deadline: all one line for a user
+        raise LoadTestError(f"{what} at {url}: {_one_line(e)}") from None
+    if 300 <= status < 400:
+        raise LoadTestError(f"{what} at {url} redirects (HTTP {status}) to {location}: the load test follows no "
+                            "redirect; give the server's own address")
+    return status, body
+
+
 def _client(url: str, timeout: float) -> Any:
     host, ssl = _host(url)
-    return _th().InferenceServerClient(host, ssl=ssl, connection_timeout=timeout, network_timeout=timeout)
+    return _bounded_client()(host, ssl=ssl, connection_timeout=timeout, network_timeout=timeout)
 
 
-def model_info(url: str, model: str, timeout: float = 30.0) -> ModelInfo:
-    """The model's input and output from the server's /v2/models/NAME; VitDeployError naming what is missing."""
-    from tritonclient.utils import InferenceServerException
+class _ReadAnswer:
+    """An answer read whole (within :data:`LIMITS`), with the interface tritonclient reads it through."""
+
+    def __init__(self, response: Any, body: bytes) -> None:
+        self.response, self.body, self.at = response, body, 0
+        self.status_code = response.status_code
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.response.get(key, default)
+
+    def read(self, length: int | None = None) -> bytes:
+        end = len(self.body) if length is None else self.at + length
+        chunk, self.at = self.body[self.at:end], min(end, len(self.body))
+        return chunk
+
+
+_BOUNDED: list[Any] = []
+
+
+def _bounded_client() -> Any:
+    """tritonclient's HTTP client, reading each answer within LIMITS.answer_bytes."""
+    if not _BOUNDED:
+        class BoundedClient(_th().InferenceServerClient):  # type: ignore[misc, name-defined]
+            def _post(self, request_uri: str, request_body: Any, headers: Any, query_params: Any) -> Any:
+                response = super()._post(request_uri, request_body, headers, query_params)
+                return _ReadAnswer(response, _read_bounded(response, LIMITS.answer_bytes, "an inference answer"))
+
+        _BOUNDED.append(BoundedClient)
+    return _BOUNDED[0]
+
+
+def _metadata(url: str, model: str, timeout: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    """The server's /v2/models/NAME as JSON; one-line errors for no server, a key asked for, no model."""
+    from urllib.parse import quote
 
     try:
-        with _client(url, timeout) as c:
-            meta = c.get_model_metadata(model)
-    except InferenceServerException as e:
-        raise VitDeployError(f"the server at {url} has no model {model!r} ({e.message()}): check --model "
-                             "(GET /v2/models/NAME)") from None
+        status, body = _get(f"{_base(url)}/v2/models/{quote(model, safe='')}", LIMITS.metadata_bytes, timeout,
+                            headers, "the model's metadata")
     except OSError as e:
         raise VitDeployError(f"no KServe v2 server answers at {url} ({e}): start one, or check --url") from None
+    if status in (401, 403):
+        raise VitDeployError(f"the server at {url} refused the API key (HTTP {status})" if headers else
+                             f"the server at {url} asks for an API key (HTTP {status}): give --api-key-file FILE "
+                             "or set VITDEPLOY_API_KEY")
+    if status != 200:
+        raise VitDeployError(f"the server at {url} has no model {model!r} (HTTP {status}): check --model "
+                             "(GET /v2/models/NAME)")
+    try:
+        meta = json.loads(body)
+    except (ValueError, RecursionError):
+        raise VitDeployError(f"the server at {url} answered /v2/models/{model} with something that is not JSON"
+                             ) from None
+    if not isinstance(meta, dict):
+        raise VitDeployError(f"the server at {url} answered /v2/models/{model} with JSON that is not an object")
+    return meta
+
+
+def _tensor(d: Any, model: str) -> tuple[str, str, list[int]]:
+    """One KServe v2 tensor description -> (name, datatype, shape), or a one-line error."""
+    try:
+        name, datatype, shape = d["name"], d.get("datatype", ""), d.get("shape", [])
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) or any(
+                type(v) is not int for v in shape):
+            raise TypeError
+    except (KeyError, TypeError, AttributeError):
+        raise VitDeployError(f"model {model!r}'s metadata is malformed: a tensor is not {{name, datatype, shape}} "
+                             "with a shape of integers") from None
+    return name, datatype, shape
+
+
+def model_info(url: str, model: str, timeout: float = 30.0, headers: Mapping[str, str] | None = None) -> ModelInfo:
+    """The model's input and output from the server's /v2/models/NAME; VitDeployError naming what is missing."""
+    meta = _metadata(url, model, timeout, headers)
     inputs, outputs = meta.get("inputs") or [], meta.get("outputs") or []
-    if len(inputs) != 1 or len(outputs) < 1:
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != 1 or len(outputs) < 1:
         raise VitDeployError(f"model {model!r} has {len(inputs)} inputs and {len(outputs)} outputs: the load test "
                              "drives models with one input and at least one output")
-    inp = inputs[0]
-    shape = [int(d) for d in inp["shape"]]
+    name, datatype, shape = _tensor(inputs[0], model)
     if not shape or shape[0] not in (-1, 1) or any(d < 1 for d in shape[1:]):
         raise VitDeployError(f"model {model!r} takes shape {shape}: the load test sends one row per request, so "
                              "it needs a batch axis first (-1 or 1) and fixed other dimensions")
-    if inp["datatype"] not in NUMPY_TYPES:
-        raise VitDeployError(f"model {model!r} takes {inp['datatype']}: the load test sends "
+    if datatype not in NUMPY_TYPES:
+        raise VitDeployError(f"model {model!r} takes {datatype[:40]!r}: the load test sends "
                              f"{', '.join(NUMPY_TYPES)}")
-    return ModelInfo(model, inp["name"], inp["datatype"], shape[1:], outputs[0]["name"])
+    row_bytes = math.prod(shape[1:]) * np.dtype(NUMPY_TYPES[datatype]).itemsize
+    if row_bytes > LIMITS.row_bytes:
+        raise VitDeployError(f"model {model!r} takes shape {shape} of {datatype}: {row_bytes} bytes a row, over the "
+                             f"{LIMITS.row_bytes} this load test builds")
+    return ModelInfo(model, name, datatype, shape[1:], _tensor(outputs[0], model)[0])
 
 
-def _scrape(url: str) -> str | None:
+def _scrape(url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> str | None:
+    """A metrics or statistics page as text; None where nothing answers it (200 only)."""
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.read().decode()
-    except (OSError, ValueError):
+        status, body = _get(url, LIMITS.metrics_bytes, timeout, headers, "the server's batch statistics")
+    except OSError:
         return None
+    return body.decode("utf-8", "replace") if status == 200 else None
 
 
 @dataclass
@@ -256,23 +404,28 @@ class _Counts:
     cumulative: bool = False
 
 
-def _batch_counts(url: str, model: str, metrics_url: str | None) -> _Counts | None:
+def _batch_counts(url: str, model: str, metrics_url: str | None, headers: Mapping[str, str] | None = None,
+                  timeout: float = 10.0) -> _Counts | None:
     """The server's batch counters now: `vitdeploy serve`'s /metrics histogram, else Triton's v2 statistics
     (/v2/models/NAME/stats, with each batch size's count), else Triton's nv_inference_* at ``metrics_url``."""
-    host, ssl = _host(url)
-    base = f"{'https' if ssl else 'http'}://{host}"
-    text = _scrape(metrics_url or base + "/metrics")
+    from urllib.parse import quote
+
+    base = _base(url)
+    text = _scrape(metrics_url or base + "/metrics", headers, timeout)
     if text and "vitdeploy_batch_size_count" in text:
-        rows, batches, buckets = batch_histogram(text)
-        return _Counts("vitdeploy_batch_size (/metrics)", rows, batches, buckets, cumulative=True)
-    stats = _scrape(f"{base}/v2/models/{model}/stats")
+        try:
+            rows, batches, buckets = batch_histogram(text)
+            return _Counts("vitdeploy_batch_size (/metrics)", rows, batches, buckets, cumulative=True)
+        except ValueError:  # a histogram in a form we cannot read: no batch statistics
+            return None
+    stats = _scrape(f"{base}/v2/models/{quote(model, safe='')}/stats", headers, timeout)
     if stats:
         try:
             s = json.loads(stats)["model_stats"][0]
             sizes = {str(b["batch_size"]): float(b["compute_infer"]["count"]) for b in s.get("batch_stats", [])}
             return _Counts("Triton statistics (/v2/models/NAME/stats)", float(s["inference_count"]),
                            float(s["execution_count"]), sizes)
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             pass
     if text:
         def value(metric: str) -> float | None:
@@ -307,17 +460,30 @@ def make_inputs(info: ModelInfo, rows: int, seed: int = 0) -> np.ndarray:
 
 
 class _Sender:
-    """One thread's tritonclient.http client: sends row i, returns its answer (float64, batch axis kept)."""
+    """One thread's tritonclient.http client: sends row i, returns its answer (float64, batch axis kept).
+    Each request has ``timeout`` seconds for the whole exchange; after a failed one the client reconnects
+    (what is left of a refused answer must not be read as the next one)."""
 
-    def __init__(self, url: str, info: ModelInfo, x: np.ndarray, timeout: float) -> None:
-        self.th, self.info, self.x = _th(), info, x
+    def __init__(self, url: str, info: ModelInfo, x: np.ndarray, timeout: float,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.th, self.info, self.x, self.url, self.timeout = _th(), info, x, url, timeout
+        self.headers = dict(headers) if headers else None
         self.client = _client(url, timeout)
         self.output = [self.th.InferRequestedOutput(info.output_name, binary_data=True)]
 
     def send(self, i: int) -> np.ndarray:
+        import gevent
+
         inp = self.th.InferInput(self.info.input_name, [1, *self.info.shape], self.info.datatype)
         inp.set_data_from_numpy(self.x[i:i + 1], binary_data=True)
-        out = self.client.infer(self.info.name, [inp], outputs=self.output).as_numpy(self.info.output_name)
+        try:
+            with gevent.Timeout(self.timeout, TimeoutError(f"no whole answer within {self.timeout:g} s")):
+                result = self.client.infer(self.info.name, [inp], outputs=self.output, headers=self.headers)
+                out = result.as_numpy(self.info.output_name)
+        except BaseException:
+            self.client.close()
+            self.client = _client(self.url, self.timeout)
+            raise
         if out is None:
             raise VitDeployError(f"the answer has no output {self.info.output_name!r}")
         return np.asarray(out)
@@ -367,13 +533,23 @@ class Checker:
                                      "or a smaller --tolerance")
 
 
+def _send_alone(sender: _Sender, i: int) -> np.ndarray:
+    try:
+        return sender.send(i)
+    except VitDeployError as e:
+        raise VitDeployError(f"the server's answer for row {i}, sent alone: {e}") from None
+    except Exception as e:  # whatever the server sent: one line, not tritonclient's traceback
+        raise VitDeployError(f"the server's answer for row {i}, sent alone, is not a KServe v2 answer "
+                             f"({_one_line(e)})") from None
+
+
 def expected_answers(url: str, info: ModelInfo, x: np.ndarray, reference: str | Path | None, tolerance: float,
-                     timeout: float) -> Checker:
+                     timeout: float, headers: Mapping[str, str] | None = None) -> Checker:
     """Every row sent once, one request at a time (none in flight together, so none can be crossed): each
     row's expected answer, or, with a ``reference`` artifact, checked against its logits computed here."""
-    sender = _Sender(url, info, x, timeout)
+    sender = _Sender(url, info, x, timeout, headers)
     try:
-        answers = [sender.send(i) for i in range(len(x))]
+        answers = [_send_alone(sender, i) for i in range(len(x))]
     finally:
         sender.close()
     for i, a in enumerate(answers):
@@ -441,7 +617,7 @@ class _LocalCounter:
 
 
 def _drive(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
-           time_limit: float, timeout: float, counter: Any = None) -> _Tally:
+           time_limit: float, timeout: float, headers: Mapping[str, str] | None = None, counter: Any = None) -> _Tally:
     """``concurrency`` client threads draw request numbers k from ``counter`` (shared by every client of the
     level, in every process) until ``requests`` are drawn or ``time_limit`` has passed; request k sends row
     ``k % rows``. Interrupted (Ctrl-C), the clients stop after their request in flight."""
@@ -459,7 +635,7 @@ def _drive(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurren
         return k
 
     def client(_: int) -> None:
-        sender = _Sender(url, info, x, timeout)
+        sender = _Sender(url, info, x, timeout, headers)
         try:
             while (k := take()) is not None:
                 row = k % len(x)
@@ -544,7 +720,8 @@ def _collect(results: Any, procs: list[Any], deadline: float) -> dict[int, _Tall
 
 
 def _drive_processes(processes: int, url: str, info: ModelInfo, x: np.ndarray, checker: Checker,
-                     concurrency: int, requests: int, time_limit: float, timeout: float) -> list[_Tally]:
+                     concurrency: int, requests: int, time_limit: float, timeout: float,
+                     headers: Mapping[str, str] | None = None) -> list[_Tally]:
     """The level's clients split over ``processes`` processes (each with its own GIL, as perf_analyzer's
     threads have none), started together and drawing from one shared request counter."""
     import multiprocessing
@@ -553,7 +730,7 @@ def _drive_processes(processes: int, url: str, info: ModelInfo, x: np.ndarray, c
     results, barrier, counter = ctx.Queue(), ctx.Barrier(processes), ctx.Value("q", 0)
     procs = [ctx.Process(target=_client_process, daemon=True, args=(results, barrier, counter, j, (
         url, info, x, checker, concurrency // processes + (j < concurrency % processes), requests, time_limit,
-        timeout))) for j in range(processes)]
+        timeout, headers))) for j in range(processes)]
     started: list[Any] = []
     try:
         for p in procs:
@@ -579,12 +756,13 @@ def _drive_processes(processes: int, url: str, info: ModelInfo, x: np.ndarray, c
 
 
 def drive_level(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, concurrency: int, requests: int,
-                time_limit: float, timeout: float = 60.0, processes: int = 1) -> LevelResult:
+                time_limit: float, timeout: float = 60.0, processes: int = 1,
+                headers: Mapping[str, str] | None = None) -> LevelResult:
     """``concurrency`` closed-loop clients share ``requests`` requests until all are sent or ``time_limit``
     seconds have passed, every answer checked. The clients are threads of ``processes`` processes (one GIL
     each: one Python process's clients saturate its GIL near 2,000 requests/s)."""
     processes = max(1, min(processes, concurrency, requests))
-    args = (url, info, x, checker, concurrency, requests, time_limit, timeout)
+    args = (url, info, x, checker, concurrency, requests, time_limit, timeout, headers)
     tallies = [_drive(*args)] if processes == 1 else _drive_processes(processes, *args)
     latencies = [t for tally in tallies for t in tally.latencies]
     wall = max(t.end for t in tallies) - min(t.start for t in tallies)
@@ -599,31 +777,39 @@ def drive_level(url: str, info: ModelInfo, x: np.ndarray, checker: Checker, conc
 def run(url: str, model: str, concurrency: Sequence[int], requests: int = 200, uint8: bool = False,
         time_limit: float = 60.0, rows: int = 32, reference: str | Path | None = None, tolerance: float = 1e-3,
         metrics_url: str | None = None, timeout: float = 60.0, seed: int = 0,
-        processes: int | None = None) -> LoadReport:
+        processes: int | None = None, api_key: str | None = None) -> LoadReport:
     """Drive the KServe v2 server at ``url`` at each concurrency level with ``requests`` one-row requests
     (``time_limit`` seconds at most per level); see the module's docstring for how answers are checked.
     ``uint8``: the model must take UINT8 input (an export with --uint8-input). The clients of a level are
     threads of :func:`client_processes` processes (``processes``; None: one per 8 clients, at most one
     per CPU). More than one process are spawned, which re-imports the caller's main module: a script
-    calling this needs ``if __name__ == "__main__":``, or ``processes=1``."""
+    calling this needs ``if __name__ == "__main__":``, or ``processes=1``. Each request has ``timeout``
+    seconds (at most ``time_limit``) for its whole exchange; ``api_key`` goes as ``Authorization: Bearer``."""
     from vitdeploy.sysinfo import cpu_flags, cpu_model, usable_cpus
 
     if not concurrency or min(concurrency) < 1:
         raise VitDeployError("--concurrency needs positive client counts, e.g. 1,4,16,64")
     if requests < 1 or rows < 2 or time_limit <= 0 or (processes is not None and processes < 1):
         raise VitDeployError("--requests must be >= 1, --rows >= 2, --time-limit > 0 and --processes >= 1")
-    info = model_info(url, model, timeout)
+    headers = auth_headers(api_key)
+    timeout = min(timeout, time_limit)  # no one request outlasts a level
+    info = model_info(url, model, timeout, headers)
     if uint8 and info.datatype != "UINT8":
         raise VitDeployError(f"--uint8: model {model!r} at {url} takes {info.datatype}, not UINT8: serve an export "
                              "made with --uint8-input, or drop --uint8")
+    row_bytes = math.prod(info.shape) * np.dtype(NUMPY_TYPES[info.datatype]).itemsize
+    if rows * row_bytes > LIMITS.input_bytes:
+        raise VitDeployError(f"--rows {rows} of {row_bytes} bytes each is over the {LIMITS.input_bytes} bytes of input "
+                             "this load test builds: give fewer --rows")
     x = make_inputs(info, rows, seed)
-    checker = expected_answers(url, info, x, reference, tolerance, timeout)
+    checker = expected_answers(url, info, x, reference, tolerance, timeout, headers)
     report = LoadReport(url, info, rows, str(reference) if reference else None, tolerance,
                         {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": usable_cpus()})
     for c in concurrency:
-        before = _batch_counts(url, model, metrics_url)
-        level = drive_level(url, info, x, checker, c, requests, time_limit, timeout, client_processes(c, processes))
-        level.batches = _batches_between(before, _batch_counts(url, model, metrics_url))
+        before = _batch_counts(url, model, metrics_url, headers, timeout)
+        level = drive_level(url, info, x, checker, c, requests, time_limit, timeout, client_processes(c, processes),
+                            headers)
+        level.batches = _batches_between(before, _batch_counts(url, model, metrics_url, headers, timeout))
         report.unsent += requests - level.sent
         report.levels.append(level)
     return report
