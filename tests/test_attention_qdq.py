@@ -110,6 +110,43 @@ def test_fp8_attention_layout(tmp_path, calib):
     assert fusion.precision == "fp8" and fusion.passed == 2 and fusion.blocks[0].rules["fp16_scales"]
 
 
+def _hf_folder(tmp: Path, make) -> Path:
+    """An HF transformers vision model (random weights, seed 0, perturbed) saved with save_pretrained."""
+    import torch
+
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp / "hf")
+    return tmp / "hf"
+
+
+@pytest.mark.parametrize("family", ["siglip", "dinov2"])
+def test_other_families_get_the_same_layout(tmp_path, calib, family):
+    """SigLIP's pooling head is one more attention, with a 1-token query that the export folds into a
+    constant (the probe, projected and scaled): it gets its Q/DQ too, and its block meets the rules."""
+    import transformers as T
+
+    make = {"siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=16)),
+            "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                           mlp_ratio=2, image_size=28, patch_size=14))}[family]
+    report = _export(_hf_folder(tmp_path, make), tmp_path / "m.onnx", "int8", "int8", calib)
+    blocks = 3 if family == "siglip" else 2
+    assert report.golden.passed and report.qdq["attention_quantized"] == report.qdq["attention_blocks"] == blocks
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    fusion = check_attention_fusion(model)
+    assert fusion.passed == blocks and fusion.precision == "int8", fusion.summary()
+    if family == "siglip":
+        g = Graph(model.graph)
+        head = find_attention(model)[-1]
+        assert g.constant(head.q) is not None and g.constant(head.q).shape[-2] == 1  # one learned query
+        assert g.producer[g.nodes[head.qk].input[0]].op_type == "DequantizeLinear"
+
+
 @pytest.fixture(scope="module")
 def int8_graph(tmp_path_factory, calib) -> Path:
     tmp = tmp_path_factory.mktemp("int8")

@@ -268,6 +268,8 @@ def _scale_rule(b: Any, g: Any) -> str:
         value = g.constant(node.input[1]) if len(node.input) > 1 else None
         if node.op_type in ("Mul", "Div") and value is not None and value.size == 1:
             return f"{node.op_type} {name} scales Q·Kᵀ's output instead of Q or K"
+    if g.constant(b.q) is not None:
+        return ""  # a constant Q (a pooling head's probe): the export folded the scale into it
     for tensor in (b.q, b.k):
         _, passed = g.above(tensor, ("Transpose", "Cast"))
         node = g.producer.get(passed[-1].input[0] if passed else tensor)

@@ -96,7 +96,8 @@ def _is_activation(g: Graph, tensor: str) -> bool:
 
 def find_attention(model: Any) -> list[AttentionBlock]:
     """Every MatMul -> (Mul/Div/Add)* -> Softmax -> MatMul in ``model`` (Q/DQ and Casts looked through),
-    in graph order."""
+    in graph order. Q may be a constant (SigLIP's pooling head: one learned query, its projection and the
+    scale folded into one constant at export); K and V are activations."""
     g = Graph(model.graph)
     blocks = []
     for sm in model.graph.node:
@@ -105,7 +106,8 @@ def find_attention(model: Any) -> list[AttentionBlock]:
         scores, passed = g.above(sm.input[0], QDQ_OPS + BETWEEN_OPS)
         qk = g.producer.get(scores)
         between = tuple(n.name for n in reversed(passed) if n.op_type in BETWEEN_OPS)
-        if qk is None or qk.op_type != "MatMul" or not all(_is_activation(g, i) for i in qk.input):
+        # K is an activation; Q may be a constant: a pooling head's learned probe, projected and scaled at export
+        if qk is None or qk.op_type != "MatMul" or not _is_activation(g, qk.input[1]):
             continue
         pv = _softmax_consumer(g, sm.output[0])
         if pv is None or not _is_activation(g, pv.input[1]):
@@ -157,7 +159,8 @@ class AmaxObserver:
         model = onnx.load(str(fp32_path), load_external_data=False)
         self.blocks = find_attention(model)
         self.input_name = input_name
-        self.tensors = sorted({t for b in self.blocks for t in (b.q, b.k, b.v)})
+        g = Graph(model.graph)
+        self.tensors = sorted({t for b in self.blocks for t in (b.q, b.k, b.v) if g.constant(t) is None})
         self.amax = dict.fromkeys(self.tensors, 0.0)
         known = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
@@ -190,7 +193,9 @@ def quantize_attention(model: Any, precision: str, amax: dict[str, float]) -> li
     g = Graph(model.graph)
     fp8 = precision == "fp8"
     for b in blocks:
-        q_amax = amax.get(b.q, 0.0) * _move_scale(g, b)
+        constant_q = g.constant(b.q)
+        q_range = float(np.abs(constant_q).max()) if constant_q is not None else amax.get(b.q, 0.0)
+        q_amax = q_range * _move_scale(g, b)
         g.refresh()
         qk, pv, sm = g.nodes[b.qk], g.nodes[b.pv], g.nodes[b.softmax]
         edit = _Editor(model.graph, b.qk, precision)

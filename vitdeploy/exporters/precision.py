@@ -94,16 +94,21 @@ def calibration_batches(files: list[Path], preprocess: Callable[[Path], np.ndarr
 def float_nodes(model: Any) -> list[str]:
     """Nodes left unquantized:
 
-    - MatMuls between two activations (Q·Kᵀ and P·V), as ModelOpt's ``--disable_mha_qdq`` does, so
-      attention keeps its float path (TensorRT's fused MHA kernel) and no Q/DQ lands on Softmax;
+    - attention's products (Q·Kᵀ and P·V: MatMuls between two activations, and those of
+      :func:`vitdeploy.exporters.attention.find_attention`, whose Q may be a constant), as ModelOpt's
+      ``--disable_mha_qdq`` does: no Q/DQ lands on Softmax here; the attention pass puts attention's own;
     - the patch embedding on raw pixels, whose input range is the image's, unlike the transformer's
       (no accuracy figure is claimed for this choice: see the README): the Conv, or for a uint8 input
       the MatMul that projects the patches its in-graph preprocessing cut out (:func:`input_prefix`).
     """
+    from vitdeploy.exporters.attention import find_attention
+
     weights = {i.name for i in model.graph.initializer}
     weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     attention = [n.name for n in model.graph.node
                  if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+    # a pooling head's Q·Kᵀ with a constant Q (SigLIP's probe) is attention too, not a linear layer
+    attention += [name for b in find_attention(model) for name in (b.qk, b.pv) if name not in attention]
     prefix = set(input_prefix(model))
     pixels = {o for n in model.graph.node if n.name in prefix for o in n.output}
     projection = [n.name for n in model.graph.node
