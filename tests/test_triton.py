@@ -461,17 +461,25 @@ def test_backend_names_the_vitdeploy_backend_and_old_spellings_still_work(small_
 
 # -- an embedding model: any output name and size (issue 30) -------------------------------------------------
 @pytest.fixture(scope="module")
-def embedding_onnx(digits, tmp_path_factory) -> Path:
+def embedding_onnx(digits, tmp_path_factory) -> dict[str, Path]:
+    """The digits ViT as an embedding model: `vitdeploy export --task embedding` (golden set and all), and
+    traced by torch.onnx's TorchScript exporter (which leaves the output's size symbolic)."""
     from tests.test_embeddings import export_embedding
+    from vitdeploy.exporters import ExportOptions, export_onnx
 
-    return export_embedding(digits["checkpoint"], tmp_path_factory.mktemp("triton_embed") / "embed.onnx")
+    root = tmp_path_factory.mktemp("triton_embed")
+    return {"real": export_onnx(digits["checkpoint"], root / "embed.onnx",
+                                options=ExportOptions(dynamic_batch=True, task="embedding")).path,
+            "traced": export_embedding(digits["checkpoint"], root / "traced.onnx")}
 
 
-def test_an_embedding_models_repository_declares_its_output(embedding_onnx, tmp_path):
+@pytest.mark.parametrize("which", ["real", "traced"])
+def test_an_embedding_models_repository_declares_its_output(embedding_onnx, tmp_path, which):
     from tritonclient.grpc import model_config_pb2
 
     for backend in ("native", "python"):
-        out = triton_mod.write_triton_repo(embedding_onnx, tmp_path / backend, name="emb", triton_backend=backend)
+        out = triton_mod.write_triton_repo(embedding_onnx[which], tmp_path / backend, name="emb",
+                                           triton_backend=backend)
         cfg = _parse_pbtxt(out.config)
         assert [(o.name, list(o.dims), o.label_filename) for o in cfg.output] == [("embeddings", [64], "")]
         assert model_config_pb2.DataType.Name(cfg.output[0].data_type) == "TYPE_FP32"
@@ -480,15 +488,15 @@ def test_an_embedding_models_repository_declares_its_output(embedding_onnx, tmp_
 
 def test_triton_serves_an_embedding_model_as_onnx_runtime_answers(local_triton, embedding_onnx, tmp_path):
     repo = tmp_path / "repo"
-    r = CliRunner().invoke(main, ["triton", str(embedding_onnx), "--repo", str(repo), "--name", "emb",
+    r = CliRunner().invoke(main, ["triton", str(embedding_onnx["real"]), "--repo", str(repo), "--name", "emb",
                                   "--triton-backend", "python", "--execution-env", str(local_triton.env),
                                   "--max-batch", "8", "--threads", "1"])
     assert r.exit_code == 0, r.output
     server = harness.start_tritonserver(local_triton, repo, log_dir=tmp_path)
     try:
         x = np.random.default_rng(5).standard_normal((5, 3, 224, 224)).astype(np.float32)
-        with open_runtime(embedding_onnx) as rt:
-            want = rt.infer(x)
+        with open_runtime(embedding_onnx["real"]) as rt:
+            want = rt.infer(x)  # and the model verified its golden embeddings as it loaded in Triton
         got = _http_infer(server.http_url, "emb", x)  # the output's name read from Triton's model metadata
         assert got.shape == (5, 64)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
