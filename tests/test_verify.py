@@ -490,3 +490,24 @@ def test_tune_never_chooses_a_path_that_fails_the_golden_set(golden_onnx, tmp_pa
                                              r"'synthetic-\d' drifted"):
         tune(bad, batch=2, threads=[1], iters=3)
     assert not plan_path(bad).exists()
+
+
+def test_build_records_the_graphs_precision_not_the_metadatas_claim(golden_onnx, tmp_path):
+    """An FP32 ONNX whose metadata (and golden set) claim fp8: the engine's sidecar records fp32, read from
+    the graph, so the engine's golden check is held to FP32's tolerance."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
+    import onnx
+
+    from vitdeploy.artifacts.golden import tolerance_for
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
+    from vitdeploy.verify import artifact_precision
+
+    claim = _with_golden(golden_onnx, tmp_path / "claim.onnx",
+                         lambda d: d.update(precision="fp8", tolerance=tolerance_for("fp8")))
+    model = onnx.load(str(claim))
+    next(p for p in model.metadata_props if p.key == "vitdeploy.precision").value = "fp8"
+    onnx.save(model, str(claim))
+    assert read_onnx_metadata(claim).precision == "fp8" and artifact_precision(claim) == "fp32"
+    report = build_engine(claim, tmp_path / "claim.engine",
+                          BuildOptions(flavour="rtx", compute_capabilities=["sm89"], max_batch=2))
+    assert report.precision == "fp32" and artifact_precision(tmp_path / "claim.engine") == "fp32"

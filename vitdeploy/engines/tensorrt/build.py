@@ -304,6 +304,15 @@ def _onnx_metadata(onnx_path: Path) -> dict[str, Any]:
         return {}  # a foreign ONNX builds; predict/serve then need labels some other way
 
 
+def _graph_precision(onnx_path: Path) -> str:
+    """The precision the engine computes in: its ONNX's, read from the graph (a strongly typed build keeps
+    the graph's types), never the metadata's claim; the golden check's tolerance is based on it."""
+    from vitdeploy.artifacts.precision import graph_precision
+    from vitdeploy.io import load_onnx_graph
+
+    return graph_precision(load_onnx_graph(onnx_path))
+
+
 def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions | None = None,
                  progress: bool = False, cancel: threading.Event | None = None,
                  on_phase: Callable[[str], None] | None = None) -> BuildReport:
@@ -343,7 +352,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     side = EngineSidecar(
         flavour=flavour, trt_version=trt.__version__, targets=targets,
         gpu=gpu[0] if gpu and flavour != TENSORRT_RTX else None,
-        precision=meta.get("precision", "unknown"), io=_io_tensors(network), profile=profile,
+        precision=_graph_precision(onnx_path), io=_io_tensors(network), profile=profile,
         onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
         options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         build_seconds=round(seconds, 3), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
