@@ -645,3 +645,24 @@ def test_vitdeploy_serve_gets_ready_on_a_real_embedding_export_and_embeds(embed_
         r = httpx.post(srv.url + "/v1/embed", content=png.read_bytes(), timeout=30)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["embedding"], want, atol=1e-5)
+
+
+def test_eval_of_a_classifier_against_its_fp32_reference_is_top1_agreement(digits, tmp_path):
+    from click.testing import CliRunner
+
+    from tests.test_deploy import _subset, _torch_accuracy
+    from vitdeploy.cli import main
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    data = _subset(digits["test"], tmp_path / "test", 8)
+    fp16 = export_onnx(digits["checkpoint"], tmp_path / "d-fp16.onnx",
+                       options=ExportOptions(dynamic_batch=True, precision="fp16")).path
+    r = CliRunner().invoke(main, ["eval", "-m", str(fp16), "--data", str(data), "--reference",
+                                  str(digits["checkpoint"]), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    torch_top1 = _torch_accuracy(digits["checkpoint"], data)
+    assert got["task"] == "classification" and got["measure"] == "top-1"
+    assert got["reference"]["measure"] == "top-1 agreement" and got["reference"]["mean"] >= 0.98
+    assert got["reference"]["reference_score"] == pytest.approx(torch_top1, abs=1e-9)  # torch's own top-1
+    assert abs(got["accuracy"] - torch_top1) <= 1 / got["total"]
