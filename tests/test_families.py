@@ -331,3 +331,82 @@ def test_each_family_exports_and_onnx_runtime_equals_hf(tmp_path, name):
     assert cosine.min() >= min_cosine, cosine
     if max_diff is not None:
         assert np.abs(got - expected).max() <= max_diff
+
+
+# -- preprocessing read from preprocessor_config.json, against each family's HF image processor -----------
+def _processor(name: str):
+    import transformers as T
+
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return {
+        "clip-vision-projection": T.CLIPImageProcessor(crop_size={"height": 32, "width": 32},
+                                                       size={"shortest_edge": 32}),
+        # facebook/dinov2-*: shortest edge 256, a 224 crop (here scaled to the tiny model's 28: 32 then 28)
+        "dinov2": T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                      resample=3, **imagenet),
+        "siglip-vision": T.SiglipImageProcessor(size={"height": 32, "width": 32}),
+        "deit-teacher": T.DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32},
+                                             **imagenet),
+    }[name]
+
+
+def _photos():
+    """Non-square RGB images with structure (gradients, edges, noise), as Pillow writes them."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i, (w, h) in enumerate([(97, 61), (53, 120), (640, 427)]):
+        rng = np.random.default_rng(i)
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.int16)
+        arr = np.clip(arr + rng.integers(-40, 40, arr.shape), 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr)
+        ImageDraw.Draw(im).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(250, 20, 60))
+        out.append(im)
+    return out
+
+
+@pytest.mark.parametrize("name", ["clip-vision-projection", "dinov2", "siglip-vision", "deit-teacher"])
+def test_pixels_equal_the_family_image_processor(tmp_path, name):
+    import numpy as np
+
+    from vitdeploy import load_model
+    from vitdeploy.preprocess import Preprocessing
+
+    _, _, _, folder = _reference_folder(name, tmp_path)
+    processor = _processor(name)
+    processor.save_pretrained(folder)
+    prep = Preprocessing.from_config(load_model(folder).config)
+    photos = _photos()
+    if name == "deit-teacher":
+        # DeiTImageProcessor squashes to height x width before its crop; vitdeploy keeps the aspect ratio
+        # (timm's DeiT eval transform): the two agree on square images, the ones checked here
+        photos = [im.resize((min(im.size), min(im.size))) for im in photos]
+    for image in photos:
+        theirs = processor(image, return_tensors="np")["pixel_values"][0]
+        ours = prep(image)
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() <= 1e-5, (image.size, np.abs(ours - theirs).max())
+
+
+# -- the digits model in each family's shape (python -m vitdeploy.datasets --family ...) ------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deit", "dinov2", "dinov2-registers", "clip", "siglip"])
+def test_the_digits_model_trains_in_each_family_shape(tmp_path, family):
+    """Trained weights for INT8/FP8 measurements: a classifier's held-out top-1, an embedding model's
+    1-nearest-neighbour top-1 (it is trained through a linear head that it returns without)."""
+    from vitdeploy import save_model
+    from vitdeploy.datasets import knn_top1, train_digits_vit, write_digits
+    from vitdeploy.engines.torch_backend import TorchRuntime
+    from vitdeploy.evaluate import evaluate_folder
+
+    train, test = write_digits(tmp_path / "digits")
+    model = train_digits_vit(train, family=family)
+    assert not any(k.startswith("classifier") for k in model.state_dict()) or model.config.task == "classification"
+    if model.config.task == "classification":
+        save_model(model, tmp_path / "m.safetensors")
+        score = evaluate_folder(TorchRuntime(tmp_path / "m.safetensors"), test).accuracy
+    else:
+        score = knn_top1(model, train, test)
+    assert score >= 0.9, (family, score)

@@ -275,7 +275,11 @@ class ViTConfig:
         atomic_write_bytes(Path(path), self.to_json().encode())
 
     def apply_preprocessor_config(self, d: dict[str, Any]) -> ViTConfig:
-        """Take mean/std/resample from an HF ``preprocessor_config.json``."""
+        """Take mean/std/resample and the resize from an HF ``preprocessor_config.json``: a shortest-edge
+        resize then a centre crop (CLIPImageProcessor, BitImageProcessor for DINOv2) is ``crop_pct =
+        crop / shortest_edge``; a resize to height x width without a crop (ViT, SigLIP) is ``crop_pct=None``."""
+        if not isinstance(d, dict):
+            raise ConfigError("preprocessor_config.json is not a JSON object")
         changes: dict[str, Any] = {}
         if "image_mean" in d:
             changes["image_mean"] = tuple(d["image_mean"])
@@ -285,7 +289,24 @@ class ViTConfig:
             changes["interpolation"] = _PIL_RESAMPLE[d["resample"]]
         if d.get("crop_pct"):
             changes["crop_pct"] = float(d["crop_pct"])
+        elif "size" in d:
+            changes["crop_pct"] = _hf_crop_pct(d)
         return self.replace(**changes) if changes else self
+
+
+def _hf_crop_pct(d: dict[str, Any]) -> float | None:
+    """An HF image processor's resize and crop as timm's crop_pct (None: resized straight to the input)."""
+    size, crop = d.get("size"), d.get("crop_size")
+    shortest = size if isinstance(size, int) else size.get("shortest_edge") if isinstance(size, dict) else None
+    if isinstance(size, dict) and shortest is None and "height" in size:
+        shortest = size["height"] if d.get("do_center_crop") else None  # DeiT: 256x256, then a 224 crop
+    if not d.get("do_center_crop", True) or shortest is None or crop is None:
+        return None
+    side = crop if isinstance(crop, int) else crop.get("height") if isinstance(crop, dict) else None
+    if not (isinstance(side, int) and isinstance(shortest, int) and 0 < side <= shortest):
+        raise ConfigError(f"preprocessor_config.json's size {size!r} and crop_size {crop!r} are not a resize "
+                          "then a smaller centre crop")
+    return side / shortest
 
 
 # name -> (hidden, layers, heads, mlp). timm/HF's published sizes.

@@ -1,6 +1,9 @@
-"""scikit-learn's bundled digits as an image folder, and a tiny ViT trained on it in seconds.
+"""scikit-learn's bundled digits as an image folder, and a tiny ViT trained on it in seconds, in the shape
+of any family (DeiT, DINOv2, CLIP, SigLIP: their tokens, blocks and heads at a tiny width).
 
-Real accuracy numbers for FP32 / FP16 / INT8 need a trained model; nothing is downloaded.
+Real accuracy numbers for FP32 / FP16 / INT8 need a trained model; nothing is downloaded. An embedding
+family (CLIP, SigLIP, DINOv2 as a backbone) is trained through a linear head on its embedding, which is
+dropped after: the checkpoint gives embeddings, scored by k-nearest neighbours.
 """
 
 from __future__ import annotations
@@ -11,16 +14,32 @@ from typing import Any
 import numpy as np
 
 DIGIT_LABELS = [str(i) for i in range(10)]
+# each family's block options at the digits model's size (vitdeploy.families sets the same from HF configs)
+FAMILY_SHAPES: dict[str, dict[str, Any]] = {
+    "vit": {},
+    "deit": {"model_type": "deit", "distillation_token": True, "classifier_input": "cls_distilled"},
+    "dinov2": {"model_type": "dinov2", "layerscale_value": 1.0, "classifier_input": "cls_patch_mean",
+               "layer_norm_eps": 1e-6},
+    "dinov2-registers": {"model_type": "dinov2_with_registers", "layerscale_value": 1.0, "num_register_tokens": 4,
+                         "layer_norm_eps": 1e-6, "task": "embedding"},
+    "clip": {"model_type": "clip_vision_model", "pre_norm": True, "patch_bias": False, "hidden_act": "quick_gelu",
+             "projection_dim": 32, "layer_norm_eps": 1e-5, "task": "embedding"},
+    "siglip": {"model_type": "siglip_vision_model", "class_token": False, "pooling": "map",
+               "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "task": "embedding"},
+}
 
 
-def digits_config(**overrides: Any) -> Any:
-    """A small ViT at 224x224 for 10 digit classes (patch 32: 49 tokens)."""
+def digits_config(family: str = "vit", **overrides: Any) -> Any:
+    """A small ViT at 224x224 for 10 digit classes (patch 32: 49 tokens), in ``family``'s shape."""
     from vitdeploy.config import ViTConfig
+    from vitdeploy.errors import ConfigError
 
+    if family not in FAMILY_SHAPES:
+        raise ConfigError(f"no digits model for family {family!r}: choose one of {', '.join(FAMILY_SHAPES)}")
     defaults: dict[str, Any] = {
         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
         "patch_size": 32, "image_size": 224, "num_labels": 10, "id2label": dict(enumerate(DIGIT_LABELS)),
-        "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5),
+        "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5), **FAMILY_SHAPES[family],
     }
     defaults.update(overrides)
     return ViTConfig(**defaults)
@@ -45,19 +64,24 @@ def write_digits(folder: str | Path, test_fraction: float = 0.25, seed: int = 0)
     return root / "train", root / "test"
 
 
-def train_digits_vit(train_dir: str | Path, epochs: int = 20, seed: int = 0, batch_size: int = 64) -> Any:
-    """Train ``digits_config()`` on an image folder; returns the model in eval mode."""
+def train_digits_vit(train_dir: str | Path, epochs: int = 20, seed: int = 0, batch_size: int = 64,
+                     family: str = "vit") -> Any:
+    """Train ``digits_config(family)`` on an image folder; returns the model in eval mode. An embedding
+    model learns through a linear head on its embedding, returned without it."""
     import torch
 
     from vitdeploy.checkpoints import build_model
     from vitdeploy.preprocess import Preprocessing, labelled_images, load_images
 
-    cfg = digits_config()
+    cfg = digits_config(family)
     files, classes = labelled_images(train_dir)
     x = torch.from_numpy(load_images(files, Preprocessing.from_config(cfg)))
     y = torch.tensor([int(c) for c in classes])
     torch.manual_seed(seed)
-    model = build_model(cfg, seed=seed).train()
+    base = build_model(cfg, seed=seed)
+    model = base if cfg.task == "classification" else torch.nn.Sequential(
+        base, torch.nn.Linear(cfg.output_size, len(DIGIT_LABELS)))
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
@@ -70,7 +94,7 @@ def train_digits_vit(train_dir: str | Path, epochs: int = 20, seed: int = 0, bat
             loss.backward()
             opt.step()
             sched.step()
-    return model.eval()
+    return base.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("out", type=Path)
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--family", choices=list(FAMILY_SHAPES), default="vit",
+                    help="train the digits model in this family's shape (its tokens, blocks and head)")
     args = ap.parse_args(argv)
     from vitdeploy.checkpoints import save_model
     from vitdeploy.engines.torch_backend import TorchRuntime
@@ -88,13 +114,34 @@ def main(argv: list[str] | None = None) -> None:
 
     train, test = write_digits(args.out / "digits")
     t0 = time.perf_counter()
-    model = train_digits_vit(train, epochs=args.epochs)
-    ckpt = args.out / "digits_vit.safetensors"
+    model = train_digits_vit(train, epochs=args.epochs, family=args.family)
+    name = "digits_vit" if args.family == "vit" else f"digits_{args.family.replace('-', '_')}"
+    ckpt = args.out / f"{name}.safetensors"
     save_model(model, ckpt)
-    acc = evaluate_folder(TorchRuntime(ckpt), test).accuracy
-    print(f"trained in {time.perf_counter() - t0:.0f} s: {ckpt}, held-out top-1 {acc * 100:.1f}% "
-          f"({test}); try: vitdeploy export --model {ckpt} --output digits.onnx --precision int8 "
-          f"--calib-dir {train}")
+    if model.config.task == "classification":
+        score = f"held-out top-1 {evaluate_folder(TorchRuntime(ckpt), test).accuracy * 100:.1f}% ({test})"
+    else:
+        score = f"held-out 1-nearest-neighbour top-1 {knn_top1(model, train, test) * 100:.1f}% ({test})"
+    print(f"trained in {time.perf_counter() - t0:.0f} s: {ckpt}, {score}; try: vitdeploy export --model {ckpt} "
+          f"--output {name}.onnx --precision int8 --calib-dir {train}")
+
+
+def knn_top1(model: Any, train_dir: str | Path, test_dir: str | Path) -> float:
+    """1-nearest-neighbour top-1 (cosine) of an embedding model's vectors: test images against train images."""
+    import torch
+
+    from vitdeploy.preprocess import Preprocessing, labelled_images, load_images
+
+    prep = Preprocessing.from_config(model.config)
+    vectors = []
+    for folder in (train_dir, test_dir):
+        files, classes = labelled_images(folder)
+        with torch.no_grad():
+            v = model(torch.from_numpy(load_images(files, prep))).numpy()
+        vectors.append((v / np.linalg.norm(v, axis=1, keepdims=True), np.asarray(classes)))
+    (train_v, train_c), (test_v, test_c) = vectors
+    nearest = (test_v @ train_v.T).argmax(axis=1)
+    return float(np.mean(train_c[nearest] == test_c))
 
 
 if __name__ == "__main__":

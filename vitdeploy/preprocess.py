@@ -115,6 +115,11 @@ class Preprocessing:
         th, tw = self.image_size
         if self.crop_pct is None:
             return tw, th
+        if th == tw:  # torchvision's and HF's shortest-edge resize (timm, CLIP, DINOv2): the long side truncated
+            short = math.floor(th / self.crop_pct + 1e-6)
+            if width <= height:
+                return short, max(short, int(short * height / max(1, width)))
+            return max(short, int(short * width / max(1, height))), short
         ratio = max(th / self.crop_pct / max(1, height), tw / self.crop_pct / max(1, width))
         return max(tw, round(width * ratio)), max(th, round(height * ratio))
 
