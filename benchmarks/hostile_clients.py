@@ -3,16 +3,17 @@
     python benchmarks/hostile_clients.py [MODEL.onnx] [--json out.json]
 
 Starts `vitdeploy serve` with default flags on a tiny ViT (224x224 input, exported first when no model is
-given), then runs the catalogue: memory (a dense 100 MB JSON body, 6300x6300 palette PNGs, a burst of
-max-batch requests), slow and idle clients (stalled 100 MB uploads, 100 connections with partial or no
-request head), 20 gzip bombs, malformed numbers and shapes, NaN and infinity, garbage images, a thin
-24190x10 PNG under crop_pct 0.9 (issue 29, item 2), a second server with an API key and TLS, and a third
-on a uint8 model (--uint8-input) where 6 good clients send KServe v2 UINT8 requests alone, then beside 2
-clients posting JSON floats to /v1/logits (issue 29, item 1: every good request must get its 200). A probe asks /healthz every 20 ms throughout and samples the
-server's RSS. Per attack it prints the status codes, the time, the server's peak RSS during the attack
-and its RSS after, and the slowest /healthz answer; it fails (exit 1) if any /healthz took 100 ms or more,
-if any answer was a 500 or not JSON, or if peak RSS went over the memory budget plus the footprint before
-the attack plus the connections' transport buffers (~128 KB each, outside the budget).
+given), then runs the catalogue: memory (a dense 100 MB JSON body, 6300x6300 palette PNGs, a burst of max-
+batch requests), slow and idle clients (stalled 100 MB uploads, 100 connections with partial or no request
+head), 20 gzip bombs, malformed numbers and shapes, NaN and infinity, garbage images, a thin 24190x10 PNG
+under crop_pct 0.9 (issue 29, item 2), a second server with an API key and TLS, and a third on a uint8
+model (--uint8-input) where 6 good clients send KServe v2 UINT8 requests alone, then beside 2 clients
+posting JSON floats to /v1/logits (issue 29, item 1: every good request must get its 200). A probe asks
+/healthz every 20 ms throughout and samples the server's RSS. Per attack it prints the status codes, the
+time, the server's peak RSS during the attack and its RSS after, and the slowest /healthz answer; it fails
+(exit 1) if any /healthz took 100 ms or more, if any answer was a 500 or not JSON, or if peak RSS went
+over the memory budget plus the footprint before the attack plus the connections' transport buffers (~128
+KB each, outside the budget).
 """
 
 from __future__ import annotations
