@@ -666,3 +666,20 @@ def test_eval_of_a_classifier_against_its_fp32_reference_is_top1_agreement(digit
     assert got["reference"]["measure"] == "top-1 agreement" and got["reference"]["mean"] >= 0.98
     assert got["reference"]["reference_score"] == pytest.approx(torch_top1, abs=1e-9)  # torch's own top-1
     assert abs(got["accuracy"] - torch_top1) <= 1 / got["total"]
+
+
+def test_the_torch_runtime_of_an_embedding_checkpoint_says_so_and_answers_as_its_export(embed, digits, tmp_path):
+    """A checkpoint saved as an embedding model runs on the torch backend with the metadata the exporter
+    writes (task, output name and size), so eval, predict and serve treat it as they treat its ONNX."""
+    from vitdeploy import save_model
+    from vitdeploy.checkpoints import resolve
+    from vitdeploy.engines import open_runtime
+
+    ckpt = tmp_path / "embed.safetensors"
+    save_model(resolve(str(digits["checkpoint"]), None, task="embedding").model, ckpt)
+    x = np.random.default_rng(4).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with open_runtime(ckpt, backend="torch") as rt, open_runtime(embed["fp32"]) as ref:
+        meta = rt.metadata
+        assert (meta.task, meta.output_size, meta.labels, rt.output_name) == ("embedding", EMBED_SIZE, [],
+                                                                             "embeddings")
+        np.testing.assert_allclose(rt.infer(x), ref.infer(x), atol=1e-4)

@@ -50,10 +50,12 @@ class TorchRuntime(Runtime):
         self.compiled = compile
         h, w = cfg.image_hw
         self.spec = InputSpec("pixel_values", "float32", (cfg.num_channels, h, w), 1, max_batch)
+        embedding = cfg.task == "embedding"  # as the exporter writes it: the model's task and output
         self.metadata = ArtifactMetadata(
             version=__version__, config=cfg.to_dict(), preprocessing=Preprocessing.from_config(cfg).to_dict(),
-            labels=cfg.labels, precision=dtype, batch="dynamic", source=str(source),
-            source_sha256=loaded.sha256 or "",
+            labels=[] if embedding else cfg.labels, precision=dtype, batch="dynamic", source=str(source),
+            source_sha256=loaded.sha256 or "", task=cfg.task, output_size=cfg.output_size,
+            normalized=embedding and cfg.normalize,
         )
         self.output_name = self.metadata.output_name  # the task's output (logits or embeddings)
 
