@@ -56,7 +56,7 @@ class Runtime(abc.ABC):
     backend: str = "?"
     where: str = "cpu"  # where the model runs: "cpu" or "cuda"
     threads: int | None = None  # CPU threads the backend uses, where it has a setting
-    output_name: str = "logits"  # the logits tensor's name in the artifact
+    output_name: str = "logits"  # the output tensor's name in the artifact (logits, or embeddings: its task's)
     # the device phases (ms) of the last call made from the calling thread, where measured (TensorRT: per thread)
     last_timing: Mapping[str, float] = MappingProxyType({})
     instances: int = 1  # calls that can run at once without waiting for each other (TensorRT contexts)
