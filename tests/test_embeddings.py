@@ -204,6 +204,10 @@ def test_eval_refuses_a_reference_of_another_task_in_one_line(embed, digits, tmp
                                   str(other), "--no-verify"])
     assert r.exit_code == 1 and "classification model with 3 outputs" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+    plain = tiny_onnx(tmp_path / "plain.onnx")  # no vitdeploy metadata at all
+    r = CliRunner().invoke(main, ["eval", "-m", str(embed["fp32"]), "--data", str(digits["test"]), "--reference",
+                                  str(plain), "--no-verify"])
+    assert r.exit_code == 1 and "the reference carries no vitdeploy metadata" in r.output, r.output
 
 
 def test_evaluate_folder_refuses_an_embedding_model(embed, digits):

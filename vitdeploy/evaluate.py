@@ -217,7 +217,10 @@ def _metadata(runtime: Runtime) -> Any:
 
 def _check_reference(runtime: Runtime, reference: Runtime) -> None:
     """A reference must answer the same question: same task and output size."""
-    a, b = _metadata(runtime), _metadata(reference)
+    if reference.metadata is None:
+        raise VitDeployError("the reference carries no vitdeploy metadata (its preprocessing and task): give the "
+                             "FP32 export of the same model, made by `vitdeploy export`")
+    a, b = _metadata(runtime), reference.metadata
     if (a.task, a.output_size) != (b.task, b.output_size):
         raise VitDeployError(f"the reference is a {b.task} model with {b.output_size} outputs and this is a {a.task} "
                              f"model with {a.output_size}: give the FP32 export of the same model as --reference")
