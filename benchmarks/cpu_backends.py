@@ -7,15 +7,18 @@ Every row runs on the CPU (torch device="cpu", ONNX Runtime's CPU provider, Open
 same number of threads, and says so. Rows: HF transformers FP32 with its default attention (SDPA)
 and with eager attention (ratios are against the default, what a user runs today); our torch model
 FP32 and bf16; our ONNX FP32 / FP16 / INT8 Q/DQ on ONNX Runtime (INT8 with activation Q/DQ as uint8
-and as written) and OpenVINO (f32 and bf16 hints, INT8, THROUGHPUT streams); and "auto": the path
-`vitdeploy tune` chose for each file on this machine (tuned in this run). Each row's peak memory is
-its own (RSS above the process's before its runtime was opened). Then: INT8 top-1 agreement with
-FP32 on the trained digits model for every INT8 path, the achieved INT8 GOP/s against the u8 x s8
-matrix-product ceiling `cpu_roofline.py` measures, and the targets:
+and as written) and OpenVINO (f32 and bf16 hints, INT8, THROUGHPUT streams); the same for INT8 with
+INT8 attention (``export --attention int8``: Q/DQ on Q·Kᵀ, the Softmax output and P·V; rows "int8-attn",
+their OpenVINO rows naming the element types its attention subgraph reads, "i8" where attention runs in
+int8); and "auto": the path `vitdeploy tune` chose for each file on this machine (tuned in this run).
+Each row's peak memory is its own (RSS above the process's before its runtime was opened). Then: INT8
+top-1 agreement with FP32 on the trained digits model for every INT8 path, the achieved INT8 GOP/s
+against the u8 x s8 matrix-product ceiling `cpu_roofline.py` measures, and the targets:
 
 - auto within 5% of the fastest path measured, at each batch size, per file;
-- at batch 1 on ViT-B/16, the fastest path at least 6x HF transformers default, with >= 99% top-1
-  agreement with FP32 on digits (AVX-512 VNNI CPUs);
+- at batch 1 on ViT-B/16, the fastest path at least 10x HF transformers default (issue 31, on an AMX
+  Xeon; 6x was the earlier target on AVX-512 VNNI CPUs), with >= 99% top-1 agreement with FP32 on digits;
+  batch 8 reported beside it;
 - INT8 GOP/s at least 60% of the u8 x s8 ceiling.
 
 Needs the dev extra (transformers, scikit-learn) and optionally openvino. Smoke-run it on a small
@@ -69,6 +72,79 @@ def interleaved(names: list[str], factories: dict[str, Callable[[], Runtime]], b
     return {name: float(np.median(v)) for name, v in runs.items()}
 
 
+FILES_TUNED = ("fp32", "int8", "int8-attn")
+
+
+def export_files(ckpt: Path, out: Path, stem: str, train: Path, calib: int) -> dict[str, Path]:
+    """FP32, FP16, INT8 with attention float, and INT8 with INT8 attention (``--attention auto``: where the
+    accuracy check refuses it, the file's attention is float and the note says why)."""
+    onnx: dict[str, Path] = {}
+    for name, prec, attention in (("fp32", "fp32", "auto"), ("fp16", "fp16", "auto"), ("int8", "int8", "float"),
+                                  ("int8-attn", "int8", "auto")):
+        t = time.perf_counter()
+        opts = ExportOptions(dynamic_batch=True, precision=prec, calib_dir=train if prec == "int8" else None,
+                             calib_samples=calib, attention=attention)
+        report = export_onnx(ckpt, out / f"{stem}-{name}.onnx", options=opts)
+        onnx[name] = report.path
+        notes = [n for n in report.notes if n.startswith("attention:")]
+        print(f"exported {name} in {time.perf_counter() - t:.1f} s {'; '.join(notes)}", file=sys.stderr)
+    return onnx
+
+
+def quantized_rows(onnx: dict[str, Path], threads: int, has_ov: bool) -> list[tuple[str, Callable[[], Runtime]]]:
+    """The INT8 files on ONNX Runtime (Q/DQ as uint8 and as written) and on OpenVINO, and FP32 on OpenVINO."""
+    rows: list[tuple[str, Callable[[], Runtime]]] = []
+    for name in ("int8", "int8-attn"):
+        for qdq in ("uint8", "int8"):
+            rows.append((f"onnx {name} (Q/DQ {'as uint8' if qdq == 'uint8' else 'as written'})",
+                         lambda n=name, q=qdq: open_runtime(onnx[n], backend="onnxruntime", device="cpu",
+                                                            threads=threads, qdq_activations=q)))
+    if has_ov:
+        for name, hint, mode in (("fp32", "f32", "LATENCY"), ("fp32", "bf16", "LATENCY"), ("int8", "f32", "LATENCY"),
+                                 ("int8", "bf16", "LATENCY"), ("int8", "f32", "THROUGHPUT"),
+                                 ("int8-attn", "f32", "LATENCY"), ("int8-attn", "bf16", "LATENCY"),
+                                 ("int8-attn", "f32", "THROUGHPUT"), ("int8-attn", "bf16", "THROUGHPUT")):
+            rows.append((f"onnx {name} (openvino {hint}{', streams' if mode == 'THROUGHPUT' else ''})",
+                         lambda n=name, h=hint, m=mode: open_runtime(onnx[n], backend="openvino", threads=threads,
+                                                                     precision_hint=h, hint=m)))
+    return rows
+
+
+def digits_agreement(checkpoint: Path | None, work: Path, train: Path, test: Path, threads: int,
+                     has_ov: bool) -> tuple[Any, dict[str, Any]]:
+    """Top-1 agreement with FP32 of every INT8 path (attention float and INT8 attention) on the trained
+    digits model -> (FP32's evaluation, per path: runtime, accuracy, agreement)."""
+    from vitdeploy import save_model
+    from vitdeploy.datasets import train_digits_vit
+    from vitdeploy.evaluate import evaluate_folder
+    from vitdeploy.tune import tune
+
+    dckpt = checkpoint or work / "digits.safetensors"
+    if checkpoint is None:
+        save_model(train_digits_vit(train), dckpt)
+    d32 = export_onnx(dckpt, work / "d32.onnx", options=ExportOptions(dynamic_batch=True)).path
+    with open_runtime(d32, backend="onnxruntime") as rt:
+        e32 = evaluate_folder(rt, test)
+    agreement = {}
+    for name, attention in (("int8", "float"), ("int8-attn", "int8")):
+        d8 = export_onnx(dckpt, work / f"d-{name}.onnx", options=ExportOptions(
+            dynamic_batch=True, precision="int8", calib_dir=train, calib_samples=256, attention=attention)).path
+        tune(d8, threads=[threads], iters=5)
+        paths: list[tuple[str, Callable[[], Runtime]]] = [
+            ("onnxruntime Q/DQ as uint8", lambda p=d8: open_runtime(p, backend="onnxruntime", qdq_activations="uint8")),
+            ("onnxruntime as written", lambda p=d8: open_runtime(p, backend="onnxruntime", qdq_activations="int8")),
+            ("auto (tuned)", lambda p=d8: open_runtime(p, device="cpu"))]
+        if has_ov:
+            paths += [(f"openvino {h}", lambda p=d8, h=h: open_runtime(p, backend="openvino", precision_hint=h))
+                      for h in ("f32", "bf16")]
+        for label, factory in paths:
+            with factory() as rt:
+                e = evaluate_folder(rt, test)
+                agreement[f"{name} {label}"] = {"runtime": rt.describe(), "accuracy": e.accuracy, "agreement_with_fp32":
+                                                float(np.mean(np.array(e.predictions) == np.array(e32.predictions)))}
+    return e32, agreement
+
+
 def machine_line() -> str:
     from vitdeploy import sysinfo
 
@@ -113,15 +189,9 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, hf_folder / "model.safetensors")
     del model
 
-    onnx: dict[str, Path] = {}
-    for prec in ("fp32", "fp16", "int8"):
-        t = time.perf_counter()
-        opts = ExportOptions(dynamic_batch=True, precision=prec, calib_dir=train if prec == "int8" else None,
-                             calib_samples=args.calib)
-        onnx[prec] = export_onnx(ckpt, args.out / f"{stem}-{prec}.onnx", options=opts).path
-        print(f"exported {prec} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    onnx = export_files(ckpt, args.out, stem, train, args.calib)
     tuned = {}
-    for prec in ("fp32", "int8"):
+    for prec in FILES_TUNED:
         t = time.perf_counter()
         report = tune(onnx[prec], batch=max(batches) if max(batches) > 1 else 8, threads=[threads])
         tuned[prec] = report
@@ -137,17 +207,8 @@ def main() -> None:
     for prec in ("fp32", "fp16"):
         rows.append((f"onnx {prec}", lambda p=prec: open_runtime(onnx[p], backend="onnxruntime", device="cpu",
                                                                    threads=threads)))
-    for qdq in ("uint8", "int8"):
-        rows.append((f"onnx int8 (Q/DQ {'as uint8' if qdq == 'uint8' else 'as written'})",
-                     lambda q=qdq: open_runtime(onnx["int8"], backend="onnxruntime", device="cpu", threads=threads,
-                                                qdq_activations=q)))
-    if has_ov:
-        for prec, hint, mode in (("fp32", "f32", "LATENCY"), ("fp32", "bf16", "LATENCY"), ("int8", "f32", "LATENCY"),
-                                 ("int8", "bf16", "LATENCY"), ("int8", "f32", "THROUGHPUT")):
-            rows.append((f"onnx {prec} (openvino {hint}{', streams' if mode == 'THROUGHPUT' else ''})",
-                         lambda p=prec, h=hint, m=mode: open_runtime(onnx[p], backend="openvino", threads=threads,
-                                                                     precision_hint=h, hint=m)))
-    for prec in ("fp32", "int8"):
+    rows += quantized_rows(onnx, threads, has_ov)
+    for prec in FILES_TUNED:
         rows.append((f"onnx {prec} auto (tuned)", lambda p=prec: open_runtime(onnx[p], device="cpu")))
 
     results: list[BenchResult] = []
@@ -176,8 +237,8 @@ def main() -> None:
     side_by_side: dict[int, dict[str, float]] = {}
     for b in batches:
         names = ["HF transformers default (sdpa)", min(seq_ms[b], key=seq_ms[b].__getitem__)]
-        for prec in ("fp32", "int8"):
-            same = {k: v for k, v in seq_ms[b].items() if k.startswith(f"onnx {prec}") and "auto" not in k}
+        for prec in FILES_TUNED:
+            same = {k: v for k, v in seq_ms[b].items() if k.startswith(f"onnx {prec} ") and "auto" not in k}
             names += [min(same, key=same.__getitem__), f"onnx {prec} auto (tuned)"]
         names = list(dict.fromkeys(names))
         side_by_side[b] = interleaved(names, factories, b, rounds=4, iters=max(2, args.iters // 4 // b))
@@ -196,11 +257,11 @@ def main() -> None:
     summary["side_by_side_ms_per_image"] = side_by_side
     # auto vs the fastest other path for the same file, side by side
     targets: dict[str, Any] = {}
-    for prec in ("fp32", "int8"):
+    for prec in FILES_TUNED:
         for b in batches:
             sbs = side_by_side[b]
             auto = f"onnx {prec} auto (tuned)"
-            others = {k: v for k, v in sbs.items() if k.startswith(f"onnx {prec}") and k != auto}
+            others = {k: v for k, v in sbs.items() if k.startswith(f"onnx {prec} ") and k != auto}
             fastest = min(others, key=others.__getitem__)
             ratio = sbs[auto] / others[fastest]
             plan = tuned[prec].plan
@@ -214,12 +275,19 @@ def main() -> None:
     hf0 = sbs0["HF transformers default (sdpa)"]
     targets[f"fastest b{b0} vs HF default (side by side)"] = {
         "path": best1, "hf_ms": hf0, "path_ms": sbs0[best1], "ratio": hf0 / sbs0[best1],
-        "pass (>= 6x, ViT-B/16 on AVX-512 VNNI)": hf0 / sbs0[best1] >= 6}
+        "pass (>= 10x, ViT-B/16, issue 31's AMX target)": hf0 / sbs0[best1] >= 10}
+    for b in batches[1:]:
+        sbs = side_by_side[b]
+        best = min((k for k in sbs if not k.startswith("HF")), key=sbs.__getitem__)
+        targets[f"fastest b{b} vs HF default (side by side, reported)"] = {
+            "path": best, "hf_ms_per_image": sbs["HF transformers default (sdpa)"], "path_ms_per_image": sbs[best],
+            "ratio": sbs["HF transformers default (sdpa)"] / sbs[best], "images_per_s": 1e3 / sbs[best]}
 
     # INT8 achieved GOP/s against the u8 x s8 ceiling of the same machine
     from cpu_roofline import gemm_throughput  # beside this script, on sys.path when run as a script
 
-    int8_rows = {b: {k: v for k, v in ms[b].items() if k.startswith("onnx int8")} for b in batches}
+    int8_rows = {b: {k: v for k, v in ms[b].items() if k.startswith("onnx int8") and "auto" not in k}
+                 for b in batches}
     gops = {}
     for b in batches:
         fastest = min(int8_rows[b], key=int8_rows[b].__getitem__)
@@ -237,35 +305,14 @@ def main() -> None:
         int8_floor_ms=floor["floor_ms_per_image"], at_most=hf0 / floor["floor_ms_per_image"], floor=floor)
 
     # top-1 agreement with FP32 of every INT8 path, on the trained digits model
-    from vitdeploy.datasets import train_digits_vit
-    from vitdeploy.evaluate import evaluate_folder
-
-    dckpt = args.digits_checkpoint or work / "digits.safetensors"
-    if args.digits_checkpoint is None:
-        save_model(train_digits_vit(train), dckpt)
-    d32 = export_onnx(dckpt, work / "d32.onnx", options=ExportOptions(dynamic_batch=True)).path
-    d8 = export_onnx(dckpt, work / "d8.onnx", options=ExportOptions(
-        dynamic_batch=True, precision="int8", calib_dir=train, calib_samples=256)).path
-    tune(d8, threads=[threads], iters=5)
-    with open_runtime(d32, backend="onnxruntime") as rt:
-        e32 = evaluate_folder(rt, test)
-    agreement = {}
-    paths: list[tuple[str, Callable[[], Runtime]]] = [
-        ("onnxruntime int8 Q/DQ as uint8", lambda: open_runtime(d8, backend="onnxruntime", qdq_activations="uint8")),
-        ("onnxruntime int8 as written", lambda: open_runtime(d8, backend="onnxruntime", qdq_activations="int8")),
-        ("auto (tuned)", lambda: open_runtime(d8, device="cpu"))]
-    if has_ov:
-        paths += [(f"openvino int8 {h}", lambda h=h: open_runtime(d8, backend="openvino", precision_hint=h))
-                  for h in ("f32", "bf16")]
-    for label, factory in paths:
-        with factory() as rt:
-            e = evaluate_folder(rt, test)
-            agreement[label] = {"runtime": rt.describe(), "accuracy": e.accuracy, "agreement_with_fp32": float(
-                np.mean(np.array(e.predictions) == np.array(e32.predictions)))}
+    e32, agreement = digits_agreement(args.digits_checkpoint, work, train, test, threads, has_ov)
     summary["digits"] = {"fp32_accuracy": e32.accuracy, "int8": agreement}
-    targets["digits int8 agreement (auto)"] = {
-        "agreement": agreement["auto (tuned)"]["agreement_with_fp32"],
-        "pass (>= 99%)": agreement["auto (tuned)"]["agreement_with_fp32"] >= 0.99}
+    for name in ("int8", "int8-attn"):
+        a = agreement[f"{name} auto (tuned)"]
+        targets[f"digits {name} agreement (auto)"] = {
+            "agreement": a["agreement_with_fp32"], "pass (>= 99%)": a["agreement_with_fp32"] >= 0.99,
+            "accuracy_drop_points": (e32.accuracy - a["accuracy"]) * 100,
+            "pass (<= 0.5 points)": (e32.accuracy - a["accuracy"]) * 100 <= 0.5}
     summary["targets"] = targets
 
     from rich.console import Console
@@ -286,7 +333,7 @@ def main() -> None:
               f"({g['share']:.0%})")
     print(f"\ndigits (FP32 accuracy {e32.accuracy:.1%}): INT8 top-1 agreement with FP32:")
     for label, a in agreement.items():
-        print(f"  {label:34s} {a['agreement_with_fp32']:.1%} (accuracy {a['accuracy']:.1%}) {a['runtime']}")
+        print(f"  {label:44s} {a['agreement_with_fp32']:.1%} (accuracy {a['accuracy']:.1%}) {a['runtime']}")
     print("\nside by side (alternating rounds), ms per image:")
     for b, sbs in side_by_side.items():
         print(f"  b{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in sbs.items()))
