@@ -526,8 +526,9 @@ def test_bench_and_inspect_take_an_embedding_model(embed, tmp_path):
     r = CliRunner().invoke(main, ["bench", str(embed["fp32"]), "--batch", "1,2", "--warmup", "0", "--iters", "2",
                                   "--threads", "1", "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
-    rows = json.loads((tmp_path / "b.json").read_text())
-    assert rows and all(row.get("status", "ok") == "ok" for row in rows["results"]), rows
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert sorted(row["batch"] for row in rows) == [1, 2], rows
+    assert all(row["status"] == "ok" and row["latency_ms"]["median"] > 0 and row["throughput"] > 0 for row in rows)
 
 
 def test_a_load_test_checks_a_served_embedding_model_against_its_artifact(embed, tmp_path):
