@@ -22,6 +22,7 @@ A client, not a server: this module never imports the serving app (tests/test_lo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -311,19 +312,17 @@ class _ReadAnswer:
         return chunk
 
 
-_BOUNDED: list[Any] = []
-
-
+@functools.cache
 def _bounded_client() -> Any:
-    """tritonclient's HTTP client, reading each answer within LIMITS.answer_bytes."""
-    if not _BOUNDED:
-        class BoundedClient(_th().InferenceServerClient):  # type: ignore[misc, name-defined]
-            def _post(self, request_uri: str, request_body: Any, headers: Any, query_params: Any) -> Any:
-                response = super()._post(request_uri, request_body, headers, query_params)
-                return _ReadAnswer(response, _read_bounded(response, LIMITS.answer_bytes, "an inference answer"))
+    """tritonclient's HTTP client class, reading each answer whole within LIMITS.answer_bytes before
+    tritonclient parses it (its own read takes whatever the server sends)."""
 
-        _BOUNDED.append(BoundedClient)
-    return _BOUNDED[0]
+    class BoundedClient(_th().InferenceServerClient):  # type: ignore[misc]
+        def _post(self, request_uri: str, request_body: Any, headers: Any, query_params: Any) -> Any:
+            response = super()._post(request_uri, request_body, headers, query_params)
+            return _ReadAnswer(response, _read_bounded(response, LIMITS.answer_bytes, "an inference answer"))
+
+    return BoundedClient
 
 
 def _metadata(url: str, model: str, timeout: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
