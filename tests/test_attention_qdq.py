@@ -233,6 +233,40 @@ def test_the_check_on_float_attention_and_hf_eager_scaling():
     assert cosine > 0.99 and np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
 
 
+def test_the_check_names_a_long_sequence_and_float32_fp8_scales():
+    """601 tokens: past INT8's 512 (NVIDIA/TensorRT#3724), within FP8's 3072; an FP8 block whose scales are
+    float32 breaks the FP16-scale rule."""
+    from onnx import TensorProto, helper
+
+    shape = [1, 2, 601, 64]
+    nodes = [helper.make_node("Mul", ["q", "scale"], ["qs"], name="scale_q"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qs", "kt"], ["s"], name="qk"),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="pv")]
+
+    def graph() -> onnx.ModelProto:
+        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
+        g = helper.make_graph(nodes, "long", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, shape)],
+                              [onnx.numpy_helper.from_array(np.array(0.125, np.float32), "scale")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+
+    amax = {"qs": 1.0, "kt": 1.0, "v": 1.0}
+    int8 = graph()
+    quantize_attention(int8, "int8", amax)
+    fusion = check_attention_fusion(int8)
+    assert fusion.blocks[0].broken == "sequence" and fusion.blocks[0].sequence == 601
+    assert "breaks \"sequence length at most 512\": the sequence length is 601" in fusion.summary()
+    fp8 = graph()
+    quantize_attention(fp8, "fp8", amax)
+    assert check_attention_fusion(fp8).passed == 1
+    for init in fp8.graph.initializer:  # scales back to float32
+        if init.data_type == TensorProto.FLOAT16 and init.name.endswith("_scale"):
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init).astype(np.float32), init.name))
+    fusion = check_attention_fusion(fp8)
+    assert fusion.blocks[0].broken == "fp16_scales" and "has a float32 scale" in fusion.blocks[0].why
+
+
 def test_auto_falls_back_to_float_attention_with_the_reason(tmp_path, calib):
     """257 tokens attending alike: every Softmax output is 1/257, under half of INT8's fixed step of 1/127,
     so INT8 attention rounds it all to zero. ``auto`` keeps attention float and says why."""
