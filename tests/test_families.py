@@ -410,3 +410,35 @@ def test_the_digits_model_trains_in_each_family_shape(tmp_path, family):
     else:
         score = knn_top1(model, train, test)
     assert score >= 0.9, (family, score)
+
+
+@pytest.mark.parametrize("case", ["deit", "dinov2", "dinov2-swiglu", "clip", "siglip"])
+def test_flops_of_each_family_match_torch_flop_counter(case):
+    """The analytic count (bench's FLOPs) equals what torch's FlopCounterMode sees in our model's pass."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitdeploy.datasets import digits_config
+    from vitdeploy.model import ViTForImageClassification
+
+    family, extra = {"dinov2-swiglu": ("dinov2", {"use_swiglu_ffn": True})}.get(case, (case, {}))
+    cfg = digits_config(family, hidden_size=48, num_attention_heads=3, intermediate_size=96, image_size=64,
+                        patch_size=16, **extra)
+    model = ViTForImageClassification(cfg).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(2, 3, 64, 64))
+    assert counter.get_total_flops() == cfg.flops(batch=2)
+
+
+def test_our_checkpoint_of_an_embedding_model_refuses_a_classifier_task(tmp_path):
+    from vitdeploy import load_model, save_model
+    from vitdeploy.checkpoints import build_model
+    from vitdeploy.datasets import digits_config
+
+    save_model(build_model(digits_config("dinov2-registers", hidden_size=32, num_attention_heads=2), seed=0),
+               tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").config.task == "embedding"
+    with pytest.raises(VitDeployError, match=r"no classifier head.*--task embedding") as e:
+        load_model(tmp_path / "m.safetensors", task="classification")
+    assert "\n" not in str(e.value)

@@ -358,6 +358,8 @@ def _load_file(path: Path, cfg: ViTConfig | None, options: dict[str, Any]) -> Lo
             from vitdeploy.families.base import HEAD_KEYS
 
             state = {k: v for k, v in state.items() if not HEAD_KEYS.match(k)}
+        elif "classifier.weight" not in state:
+            raise CheckpointError(f"{path.name} is an embedding model (no classifier head): use --task embedding")
         return LoadedCheckpoint(build_model(own, state), str(path), "vitdeploy", _sha256(path))
     layout = detect_layout(state)
     if cfg is None:

@@ -208,10 +208,20 @@ class ViTConfig:
         ``full_last_layer=True`` counts every row there, as HF transformers' forward pass does."""
         (ph, pw), h, s, i = self.patch_hw, self.hidden_size, self.seq_len, self.intermediate_size
         patch = self.num_patches * self.num_channels * ph * pw * h
-        layer = 4 * s * h * h + 2 * s * s * h + 2 * s * h * i
+        mlp = 3 if self.use_swiglu_ffn else 2  # SwiGLU: gate and up to i, down from i
+        layer = 4 * s * h * h + 2 * s * s * h + mlp * s * h * i
         # [CLS] only: K and V of every row; Q, Q·Kᵀ, P·V, attention output and MLP of one row
-        last = layer if full_last_layer else 2 * s * h * h + 2 * h * h + 2 * s * h + 2 * h * i
-        return 2 * batch * (patch + (self.num_hidden_layers - 1) * layer + last + h * self.num_labels)
+        cls_only = (self.classifier_input if self.task == "classification" else self.pooling) == "cls"
+        last = layer if full_last_layer or not cls_only else 2 * s * h * h + 2 * h * h + 2 * s * h + mlp * h * i
+        # the head (family heads beyond ViT's are counted approximately: their matrix products only)
+        head = h * self.num_labels if self.task == "classification" else h * self.projection_dim
+        if self.task == "classification" and self.classifier_input != "cls":
+            head *= 2
+        probe = 0
+        if self.task == "embedding" and self.pooling == "map":  # SigLIP's probe: its Q once per batch,
+            head += h * h + 2 * s * h * h + 2 * s * h + 2 * h * i  # K and V of every row, output, MLP
+            probe = h * h
+        return 2 * batch * (patch + (self.num_hidden_layers - 1) * layer + last + head) + 2 * probe
 
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)

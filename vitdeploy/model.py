@@ -119,7 +119,10 @@ class ViTEmbeddings(nn.Module):
 
     def train(self, mode: bool = True) -> ViTEmbeddings:
         super().train(mode)
-        self.bake() if not mode else setattr(self, "_table", None)
+        if mode:
+            self._table = None  # training moves the positions: interpolate them on each pass
+        else:
+            self.bake()
         return self
 
     def prefix_table(self) -> torch.Tensor:
