@@ -411,3 +411,16 @@ def test_gpu_engines_fuse_quantized_attention(tmp_path, calib):
               f"{results[name][1]:.3f}, batch 64 {results[name][64]:.3f}")
     for name, ms in results.items():
         print(f"{name}: " + ", ".join(f"batch {b}: {results['fp16-float'][b] / ms[b]:.2f}x FP16" for b in (1, 64)))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_tensorrt_builds_the_layout_and_build_prints_the_check(tmp_path, calib, precision):
+    """TensorRT-RTX parses and builds both layouts ahead of time for Ada (sm89) without a GPU, and `build`
+    prints the static check's summary first."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed: pip install 'vitdeploy[tensorrt-rtx]'")
+    _export(_tiny(tmp_path, 64, 2), tmp_path / "m.onnx", precision, precision, calib)
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "m.onnx"), "--compute-capability", "sm89",
+                                  "-o", str(tmp_path / "m.engine")])
+    assert r.exit_code == 0, r.output
+    assert f"attention: 2/2 blocks meet TensorRT's {precision.upper()} fused-attention rules" in r.output
+    assert (tmp_path / "m.engine").stat().st_size > 0
