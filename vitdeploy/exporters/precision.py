@@ -280,7 +280,8 @@ def _qdq(job: PrecisionJob) -> PrecisionResult:
     notes: list[str] = []
     if observer is not None:
         blocks = quantize_attention(proto, job.attention, observer.amax)
-        notes.append(f"attention: {job.attention} Q/DQ on {len(blocks)} blocks (Q·Kᵀ, Softmax output, P·V; "
+        plural = "" if len(blocks) == 1 else "s"
+        notes.append(f"attention: {job.attention} Q/DQ on {len(blocks)} block{plural} (Q·Kᵀ, Softmax output, P·V; "
                      f"TensorRT's fused-attention layout, see `vitdeploy inspect`)")
     return PrecisionResult(proto, job.large, qdq_coverage(proto), notes)
 
