@@ -14,7 +14,11 @@ It also enforces:
 - a context is used only on a thread whose current device (or pycuda context) is its own;
 - set_input_shape / set_tensor_address return False for a shape outside the profile or an address
   that is not 256-byte aligned; set_device_memory needs 256-byte alignment and the engine's size.
-The real-GPU test is at the end, marked ``gpu``.
+The fake device computes (FakeCuda): copies and enqueues are queued per stream and run only at a sync
+(or through an event a synchronized stream waits for), so a sync or wait left out gives a stale answer;
+TensorRT's contexts are held weakly (Contexts), so one dropped with work queued is caught. The real
+CudaPython layer also runs over cudart calls that queue on that device (CudartOverFake), and the real
+PyCuda layer over a fake pycuda. The real-GPU tests are at the end, marked ``gpu``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 import types
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import pytest
@@ -544,9 +548,27 @@ class OldFakeInspector:
         return inspector.get_engine_information(fmt)
 
 
+class Contexts:
+    """The execution contexts an engine created, held weakly as TensorRT's Python objects are by whoever made
+    them: a context the runtime drops is destroyed, so its queued work (FakeContext.enqueue) and its graphs
+    (FakeCuda.launch) see it gone. ``len``: contexts ever created; iterating: those still alive."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+
+    def append(self, ctx: FakeContext) -> None:
+        self.refs.append(weakref.ref(ctx))
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __iter__(self):
+        return (c for c in (r() for r in self.refs) if c is not None)
+
+
 def fake_trt(cuda: FakeCuda, flavour: str = "tensorrt_rtx", in_dtype: str = "FLOAT", version: str = "1.7.1.116",
              fail_in_capture: bool = False, profiles: int = 1, old_inspector: bool = False) -> types.SimpleNamespace:
-    created: dict = {"runtimes": [], "caches": [], "configs": [], "contexts": []}
+    created: dict = {"runtimes": [], "caches": [], "configs": [], "contexts": Contexts()}
     rtx = flavour == "tensorrt_rtx"
     numpy_in = np.dtype({"HALF": "float16", "UINT8": "uint8"}.get(in_dtype, "float32"))
 
@@ -784,6 +806,24 @@ def test_infer_after_infer_torch_is_ordered_on_one_stream(fake, torch_stream):
     rt.close()
 
 
+def test_infer_torch_reads_its_input_after_torch_has_written_it(fake, torch_stream):
+    """torch's kernel that writes the input is still queued on torch's stream when infer_torch is called: the
+    engine must read the input after it (the slot's stream waits for an event on torch's stream), even when
+    the slot's stream is synchronized first (close does that). The race check is off: the answer tells."""
+    _full_trt(fake)
+    rt = _open(fake)
+    fake.cuda.check_races = False
+    x, t = _x(3), FakeCudaTensor(3)
+
+    def write() -> None:
+        TORCH_MEMORY[t.ptr][:] = x.reshape(-1).view(np.uint8)
+
+    fake.cuda.queue(torch_stream, frozenset({t.ptr}), write)  # e.g. torch.from_numpy(x).cuda(), not yet run
+    out = rt.infer_torch(t)
+    rt.close()  # synchronizes the slot's stream before torch's
+    np.testing.assert_allclose(out.numpy(fake.cuda), expected(x), rtol=1e-5)
+
+
 def test_infer_torch_and_infer_from_threads_never_overlap(fake, torch_stream):
     rt = _open(fake)
     errors: list[BaseException] = []
@@ -942,6 +982,54 @@ def test_warm_runs_every_size_on_every_instance_and_serving_then_captures_nothin
         np.testing.assert_allclose(rt.infer(_x(n)), expected(_x(n)), rtol=1e-5)
     assert len(fake.trt.created["contexts"]) == contexts and fake.cuda.captures == captures
     rt.close()
+
+
+class SlotGate:
+    """The runtime's queue of free slots, where a thread that has taken its first slot waits (up to 1 s) for a
+    second thread to take one too before it goes on: the interleaving in which two callers that each take
+    every slot (warm, close) would each hold one and wait forever. A get that finds nothing in 3 s raises
+    (queue.Empty) instead of hanging the test."""
+
+    def __init__(self, free) -> None:
+        self.free, self.taken, self.both = free, {}, threading.Barrier(2, timeout=1)
+
+    def get(self):
+        slot = self.free.get(timeout=3)
+        me = threading.get_ident()
+        self.taken[me] = self.taken.get(me, 0) + 1
+        if self.taken[me] == 1:
+            with suppress(threading.BrokenBarrierError):
+                self.both.wait()
+        return slot
+
+    def put(self, slot) -> None:
+        self.free.put(slot)
+
+
+def test_warm_beside_close_never_holds_half_the_slots(fake):
+    """warm and close both take every slot; at once they must not each take some and wait for the rest."""
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    rt = _open(fake, instances=2)
+    rt._free = SlotGate(rt._free)
+    outcomes: list[str] = []
+
+    def warm() -> None:
+        try:
+            rt.warm(_x(2))
+            outcomes.append("warmed")
+        except VitDeployError as e:  # close went first
+            assert "is closed" in str(e)
+            outcomes.append("closed before warm")
+
+    def close() -> None:  # once warm has taken a slot
+        deadline = time.monotonic() + 5
+        while not rt._free.taken and time.monotonic() < deadline:
+            time.sleep(0.005)
+        rt.close()
+
+    _threads(warm, close)
+    assert rt.closed and len(outcomes) == 1 and fake.cuda.allocs == {}
 
 
 @pytest.mark.parametrize("how", ["instantiate", "begin"])
@@ -1147,6 +1235,8 @@ def _pycuda_memory(threads: PyCudaThreads) -> dict[str, object]:
 
         def time_till(self, other: Event) -> float:
             need("cuEventElapsedTime")
+            if not (self.ev["ops"] | other.ev["ops"]) <= gpu.done:  # both events must have completed
+                raise threads.LogicError("cuEventElapsedTime failed: device not ready")
             return 0.25
 
     def mem_alloc(n: int) -> Alloc:
@@ -1197,9 +1287,23 @@ def pycuda(fake, monkeypatch):
 def test_pycuda_runs_calls_from_any_thread(pycuda):
     rt = _open(pycuda, memory="pycuda")
     assert rt.cuda.name == "pycuda"
-    assert _in_thread(rt.infer, _x(3)).shape == (3, 10)  # the batcher's worker thread
-    assert rt.infer(_x(2)).shape == (2, 10)
+    for n in (3, 1):  # from the batcher's worker thread, then this one; each answer the engine's
+        np.testing.assert_allclose(_in_thread(rt.infer, _x(n)), expected(_x(n)), rtol=1e-5)
+        np.testing.assert_allclose(rt.infer(_x(n + 1)), expected(_x(n + 1)), rtol=1e-5)
     _in_thread(rt.close)
+    assert pycuda.cuda.allocs == {}
+
+
+def test_pycuda_close_after_a_failed_call_waits_for_its_copy(pycuda):
+    """A call whose enqueue fails leaves its copy in queued on the slot's stream (nothing synchronized it):
+    close must let it finish before it frees the buffer it writes."""
+    rt = _open(pycuda, memory="pycuda")
+    pycuda.cuda.last_error = "cudaErrorLaunchFailure"  # TensorRT's enqueue fails (a sticky CUDA error, say)
+    with pytest.raises(VitDeployError, match="TensorRT enqueue failed"):
+        rt.infer(_x(2))
+    pycuda.cuda.last_error = None
+    assert pycuda.cuda.pending[rt.slots[0].stream]  # the copy in, queued
+    rt.close()
     assert pycuda.cuda.allocs == {}
 
 
@@ -1391,6 +1495,158 @@ def test_cuda_python_layer_reports_an_invalidated_capture_and_clears_the_error(m
     assert last["error"] == 0
 
 
+class CudartOverFake:
+    """cuda-python's runtime and driver modules over the computing fake device: the real CudaPython layer's
+    calls (cudaMemcpyAsync from pinned host memory, cudaStreamSynchronize, cudaEventRecord,
+    cudaStreamWaitEvent, capture, ...) become FakeCuda's queued ops, so a sync or a wait the layer leaves out
+    gives a stale answer, a Race or cudaErrorNotReady, as on a GPU."""
+
+    def __init__(self, gpu: FakeCuda) -> None:
+        self.gpu, self.host = gpu, {}  # pinned address -> the array that owns it
+        rt = self.runtime = types.ModuleType("cuda.bindings.runtime")
+        rt.cudaStreamNonBlocking = 1
+        rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+        rt.cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=2)
+        for name in dir(self):
+            if name.startswith("cuda"):
+                setattr(rt, name, getattr(self, name))
+        self.driver = types.ModuleType("cuda.bindings.driver")
+        self.driver.cuCtxGetCurrent = lambda: (0, 1 if hasattr(gpu.tls, "device") else 0)
+
+    def install(self, monkeypatch) -> None:
+        bindings = types.ModuleType("cuda.bindings")
+        bindings.runtime, bindings.driver = self.runtime, self.driver
+        for name, module in (("cuda.bindings", bindings), ("cuda.bindings.runtime", self.runtime),
+                             ("cuda.bindings.driver", self.driver)):
+            monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.setattr(cuda_memory, "device_memory", REAL_DEVICE_MEMORY)
+
+    def _view(self, address: int, nbytes: int) -> np.ndarray:
+        import ctypes
+
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address))
+
+    def cudaGetDeviceCount(self) -> tuple:
+        return 0, 2
+
+    def cudaGetDevice(self) -> tuple:
+        return 0, self.gpu.thread_device()
+
+    def cudaSetDevice(self, device: int) -> tuple:
+        self.gpu.tls.device = device
+        return (0,)
+
+    def cudaGetLastError(self) -> tuple:
+        self.gpu.clear_error()
+        return (0,)
+
+    def cudaMalloc(self, nbytes: int) -> tuple:
+        return 0, self.gpu.malloc(nbytes)
+
+    def cudaFree(self, ptr: int) -> tuple:
+        self.gpu.free(ptr)
+        return (0,)
+
+    def cudaMallocHost(self, nbytes: int) -> tuple:
+        owner = np.zeros(nbytes + 256, np.uint8)
+        address = owner.ctypes.data + (-owner.ctypes.data % 256)
+        self.host[address] = owner
+        return 0, address
+
+    def cudaFreeHost(self, address: int) -> tuple:
+        self.gpu._busy("cudaFreeHost", lambda op, mem: op in self.gpu.copies)
+        del self.host[address]
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple:
+        s = self.gpu.stream()
+        self.gpu.streams[s] = not flags & 1
+        return 0, s
+
+    def cudaStreamDestroy(self, stream: int) -> tuple:
+        self.gpu.destroy_stream(stream)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> tuple:
+        if kind == 1:
+            self.gpu.htod(dst, self._view(src, nbytes), stream)
+        else:
+            self.gpu.dtoh(self._view(dst, nbytes), src, stream)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple:
+        self.gpu.sync(stream)
+        return (0,)
+
+    def cudaEventCreate(self) -> tuple:
+        return 0, self.gpu.event()
+
+    def cudaEventRecord(self, event: dict, stream: int) -> tuple:
+        self.gpu.record(event, stream)
+        return (0,)
+
+    def cudaEventElapsedTime(self, start: dict, end: dict) -> tuple:
+        return 0, self.gpu.elapsed_ms(start, end)
+
+    def cudaStreamWaitEvent(self, stream: int, event: dict, flags: int) -> tuple:
+        self.gpu.wait_event(stream, event)
+        return (0,)
+
+    def cudaEventDestroy(self, event: dict) -> tuple:
+        self.gpu.destroy_event(event)
+        return (0,)
+
+    def cudaStreamBeginCapture(self, stream: int, mode: int) -> tuple:
+        self.gpu.begin_capture(stream)
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream: int) -> tuple:
+        try:
+            return 0, self.gpu.end_capture(stream)
+        except cuda_memory.CaptureInvalidated:
+            return 901, None
+
+    def cudaGraphInstantiate(self, graph: int, flags: int) -> tuple:
+        return 0, graph
+
+    def cudaGraphLaunch(self, graph: int, stream: int) -> tuple:
+        self.gpu.launch(graph, stream)
+        return (0,)
+
+    def cudaGraphExecDestroy(self, graph: int) -> tuple:
+        self.gpu.destroy_graph(graph)
+        return (0,)
+
+    def cudaGraphDestroy(self, graph: int) -> tuple:
+        return (0,)
+
+
+def test_the_cuda_python_layer_syncs_and_orders_on_a_computing_device(fake, torch_stream, monkeypatch):
+    """The runtime through the real CudaPython layer (the default), over cudart calls that queue on the fake
+    device: graphs on, two instances, infer and infer_torch from several threads, and every answer is the
+    engine's. A stream sync, event record or stream wait the layer dropped would fail here (the other tests
+    replace the whole layer with FakeCuda)."""
+    _full_trt(fake)
+    fake.trt_kwargs["profiles"] = 2
+    cudart = CudartOverFake(fake.cuda)
+    cudart.install(monkeypatch)
+    rt = _open(fake, instances=2, cuda_graph=True, memory="cuda-python")
+    assert rt.cuda.name == "cuda-python" and set(fake.cuda.streams.values()) == {False}  # non-blocking
+    for n in (3, 8, 3, 1):  # each answer read on the host right after its call: after its copy back
+        x = _x(n) + n
+        np.testing.assert_allclose(rt.infer(x), expected(x), rtol=1e-5)
+        assert rt.last_timing["d2h_ms"] == pytest.approx(n * 40 / 1e4)
+    x = _x(2)
+    out = rt.infer_torch(FakeCudaTensor.of(x))
+    np.testing.assert_allclose(out.numpy(fake.cuda), expected(x), rtol=1e-5)  # torch's stream waited for it
+    _mixed_load(rt, fake, rounds=2)
+    assert fake.cuda.launches and not rt._no_graph
+    out = rt.infer_torch(FakeCudaTensor.of(x))
+    rt.close()  # right after a zero-copy call: close waits for its work before freeing what it uses
+    np.testing.assert_allclose(out.numpy(fake.cuda), expected(x), rtol=1e-5)
+    assert fake.cuda.allocs == {} and fake.cuda.streams == {} and cudart.host == {} and fake.cuda.graphs == {}
+
+
 # -- several contexts on one engine ----------------------------------------------------------------------
 def _mixed_load(rt, fake, rounds: int = 5, threads: int = 4) -> None:
     """infer and infer_torch from several threads at once; every answer checked."""
@@ -1488,6 +1744,23 @@ def test_two_contexts_sharing_scratch_at_once_give_a_wrong_answer(fake):
         fake.cuda.sync(a.stream)
         fake.cuda.sync(b.stream)
     assert not np.allclose(a.h_out[:2], expected(xa))  # a read b's sums from the shared scratch
+    rt.close()
+
+
+def test_the_fake_catches_a_context_dropped_with_its_work_queued(fake):
+    """The fake's check itself: TensorRT destroys a context whose Python object goes; work it queued then runs
+    on a destroyed context (Busy), and a graph captured from it cannot be replayed."""
+    _full_trt(fake)
+    rt = _open(fake)
+    slot = rt.slots[0]
+    with fake.cuda.activate():
+        ctx = rt._new_context(slot)
+        rt._set_shape(ctx, (2, 3, 8, 8))
+        rt._execute(ctx, slot.stream)
+        del ctx
+        with pytest.raises(Busy, match="execution context was destroyed while its work was queued"):
+            fake.cuda.sync(slot.stream)
+        fake.cuda.sync(slot.stream)  # that op is gone: the stream is idle again
     rt.close()
 
 

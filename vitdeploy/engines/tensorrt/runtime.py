@@ -200,6 +200,7 @@ class TensorRTRuntime(Runtime):
 
         self._closed = True  # until everything below exists
         self._state = threading.Lock()
+        self._every = threading.Lock()  # warm and close take every slot: one at a time (see _every_slot)
         self._timing = threading.local()  # each thread's last call's device phases
         self.slots: list[_Slot] = []
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
@@ -484,15 +485,25 @@ class TensorRTRuntime(Runtime):
             self.infer(x)
             return
         self._check_open()
-        taken = [self._free.get() for _ in self.slots]
-        try:
+        with self._every_slot() as taken:
             self._check_open()
             with self.cuda.activate():
                 for slot in taken:
                     self._run_on(slot, x)
-        finally:
-            for slot in taken:
-                self._free.put(slot)
+
+    @contextmanager
+    def _every_slot(self) -> Iterator[list[_Slot]]:
+        """Every slot, once the calls in flight have returned them; one caller at a time: two callers
+        taking slots at once (warm beside close, say) could each hold some and wait for the other's forever."""
+        with self._every:
+            taken: list[_Slot] = []
+            try:
+                for _ in self.slots:
+                    taken.append(self._free.get())
+                yield taken
+            finally:
+                for slot in taken:
+                    self._free.put(slot)  # callers still waiting wake up (and see the runtime closed, after close)
 
     def run_device(self, in_ptr: int, out_ptr: int, shape: tuple[int, ...], caller_stream: int) -> None:
         """Run on device memory the caller owns, ordered with the caller's stream, without a host sync.
@@ -571,13 +582,11 @@ class TensorRTRuntime(Runtime):
             if self._closed:
                 return
             self._closed = True
-        taken = [self._free.get() for _ in self.slots]  # each slot returns when its call ends
-        try:
-            self._save_cache()
-        finally:
-            self._release(quiet=False)
-            for slot in taken:
-                self._free.put(slot)  # callers still waiting wake up and see the runtime closed
+        with self._every_slot():  # each slot returns when its call ends
+            try:
+                self._save_cache()
+            finally:
+                self._release(quiet=False)
 
     def _save_cache(self) -> None:
         if self.runtime_cache is None:
