@@ -81,6 +81,9 @@ def _hf(name: str):
                            lambda out: out.hidden_states[-1], {"task": "embedding"}),
         "dinov2-classifier": (lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**dino, num_labels=4)),
                               lambda out: out.logits, {}),
+        "dinov2-classifier-default-labels": (lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**dino)),
+                                             lambda out: out.logits, {}),  # config.json leaves out HF's 2 labels
+        "vit-default-labels": (lambda: T.ViTForImageClassification(T.ViTConfig(**vision)), lambda out: out.logits, {}),
         "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**dino)), pooler, {}),
         "dinov2-swiglu": (lambda: T.Dinov2Model(T.Dinov2Config(**{**dino, "mlp_ratio": 4}, use_swiglu_ffn=True)),
                           pooler, {}),
@@ -133,7 +136,8 @@ def _their_output(model, read, x):
         return value
 
 
-FAMILY_CASES = ["deit-teacher", "deit-embedding", "dinov2-classifier", "dinov2", "dinov2-swiglu",
+FAMILY_CASES = ["deit-teacher", "deit-embedding", "dinov2-classifier", "dinov2-classifier-default-labels",
+                "vit-default-labels", "dinov2", "dinov2-swiglu",
                 "dinov2-interpolated", "dinov2-registers", "dinov2-registers-classifier", "clip-vision-projection",
                 "clip-vision", "clip", "siglip-vision", "siglip"]
 

@@ -21,6 +21,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
 CLASSIFIER_INPUTS = ("cls", "cls_distilled", "cls_patch_mean")
 POOLINGS = ("cls", "map")
 TASKS = ("classification", "embedding")
+HF_NUM_LABELS = 2  # transformers' default, which its config.json leaves out
 OWN_CONFIG = "vitdeploy_config"  # marks a config.json written by ViTConfig for a non-ViT family
 
 # HF's ViTImageProcessor: resample=2 (PIL bilinear) and 3 (bicubic)
@@ -255,6 +256,8 @@ class ViTConfig:
             from vitdeploy.families import config_from_hf
 
             return config_from_hf(d)  # each family reads its own HF config.json; others are refused
+        if "transformers_version" in d and "id2label" not in d and "num_labels" not in d:
+            return cls.from_fields(d, num_labels=HF_NUM_LABELS)  # transformers leaves its default out
         return cls.from_fields(d)
 
     @classmethod

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitdeploy.config import ViTConfig
+from vitdeploy.config import HF_NUM_LABELS, ViTConfig
 from vitdeploy.errors import ConfigError
 
 StateDict = dict[str, Any]  # name -> torch.Tensor
@@ -105,13 +105,12 @@ def hf_task(d: dict[str, Any]) -> str:
 
 
 def hf_labels(d: dict[str, Any]) -> dict[str, Any]:
-    """num_labels and id2label, as HF's config.json has them."""
-    out: dict[str, Any] = {}
+    """num_labels and id2label, as HF's config.json has them (it leaves out its default of 2 labels)."""
     if isinstance(d.get("id2label"), dict):
-        out["id2label"] = d["id2label"]
-    elif isinstance(d.get("num_labels"), int):
-        out["num_labels"] = d["num_labels"]
-    return out
+        return {"id2label": d["id2label"]}
+    if isinstance(d.get("num_labels"), int):
+        return {"num_labels": d["num_labels"]}
+    return {"num_labels": HF_NUM_LABELS} if "transformers_version" in d else {}  # transformers' default
 
 
 def hf_common(d: dict[str, Any], *names: str) -> dict[str, Any]:
