@@ -446,3 +446,28 @@ def test_our_checkpoint_of_an_embedding_model_refuses_a_classifier_task(tmp_path
     with pytest.raises(VitDeployError, match=r"no classifier head.*--task embedding") as e:
         load_model(tmp_path / "m.safetensors", task="classification")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("name", "precision"), [("siglip-vision", "int8"), ("dinov2-registers-classifier", "int8"),
+                                                 ("clip", "fp8")])
+def test_quantized_exports_of_each_family_keep_the_float_output(tmp_path, images, name, precision):
+    """INT8/FP8 Q/DQ (attention included: SigLIP's pooling probe is one more attention block) on the family
+    graphs, checked by export against torch and by the golden set; here against HF directly."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from vitdeploy.exporters import ExportOptions, export_onnx
+    from vitdeploy.exporters.onnx_export import verification_session_options
+
+    theirs, read, _, folder = _reference_folder(name, tmp_path)
+    out = tmp_path / "model.onnx"
+    report = export_onnx(folder, out, options=ExportOptions(batch=2, precision=precision, calib_dir=images))
+    assert report.golden.passed and report.qdq["quantized"] > 0
+    session = ort.InferenceSession(str(out), verification_session_options(precision),
+                                   providers=["CPUExecutionProvider"])
+    side = session.get_inputs()[0].shape[-1]
+    x = np.random.default_rng(6).standard_normal((2, 3, side, side)).astype(np.float32)
+    got = session.run(None, {"pixel_values": x})[0].astype(np.float64).ravel()
+    expected = _their_output(theirs, read, torch.from_numpy(x)).numpy().astype(np.float64).ravel()
+    assert got @ expected / np.linalg.norm(got) / np.linalg.norm(expected) >= 0.95
