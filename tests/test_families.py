@@ -471,3 +471,27 @@ def test_quantized_exports_of_each_family_keep_the_float_output(tmp_path, images
     got = session.run(None, {"pixel_values": x})[0].astype(np.float64).ravel()
     expected = _their_output(theirs, read, torch.from_numpy(x)).numpy().astype(np.float64).ravel()
     assert got @ expected / np.linalg.norm(got) / np.linalg.norm(expected) >= 0.95
+
+
+# -- the export command ---------------------------------------------------------------------------------
+def test_export_cli_task_normalize_and_image_size(tmp_path):
+    from click.testing import CliRunner
+
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+    from vitdeploy.cli import main
+
+    _, _, _, folder = _reference_folder("dinov2-registers-classifier", tmp_path)
+    out = tmp_path / "emb.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", str(folder), "--output", str(out), "--task", "embedding",
+                                  "--normalize", "--image-size", "42"])
+    assert r.exit_code == 0, r.output
+    meta = read_onnx_metadata(out)
+    assert (meta.task, meta.output_name, meta.output_size, meta.normalized) == ("embedding", "embeddings", 32, True)
+    assert meta.preprocessing["image_size"] == [42, 42] and meta.labels == []
+    # a classifier cannot be normalized; CLIP's positions are not interpolated: one line each, exit 1
+    for args, message in ((["--normalize"], "normalize applies to task='embedding'"),
+                          (["--image-size", "42"], "only DINOv2 interpolates")):
+        model = folder if args[0] == "--normalize" else _reference_folder("clip-vision", tmp_path / "c")[3]
+        r = CliRunner().invoke(main, ["export", "--model", str(model), "--output", str(tmp_path / "x.onnx"), *args])
+        assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "x.onnx").exists()
