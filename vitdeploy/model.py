@@ -90,7 +90,8 @@ class ViTEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, positions, hidden))
         self.num_prefix = config.num_prefix_tokens
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self._table: torch.Tensor | None = None  # the interpolated positions, for eval (see train())
+        # the interpolated positions, for eval (see train()): a buffer, so .to() and .half() move it too
+        self.register_buffer("_table", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.bake())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
