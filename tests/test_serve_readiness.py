@@ -222,3 +222,42 @@ def test_require_verified_refuses_an_artifact_without_a_golden_set(serving_onnx,
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["predict", "--model", str(good), str(image), "--require-verified", "--no-verify"])
     assert r.exit_code == 2 and "contradict" in r.output
+
+
+def test_require_verified_holds_in_the_process_that_loads_the_model(serving_onnx, tmp_path, monkeypatch):
+    """--require-verified is checked where the runtime loads the file, not only at start-up: a --workers worker
+    (uvicorn restarts one that dies) that finds the file replaced by one without a golden set never turns ready,
+    nor does serve's own background check. Old code: the flag reached neither; ready, serving it unverified."""
+    import importlib
+    import socket
+
+    from click.testing import CliRunner
+    from starlette.testclient import TestClient
+
+    from vitdeploy.cli import main
+    from vitdeploy.serving.server import app_from_env
+    from vitdeploy.verify import UnverifiedError
+
+    path = shutil.copy(serving_onnx, tmp_path / "m.onnx")
+    bare = _strip_golden(serving_onnx, tmp_path / "bare.onnx")
+    envs = []
+    serve_module = importlib.import_module("vitdeploy.cli.serve")
+    monkeypatch.setattr(serve_module, "_serve_workers", lambda env, *a: envs.append(env))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(main, ["serve", "--model", str(path), "--workers", "2", "--require-verified",
+                                  "--port", str(port)])
+    assert r.exit_code == 0 and len(envs) == 1, r.output
+    os.replace(bare, path)  # after the start-up check, before a worker loads it
+    for key, value in envs[0].items():
+        monkeypatch.setenv(key, value)
+    with TestClient(app_from_env()) as client:
+        deadline = time.perf_counter() + 60
+        while (ready := client.get("/readyz")).json().get("status") == "preparing" and time.perf_counter() < deadline:
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "--require-verified refuses it" in ready.json()["reason"], ready.text
+    with open_runtime(path, threads=1) as rt:
+        assert warm_and_verify(path, 2)(rt)["verified"] is False
+        with pytest.raises(UnverifiedError, match="--require-verified refuses it"):
+            warm_and_verify(path, 2, require=True)(rt)

@@ -186,6 +186,7 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
                "VITDEPLOY_SERVE_MAX_IMAGE_PIXELS": str(max_image_pixels or ""),
                "VITDEPLOY_SERVE_VERIFY": "" if no_verify else "1", "VITDEPLOY_SERVE_INSTANCES": str(instances),
                "VITDEPLOY_SERVE_ALLOW_DRIFT": "1" if allow_drift else "",
+               "VITDEPLOY_SERVE_REQUIRE_VERIFIED": "1" if require_verified else "",
                "VITDEPLOY_SERVE_FIXED_DELAY": "1" if fixed_delay else "",
                **_serve_limits_env(app_limits, server_limits)}
         _serve_workers(env, host, port, workers, drain_grace, server_limits)
@@ -195,7 +196,8 @@ def serve(model: str, backend: str, host: str, port: int, max_batch: int, max_de
 
     # ready only once warm and verified: the check runs in the background while the server already answers
     # /healthz; a failed check keeps /readyz at 503 with the reason (--allow-drift: a warning, then ready)
-    prepare = warm_and_verify(model, max_batch, verify=not no_verify, allow_drift=allow_drift)
+    prepare = warm_and_verify(model, max_batch, verify=not no_verify, allow_drift=allow_drift,
+                              require=require_verified)
     with open_runtime(model, backend=backend, shared_cores=True, **runtime_options) as rt:
         scheme = "https" if server_limits["ssl_certfile"] else "http"
         sizes = "every batch size" if max_batch <= WARM_EVERY_SIZE_UP_TO else "1, powers of two and max batch"

@@ -32,27 +32,30 @@ def warm_sizes(max_batch: int, runtime: Runtime | None = None) -> list[int]:
     return sorted(sizes)
 
 
-def _warm_and_verify(artifact: Path | None, max_batch: int, verify: bool, allow_drift: bool, loaded: Any,
-                     rt: Runtime) -> dict[str, Any]:
+def _warm_and_verify(artifact: Path | None, max_batch: int, verify: bool, allow_drift: bool, require: bool,
+                     loaded: Any, rt: Runtime) -> dict[str, Any]:
     from vitdeploy.verify import first_load_check, verification_status, warm_up
 
     status: dict[str, Any] = {}
-    if artifact is not None:  # DriftError or ArtifactChanged (unless allow_drift): the server stays not ready
-        outcome = first_load_check(artifact, rt, allow_drift=allow_drift, loaded=loaded) if verify else None
+    if artifact is not None:  # DriftError, ArtifactChanged or UnverifiedError: the server stays not ready
+        outcome = (first_load_check(artifact, rt, allow_drift=allow_drift, loaded=loaded, require=require)
+                   if verify else None)
         status = verification_status(artifact, outcome, checked=verify)
     warm_up(rt, warm_sizes(max_batch, rt))
     return status
 
 
 def warm_and_verify(artifact: str | Path | None, max_batch: int, verify: bool = True,
-                    allow_drift: bool = False) -> Callable[[Runtime], dict[str, Any]]:
+                    allow_drift: bool = False, require: bool = False) -> Callable[[Runtime], dict[str, Any]]:
     """The work readiness waits for: the golden check of ``artifact`` (once per target, the verdict cached
     beside it; skipped when ``verify`` is False), then the warm-up of :func:`warm_sizes`. Call it before
     the runtime opens ``artifact``: the file is stamped now, and the check refuses a file changed since
     (it would vouch for bytes that were never loaded). The work returns what /readyz adds: ``verified``
-    and, in words, why or why not (:func:`vitdeploy.verify.verification_status`)."""
+    and, in words, why or why not (:func:`vitdeploy.verify.verification_status`). ``require``
+    (--require-verified): the runtime as loaded must carry a golden set, else the server is never ready
+    (the file checked at start-up may not be the one a worker loads later)."""
     from vitdeploy.verify import LoadStamp
 
     path = Path(artifact) if artifact else None
     loaded = LoadStamp.take(path) if path is not None and verify else None
-    return functools.partial(_warm_and_verify, path, max_batch, verify, allow_drift, loaded)
+    return functools.partial(_warm_and_verify, path, max_batch, verify, allow_drift, require, loaded)

@@ -246,7 +246,8 @@ def app_from_env() -> Any:
     max_batch = int(env.get("VITDEPLOY_SERVE_MAX_BATCH", "32"))
     # before the runtime opens the file: the golden check vouches only for the bytes that were loaded
     prepare = warm_and_verify(model, max_batch, verify=env.get("VITDEPLOY_SERVE_VERIFY", "1") == "1",
-                              allow_drift=env.get("VITDEPLOY_SERVE_ALLOW_DRIFT") == "1")
+                              allow_drift=env.get("VITDEPLOY_SERVE_ALLOW_DRIFT") == "1",
+                              require=env.get("VITDEPLOY_SERVE_REQUIRE_VERIFIED") == "1")
     runtime = open_runtime(model, backend=env.get("VITDEPLOY_SERVE_BACKEND", "auto"), shared_cores=True,
                            **({"instances": instances} if instances > 1 else {}))
     pixels, budget = env.get("VITDEPLOY_SERVE_MAX_IMAGE_PIXELS"), env.get("VITDEPLOY_SERVE_MEMORY_BUDGET")
