@@ -394,3 +394,27 @@ def test_tune_names_a_missing_backend_from_the_isa():
     assert "amx_int8" in missing_backend_advice(["amx_int8", "amx_bf16"], qdq=False, installed=False)[0]
     assert missing_backend_advice(["avx2", "avx512f"], qdq=True, installed=False) == []  # no VNNI, no bf16
     assert missing_backend_advice(["amx_int8"], qdq=True, installed=True) == []
+
+
+def test_the_guard_holds_a_golden_set_to_the_graphs_precision_not_its_claim(copies, tmp_path):
+    """An FP32 file whose metadata and golden set claim fp8 (fp8's tolerance), its stored logits scaled by 1.05
+    (off by up to 0.05 x scale, the top-1 kept): every path fails the golden set at fp32's tolerance, so no plan
+    is written. Old code: the guard took the claim, and the path was chosen (issue 29, item 4)."""
+    import onnx
+
+    from vitdeploy.artifacts.golden import tolerance_for
+
+    from .test_verify import _edit_logits, _with_golden
+
+    def claim_fp8(data):
+        data["precision"], data["tolerance"] = "fp8", tolerance_for("fp8")
+        _edit_logits(data, lambda v: v * 1.05)
+
+    path = _with_golden(copies["fp32"], tmp_path / "claim.onnx", claim_fp8)
+    model = onnx.load(str(path))
+    next(p for p in model.metadata_props if p.key == "vitdeploy.precision").value = "fp8"
+    onnx.save(model, str(path))
+    only = PathChoice("onnxruntime", {"threads": 1}, "ort")
+    with pytest.raises(VitDeployError, match=r"no CPU path passed the accuracy guard.*golden set"):
+        tune(path, batch=2, candidates=[only], **FAST)
+    assert not plan_path(path).exists()

@@ -320,10 +320,14 @@ def _check_artifact(path: Path, batch: int) -> None:
 
 def _reference(path: Path, opts: TuneOptions) -> _Reference:
     """Stage "reference": the verification inputs and the file's answers on them, run as written."""
+    from vitdeploy.artifacts.precision import graph_precision
+    from vitdeploy.io import load_onnx_graph
+
     with open_runtime(path, backend="onnxruntime", device="cpu", use_plan=False, optimization="disable",
                       qdq_activations="int8") as ref:
         x_verify = verification_inputs(ref, opts.images)
-        return _Reference(x_verify, ref.infer(x_verify), ref.metadata.precision if ref.metadata else "fp32",
+        # the file's real precision, read from its graph: never the metadata's claim (issue 29)
+        return _Reference(x_verify, ref.infer(x_verify), graph_precision(load_onnx_graph(path)),
                           x_verify[:1], np.resize(x_verify, (opts.batch, *x_verify.shape[1:])))
 
 
@@ -375,7 +379,7 @@ def _runoffs(results: list[Candidate], open_path: Callable[[PathChoice], Runtime
     ok = [c for c in results if c.status == "ok"]
     for x in (ref.x1, ref.xb):
         _runoff(ok, x, open_path, opts.warmup, opts.iters, opts.min_seconds,
-                lambda c, rt: _guard(rt, c, ref.logits, ref.x_verify))
+                lambda c, rt: _guard(rt, c, ref.logits, ref.x_verify, ref.file_precision))
 
 
 def _choose(path: Path, machine: MachineKey, results: list[Candidate], batch: int) -> TunePlan:
@@ -443,8 +447,9 @@ def _runoff(ok: list[Candidate], x: np.ndarray, open_path: Callable[[PathChoice]
             finalists[i].runoff.append(b)
 
 
-def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray) -> bool:
-    """The accuracy guard: True when ``rt`` passes; otherwise ``c`` is rejected, with the reason."""
+def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarray, file_precision: str) -> bool:
+    """The accuracy guard: True when ``rt`` passes; otherwise ``c`` is rejected, with the reason. The golden
+    set is held to ``file_precision`` (the graph's, never the set's own claim)."""
     out = rt.infer(x_verify)
     c.guard = compare_logits(reference, out)
     embedding = rt.metadata is not None and rt.metadata.is_embedding
@@ -468,7 +473,8 @@ def _guard(rt: Runtime, c: Candidate, reference: np.ndarray, x_verify: np.ndarra
     if golden is not None:  # the check every first load runs (vitdeploy.verify): a path it refuses is never chosen
         from vitdeploy.verify import verify_runtime
 
-        bad = next((r for r in verify_runtime(rt, golden, c.choice.options) if not r.verdict.passed), None)
+        bad = next((r for r in verify_runtime(rt, golden, c.choice.options, file_precision) if not r.verdict.passed),
+                   None)
         if bad is not None:
             c.status, c.reason = "rejected", f"golden set: {bad.verdict.reason()}"
             return False
@@ -485,7 +491,7 @@ def _measure_candidate(rt: Runtime, c: Candidate, ref: _Reference, opts: TuneOpt
     """The accuracy guard, then a quick estimate at each batch size; the full timing unless it is over
     ``opts.prune`` x the best so far (``best``: batch -> ms per image, updated)."""
     warmup, iters, prune, min_seconds = opts.warmup, opts.iters, opts.prune, opts.min_seconds
-    if not _guard(rt, c, ref.logits, ref.x_verify):
+    if not _guard(rt, c, ref.logits, ref.x_verify, ref.file_precision):
         return
     for x in (ref.x1, ref.xb):
         b = x.shape[0]
