@@ -452,8 +452,13 @@ def main() -> int:
     ap.add_argument("--uint8-model", type=Path, default=None, help="a dynamic-batch ONNX exported with --uint8-input "
                     "(224x224) for the mixed-client attack (default: export the tiny ViT so)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only-uint8", action="store_true", help="run only the uint8 mixed-client attack (29.1)")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
+    if args.only_uint8:
+        row = uint8_round(args.uint8_model or tiny_model(folder, uint8_input=True))
+        print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)")
+        return 0 if row["ok"] else 1
     model = Path(args.model) if args.model else tiny_model(folder)
     if not crop_pct_of(model):  # without a crop, a thin image is resized straight to the input: answered
         ATTACKS[-1] = (*ATTACKS[-1][:3], {200})

@@ -293,10 +293,13 @@ def json_bytes(payload: Any) -> bytes:
 
 
 def json_load(body: bytes | bytearray, end: int, lease: Lease, intake: Intake, what: str,
-              size: int | None = None) -> Any:
+              size: int | None = None, tensor: TensorAt | None = None) -> Any:
     """Parse ``body[:end]`` once its worst-case cost (beside the whole body's ``size`` bytes, ``len(body)`` by
-    default) fits the memory budget; deep nesting is a 400, not a 500."""
+    default) fits the memory budget; deep nesting is a 400, not a 500. ``tensor``: where a large array of
+    numbers is expected, read by :func:`json_with_tensor` (the same document, the array already an ndarray)."""
     intake.settle(lease, (len(body) if size is None else size) + json_cost(body, end), what)
+    if tensor is not None and (doc := json_with_tensor(body, end, tensor)) is not None:
+        return doc
     try:
         # JSON between systems is UTF-8 (RFC 8259): decoding it here makes one str of the text's size, where
         # json.loads would guess UTF-16/32 from leading zero bytes and build a 4-byte-a-char buffer first
@@ -305,6 +308,216 @@ def json_load(body: bytes | bytearray, end: int, lease: Lease, intake: Intake, w
         raise bad_input(f"{what} is not valid JSON") from None
     except RecursionError:
         raise bad_input(f"{what} is nested too deeply") from None
+
+
+# -- large JSON tensors, read by numpy ---------------------------------------------------------------------
+# json.loads makes a Python float per number and holds the GIL throughout (~20 ms for a 224x224x3 body), and
+# np.asarray walks those floats again: a few such clients stall everyone's event loop. The array part of the
+# text is checked against JSON's grammar with byte tables and parsed into integers by numpy (no Python object a
+# number), and the rest of the document, with a placeholder string where the array was, by json.loads. Anything
+# unusual (escapes, ragged or empty arrays, deep nesting, long integers, many long decimals) goes to json.loads:
+# every answer is the one json.loads + np.asarray gives (tests/test_json_fast_path.py).
+TensorAt = tuple[tuple[str | int, ...], np.dtype]  # the array's place in the document, and the dtype it is read as
+TENSOR_MIN_BYTES = 1 << 16  # smaller arrays are cheap for json.loads
+TENSOR_MAX_DEPTH = 32
+SLOW_NUMBERS = 1024  # numbers outside the exact fast path parsed one by one (float()), at most this many a slice
+CHUNK_BYTES = 1 << 17
+_PLACEHOLDER = "\x01tensor"  # only ours: the body holds no backslash, and json.loads refuses a raw control byte
+_WHITESPACE = b" \t\n\r"  # JSON's
+_NUMBER_BYTES = b"0123456789+-.eE"
+_POW10 = np.array([float(f"1e{i}") for i in range(23)])  # exact doubles: one rounding in M * 10**q (Clinger)
+_E_TO_COMMA = bytes.maketrans(b"eE", b",,")
+
+
+def _byte_tables() -> tuple[bytes, bytes, bytes, bytes]:
+    """bytes.translate tables (no index array, where ndarray.take makes one of 8 bytes an index): 1 for a byte
+    outside any numeric array, 1 for ',.eE', each byte's kind (0: none), and the valid pairs of kinds in a
+    whitespace-free JSON array of numbers, as ``16 * first + second``."""
+    kinds = {b"[": "open", b"]": "close", b",": "comma", b"-": "minus", b"+": "plus", b".": "dot", b"e": "exp",
+             b"E": "exp", **{bytes([c]): "digit" for c in range(ord("0"), ord("9") + 1)}}
+    after = {"open": {"open", "minus", "digit"}, "comma": {"open", "minus", "digit"}, "close": {"close", "comma"},
+             "minus": {"digit"}, "plus": {"digit"}, "dot": {"digit"}, "exp": {"minus", "plus", "digit"},
+             "digit": {"digit", "dot", "exp", "comma", "close"}}
+    number = list(after)  # kind k is number.index(k) + 1
+    inside = b"[]," + _NUMBER_BYTES + _WHITESPACE
+    outside = bytes(int(c not in inside) for c in range(256))
+    marks = bytes(int(c in b",.eE") for c in range(256))
+    kind = bytes(number.index(kinds[bytes([c])]) + 1 if bytes([c]) in kinds else 0 for c in range(256))
+    valid = bytes(16 * (number.index(a) + 1) + number.index(b) + 1 for a in after for b in after[a])
+    return outside, marks, kind, valid
+
+
+_OUTSIDE, _MARKS, _KIND, _VALID_PAIRS = _byte_tables()
+
+
+def json_with_tensor(body: bytes | bytearray, end: int, tensor: TensorAt) -> Any:
+    """``json.loads(body[:end])`` with the array at ``tensor``'s path already ``np.asarray(.., dtype)``, when
+    the body's largest numeric array is there and reads exactly; None (parse it the usual way) otherwise."""
+    path, dtype = tensor
+    if np.dtype(dtype).kind != "f" or (span := _array_span(body, end)) is None or body.find(b"\\", 0, end) >= 0:
+        return None  # with no backslash, a quote always opens or closes a string
+    start, stop = span
+    if body.count(b'"', 0, start) % 2:
+        return None  # inside a string
+    x = number_array(body, np.dtype(dtype), start, stop)
+    if x is None:
+        return None
+    rest = bytes(body[:start]) + b'"\\u0001tensor"' + bytes(body[stop:end])
+    if rest.count(b"[") + rest.count(b"{") > 100:
+        return None  # might nest too deeply beside the array
+    try:
+        doc = json.loads(rest.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None  # json.loads says what is wrong, in its own words
+    holder = doc
+    for key in path[:-1]:
+        holder = _child(holder, key)
+    if _child(holder, path[-1]) != _PLACEHOLDER:
+        return None
+    holder[path[-1]] = x
+    return doc
+
+
+def _child(holder: Any, key: str | int) -> Any:
+    if isinstance(key, str):
+        return holder.get(key) if isinstance(holder, dict) else None
+    return holder[key] if isinstance(holder, list) and 0 <= key < len(holder) else None
+
+
+def _array_span(body: bytes | bytearray, end: int) -> tuple[int, int] | None:
+    """Where the longest run of array bytes (digits, signs, '.eE', brackets, commas, whitespace) opens with '['
+    and closes with ']', if it is at least TENSOR_MIN_BYTES long."""
+    if end < TENSOR_MIN_BYTES:
+        return None
+    text = body if end == len(body) else bytes(memoryview(body)[:end])
+    others = np.flatnonzero(np.frombuffer(text.translate(_OUTSIDE), np.bool_))
+    bounds = np.concatenate(([-1], others, [end]))
+    i = int(np.diff(bounds).argmax())
+    lo, hi = int(bounds[i]) + 1, int(bounds[i + 1])
+    if hi - lo < TENSOR_MIN_BYTES:
+        return None
+    start = body.find(b"[", lo, hi)
+    if start < 0 or bytes(body[lo:start]).translate(None, _WHITESPACE):
+        return None
+    return start, body.rfind(b"]", lo, hi) + 1
+
+
+def number_array(body: bytes | bytearray, dtype: np.dtype, start: int = 0,
+                 stop: int | None = None) -> np.ndarray | None:
+    """The JSON array ``body[start:stop]`` as ``np.asarray(json.loads(..), dtype)`` (bit for bit) when it is a
+    regular array of numbers, at most TENSOR_MAX_DEPTH deep, with no empty dimension and no whitespace but
+    json.dumps' (", "); None otherwise (unusual, or not JSON: json.loads then decides). Read in slices of about
+    CHUNK_BYTES: what it holds beside the body stays under what json.loads would (json_cost)."""
+    stop = len(body) if stop is None else stop
+    compact = bytes(memoryview(body)[start:stop]).translate(None, _WHITESPACE)
+    if stop - start - len(compact) != body.count(b", ", start, stop):
+        return None  # whitespace other than after a comma: the rarer forms are left to json.loads
+    if len(compact) > 17 * (compact.count(b",") + 1):
+        return None  # most numbers hold 16 digits or more, past the exact fast path: json.loads reads them
+    if len(compact) < 2 or compact[0] != ord("[") or not _pairs_valid(compact):
+        return None
+    shape = _regular_shape(compact.translate(None, _NUMBER_BYTES))
+    if shape is None:
+        return None
+    flat = compact.translate(None, b"[]")
+    del compact
+    out, at, start = np.empty(math.prod(shape), dtype), 0, 0
+    while start < len(flat):
+        stop = flat.find(b",", start + CHUNK_BYTES) if start + CHUNK_BYTES < len(flat) else -1
+        stop = len(flat) if stop < 0 else stop
+        chunk = flat[start:stop]
+        values = _decimal_values(chunk, chunk.count(b",") + 1)
+        if values is None or at + len(values) > out.size:
+            return None
+        with np.errstate(over="ignore"):  # 1e300 as float32 is inf, as np.asarray makes it
+            out[at:at + len(values)] = values
+        at, start = at + len(values), stop + 1
+    return out.reshape(shape) if at == out.size else None
+
+
+def _pairs_valid(compact: bytes) -> bool:
+    """Every pair of adjacent bytes may follow each other in a JSON array of numbers: each byte's kind, the
+    pairs' codes, and no code left once the valid ones are deleted (in slices that overlap by a byte)."""
+    step = 4 * CHUNK_BYTES
+    for at in range(0, max(1, len(compact) - 1), step):
+        kind = np.frombuffer(compact[at:at + step + 1].translate(_KIND), np.uint8)
+        codes = np.multiply(kind[:-1], 16, dtype=np.uint8)
+        codes += kind[1:]
+        if codes.tobytes().translate(None, _VALID_PAIRS):
+            return False
+    return compact[-1] == ord("]")
+
+
+def _regular_shape(brackets: bytes) -> tuple[int, ...] | None:
+    """The shape of a regular nested array from its brackets and commas alone ('[[,],[,]]' is (2, 2)), or None
+    when they are not exactly those of a regular array."""
+    depth = len(brackets) - len(brackets.lstrip(b"["))
+    if not 1 <= depth <= TENSOR_MAX_DEPTH:
+        return None
+    sizes, inner = [], 1  # innermost first; inner: the numbers in one array of the level below
+    for level in range(depth, 1, -1):
+        close = brackets.find(b"]" * (depth - level + 1))
+        numbers = brackets.count(b",", 0, close) + 1  # in the first array of this level
+        if close < 0 or numbers % inner:
+            return None
+        sizes.append(numbers // inner)
+        inner = numbers
+    total = brackets.count(b",") + 1
+    if total % inner:
+        return None
+    sizes.append(total // inner)
+    shape = tuple(reversed(sizes))
+    expected = b""
+    for size in sizes:
+        expected = b"[" + b",".join([expected] * size) + b"]"
+    return shape if expected == brackets else None
+
+
+def _decimal_values(flat: bytes, n: int) -> np.ndarray | None:
+    """The ``n`` comma-separated JSON numbers of ``flat`` (checked pair by pair already) as float64, each as
+    json.loads reads it; None for a form the pairs allow but JSON does not (01, 1.2.3, 1e2.3, 1e2e3) or an
+    integer beyond 2**53 (np.asarray reads it as a Python int)."""
+    text = flat + b","
+    raw = np.frombuffer(text, np.uint8)
+    marks = np.flatnonzero(np.frombuffer(text.translate(_MARKS), np.bool_))  # ',' '.' 'e' 'E' in order
+    kinds = raw[marks] | 0x20  # ',' '.' 'e'
+    is_comma = kinds == ord(",")
+    # within a number, a '.' may be followed by an 'e'; every other pair of marks is not JSON
+    inner = ~is_comma[:-1] & ~is_comma[1:]
+    if (inner & ~((kinds[:-1] == ord(".")) & (kinds[1:] == ord("e")))).any():
+        return None
+    commas = marks[is_comma]  # number i ends at commas[i]
+    if len(commas) != n:
+        return None
+    starts = np.concatenate(([0], commas[:-1] + 1))
+    neg = raw[starts] == ord("-")
+    first = starts + neg
+    if ((raw[first] == ord("0")) & (raw[first + 1] - ord("0") < 10)).any():
+        return None  # a leading zero
+    number = np.cumsum(is_comma) - is_comma  # whose each mark is
+    dots, exps = np.flatnonzero(kinds == ord(".")), np.flatnonzero(kinds == ord("e"))
+    q, has_exp, decimal = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool)
+    q[number[dots]] = marks[dots] + 1 - marks[dots + 1]  # minus the digits after the '.'
+    has_exp[number[exps]] = decimal[number[dots]] = decimal[number[exps]] = True
+    # the digits without the '.', as integers (strtoll, no Python object), and each exponent after its mantissa
+    try:
+        ints = np.fromstring(flat.translate(_E_TO_COMMA, b"."), np.int64, sep=",")
+    except ValueError:  # not read to its end (numpy 2.4; a warning before): never, once the pairs are valid
+        return None
+    if len(ints) != n + len(exps):
+        return None
+    where = np.arange(n) + np.cumsum(has_exp) - has_exp
+    mantissa = ints[where]
+    q[has_exp] += np.clip(ints[where[has_exp] + 1], -(1 << 20), 1 << 20)
+    fast = ((np.abs(q) <= 22) & (mantissa >= -(1 << 53)) & (mantissa <= 1 << 53)) | (mantissa == 0)
+    values = mantissa * _POW10[np.clip(q, 0, 22)] / _POW10[np.clip(-q, 0, 22)]
+    values[neg & (mantissa == 0) & decimal] = -0.0  # "-0.0" is -0.0; "-0" is the int 0
+    slow = np.flatnonzero(~fast)
+    if len(slow) > SLOW_NUMBERS or not decimal[slow].all():
+        return None
+    for i in slow:  # float() is what json.loads uses for a number with a fraction or an exponent
+        values[i] = float(flat[starts[i]:commas[i]])
+    return values
 
 
 def multipart_file(body: bytes, content_type: str) -> bytes:
@@ -396,9 +609,10 @@ def parse_v2_request(body: Body, headers: Any, model: ModelIO, lease: Lease, int
         raise bad_input(f"Inference-Header-Content-Length {raw_len[:20]!r} is not a length within the "
                    f"{len(body)}-byte body")
     head = body.prefix(n)
-    req = json_load(head, n, lease, intake, "the inference request header", len(body))
-    inp, shape = _v2_input(req, model)
     dtype = np.dtype(model.spec.dtype).newbyteorder("<")
+    req = json_load(head, n, lease, intake, "the inference request header", len(body),
+                    (("inputs", 0, "data"), _json_read_type(dtype)))
+    inp, shape = _v2_input(req, model)
     count = math.prod(shape)  # Python ints: 2**54 * 3 * 224 * 224 does not wrap to 0 as np.prod does
     params = inp.get("parameters") or {}
     if not isinstance(params, dict):
@@ -422,11 +636,14 @@ def parse_v2_request(body: Body, headers: Any, model: ModelIO, lease: Lease, int
     return V2Request(x, *_v2_output_options(req, model))
 
 
-def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) -> np.ndarray:
+def _json_read_type(dtype: np.dtype) -> np.dtype:
     # whole-number types are read as float64 (exact for them) and checked, where numpy would truncate 3.7 to 3
-    read = np.float64 if dtype.kind in "iu" else dtype
+    return np.dtype(np.float64) if dtype.kind in "iu" else dtype
+
+
+def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) -> np.ndarray:
     try:
-        x = np.asarray(data, dtype=read)
+        x = np.asarray(data, dtype=_json_read_type(dtype))
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise bad_input(f"input {model.input_name!r}: data is not a list of {model.datatype} numbers") from None
     if x.size != math.prod(shape):
@@ -530,7 +747,7 @@ def decode_tensor(chunks: Body, dims: tuple[int, ...] | None, model: ModelIO, le
         intake.settle(lease, 2 * len(body), "this tensor")  # the body, and its copy in a batch
         x = np.frombuffer(body, dtype="<f4").reshape(dims)
     else:
-        payload = json_load(body, len(body), lease, intake, "the JSON body")
+        payload = json_load(body, len(body), lease, intake, "the JSON body", tensor=(("inputs",), np.dtype(np.float32)))
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise bad_input('send JSON {"inputs": [...]} shaped [n, C, H, W], or float32 bytes with X-Shape')
         try:
