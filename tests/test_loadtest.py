@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -435,13 +436,19 @@ class _HostileHandler(_FakeHandler):
 
     def do_POST(self) -> None:
         mode = self.server.mode
-        if mode not in ("huge-answer", "drip-answer", "bad-json-answer") and not self._wrong_key():
+        if mode not in ("huge-answer", "drip-answer", "bad-json-answer", "gzip-bomb-answer",
+                        "deflate-bomb-answer") and not self._wrong_key():
             return super().do_POST()
         self.rfile.read(int(self.headers["Content-Length"]))
         if self._wrong_key():
             return self._send(401, b'{"error": "give the key"}')
         if mode == "huge-answer":
             return self._stream(300 << 20, length=True)
+        if mode in ("gzip-bomb-answer", "deflate-bomb-answer"):  # 32 kB that inflate to 32 MiB
+            bomb = zlib.compressobj(9, zlib.DEFLATED, 31 if mode.startswith("gzip") else 15)
+            body = b"".join(bomb.compress(bytes(1 << 20)) for _ in range(32)) + bomb.flush()
+            return self._send(200, body, {"Content-Encoding": mode.split("-")[0],
+                                          "Inference-Header-Content-Length": "100"})
         if mode == "drip-answer":
             return self._drip()
         return self._send(200, b"{nope", {"Inference-Header-Content-Length": "5"})  # bad-json-answer
@@ -472,6 +479,8 @@ HOSTILE = {
     "huge-answer": "over the 65536 this client reads",
     "drip-answer": "no whole answer within 2 s",
     "bad-json-answer": "is not a KServe v2 answer",
+    "gzip-bomb-answer": "over the 65536 bytes this client reads once decompressed (gzip)",
+    "deflate-bomb-answer": "over the 65536 bytes this client reads once decompressed (deflate)",
     "endless-metrics": "is over the 65536 bytes this client reads",
     "redirect-metrics": "follows no redirect",
 }

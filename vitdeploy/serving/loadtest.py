@@ -304,6 +304,8 @@ class _ReadAnswer:
         self.status_code = response.status_code
 
     def get(self, key: str, default: Any = None) -> Any:
+        if key.lower() == "content-encoding":  # the body is inflated already (:func:`_inflate_bounded`)
+            return default
         return self.response.get(key, default)
 
     def read(self, length: int | None = None) -> bytes:
@@ -320,9 +322,29 @@ def _bounded_client() -> Any:
     class BoundedClient(_th().InferenceServerClient):  # type: ignore[misc]
         def _post(self, request_uri: str, request_body: Any, headers: Any, query_params: Any) -> Any:
             response = super()._post(request_uri, request_body, headers, query_params)
-            return _ReadAnswer(response, _read_bounded(response, LIMITS.answer_bytes, "an inference answer"))
+            body = _read_bounded(response, LIMITS.answer_bytes, "an inference answer")
+            encoding = (response.get("Content-Encoding") or "identity").strip().lower()
+            if encoding != "identity":  # inflated here within the limit: tritonclient inflates whatever it gets
+                body = _inflate_bounded(body, encoding, LIMITS.answer_bytes, "an inference answer")
+            return _ReadAnswer(response, body)
 
     return BoundedClient
+
+
+def _inflate_bounded(body: bytes, encoding: str, limit: int, what: str) -> bytes:
+    """A gzip or deflate body inflated to at most ``limit`` bytes: 64 MiB of gzip is a gzip bomb of 64 GiB."""
+    import zlib
+
+    if encoding not in ("gzip", "deflate"):
+        raise LoadTestError(f"{what} has Content-Encoding {encoding[:20]!r}: this client reads gzip or deflate")
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise LoadTestError(f"{what} is not valid {encoding} data ({e})") from None
+    if len(out) > limit:
+        raise LoadTestError(f"{what} is over the {limit} bytes this client reads once decompressed ({encoding})")
+    return out
 
 
 def _metadata(url: str, model: str, timeout: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
