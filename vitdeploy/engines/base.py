@@ -132,8 +132,8 @@ class Runtime(abc.ABC):
 
     def warm(self, batch: Any) -> None:
         """Run ``batch`` once on every instance of the runtime that takes its size (a server's warm-up:
-        each TensorRT instance sets up, and with CUDA graphs captures, that size). One :meth:`infer` where
-        instances share everything."""
+        each TensorRT instance sets up, and with CUDA graphs captures, that size; a warmed TensorRT runtime
+        captures no size it was not warmed with). One :meth:`infer` where instances share everything."""
         inner = self.runtime_for(len(batch))
         if inner is not self:
             inner.warm(batch)

@@ -14,9 +14,10 @@ from typing import Any
 from vitdeploy.engines.base import Runtime
 
 # Every batch size up to this many is warmed, on every instance (Runtime.warm); beyond it, 1, the powers of two
-# and the largest: a batch of another size then runs once cold. With TensorRT CUDA graphs each instance captures
-# the first max_graphs sizes it runs (the warm-up's, smallest first) and runs all others without a graph, so it
-# captures at most max_graphs times in its life, and not at all while serving once the warm-up has filled it.
+# and the largest: a batch of another size then runs once cold. With TensorRT CUDA graphs, a warmed runtime's
+# instances capture only warmed sizes (the first max_graphs of them; a size whose capture failed runs without a
+# graph) and run every other size without one, so serving never captures or creates a context, however few sizes
+# were warmed. (Warming all of 1..max_batch instead would hold a context and a graph per size per instance.)
 WARM_EVERY_SIZE_UP_TO = 16
 
 

@@ -8,7 +8,7 @@ machine without a driver fails with one clear line.
 A layer is bound to one device (``cuda:N``). CUDA's current device and pycuda's current context
 belong to a thread, so every call into the layer or into TensorRT runs inside ``with
 layer.activate():``, on whichever thread makes it: cuda-python selects the device there
-(``cudaSetDevice``, per thread, restoring the thread's own device only where it had one), pycuda
+(``cudaSetDevice``, per thread, then the thread's own context again, through the driver API), pycuda
 pushes its context there and pops it after. Streams are non-blocking (ordered with others by events). pycuda has no
 stream capture (``can_capture`` is False): its runtime refuses ``--cuda-graph``.
 """
@@ -69,6 +69,7 @@ class CudaPython:
         self.rt = cudart
         self.driver = _driver()
         self.device = device
+        self._primary: int | None = None  # the handle of this device's primary context, once seen
         self._pinned: list[int] = []
         err, count = cudart.cudaGetDeviceCount()
         self._check(err, "cudaGetDeviceCount")
@@ -79,25 +80,29 @@ class CudaPython:
 
     @contextmanager
     def activate(self) -> Iterator[None]:
-        """Make this layer's device current on the calling thread (cudaSetDevice is per thread); afterwards
-        make the thread's previous device current again, but only where the thread had one: on a thread
-        with no current context (a new thread), ``cudaGetDevice`` says 0 without meaning it, and setting
-        0 "back" would create cuda:0's primary context (hundreds of MB, and an error where cuda:0 is
-        exclusive or prohibited; pytorch/pytorch#94864). The driver's ``cuCtxGetCurrent`` tells."""
-        previous = int(self._call("cudaGetDevice")) if self._has_context() else None
-        if previous != self.device:
+        """For the block, make this device's primary context (the one TensorRT and our buffers live in)
+        current on the calling thread (``cudaSetDevice``); afterwards make the thread's own context current
+        again, exactly as it was (the driver's ``cuCtxGetCurrent``/``cuCtxSetCurrent``): a non-primary one
+        (``pycuda.autoinit``'s, a ``cuCtxCreate``'d one) or another device's stays the thread's own, and a
+        thread that had none is left with none. ``cudaSetDevice`` "back" instead would make the previous
+        device's primary context current (creating it, on a new thread: hundreds of MB, and an error where
+        that device is exclusive or prohibited; pytorch/pytorch#94864). No switch where ours is current."""
+        saved = self._current()
+        switch = self._primary is None or int(saved or 0) != self._primary
+        if switch:
             self._call("cudaSetDevice", self.device)
+            self._primary = int(self._current() or 0)
         try:
             yield
         finally:
-            if previous is not None and previous != self.device:
-                self._call("cudaSetDevice", previous)
+            if switch:
+                self._check(self.driver.cuCtxSetCurrent(saved)[0], "cuCtxSetCurrent")
 
-    def _has_context(self) -> bool:
-        """Whether a CUDA context is current on this thread (the driver API; it creates none)."""
+    def _current(self) -> Any:
+        """The thread's current CUDA context, a NULL handle when none (the driver API; it creates none)."""
         err, ctx = self.driver.cuCtxGetCurrent()
         self._check(err, "cuCtxGetCurrent")
-        return bool(int(ctx or 0))
+        return ctx
 
     def clear_error(self) -> None:
         """Read and reset CUDA's last error (cudaGetLastError), so it does not fail a later call."""

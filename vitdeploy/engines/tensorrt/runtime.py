@@ -16,8 +16,10 @@ So, with full TensorRT, each slot keeps one execution context per captured batch
 addresses set once and never changed; all a slot's contexts share the slot's scratch block (the
 user-managed allocation strategy plus ``set_device_memory``, NvInferRuntime.h). A slot captures the
 first ``max_graphs`` sizes it runs and keeps them (nothing is evicted); other sizes run on its plain
-context, so serving never creates a context or captures once a slot is full. :meth:`warm` runs a size
-on every slot (a server's warm-up does so for each size it will form). A size is captured on its
+context. :meth:`warm` runs a size on every slot (a server's warm-up does so for each size it warms), and
+once a runtime has been warmed its slots capture only warmed sizes: any other size runs on the plain
+context, so after the warm-up serving never creates a context or captures, whatever sizes the batcher
+forms, however many were warmed, and whichever captures failed. A size is captured on its
 first use, after one plain enqueue on its context, synchronized (TensorRT's lazy setup must not be
 captured, as trtexec does). The slot's plain context (any shape; :meth:`run_device`, :meth:`infer_torch`,
 sizes without a graph) is never captured. If a capture fails in any way (begin, TensorRT's enqueue,
@@ -34,10 +36,11 @@ the profile, an address TensorRT refuses); tensor addresses must be 256-byte ali
 :meth:`infer_torch` refuses a tensor of another dtype, device, layout or alignment.
 
 Devices and threads. ``device`` is ``cuda`` (device 0) or ``cuda:N``; never ``cpu``. The CUDA layer is
-activated around every call on the calling thread: cuda-python selects the device there (and switches
-back only on a thread that had a device of its own, so a new thread never gets cuda:0's context),
-pycuda pushes its context there (pycuda has no stream capture, so it refuses ``--cuda-graph``).
-``last_timing`` is per thread: the device phases of that thread's last host call.
+activated around every call on the calling thread: cuda-python makes the device's primary context
+current there for the call, then the thread's own context again (none on a thread that had none, so no
+other device's context is ever created), pycuda pushes its context there and pops it (pycuda has no
+stream capture, so it refuses ``--cuda-graph``). ``last_timing`` is per thread: the device phases of that
+thread's last host call, empty when that call failed.
 
 Versions. An engine runs on the TensorRT that built it; a version-compatible one also on later
 releases of that major version and one major later from 8 or 10 (8 -> 10, 10 -> 11). TensorRT-RTX
@@ -220,6 +223,7 @@ class TensorRTRuntime(Runtime):
         self.own_capture = cuda_graph and not self.rtx  # TensorRT-RTX captures by itself (cuda_graph_strategy)
         self.max_graphs = int(max_graphs)
         self._no_graph: set[int] = set()  # batch sizes whose capture failed: they run without a graph
+        self._warmed: frozenset[int] | None = None  # once warm() has run: the only sizes a slot may capture
         self._warned = False
         self.cache_path = runtime_cache_path(self.path)
         self.runtime_cache: Any = None
@@ -392,14 +396,16 @@ class TensorRTRuntime(Runtime):
 
     def _enqueue(self, slot: _Slot, n: int) -> None:
         """Run batch ``n`` (its input in slot.d_in) on the slot's stream: by its graph when it has one.
-        A slot captures the first ``max_graphs`` sizes it runs and keeps them; other sizes run on the
-        plain context (no capture, no new context, no host sync while serving)."""
+        A slot captures the first ``max_graphs`` sizes it runs (once warmed: warmed sizes only) and keeps
+        them; other sizes run on the plain context (no capture, no new context, no host sync)."""
         shape = (n, *self.spec.shape)
         entry = slot.graphs.get(n)
         if entry is not None:
             self.cuda.launch(entry[1], slot.stream)
             return
-        if not self.own_capture or n in self._no_graph or len(slot.graphs) >= self.max_graphs:
+        warmed = self._warmed
+        if (not self.own_capture or n in self._no_graph or len(slot.graphs) >= self.max_graphs
+                or (warmed is not None and n not in warmed)):
             self._plain(slot, shape)
             return
         ctx = self._new_context(slot)  # this size's own context: its shape is never changed again
@@ -452,6 +458,7 @@ class TensorRTRuntime(Runtime):
             return self._run_on(slot, batch)
 
     def _run_on(self, slot: _Slot, batch: np.ndarray) -> np.ndarray:
+        self._timing.value = _NO_TIMING  # until this call has its own: a failure leaves none
         n = batch.shape[0]
         cuda, stream = self.cuda, slot.stream
         h_in = slot.h_in[:n]
@@ -470,16 +477,21 @@ class TensorRTRuntime(Runtime):
                                                "d2h_ms": cuda.elapsed_ms(e2, e3)})
         return h_out.astype(np.float32, copy=True)
 
+    def infer(self, batch: Any) -> np.ndarray:
+        self._timing.value = _NO_TIMING  # a call refused before it runs leaves no timing either
+        return super().infer(batch)
+
     @property  # type: ignore[override]
     def last_timing(self) -> Mapping[str, float]:
         """The device phases (ms: h2d, compute, d2h) of the last host call made from this thread (its last
-        chunk, for a batch split into several); empty before one. Per thread: calls from other threads, on
-        other instances, never replace it."""
+        chunk, for a batch split into several); empty before one, and after a call that failed. Per thread:
+        calls from other threads, on other instances, never replace it."""
         return getattr(self._timing, "value", _NO_TIMING)
 
     def warm(self, batch: Any) -> None:
         """Run ``batch`` once on every instance, so that each has set up (and, with CUDA graphs, captured)
-        that size before serving: a server's warm-up. Waits for the calls in flight."""
+        that size before serving: a server's warm-up. From the first warm on, slots capture only warmed
+        sizes (see :meth:`_enqueue`), so serving another size never captures. Waits for the calls in flight."""
         x = self.check_input(batch)
         if not self.spec.min_batch <= len(x) <= self.spec.max_batch:
             self.infer(x)
@@ -487,6 +499,8 @@ class TensorRTRuntime(Runtime):
         self._check_open()
         with self._every_slot() as taken:
             self._check_open()
+            with self._state:
+                self._warmed = (self._warmed or frozenset()) | {len(x)}
             with self.cuda.activate():
                 for slot in taken:
                     self._run_on(slot, x)
