@@ -88,10 +88,26 @@ def regular(draw: Any, tokens: st.SearchStrategy[str] = numbers) -> str:
 def test_regular_arrays_match_json_loads(text: str, dtype: np.dtype) -> None:
     fast = check(text, dtype)
     integers = re.findall(r"(?<![\d.eE+-])-?\d+(?![\d.eE])", text)
-    spaces = text.count(" ") == text.count(", ") and not any(c in text for c in "\t\n\r")  # json.dumps' only
-    short = len(text.replace(" ", "")) <= 17 * (text.count(",") + 1)  # not mostly 16-digit numbers
+    spaces = re.search(r"[^\[,\s]\s", text) is None  # whitespace after '[' or ',' only (json.dumps' ", ")
+    short = len(text) <= 19 * (text.count(",") + 1)  # not mostly 16-digit numbers
     if spaces and short and all(len(i) <= 15 for i in integers):  # longer integers: Python ints to np.asarray
         assert fast is not None, text[:200]  # the common forms take the fast path
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 2**54) | st.integers(2**52, 2**54), st.integers(-40, 40), st.integers(0, 25),
+                          st.booleans()), min_size=1, max_size=64))
+def test_exact_at_the_edges_of_the_fast_path(parts: list[tuple[int, int, int, bool]]) -> None:
+    """Mantissas up to 2**54 and exponents past +-22 (where M * 10**q is no longer one rounding), as float64:
+    where a double rounding would show."""
+    tokens = []
+    for mantissa, exponent, point, negative in parts:
+        digits = str(mantissa).rjust(point + 1, "0")
+        number = digits if not point else f"{digits[:-point]}.{digits[-point:]}"
+        tokens.append(("-" if negative else "") + number + (f"e{exponent}" if exponent else ""))
+    check("[" + ",".join(tokens) + "]", np.dtype(np.float64))  # the int 9007199254740993: left to json.loads
+    short = "[" + ",".join(tokens + ["0"] * (3 * len(tokens))) + "]"  # not mostly long numbers: read here
+    assert check(short, np.dtype(np.float64)) is not None or re.search(r"(^|[\[,])-?\d{16,}(,|\])", short)
 
 
 trees = st.recursive(st.sampled_from(SPECIAL[:12] + HOSTILE) | numbers,

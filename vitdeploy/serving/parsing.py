@@ -321,7 +321,7 @@ TensorAt = tuple[tuple[str | int, ...], np.dtype]  # the array's place in the do
 TENSOR_MIN_BYTES = 1 << 16  # smaller arrays are cheap for json.loads
 TENSOR_MAX_DEPTH = 32
 SLOW_NUMBERS = 1024  # numbers outside the exact fast path parsed one by one (float()), at most this many a slice
-CHUNK_BYTES = 1 << 17
+CHUNK_BYTES = 1 << 16
 _PLACEHOLDER = "\x01tensor"  # only ours: the body holds no backslash, and json.loads refuses a raw control byte
 _WHITESPACE = b" \t\n\r"  # JSON's
 _NUMBER_BYTES = b"0123456789+-.eE"
@@ -342,6 +342,7 @@ def _byte_tables() -> tuple[bytes, bytes, bytes, bytes]:
     inside = b"[]," + _NUMBER_BYTES + _WHITESPACE
     outside = bytes(int(c not in inside) for c in range(256))
     marks = bytes(int(c in b",.eE") for c in range(256))
+    kinds.update({bytes([c]): "open" for c in _WHITESPACE})  # see _pairs_valid
     kind = bytes(number.index(kinds[bytes([c])]) + 1 if bytes([c]) in kinds else 0 for c in range(256))
     valid = bytes(16 * (number.index(a) + 1) + number.index(b) + 1 for a in after for b in after[a])
     return outside, marks, kind, valid
@@ -405,22 +406,20 @@ def _array_span(body: bytes | bytearray, end: int) -> tuple[int, int] | None:
 def number_array(body: bytes | bytearray, dtype: np.dtype, start: int = 0,
                  stop: int | None = None) -> np.ndarray | None:
     """The JSON array ``body[start:stop]`` as ``np.asarray(json.loads(..), dtype)`` (bit for bit) when it is a
-    regular array of numbers, at most TENSOR_MAX_DEPTH deep, with no empty dimension and no whitespace but
-    json.dumps' (", "); None otherwise (unusual, or not JSON: json.loads then decides). Read in slices of about
-    CHUNK_BYTES: what it holds beside the body stays under what json.loads would (json_cost)."""
+    regular array of numbers, at most TENSOR_MAX_DEPTH deep, with no empty dimension and whitespace only after
+    '[' or ',' (json.dumps' ", " included); None otherwise (unusual, or not JSON: json.loads then decides). Read
+    in slices of about CHUNK_BYTES: what it holds beside the body stays under what json.loads would (json_cost)."""
     stop = len(body) if stop is None else stop
-    compact = bytes(memoryview(body)[start:stop]).translate(None, _WHITESPACE)
-    if stop - start - len(compact) != body.count(b", ", start, stop):
-        return None  # whitespace other than after a comma: the rarer forms are left to json.loads
-    if len(compact) > 17 * (compact.count(b",") + 1):
-        return None  # most numbers hold 16 digits or more, past the exact fast path: json.loads reads them
-    if len(compact) < 2 or compact[0] != ord("[") or not _pairs_valid(compact):
+    if stop - start > 19 * (body.count(b",", start, stop) + 1):
+        return None  # mostly numbers of 16 digits or more, past the exact fast path: json.loads reads them
+    text = bytes(memoryview(body)[start:stop])
+    if len(text) < 2 or text[0] != ord("[") or text[-1] != ord("]") or not _pairs_valid(text):
         return None
-    shape = _regular_shape(compact.translate(None, _NUMBER_BYTES))
+    shape = _regular_shape(text.translate(None, _NUMBER_BYTES + _WHITESPACE))
     if shape is None:
         return None
-    flat = compact.translate(None, b"[]")
-    del compact
+    flat = text.translate(None, b"[]" + _WHITESPACE)
+    del text
     out, at, start = np.empty(math.prod(shape), dtype), 0, 0
     while start < len(flat):
         stop = flat.find(b",", start + CHUNK_BYTES) if start + CHUNK_BYTES < len(flat) else -1
@@ -435,17 +434,18 @@ def number_array(body: bytes | bytearray, dtype: np.dtype, start: int = 0,
     return out.reshape(shape) if at == out.size else None
 
 
-def _pairs_valid(compact: bytes) -> bool:
-    """Every pair of adjacent bytes may follow each other in a JSON array of numbers: each byte's kind, the
-    pairs' codes, and no code left once the valid ones are deleted (in slices that overlap by a byte)."""
+def _pairs_valid(text: bytes) -> bool:
+    """Every pair of adjacent bytes may follow each other in a JSON array of numbers: each byte's kind (white
+    space is a '[' here, so it may follow only '[' or ',' and never splits a number), the pairs' codes, and no
+    code left once the valid ones are deleted; in slices that overlap by a byte."""
     step = 4 * CHUNK_BYTES
-    for at in range(0, max(1, len(compact) - 1), step):
-        kind = np.frombuffer(compact[at:at + step + 1].translate(_KIND), np.uint8)
+    for at in range(0, max(1, len(text) - 1), step):
+        kind = np.frombuffer(text[at:at + step + 1].translate(_KIND), np.uint8)
         codes = np.multiply(kind[:-1], 16, dtype=np.uint8)
         codes += kind[1:]
         if codes.tobytes().translate(None, _VALID_PAIRS):
             return False
-    return compact[-1] == ord("]")
+    return True
 
 
 def _regular_shape(brackets: bytes) -> tuple[int, ...] | None:
