@@ -392,6 +392,13 @@ class _HostileHandler(_FakeHandler):
             pass
         self.close_connection = True
 
+    def _huge_head(self, body: bytes, headers: dict | None = None) -> None:
+        """An 8 MiB header, sent as fast as the client reads (so a gevent deadline never fires)."""
+        try:
+            self._send(200, body, {"X-Big": "a" * (8 << 20), **(headers or {})})
+        except OSError:  # the client hung up, as it should
+            self.close_connection = True
+
     def _drip(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "1000")
@@ -419,6 +426,8 @@ class _HostileHandler(_FakeHandler):
                 return self._stream(150 << 20)
             if mode == "drip-metadata":
                 return self._drip()
+            if mode == "huge-head-metadata":
+                return self._huge_head(json.dumps(META).encode())
             if mode == "bad-json-metadata":
                 return self._send(200, b'{"inputs": [')
             if mode == "huge-shape":
@@ -437,13 +446,15 @@ class _HostileHandler(_FakeHandler):
     def do_POST(self) -> None:
         mode = self.server.mode
         if mode not in ("huge-answer", "drip-answer", "bad-json-answer", "gzip-bomb-answer",
-                        "deflate-bomb-answer") and not self._wrong_key():
+                        "deflate-bomb-answer", "huge-head-answer") and not self._wrong_key():
             return super().do_POST()
         self.rfile.read(int(self.headers["Content-Length"]))
         if self._wrong_key():
             return self._send(401, b'{"error": "give the key"}')
         if mode == "huge-answer":
             return self._stream(300 << 20, length=True)
+        if mode == "huge-head-answer":
+            return self._huge_head(b"{}", {"Inference-Header-Content-Length": "2"})
         if mode in ("gzip-bomb-answer", "deflate-bomb-answer"):  # 32 kB that inflate to 32 MiB
             bomb = zlib.compressobj(9, zlib.DEFLATED, 31 if mode.startswith("gzip") else 15)
             body = b"".join(bomb.compress(bytes(1 << 20)) for _ in range(32)) + bomb.flush()
@@ -479,6 +490,8 @@ HOSTILE = {
     "huge-answer": "over the 65536 this client reads",
     "drip-answer": "no whole answer within 2 s",
     "bad-json-answer": "is not a KServe v2 answer",
+    "huge-head-metadata": "a response's headers are over the 65536 bytes this client reads",
+    "huge-head-answer": "a response's headers are over the 65536 bytes this client reads",
     "gzip-bomb-answer": "over the 65536 bytes this client reads once decompressed (gzip)",
     "deflate-bomb-answer": "over the 65536 bytes this client reads once decompressed (deflate)",
     "endless-metrics": "is over the 65536 bytes this client reads",

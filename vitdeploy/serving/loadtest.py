@@ -50,6 +50,7 @@ class Limits:
     answer_bytes: int = 64 << 20  # one inference answer
     row_bytes: int = 64 << 20  # one input row, from the model's shape and type
     input_bytes: int = 1 << 30  # every distinct row together (--rows x a row)
+    head_bytes: int = 64 << 10  # a response's status line and headers
 
 
 LIMITS = Limits()
@@ -60,7 +61,30 @@ def _th() -> Any:
         import tritonclient.http as th
     except ImportError:
         raise VitDeployError("the load test needs tritonclient: pip install 'vitdeploy[triton]'") from None
+    _bound_response_heads()
     return th
+
+
+@functools.cache
+def _bound_response_heads() -> None:
+    """geventhttpclient (under tritonclient and :func:`_get`) reads a response's headers without limit, and a
+    server sending them as fast as it can never lets a gevent deadline fire (each read returns at once): its
+    response class, as its client module makes them, is given a limit of LIMITS.head_bytes (a client-side
+    process only: this module is never imported by the server)."""
+    import geventhttpclient.client as client
+
+    class BoundedHead(client.HTTPSocketPoolResponse):  # type: ignore[misc,name-defined]
+        head = 0
+
+        def feed(self, data: Any) -> None:
+            if not self.headers_complete:
+                self.head += len(data)
+                if self.head > LIMITS.head_bytes:
+                    raise LoadTestError(f"a response's headers are over the {LIMITS.head_bytes} bytes this "
+                                        "client reads")
+            super().feed(data)
+
+    client.HTTPSocketPoolResponse = BoundedHead
 
 
 def batch_histogram(metrics: str) -> tuple[float, float, dict[str, float]]:
@@ -271,6 +295,7 @@ def _get(url: str, limit: int, timeout: float, headers: Mapping[str, str] | None
     import gevent
     from geventhttpclient import URL, HTTPClient
 
+    _bound_response_heads()
     u = URL(url)
     try:
         with gevent.Timeout(timeout, TimeoutError(f"no whole answer within {timeout:g} s")):
