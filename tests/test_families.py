@@ -90,6 +90,9 @@ def _hf(name: str):
         "dinov2-interpolated": (lambda: T.Dinov2Model(T.Dinov2Config(**{**dino, "image_size": 56})), pooler,
                                 {"image_size": 42}),
         "dinov2-registers": (lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**dino)), pooler, {}),
+        "dinov2-registers-interpolated": (  # HF antialiases this resize (not dinov2's)
+            lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**{**dino, "image_size": 70})), pooler,
+            {"image_size": 42}),
         "dinov2-registers-classifier": (
             lambda: T.Dinov2WithRegistersForImageClassification(T.Dinov2WithRegistersConfig(**dino, num_labels=3)),
             lambda out: out.logits, {}),
@@ -138,8 +141,9 @@ def _their_output(model, read, x):
 
 FAMILY_CASES = ["deit-teacher", "deit-embedding", "dinov2-classifier", "dinov2-classifier-default-labels",
                 "vit-default-labels", "dinov2", "dinov2-swiglu",
-                "dinov2-interpolated", "dinov2-registers", "dinov2-registers-classifier", "clip-vision-projection",
-                "clip-vision", "clip", "siglip-vision", "siglip"]
+                "dinov2-interpolated", "dinov2-registers", "dinov2-registers-interpolated",
+                "dinov2-registers-classifier", "clip-vision-projection", "clip-vision", "clip", "siglip-vision",
+                "siglip"]
 
 
 @pytest.mark.parametrize("name", FAMILY_CASES)

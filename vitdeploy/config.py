@@ -81,6 +81,7 @@ class ViTConfig:
     pooling: str = "cls"  # the embedding: cls (the [CLS] row) | map (SigLIP's attention-pooling head)
     projection_dim: int = 0  # a projection without bias on the embedding (CLIP's image_embeds); 0: none
     position_grid: tuple[int, int] | None = None  # trained position grid, interpolated to the input's
+    position_antialias: bool = False  # that interpolation antialiased (HF's dinov2_with_registers; not dinov2)
     task: str = "classification"  # classification (logits) | embedding (one vector per image)
     normalize: bool = False  # embeddings L2-normalized in the model
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

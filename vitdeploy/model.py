@@ -85,6 +85,7 @@ class ViTEmbeddings(nn.Module):
         self.patch_embeddings = PatchEmbeddings(config)
         self.grid = (config.image_hw[0] // config.patch_hw[0], config.image_hw[1] // config.patch_hw[1])
         self.trained_grid = config.position_grid or self.grid
+        self.antialias = config.position_antialias
         self.num_tokens_with_position = int(config.class_token) + int(config.distillation_token)
         positions = self.num_tokens_with_position + self.trained_grid[0] * self.trained_grid[1]
         self.position_embeddings = nn.Parameter(torch.zeros(1, positions, hidden))
@@ -99,14 +100,16 @@ class ViTEmbeddings(nn.Module):
 
     def interpolated_positions(self) -> torch.Tensor:
         """The position table at the input grid: the trained one, or (DINOv2) its patch part resized
-        bicubically in float32 with align_corners=False, as HF's ``interpolate_pos_encoding`` does."""
+        bicubically in float32 with align_corners=False (antialiased for DINOv2 with registers), as HF's
+        ``interpolate_pos_encoding`` does."""
         if self.trained_grid == self.grid:
             return self.position_embeddings
         k = self.num_tokens_with_position
         table = self.position_embeddings
         (th, tw), hidden = self.trained_grid, table.shape[-1]
         patch = table[:, k:].reshape(1, th, tw, hidden).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch.to(torch.float32), size=self.grid, mode="bicubic", align_corners=False)
+        patch = F.interpolate(patch.to(torch.float32), size=self.grid, mode="bicubic", align_corners=False,
+                              antialias=self.antialias)
         patch = patch.to(table.dtype).permute(0, 2, 3, 1).reshape(1, -1, hidden)
         return torch.cat([table[:, :k], patch], dim=1)
 

@@ -53,7 +53,9 @@ def config_from_hf(d: dict[str, Any]) -> ViTConfig:
         image_size=size, position_grid=grid, layerscale_value=float(merged["layerscale_value"]),
         num_register_tokens=int(d.get("num_register_tokens", 4 if d.get("model_type") == "dinov2_with_registers"
                                       else 0)),
-        task=hf_task(d), classifier_input="cls_patch_mean")
+        task=hf_task(d), classifier_input="cls_patch_mean",
+        # HF resizes dinov2_with_registers' positions with antialias=True, dinov2's without
+        position_antialias=d.get("model_type") == "dinov2_with_registers")
 
 
 def hf_keys(state: StateDict) -> StateDict:
