@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import logging
@@ -511,3 +512,28 @@ def test_build_records_the_graphs_precision_not_the_metadatas_claim(golden_onnx,
     report = build_engine(claim, tmp_path / "claim.engine",
                           BuildOptions(flavour="rtx", compute_capabilities=["sm89"], max_batch=2))
     assert report.precision == "fp32" and artifact_precision(tmp_path / "claim.engine") == "fp32"
+
+
+@pytest.mark.parametrize("field,value", [("preprocessing", '{"image_size": [224, 224], "mean": [0.5], "std": [0.5], '
+                                         '"crop_pct": 0.4}'), ("config", "[" * 100_000 + "]" * 100_000)],
+                         ids=["crop_pct", "deep-config"])
+def test_malformed_metadata_is_named_never_read_as_no_golden_set(golden_onnx, tmp_path, field, value):
+    """Metadata that is there but malformed is named by verify and refused by build before it builds. Old code:
+    verify said the artifact "carries no golden set", and build wrote an engine without one (unverified)."""
+    import onnx
+
+    model = onnx.load(str(golden_onnx))
+    next(p for p in model.metadata_props if p.key == f"vitdeploy.{field}").value = value
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    r = CliRunner().invoke(main, ["verify", str(bad)])
+    last = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 1 and last.startswith("Error: the artifact's ") and "golden set" not in last, r.output
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        return
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
+    from vitdeploy.errors import VitDeployError
+
+    with pytest.raises(VitDeployError, match="the artifact's"):
+        build_engine(bad, tmp_path / "bad.engine", BuildOptions(flavour="rtx", compute_capabilities=["sm89"]))
+    assert not (tmp_path / "bad.engine").exists()

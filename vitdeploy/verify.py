@@ -62,13 +62,13 @@ def verified_path(artifact: str | Path) -> Path:
 
 def artifact_metadata(path: str | Path) -> ArtifactMetadata | None:
     """The metadata an ONNX (its metadata_props) or an engine (its sidecar) carries; None when it has none."""
-    from vitdeploy.artifacts.metadata import ArtifactMetadata, read_onnx_metadata
+    from vitdeploy.artifacts.metadata import ArtifactMetadata, NoMetadataError, read_onnx_metadata
 
     kind = artifact_kind(path)
     if kind == "onnx":
         try:
             return read_onnx_metadata(path)
-        except VitDeployError:
+        except NoMetadataError:  # a plain ONNX; metadata that is there but malformed is its own error
             return None
     if kind == "engine":
         from vitdeploy.engines.tensorrt.sidecar import EngineSidecar

@@ -296,12 +296,13 @@ def _first_reason(errors: list[str]) -> str:
 
 
 def _onnx_metadata(onnx_path: Path) -> dict[str, Any]:
-    from vitdeploy.artifacts.metadata import read_onnx_metadata
+    from vitdeploy.artifacts.metadata import NoMetadataError, read_onnx_metadata
 
     try:
         return read_onnx_metadata(onnx_path).to_dict()
-    except VitDeployError:
+    except NoMetadataError:
         return {}  # a foreign ONNX builds; predict/serve then need labels some other way
+    # vitdeploy metadata that is malformed is an error: the engine would lose its golden set without a word
 
 
 def _graph_precision(onnx_path: Path) -> str:
@@ -327,6 +328,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         raise BuildError(f"ONNX file {onnx_path} does not exist")
     check_onnx_external_data(onnx_path)  # TensorRT's parser follows a symlinked data file out of the folder
     check_output_dir(output)
+    meta = _onnx_metadata(onnx_path)  # malformed metadata refused before any work
     gpu = current_gpu()
     flavour, targets = choose_flavour(opts.flavour, opts.compute_capabilities, gpu)  # refuse before any work
     check_options(flavour, opts)
@@ -348,7 +350,6 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     if serialized is None:
         raise BuildError(f"TensorRT could not build {onnx_path.name} for {', '.join(targets)}: "
                          f"{_first_reason(log.errors)}")
-    meta = _onnx_metadata(onnx_path)
     side = EngineSidecar(
         flavour=flavour, trt_version=trt.__version__, targets=targets,
         gpu=gpu[0] if gpu and flavour != TENSORRT_RTX else None,
