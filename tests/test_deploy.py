@@ -280,10 +280,13 @@ def test_report_html_in_a_real_browser(chromium, bundle, tmp_path):
         shutil.copy(shot, keep)
     print(f"\nscreenshot {keep or shot} ({shot.stat().st_size} bytes)")
 
-    dom = _headless(chromium, tmp_path / "profile2", "--virtual-time-budget=5000", "--dump-dom", html.as_uri()).stdout
+    run = _headless(chromium, tmp_path / "profile2", "--virtual-time-budget=5000", "--enable-logging=stderr", "--v=0",
+                    "--dump-dom", html.as_uri())
     page = _Page()
-    page.feed(dom)
+    page.feed(run.stdout)
     assert page.body.get("data-loaded") == "yes"  # the inline script ran after load
+    # under the CSP (its one script by hash): the console names any script it refused (an injected one does)
+    assert "Content Security Policy" not in run.stderr, run.stderr
     assert page.rows == [r["artifact"] for r in report["rows"]]
     golden = [im for g in report["golden"] for im in g["images"]]
     assert len(page.images) == len(golden) >= 8  # FP32's synthetic set and INT8's from the calibration images
