@@ -237,6 +237,31 @@ def test_the_precision_is_read_from_the_graph(digits_onnx, tmp_path):
     assert artifact_precision(tmp_path / "fp8.onnx") == "fp8"
 
 
+def test_a_dead_node_does_not_loosen_the_tolerance(golden_onnx, tmp_path):
+    """An FP32 graph given a DequantizeLinear and a float16 initializer that feed no output, its golden set
+    loosened and its stored logits scaled by 1.05: still fp32, so it fails. Old code: read as int8, the
+    stored tolerance applied up to int8's, and verify passed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitdeploy.verify import artifact_precision
+
+    def lax_and_off(data: dict) -> None:
+        data["tolerance"] = {"max_abs_rel": 1e9, "min_cosine": 0.0, "top1_margin": 1e9}
+        _edit_logits(data, lambda v: v * 1.05)
+
+    bad = _with_golden(golden_onnx, tmp_path / "dead.onnx", lax_and_off)
+    model = onnx.load(str(bad))
+    model.graph.initializer.extend([helper.make_tensor("dead_q", TensorProto.INT8, [1], [0]),
+                                    numpy_helper.from_array(np.ones(1, np.float32), "dead_s"),
+                                    numpy_helper.from_array(np.zeros(1, np.float16), "dead_half")])
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["dead_q", "dead_s"], ["dead_y"]))
+    onnx.save(model, str(bad))
+    assert artifact_precision(bad) == "fp32"
+    report = verify_artifact(bad, backend="onnxruntime")
+    assert report.failed and report.results[0].verdict.precision == "fp32", report.to_dict()
+
+
 # --- first load -------------------------------------------------------------------------------------------
 @pytest.fixture
 def count_checks(monkeypatch):

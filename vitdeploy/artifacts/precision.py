@@ -36,10 +36,12 @@ def graph_precision(model: Any) -> str:
 
     g = model.graph
     halves = (T.FLOAT16, T.BFLOAT16)
+    nodes, needed = _live(g)
     types = {t.name: t.data_type for t in g.initializer}
-    used = [*types.values(), *(v.type.tensor_type.elem_type for v in [*g.input, *g.output])]
+    used = [t for n, t in types.items() if n in needed]
+    used += [v.type.tensor_type.elem_type for v in [*g.input, *g.output] if v.name in needed]
     found = {"fp32"}
-    for node in g.node:
+    for node in nodes:
         attrs = {a.name: a for a in node.attribute}
         if node.op_type == "Constant" and "value" in attrs:
             types[node.output[0]] = attrs["value"].t.data_type
@@ -56,3 +58,16 @@ def graph_precision(model: Any) -> str:
             found.add("int8")
     found |= {_format_of(t) for t in used if t in halves}
     return max(found, key=LOSSINESS.index)
+
+
+def _live(graph: Any) -> tuple[list[Any], set[str]]:
+    """The nodes the graph's outputs depend on, and the tensor names they read: a node or an initializer that
+    feeds no output (a dead Q/DQ, an unused float16 constant) computes nothing, so it says nothing of the
+    precision (it would only loosen the golden check's tolerance)."""
+    needed = {v.name for v in graph.output}
+    live = []
+    for node in reversed(graph.node):  # ONNX keeps nodes in topological order
+        if any(name in needed for name in node.output):
+            live.append(node)
+            needed.update(name for name in node.input if name)
+    return live[::-1], needed
