@@ -321,6 +321,30 @@ def test_a_failed_verdict_refuses_to_open_unless_allowed(golden_onnx, tmp_path, 
     assert r.exit_code == 1 and "golden image 'synthetic-" in r.output and "--allow-drift" in r.output
 
 
+def test_weights_swapped_in_external_data_are_checked_again(golden_onnx, tmp_path):
+    """An ONNX whose weights are in external data (as a ViT-H's are): the verdict covers the .data file, so
+    weights swapped there (the .onnx unchanged, byte for byte) are checked at the next load, and refused.
+    Old code: keyed on the .onnx alone, the cached verdict vouched for the swapped weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vitdeploy.verify import DriftError
+
+    for name, scale in (("good", 1.0), ("bad", 1.5)):
+        (tmp_path / name).mkdir()
+        model = onnx.load(str(golden_onnx))
+        init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * scale, init.name))
+        onnx.save(model, str(tmp_path / name / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="m.onnx.data", size_threshold=1024)
+    path = tmp_path / "good" / "m.onnx"
+    assert path.read_bytes() == (tmp_path / "bad" / "m.onnx").read_bytes()
+    open_verified(path, backend="onnxruntime", threads=1).close()
+    shutil.copy(tmp_path / "bad" / "m.onnx.data", tmp_path / "good" / "m.onnx.data")
+    with pytest.raises(DriftError, match="fails its golden set"):
+        open_verified(path, backend="onnxruntime", threads=1)
+
+
 def test_a_runtime_with_perturbed_output_fails_the_first_load(golden_onnx, tmp_path):
     """A real ONNX Runtime session behind a wrapper that adds 1e-3 to one logit: the check catches it."""
     from vitdeploy.engines.base import Runtime

@@ -315,7 +315,6 @@ def target_key(path: str | Path, rt: Runtime, artifact_sha256: str | None = None
     from importlib import metadata as md
 
     from vitdeploy import sysinfo
-    from vitdeploy.io import sha256_file
 
     libs = sysinfo.library_versions()
     versions: dict[str, str | None] = {k: libs.get(k) for k in KEY_LIBRARIES}
@@ -325,7 +324,7 @@ def target_key(path: str | Path, rt: Runtime, artifact_sha256: str | None = None
         except md.PackageNotFoundError:
             versions[dist] = None
     meta = json.dumps(rt.metadata.to_dict(), sort_keys=True) if rt.metadata else ""
-    key: dict[str, Any] = {"artifact_sha256": artifact_sha256 or sha256_file(path),
+    key: dict[str, Any] = {"artifact_sha256": artifact_sha256 or _artifact_sha256(Path(path)),
                            "metadata_sha256": hashlib.sha256(meta.encode()).hexdigest(),
                            "runtime": rt.describe(), "where": rt.where, "libraries": versions}
     if rt.where == "cuda":
@@ -364,15 +363,40 @@ def _cached(entries: list[dict[str, Any]], key_hash: str) -> list[PathResult] | 
     return None
 
 
+def _loaded_files(path: Path) -> list[Path]:
+    """The files a runtime loads for ``path``: an ONNX and its external data (a large model's weights live
+    there, not in the .onnx), else the file itself."""
+    if artifact_kind(path) != "onnx":
+        return [path]
+    from vitdeploy.io import onnx_external_files
+
+    return [path, *onnx_external_files(path)]
+
+
 def _file_stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    """Size, mtime and inode of each file loaded for ``path`` (:func:`_loaded_files`)."""
+    out = []
+    for f in _loaded_files(path):
+        st = f.stat()
+        out += [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _artifact_sha256(path: Path) -> str:
+    """The SHA-256 of the file, or of an ONNX with external data, of each loaded file's SHA-256 in turn."""
+    from vitdeploy.io import sha256_file
+
+    files = _loaded_files(path)
+    if len(files) == 1:
+        return sha256_file(path)
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class LoadStamp:
-    """The artifact's file as it was just before a runtime loaded it (size, mtime, inode): the check that
-    follows vouches only for those bytes, so it refuses a file that has changed since (issue 29)."""
+    """The artifact's files (an ONNX's external data too) as they were just before a runtime loaded them
+    (size, mtime, inode): the check that follows vouches only for those bytes, so it refuses a file that has
+    changed since (issue 29)."""
 
     path: Path
     stamp: tuple[int, ...]
@@ -387,7 +411,7 @@ class LoadStamp:
         """ArtifactChanged when the file is no longer the one loaded (replaced, rewritten or removed)."""
         try:
             now = tuple(_file_stamp(self.path))
-        except OSError:
+        except (OSError, VitDeployError):
             now = ()
         if now != self.stamp:
             raise ArtifactChanged(f"{self.path.name} changed on disk after it was loaded: the model running is not "
@@ -444,8 +468,6 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False,
     A failed verdict raises :class:`DriftError` naming the image and the drift, unless ``allow_drift``
     (then a warning). None when there is nothing to check (a checkpoint, or an artifact without a golden
     set), or :class:`UnverifiedError` with ``require``."""
-    from vitdeploy.io import sha256_file
-
     path = Path(path)
     golden = rt.metadata.golden if rt.metadata else None
     checkpoint = not path.is_file() or artifact_kind(path) == "checkpoint"
@@ -457,7 +479,7 @@ def first_load_check(path: str | Path, rt: Runtime, allow_drift: bool = False,
         return None
     loaded = loaded or LoadStamp(path, tuple(_file_stamp(path)))
     entries = _read_cache(path)
-    sha = _known_sha256(list(loaded.stamp), entries) or sha256_file(path)
+    sha = _known_sha256(list(loaded.stamp), entries) or _artifact_sha256(path)
     loaded.check_unchanged()  # what was hashed is what was loaded
     key = target_key(path, rt, sha)
     results = _cached(entries, _key_hash(key))
