@@ -611,7 +611,10 @@ def test_an_embedding_bundles_row_commands_reproduce_its_figures(embed_bundle):
     r = CliRunner().invoke(main, [*shlex.split(command)[1:], "--json"])
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
-    assert got["knn_top1"] == row["accuracy"] and got["reference"]["mean"] == pytest.approx(row["vs_fp32"]["mean"])
+    # eval recomputes both models' outputs in a run of its own (its own batches and threads), and the INT8
+    # model's cosines then differ in the sixth digit (seen: 3e-6 apart): the figure is reproduced to 1e-4
+    assert got["knn_top1"] == row["accuracy"]
+    assert got["reference"]["mean"] == pytest.approx(row["vs_fp32"]["mean"], abs=1e-4)
 
 
 def test_a_tensorrt_rtx_engine_of_an_embedding_model_keeps_its_output_and_task(embed, tmp_path):
