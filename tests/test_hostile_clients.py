@@ -797,6 +797,32 @@ def test_batcher_refuses_a_type_its_model_cannot_take_alone(u8_runtime):
             assert np.abs(f.result(10) - u8_runtime.infer(px)).max() < 1e-4
 
 
+def test_a_value_beyond_a_float16_models_range_is_a_400_alone_or_batched(hf_folders, tmp_path):
+    """A float16-input model (--fp16-io) and float32 pixels of 70000 (finite, beyond float16's 65504): the request
+    is cast to the model's type as it is parsed, and refused with 400, alone or beside good ones that all get their
+    200. Old code: alone in its batch it reached the runtime as float32, became infinity, and the NaN logits were a
+    500 blaming the artifact."""
+    import httpx
+
+    from vitdeploy.exporters import ExportOptions, export_onnx
+
+    path = export_onnx(hf_folders["p16-w48"], tmp_path / "f16.onnx", options=ExportOptions(
+        dynamic_batch=True, precision="fp16", fp16_io=True)).path
+    big = np.full((1, *SHAPE), 70000, np.float32)
+    good = np.random.default_rng(0).standard_normal((1, *SHAPE)).astype(np.float32)
+    with open_runtime(path, threads=1) as rt, Server(rt, max_delay_ms=15, adaptive_delay=False) as srv:
+        assert rt.spec.dtype == "float16"
+        for body, headers in (({"inputs": big.tolist()}, None), (big.tobytes(), BINARY)):
+            kw = {"json": body} if headers is None else {"content": body, "headers": headers}
+            r = httpx.post(srv.url + "/v1/logits", timeout=20, **kw)
+            assert r.status_code == 400 and "beyond its range" in r.json()["error"], r.text
+        with ThreadPoolExecutor(4) as pool:
+            sent = [big, good, big, good]
+            codes = list(pool.map(lambda x: httpx.post(srv.url + "/v1/logits", json={"inputs": x.tolist()},
+                                                        timeout=20).status_code, sent))
+        assert codes == [400, 200, 400, 200], codes
+
+
 # -- issue 29, item 2: crop_pct and thin images ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def crop_onnx(serving_onnx, tmp_path_factory):

@@ -653,11 +653,20 @@ def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) ->
 
 def in_model_type(x: np.ndarray, model: ModelIO) -> np.ndarray:
     """``x`` as the model's input type, decided here, for this request alone (a batch then holds one type).
-    A float model takes any float (the batch casts it); a pixel (uint8) model takes numbers that are whole
-    and within 0..255, converted here; anything else is a 400 that names the fix."""
+    A float model takes any float, cast here (a finite value beyond a float16 model's range is a 400: cast
+    later, alone in its batch, it became infinity and NaN logits, a 500 blaming the artifact); a pixel
+    (uint8) model takes numbers that are whole and within 0..255, converted here; anything else is a 400
+    that names the fix."""
     want = model.dtype
-    if x.dtype == want or (want.kind == "f" and x.dtype.kind == "f"):
+    if x.dtype == want:
         return x
+    if want.kind == "f" and x.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            y = x.astype(want)
+        if not np.isfinite(y).all() and np.isfinite(x).all():
+            raise bad_input(f"input {model.input_name!r} takes {model.datatype}: a value is beyond its range "
+                            f"(±{float(np.finfo(want).max):g}); send normalized pixels")
+        return y
     if want.kind == "u" and x.dtype.kind in "fiu":
         info = np.iinfo(want)
         with np.errstate(invalid="ignore", over="ignore"):
