@@ -67,6 +67,7 @@ FAMILY = Family(
     tasks=("embedding",),
     presets={"clip-vit-base-patch32": lambda: _preset(768, 12, 12, 32, 512),
              "clip-vit-base-patch16": lambda: _preset(768, 12, 12, 16, 512),
-             "clip-vit-large-patch14": lambda: _preset(1024, 24, 16, 14, 768)},
+             "clip-vit-large-patch14": lambda: _preset(1024, 24, 16, 14, 768),
+             "clip-test": lambda: _preset(32, 2, 2, 32, 16)},
     detect=lambda state: any(k.endswith("pre_layrnorm.weight") for k in state),
 )

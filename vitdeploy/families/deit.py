@@ -37,16 +37,17 @@ def hf_keys(state: StateDict) -> StateDict:
     return rename(state, [(r"^deit\.", "vit."), (r"^cls_classifier\.", "classifier.")], drop=(r"^(deit\.)?pooler\.",))
 
 
-def _preset(hidden: int, layers: int, heads: int) -> ViTConfig:
+def _preset(hidden: int, layers: int, heads: int, patch: int = 16) -> ViTConfig:
     return ViTConfig(**PREPROCESSING, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=4 * hidden, model_type="deit", distillation_token=True,
-                     classifier_input="cls_distilled")
+                     classifier_input="cls_distilled", patch_size=patch)
 
 
 FAMILY = Family(
     name="deit", model_types=("deit",), config_from_hf=config_from_hf, hf_keys=hf_keys,
     presets={"deit-tiny-distilled-patch16-224": lambda: _preset(192, 12, 3),
              "deit-small-distilled-patch16-224": lambda: _preset(384, 12, 6),
-             "deit-base-distilled-patch16-224": lambda: _preset(768, 12, 12)},
+             "deit-base-distilled-patch16-224": lambda: _preset(768, 12, 12),
+             "deit-test": lambda: _preset(32, 2, 2, patch=32)},  # a tiny one, for trying the tools
     detect=lambda state: any(k.startswith("deit.") for k in state),
 )

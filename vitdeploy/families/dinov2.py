@@ -86,6 +86,7 @@ FAMILY = Family(
              "dinov2-large": lambda: _preset(1024, 24, 16), "dinov2-giant": lambda: _preset(1536, 40, 24, swiglu=True),
              "dinov2-with-registers-small": lambda: _preset(384, 12, 6, 4),
              "dinov2-with-registers-base": lambda: _preset(768, 12, 12, 4),
-             "dinov2-with-registers-large": lambda: _preset(1024, 24, 16, 4)},
+             "dinov2-with-registers-large": lambda: _preset(1024, 24, 16, 4),
+             "dinov2-test": lambda: _preset(32, 2, 2), "dinov2-with-registers-test": lambda: _preset(32, 2, 2, 4)},
     detect=lambda state: any(".layer_scale1." in k or k.startswith("dinov2") for k in state),
 )

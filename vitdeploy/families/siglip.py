@@ -55,6 +55,7 @@ FAMILY = Family(
     name="siglip", model_types=("siglip_vision_model", "siglip"), config_from_hf=config_from_hf, hf_keys=hf_keys,
     tasks=("embedding",),
     presets={"siglip-base-patch16-224": lambda: _preset(768, 12, 12, 3072, 16, 224),
-             "siglip-large-patch16-256": lambda: _preset(1024, 24, 16, 4096, 16, 256)},
+             "siglip-large-patch16-256": lambda: _preset(1024, 24, 16, 4096, 16, 256),
+             "siglip-test": lambda: _preset(32, 2, 2, 64, 32, 224)},
     detect=lambda state: any(k.endswith("head.probe") for k in state),
 )
