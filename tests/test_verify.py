@@ -321,6 +321,17 @@ def test_a_failed_verdict_refuses_to_open_unless_allowed(golden_onnx, tmp_path, 
     assert r.exit_code == 1 and "golden image 'synthetic-" in r.output and "--allow-drift" in r.output
 
 
+def test_a_verdict_cache_nested_deep_is_ignored_and_the_artifact_checked(golden_onnx, tmp_path, caplog):
+    """``<stem>.verified.json`` is untrusted: nested 100,000 deep it is ignored with a warning and the artifact
+    checked again. Old code: a RecursionError traceback in predict, serve and every first load."""
+    path = shutil.copy(golden_onnx, tmp_path / "m.onnx")
+    verified_path(path).write_text("[" * 100_000 + "]" * 100_000)
+    with caplog.at_level(logging.WARNING), open_verified(path, backend="onnxruntime", threads=1):
+        pass
+    assert "checked again" in caplog.text
+    assert json.loads(verified_path(path).read_text())["entries"]  # the fresh verdict replaced it
+
+
 def test_weights_swapped_in_external_data_are_checked_again(golden_onnx, tmp_path):
     """An ONNX whose weights are in external data (as a ViT-H's are): the verdict covers the .data file, so
     weights swapped there (the .onnx unchanged, byte for byte) are checked at the next load, and refused.

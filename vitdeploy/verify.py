@@ -347,8 +347,9 @@ def _read_cache(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data["entries"], list):
             raise ValueError(f"not {CACHE_FORMAT}")
         return [e for e in data["entries"] if isinstance(e, dict)]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring %s (%s): the artifact is checked again", cache, e)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # untrusted: nested deep is as bad
+        log.warning("ignoring %s (%s): the artifact is checked again", cache, type(e).__name__
+                    if isinstance(e, RecursionError) else e)
         return []
 
 
