@@ -429,3 +429,17 @@ def test_deploy_refuses_a_symlinked_part_of_the_bundle(tiny_checkpoint, tmp_path
     assert len(lines) == 1 and "is a symbolic link" in lines[0] and str(out / part) in lines[0], r.output
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.data"]
     assert (elsewhere / "keep.data").read_bytes() == b"not the bundle's"
+
+
+def test_a_manifest_nested_deep_is_ignored(tmp_path, caplog):
+    """manifest.json is read back on a rerun: nested 100,000 deep it is ignored (every stage runs again), not a
+    RecursionError traceback."""
+    import logging
+
+    from vitdeploy.deploy.bundle import read_previous
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    with caplog.at_level(logging.WARNING):
+        assert read_previous(manifest) == {}
+    assert "every stage runs again" in caplog.text

@@ -272,8 +272,9 @@ def read_previous(path: Path) -> dict[str, dict[str, Any]]:
         data = json.loads(path.read_text()) if path.is_file() else {}
         units = data.get("units", {}) if data.get("format") == REPORT_FORMAT else {}
         return {k: v for k, v in units.items() if isinstance(v, dict)}
-    except (OSError, ValueError, AttributeError) as e:
-        logging.getLogger(__name__).warning("ignoring %s (%s): every stage runs again", path, e)
+    except (OSError, ValueError, AttributeError, RecursionError) as e:  # nested too deep: not ours either
+        logging.getLogger(__name__).warning("ignoring %s (%s): every stage runs again", path,
+                                            type(e).__name__ if isinstance(e, RecursionError) else e)
         return {}
 
 
