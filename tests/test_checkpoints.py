@@ -170,3 +170,32 @@ def test_corrupt_and_configless_files(tmp_path, hf_folders):
     save_file(to_timm_state(load_file(hf_folders["p16-w48"] / "model.safetensors")), timm)
     with pytest.raises(CheckpointError, match="pass --preset NAME or --config FILE"):
         load_model(timm)
+
+
+@pytest.mark.parametrize("name,text,words", [
+    ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deep"),
+    ("config.json", "{nope", "is not JSON"),
+    ("preprocessor_config.json", "[" * 100_000 + "]" * 100_000, "nested too deep"),
+    ("preprocessor_config.json", '{"crop_pct": "abc"}', "crop_pct 'abc' is not a number"),
+    ("preprocessor_config.json", '{"crop_pct": true}', "crop_pct 'True' is not a number"),
+    ("preprocessor_config.json", '{"crop_pct": 0.4}', "crop_pct must be within 0.5..1"),
+    ("preprocessor_config.json", '{"image_mean": 5}', "image_mean 5 is not a list of numbers"),
+    ("timm", '{"crop_pct": "abc"}', "crop_pct 'abc' is not a number"),
+    ("timm", '{"mean": ["a", 1, 2]}', "mean ['a', 1, 2] is not a list of numbers"),
+])
+def test_a_checkpoints_hostile_config_files_are_one_line_errors(hf_folders, tmp_path, name, text, words):
+    """A model folder's config.json and preprocessor_config.json (and a timm config's pretrained_cfg) are
+    untrusted: nested deep, not JSON, or a crop_pct or mean of the wrong type is one VitDeployError naming it.
+    Old code: RecursionError, ValueError or TypeError tracebacks."""
+    import shutil
+
+    from vitdeploy.errors import VitDeployError
+
+    folder = shutil.copytree(hf_folders["p16-w48"], tmp_path / "m")
+    if name == "timm":
+        cfg = {"architecture": "vit_tiny_patch16_224", "num_classes": 7, "pretrained_cfg": json.loads(text)}
+        (folder / "config.json").write_text(json.dumps(cfg))
+    else:
+        (folder / name).write_text(text)
+    with pytest.raises(VitDeployError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        load_model(folder)

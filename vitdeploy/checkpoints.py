@@ -288,21 +288,36 @@ def _timm_config(d: dict[str, Any]) -> ViTConfig:
     kwargs: dict[str, Any] = {"layer_norm_eps": 1e-6, "num_labels": int(d.get("num_classes", 1000))}
     if labels and len(labels) == kwargs["num_labels"]:
         kwargs["id2label"] = dict(enumerate(labels))
-    if "mean" in pcfg:
-        kwargs["image_mean"] = tuple(pcfg["mean"])
-    if "std" in pcfg:
-        kwargs["image_std"] = tuple(pcfg["std"])
+    for key, field in (("mean", "image_mean"), ("std", "image_std")):
+        if key in pcfg:
+            if not (isinstance(pcfg[key], list) and all(type(v) in (int, float) for v in pcfg[key])):
+                raise CheckpointError(f"timm config's pretrained_cfg {key} {str(pcfg[key])[:40]} is not a list of "
+                                      "numbers")
+            kwargs[field] = tuple(pcfg[key])
     if pcfg.get("crop_pct"):
+        if type(pcfg["crop_pct"]) not in (int, float):
+            raise CheckpointError(f"timm config's pretrained_cfg crop_pct {str(pcfg['crop_pct'])[:40]!r} is not a "
+                                  "number")
         kwargs["crop_pct"] = float(pcfg["crop_pct"])
     if pcfg.get("interpolation") in ("bilinear", "bicubic", "nearest"):
         kwargs["interpolation"] = pcfg["interpolation"]
     return preset(f"vit-{m.group(1)}-patch{m.group(2)}-224", **kwargs)
 
 
+def _json_file(path: Path) -> Any:
+    """A checkpoint's JSON file (untrusted): one-line CheckpointError when it is not JSON or nested too deep."""
+    try:
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deep to be a model's configuration") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not JSON ({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
+
+
 def _load_folder(folder: Path, config: ViTConfig | None,
                  options: dict[str, Any]) -> tuple[ViTForImageClassification, str, Path]:
     cfg_file = folder / "config.json"
-    raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    raw = _json_file(cfg_file) if cfg_file.is_file() else {}
     weights = _weights_in(folder)
     if config is None:
         if not raw:
@@ -310,7 +325,7 @@ def _load_folder(folder: Path, config: ViTConfig | None,
         config = _timm_config(raw) if "architecture" in raw else ViTConfig.from_dict(raw)
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
-            config = config.apply_preprocessor_config(json.loads(pre.read_text()))
+            config = config.apply_preprocessor_config(_json_file(pre))
     config = with_options(config, **options)
     state, _ = _read_folder_weights(weights)
     layout = detect_layout(state)

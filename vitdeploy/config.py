@@ -279,8 +279,10 @@ class ViTConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"cannot read config {path}: nested too deep") from None
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
@@ -295,13 +297,16 @@ class ViTConfig:
         if not isinstance(d, dict):
             raise ConfigError("preprocessor_config.json is not a JSON object")
         changes: dict[str, Any] = {}
-        if "image_mean" in d:
-            changes["image_mean"] = tuple(d["image_mean"])
-        if "image_std" in d:
-            changes["image_std"] = tuple(d["image_std"])
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                if not (isinstance(d[key], list) and all(type(v) in (int, float) for v in d[key])):
+                    raise ConfigError(f"preprocessor_config.json's {key} {str(d[key])[:40]} is not a list of numbers")
+                changes[key] = tuple(d[key])
         if d.get("resample") in _PIL_RESAMPLE:
             changes["interpolation"] = _PIL_RESAMPLE[d["resample"]]
         if d.get("crop_pct"):
+            if type(d["crop_pct"]) not in (int, float):  # a string or a boolean: no crop anyone trained with
+                raise ConfigError(f"preprocessor_config.json's crop_pct {str(d['crop_pct'])[:40]!r} is not a number")
             changes["crop_pct"] = float(d["crop_pct"])
         elif "size" in d:
             changes["crop_pct"] = _hf_crop_pct(d)
