@@ -107,6 +107,17 @@ def test_errors_name_the_file(tmp_path):
         find_images(empty)
 
 
+def test_a_thin_image_among_many_is_named(tmp_path):
+    """predict and eval load folders of images: the thin one whose resize is refused is named by its path.
+    Old code: "an image of 5000x2 pixels ...", which of thousands not said."""
+    prep = Preprocessing(image_size=(64, 64), crop_pct=0.5)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "fine.png")
+    Image.fromarray(np.zeros((2, 5000, 3), np.uint8)).save(tmp_path / "thin.png")
+    for uint8 in (False, True):
+        with pytest.raises(ImageError, match=r"thin\.png: an image of 5000x2 pixels would be resized"):
+            load_images([tmp_path / "fine.png", tmp_path / "thin.png"], prep, uint8)
+
+
 def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch):
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # 300*300 > 2x the limit

@@ -166,9 +166,18 @@ def load_images(paths: Sequence[str | Path | bytes], prep: Preprocessing, uint8:
     """Image files -> [N, 3, H, W] float32 (``uint8``: [N, H, W, 3] uint8 pixels, not normalized)."""
     if not paths:
         raise ImageError("no images given")
-    if uint8:
-        return np.stack([prep.pixels(open_image(p)) for p in paths])
-    return np.stack([prep(open_image(p)) for p in paths])
+    return np.stack([_load_one(p, prep, uint8) for p in paths])
+
+
+def _load_one(path: str | Path | bytes, prep: Preprocessing, uint8: bool) -> np.ndarray:
+    """One image, preprocessed; an ImageError names the file (of thousands in a folder, which one is too thin)."""
+    image = open_image(path)
+    try:
+        return prep.pixels(image) if uint8 else prep(image)
+    except ImageError as e:
+        if isinstance(path, bytes):
+            raise
+        raise ImageError(f"{path}: {e}") from None
 
 
 def find_images(folder: str | Path) -> list[Path]:
