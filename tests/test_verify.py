@@ -339,6 +339,7 @@ def test_weights_swapped_in_external_data_are_checked_again(golden_onnx, tmp_pat
     import onnx
     from onnx import numpy_helper
 
+    from vitdeploy.errors import VitDeployError
     from vitdeploy.verify import DriftError
 
     for name, scale in (("good", 1.0), ("bad", 1.5)):
@@ -353,6 +354,9 @@ def test_weights_swapped_in_external_data_are_checked_again(golden_onnx, tmp_pat
     open_verified(path, backend="onnxruntime", threads=1).close()
     shutil.copy(tmp_path / "bad" / "m.onnx.data", tmp_path / "good" / "m.onnx.data")
     with pytest.raises(DriftError, match="fails its golden set"):
+        open_verified(path, backend="onnxruntime", threads=1)
+    (tmp_path / "good" / "m.onnx.data").unlink()  # missing: named in one line, not an errno
+    with pytest.raises(VitDeployError, match=r"m\.onnx keeps its weights in m\.onnx\.data, which is not beside it"):
         open_verified(path, backend="onnxruntime", threads=1)
 
 

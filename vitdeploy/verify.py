@@ -378,7 +378,13 @@ def _file_stamp(path: Path) -> list[int]:
     """Size, mtime and inode of each file loaded for ``path`` (:func:`_loaded_files`)."""
     out = []
     for f in _loaded_files(path):
-        st = f.stat()
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            if f == path:
+                raise
+            raise VitDeployError(f"{path.name} keeps its weights in {f.name}, which is not beside it: copy it "
+                                 "there with the ONNX") from None
         out += [st.st_size, st.st_mtime_ns, st.st_ino]
     return out
 
