@@ -104,6 +104,13 @@ def _hf(name: str):
                  None, {}),
         "siglip-vision": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**vision)), pooler, {}),
         "siglip": (lambda: T.SiglipModel(T.SiglipConfig(vision_config=vision, text_config=TEXT)), None, {}),
+        "clip-classifier": (lambda: T.CLIPForImageClassification(T.CLIPConfig(
+            vision_config=vision, text_config=TEXT, num_labels=5)), lambda out: out.logits, {}),
+        "siglip-classifier": (lambda: T.SiglipForImageClassification(T.SiglipConfig(
+            vision_config=vision, text_config=TEXT, num_labels=5)), lambda out: out.logits, {}),
+        "siglip-classifier-headless": (lambda: T.SiglipForImageClassification(T.SiglipConfig(
+            vision_config={**vision, "vision_use_head": False}, text_config=TEXT, num_labels=3)),
+            lambda out: out.logits, {}),
     }
     return cases[name]
 
@@ -143,7 +150,7 @@ FAMILY_CASES = ["deit-teacher", "deit-embedding", "dinov2-classifier", "dinov2-c
                 "vit-default-labels", "dinov2", "dinov2-swiglu",
                 "dinov2-interpolated", "dinov2-registers", "dinov2-registers-interpolated",
                 "dinov2-registers-classifier", "clip-vision-projection", "clip-vision", "clip", "siglip-vision",
-                "siglip"]
+                "siglip", "clip-classifier", "siglip-classifier", "siglip-classifier-headless"]
 
 
 @pytest.mark.parametrize("name", FAMILY_CASES)
@@ -242,7 +249,8 @@ def test_unsupported_model_types_are_refused_in_one_line(tmp_path, model_type):
 
 TASK_REFUSALS = {
     "classifier of a base model": ("dinov2", {"task": "classification"}, "no classifier head"),
-    "classifier of CLIP": ("clip-vision-projection", {"task": "classification"}, "gives embedding, not"),
+    "classifier of CLIP": ("clip-vision-projection", {"task": "classification"}, "no classifier head"),
+    "embedding of a headless SigLIP": ("siglip-classifier-headless", {"task": "embedding"}, "missing keys.*head"),
     "image size of CLIP": ("clip-vision", {"image_size": 48}, "only DINOv2 interpolates"),
     "normalized logits": ("deit-teacher", {"normalize": True}, "normalize applies to task='embedding'"),
 }
@@ -302,6 +310,8 @@ EXPORT_CASES = {  # name: (export options, precision, largest difference to HF a
     "clip": ({"normalize": True}, "fp32", 1e-4, 0.99999),
     "siglip-vision": ({}, "fp32", 1e-4, 0.99999),
     "siglip": ({}, "fp16", None, 0.999),
+    "clip-classifier": ({}, "fp32", 1e-4, 0.99999),
+    "siglip-classifier": ({}, "fp32", 1e-4, 0.99999),
 }
 
 
@@ -422,7 +432,8 @@ def test_the_digits_model_trains_in_each_family_shape(tmp_path, family):
     assert score >= (0.9 if model.config.task == "classification" else 0.85), (family, score)
 
 
-@pytest.mark.parametrize("case", ["deit", "dinov2", "dinov2-swiglu", "clip", "siglip"])
+@pytest.mark.parametrize("case", ["deit", "dinov2", "dinov2-swiglu", "clip", "siglip", "clip-classifier",
+                                  "siglip-classifier"])
 def test_flops_of_each_family_match_torch_flop_counter(case):
     """The analytic count (bench's FLOPs) equals what torch's FlopCounterMode sees in our model's pass."""
     import torch
@@ -431,7 +442,11 @@ def test_flops_of_each_family_match_torch_flop_counter(case):
     from vitdeploy.datasets import digits_config
     from vitdeploy.model import ViTForImageClassification
 
-    family, extra = {"dinov2-swiglu": ("dinov2", {"use_swiglu_ffn": True})}.get(case, (case, {}))
+    family, extra = {"dinov2-swiglu": ("dinov2", {"use_swiglu_ffn": True}),
+                     "clip-classifier": ("clip", {"task": "classification",
+                                                  "classifier_input": "patch_mean_before_norm"}),
+                     "siglip-classifier": ("siglip", {"task": "classification", "classifier_input": "patch_mean"}),
+                     }.get(case, (case, {}))
     cfg = digits_config(family, hidden_size=48, num_attention_heads=3, intermediate_size=96, image_size=64,
                         patch_size=16, **extra)
     model = ViTForImageClassification(cfg).eval()
@@ -501,3 +516,29 @@ def test_export_cli_task_normalize_and_image_size(tmp_path):
         r = CliRunner().invoke(main, ["export", "--model", str(model), "--output", str(tmp_path / "x.onnx"), *args])
         assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["clip-classifier", "siglip-classifier"])
+def test_export_cli_of_clip_and_siglip_classifiers_equals_hf_logits(tmp_path, name):
+    """`vitdeploy export --model <CLIPForImageClassification / SiglipForImageClassification folder>`: logits
+    with the folder's labels, ONNX Runtime's equal to HF's."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from click.testing import CliRunner
+
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+    from vitdeploy.cli import main
+
+    theirs, read, _, folder = _reference_folder(name, tmp_path)
+    out = tmp_path / "model.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", str(folder), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    meta = read_onnx_metadata(out)
+    assert (meta.task, meta.output_name, meta.output_size) == ("classification", "logits", 5)
+    assert meta.labels == [f"LABEL_{i}" for i in range(5)]
+    x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"pixel_values": x})[0]
+    expected = _their_output(theirs, read, torch.from_numpy(x)).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 and np.abs(expected).max() > 0.1

@@ -18,7 +18,7 @@ from vitdeploy.errors import ConfigError
 
 IntOrPair = int | tuple[int, int]
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
-CLASSIFIER_INPUTS = ("cls", "cls_distilled", "cls_patch_mean")
+CLASSIFIER_INPUTS = ("cls", "cls_distilled", "cls_patch_mean", "patch_mean", "patch_mean_before_norm")
 POOLINGS = ("cls", "map")
 TASKS = ("classification", "embedding")
 HF_NUM_LABELS = 2  # transformers' default, which its config.json leaves out
@@ -77,7 +77,9 @@ class ViTConfig:
     use_swiglu_ffn: bool = False  # SwiGLU MLP; intermediate_size is its hidden width (DINOv2 giant)
     pre_norm: bool = False  # a LayerNorm before the blocks (CLIP)
     patch_bias: bool = True  # the patch convolution has a bias (not CLIP's)
-    classifier_input: str = "cls"  # cls | cls_distilled (DeiT's two heads) | cls_patch_mean (DINOv2)
+    # what the classifier reads: cls | cls_distilled (DeiT's two heads) | cls_patch_mean (DINOv2) | patch_mean
+    # (SigLIP: the patch tokens' mean) | patch_mean_before_norm (CLIP: that mean before the final LayerNorm)
+    classifier_input: str = "cls"
     pooling: str = "cls"  # the embedding: cls (the [CLS] row) | map (SigLIP's attention-pooling head)
     projection_dim: int = 0  # a projection without bias on the embedding (CLIP's image_embeds); 0: none
     position_grid: tuple[int, int] | None = None  # trained position grid, interpolated to the input's
@@ -156,9 +158,11 @@ class ViTConfig:
             raise ConfigError(f"ViTConfig.position_grid must be positive, got {self.position_grid!r}")
         if self.distillation_token and not self.class_token:
             raise ConfigError("ViTConfig.distillation_token needs class_token")
-        if not self.class_token and (self.pooling == "cls" or self.task == "classification"):
-            raise ConfigError("a model without a class token (SigLIP) pools with pooling='map' and gives "
-                              "embeddings only: use task='embedding'")
+        if not self.class_token and self.pooling == "cls":
+            raise ConfigError("a model without a class token (SigLIP) pools its embedding with pooling='map'")
+        if not self.class_token and self.task == "classification" and self.classifier_input.startswith("cls"):
+            raise ConfigError("a classifier without a class token (SigLIP) reads the mean of its patch tokens: "
+                              "classifier_input='patch_mean'")
         if self.classifier_input == "cls_distilled" and not self.distillation_token:
             raise ConfigError("ViTConfig.classifier_input 'cls_distilled' needs distillation_token")
         if self.normalize and self.task != "embedding":
@@ -217,7 +221,7 @@ class ViTConfig:
         last = layer if full_last_layer or not cls_only else 2 * s * h * h + 2 * h * h + 2 * s * h + mlp * h * i
         # the head (family heads beyond ViT's are counted approximately: their matrix products only)
         head = h * self.num_labels if self.task == "classification" else h * self.projection_dim
-        if self.task == "classification" and self.classifier_input != "cls":
+        if self.task == "classification" and self.classifier_input in ("cls_distilled", "cls_patch_mean"):
             head *= 2
         probe = 0
         if self.task == "embedding" and self.pooling == "map":  # SigLIP's probe: its Q once per batch,

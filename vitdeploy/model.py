@@ -297,10 +297,14 @@ class ViTModel(nn.Module):
         no one reads."""
         return self.from_embeddings(self.embeddings(pixel_values), cls_only)
 
-    def from_embeddings(self, embeddings: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+    def from_embeddings(self, embeddings: torch.Tensor, cls_only: bool = False,
+                        final_norm: bool = True) -> torch.Tensor:
+        """``final_norm=False``: the blocks' output before the final LayerNorm (CLIP's ``last_hidden_state``,
+        whose post_layernorm is applied to the pooled [CLS] alone)."""
         if hasattr(self, "pre_layernorm"):
             embeddings = self.pre_layernorm(embeddings)
-        return self.layernorm(self.encoder(embeddings, cls_only))
+        hidden_states = self.encoder(embeddings, cls_only)
+        return self.layernorm(hidden_states) if final_norm else hidden_states
 
 
 class AttentionPoolingHead(nn.Module):
@@ -390,12 +394,16 @@ class ViTForImageClassification(nn.Module):
         makes of the pixels)."""
         # Where only [CLS] reaches the head, the last block computes only its row past the keys and
         # values (the same numbers as HF's full pass; ViT-B: 6.9% fewer FLOPs).
-        vit = self.vit
-        sequence = vit.from_embeddings(vit.embeddings.from_patches(patches), cls_only=self.reads_cls_only)
+        vit, c = self.vit, self.config
+        # CLIP's classifier reads the patch tokens before the final LayerNorm (HF keeps that norm for [CLS])
+        final_norm = not (c.task == "classification" and c.classifier_input == "patch_mean_before_norm")
+        sequence = vit.from_embeddings(vit.embeddings.from_patches(patches), cls_only=self.reads_cls_only,
+                                       final_norm=final_norm)
         return self.head_output(sequence)
 
     def head_output(self, sequence: torch.Tensor) -> torch.Tensor:
-        """The final hidden states [B, rows, hidden] -> the task's output."""
+        """The final hidden states [B, rows, hidden] (before the final LayerNorm for
+        ``patch_mean_before_norm``) -> the task's output."""
         c = self.config
         if c.task == "classification":
             if c.classifier_input == "cls_distilled":  # DeiT with teacher: the mean of both heads
@@ -403,6 +411,8 @@ class ViTForImageClassification(nn.Module):
             if c.classifier_input == "cls_patch_mean":  # DINOv2: [CLS] beside the patch tokens' mean
                 patches = sequence[:, 1 + c.num_register_tokens:]
                 return self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=1))
+            if c.classifier_input in ("patch_mean", "patch_mean_before_norm"):  # SigLIP, CLIP: the patches' mean
+                return self.classifier(sequence[:, c.num_prefix_tokens:].mean(dim=1))
             return self.classifier(sequence[:, 0])
         pooled = self.head(sequence) if c.pooling == "map" else sequence[:, 0]
         if c.projection_dim:

@@ -11,7 +11,7 @@ from typing import Any
 from vitdeploy.config import ViTConfig
 from vitdeploy.errors import ConfigError
 from vitdeploy.families import clip, deit, dinov2, siglip, vit
-from vitdeploy.families.base import HEAD_KEYS, Family, StateDict
+from vitdeploy.families.base import EMBEDDING_KEYS, HEAD_KEYS, Family, StateDict
 
 FAMILIES: tuple[Family, ...] = (vit.FAMILY, deit.FAMILY, dinov2.FAMILY, clip.FAMILY, siglip.FAMILY)
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -34,11 +34,10 @@ def config_from_hf(d: dict[str, Any]) -> ViTConfig:
 
 def hf_to_ours(state: StateDict, config: ViTConfig) -> StateDict:
     """An HF checkpoint's state dict in our names, for ``config``'s family and task (an embedding model
-    reads past a classifier checkpoint's heads)."""
+    reads past a classifier checkpoint's heads; a classifier past SigLIP's pooling head, as HF's does)."""
     out = family_for(config.model_type).hf_keys(state)
-    if config.task == "embedding":
-        out = {k: v for k, v in out.items() if not HEAD_KEYS.match(k)}
-    return out
+    unused = HEAD_KEYS if config.task == "embedding" else EMBEDDING_KEYS
+    return {k: v for k, v in out.items() if not unused.match(k)}
 
 
 def detect_family(state: StateDict) -> Family | None:

@@ -24,6 +24,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # the parts of a classifier checkpoint that an embedding model does not have
 HEAD_KEYS = re.compile(r"^(classifier|distillation_classifier)\.")
+# the parts of an embedding checkpoint that a classifier does not have (SigLIP's pooling head, CLIP's projection)
+EMBEDDING_KEYS = re.compile(r"^(head|visual_projection)\.")
 
 
 @dataclass(frozen=True)

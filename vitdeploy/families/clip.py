@@ -1,6 +1,7 @@
 """CLIP's image tower (HF ``clip_vision_model``, and the vision half of a ``clip`` folder): a patch
 convolution without bias, a LayerNorm before the blocks, QuickGELU, a LayerNorm on [CLS] and a projection
-without bias to ``image_embeds``. An embedding model (CLIP's classifier heads are not supported yet)."""
+without bias to ``image_embeds`` (the embedding). ``CLIPForImageClassification`` classifies the mean of the
+patch tokens of the blocks' output (before post_layernorm, which CLIP applies to [CLS] alone)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from vitdeploy.families.base import (
     StateDict,
     build,
     hf_common,
+    hf_labels,
+    hf_task,
     rename,
 )
 
@@ -28,11 +31,9 @@ PREPROCESSING = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "crop_pct": 1.0
 
 
 def config_from_hf(d: dict[str, Any]) -> ViTConfig:
-    """A ``clip_vision_model`` config, or a ``clip`` folder's (its ``vision_config`` and ``projection_dim``)."""
+    """A ``clip_vision_model`` config, or a ``clip`` folder's (its ``vision_config`` and ``projection_dim``;
+    a ``CLIPForImageClassification``'s labels)."""
     archs = [str(a) for a in d.get("architectures") or []]
-    if any("ForImageClassification" in a for a in archs):
-        raise ConfigError(f"{archs[0]} is not supported yet: vitdeploy reads CLIP's image tower as an embedding "
-                          "model (CLIPVisionModelWithProjection, CLIPVisionModel or CLIPModel)")
     vision = d
     if d.get("model_type") == "clip":
         vision = d.get("vision_config") or {}
@@ -41,9 +42,10 @@ def config_from_hf(d: dict[str, Any]) -> ViTConfig:
         vision = {**vision, "projection_dim": d.get("projection_dim", 512)}
     merged = {**DEFAULTS, **vision}
     projected = not archs or any(a in ("CLIPVisionModelWithProjection", "CLIPModel") for a in archs)
-    return build(vision, **{**PREPROCESSING, **hf_common(merged)}, image_size=merged["image_size"],
+    return build(vision, **{**PREPROCESSING, **hf_common(merged), **hf_labels(d)}, image_size=merged["image_size"],
                  model_type="clip_vision_model", patch_bias=False, pre_norm=True, qkv_bias=True,
-                 projection_dim=int(merged["projection_dim"]) if projected else 0, task="embedding")
+                 projection_dim=int(merged["projection_dim"]) if projected else 0,
+                 task=hf_task(d), classifier_input="patch_mean_before_norm")
 
 
 def hf_keys(state: StateDict) -> StateDict:
@@ -64,7 +66,7 @@ def _preset(hidden: int, layers: int, heads: int, patch: int, projection: int) -
 
 FAMILY = Family(
     name="clip", model_types=("clip_vision_model", "clip"), config_from_hf=config_from_hf, hf_keys=hf_keys,
-    tasks=("embedding",),
+    tasks=("embedding", "classification"),
     presets={"clip-vit-base-patch32": lambda: _preset(768, 12, 12, 32, 512),
              "clip-vit-base-patch16": lambda: _preset(768, 12, 12, 16, 512),
              "clip-vit-large-patch14": lambda: _preset(1024, 24, 16, 14, 768),
