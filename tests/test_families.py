@@ -397,12 +397,34 @@ def test_pixels_equal_the_family_image_processor(tmp_path, name):
     processor = _processor(name)
     processor.save_pretrained(folder)
     prep = Preprocessing.from_config(load_model(folder).config)
-    photos = _photos()
-    if name == "deit-teacher":
-        # DeiTImageProcessor squashes to height x width before its crop; vitdeploy keeps the aspect ratio
-        # (timm's DeiT eval transform): the two agree on square images, the ones checked here
-        photos = [im.resize((min(im.size), min(im.size))) for im in photos]
-    for image in photos:
+    for image in _photos():  # non-square: DeiTImageProcessor squashes them to 40x40 before its crop
+        theirs = processor(image, return_tensors="np")["pixel_values"][0]
+        ours = prep(image)
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() <= 1e-5, (image.size, np.abs(ours - theirs).max())
+
+
+@pytest.mark.parametrize(("size", "crop"), [((48, 40), (32, 32)), ((256, 256), (224, 224))])
+def test_deit_pixels_equal_deit_image_processor_resizing_to_height_by_width(tmp_path, size, crop):
+    """DeiTImageProcessor resizes every image to size's height x width (the aspect ratio not kept), then
+    centre-crops: read from preprocessor_config.json as resize_size, scaled to the model's input (32 here)."""
+    import numpy as np
+    import transformers as T
+
+    from vitdeploy import load_model
+    from vitdeploy.preprocess import Preprocessing
+
+    _, _, _, folder = _reference_folder("deit-teacher", tmp_path)
+    processor = getattr(T, "DeiTImageProcessorPil", T.DeiTImageProcessor)(
+        size={"height": size[0], "width": size[1]}, crop_size={"height": crop[0], "width": crop[1]},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor.save_pretrained(folder)
+    config = load_model(folder).config
+    assert config.resize_size == (round(32 * size[0] / crop[0]), round(32 * size[1] / crop[1]))
+    prep = Preprocessing.from_config(config)
+    if crop != (32, 32):  # the real DeiT processor (256 then 224) at the real input
+        prep = Preprocessing((224, 224), prep.mean, prep.std, prep.crop_pct, prep.interpolation, (256, 256))
+    for image in _photos():
         theirs = processor(image, return_tensors="np")["pixel_values"][0]
         ours = prep(image)
         assert ours.shape == theirs.shape

@@ -152,3 +152,58 @@ def test_thin_image_resize_is_refused_before_it_runs():
     with pytest.raises(ImageError, match=r"5000x2 pixels would be resized to 320000x128"):
         prep.pixels(thin)
     assert prep.pixels(Image.fromarray(np.zeros((300, 200, 3), np.uint8))).shape == (64, 64, 3)
+
+
+RESIZE_BASE = {"image_size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
+               "interpolation": "bicubic"}
+
+
+def test_resize_size_round_trips_and_old_artifacts_read_as_before():
+    """DeiT's resize to height x width before the crop is ``resize_size`` in the artifact's preprocessing:
+    written only where set, so an artifact written before it (no key) reads as it did (crop_pct's rule)."""
+    old = Preprocessing.from_dict(RESIZE_BASE)
+    assert old.resize_size is None and "resize_size" not in old.to_dict()
+    assert old.resized_size(640, 427) == (383, 256)  # the short side to 256, the aspect ratio kept
+    deit = Preprocessing.from_dict({**RESIZE_BASE, "resize_size": [256, 288]})
+    assert deit.resize_size == (256, 288) and Preprocessing.from_dict(deit.to_dict()) == deit
+    # whatever the image, the resize is resize_size's (width, height): a thin one costs no more
+    for size in ((640, 427), (5000, 2), (2, 5000), (1, 1)):
+        assert deit.resized_size(*size) == (288, 256)
+    assert deit.pixels(Image.fromarray(np.zeros((2, 5000, 3), np.uint8))).shape == (224, 224, 3)
+    assert Preprocessing.from_dict({**RESIZE_BASE, "resize_size": None}).resize_size is None
+
+
+@pytest.mark.parametrize("resize", [[223, 256], [256, 449], [256], [256, 256, 256], [256.0, 256], [True, 256],
+                                    "256", 256, {"height": 256}, [10**12, 256], [-256, 256]])
+def test_a_bad_resize_size_is_refused_in_one_line(resize):
+    """Untrusted like every field of an artifact: a pair of integers from the input size to twice it (a
+    resize before a centre crop, with the pixel budget of crop_pct 0.5 at most)."""
+    from vitdeploy.errors import VitDeployError
+
+    with pytest.raises(VitDeployError, match="resize_size") as e:
+        Preprocessing.from_dict({**RESIZE_BASE, "resize_size": resize})
+    assert "\n" not in str(e.value) and "re-export" in str(e.value)
+
+
+def test_resize_size_from_preprocessor_config_and_its_checks():
+    """A processor that resizes to height x width then crops (DeiTImageProcessor) sets resize_size, scaled from
+    its crop to the model's input; a shortest-edge one (CLIP, DINOv2) or one without a crop (ViT, SigLIP)
+    leaves it unset; a crop larger than the resize, or a resize past twice the input, is refused."""
+    from vitdeploy.errors import ConfigError
+
+    base = ViTConfig(hidden_size=32, num_attention_heads=2, resize_size=(256, 256))
+    deit = {"size": {"height": 256, "width": 256}, "crop_size": {"height": 224, "width": 224},
+            "do_center_crop": True}
+    assert base.apply_preprocessor_config(deit).resize_size == (256, 256)
+    wide = {**deit, "size": {"height": 256, "width": 320}}
+    assert base.apply_preprocessor_config(wide).resize_size == (256, 320)
+    clip = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}
+    assert base.apply_preprocessor_config(clip).resize_size is None
+    vit = {"size": {"height": 224, "width": 224}, "do_center_crop": False}
+    assert base.apply_preprocessor_config(vit).resize_size is None
+    for bad in ({**deit, "crop_size": {"height": 300, "width": 224}}, {**deit, "size": {"height": "256",
+                                                                                         "width": 256}}):
+        with pytest.raises(ConfigError, match="size"):
+            base.apply_preprocessor_config(bad)
+    with pytest.raises(ConfigError, match="resize_size"):
+        base.apply_preprocessor_config({**deit, "size": {"height": 256, "width": 512}})

@@ -152,6 +152,9 @@ def with_options(config: ViTConfig, *, task: str | None = None, normalize: bool 
                 f"--image-size {image_size}: a {config.model_type} model's position embeddings are trained at "
                 f"{config.image_hw[0]}x{config.image_hw[1]}; only DINOv2 interpolates them to another size")
         changes["image_size"] = image_size
+        if config.resize_size is not None:  # the resize before the crop, in the same ratio to the input
+            (h, w), (rh, rw) = config.image_hw, config.resize_size
+            changes["resize_size"] = (round(image_size * rh / h), round(image_size * rw / w))
         if trained:
             changes["position_grid"] = config.position_grid or (config.image_hw[0] // config.patch_hw[0],
                                                                 config.image_hw[1] // config.patch_hw[1])

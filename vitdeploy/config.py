@@ -68,6 +68,9 @@ class ViTConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_pct: float | None = None
     interpolation: str = "bilinear"
+    # (height, width) to resize to, the aspect ratio not kept, before the centre crop (DeiT's processor:
+    # 256x256 then 224); None: crop_pct's rule. Within image_size..image_size / 0.5 (preprocess.Preprocessing)
+    resize_size: tuple[int, int] | None = None
     # the family's block options (timm's VisionTransformer arguments); the defaults are HF's ViT
     model_type: str = "vit"  # the HF model_type the weights came as (vitdeploy.families)
     class_token: bool = True
@@ -95,6 +98,8 @@ class ViTConfig:
             self.patch_size = tuple(self.patch_size)  # type: ignore[assignment]
         if self.position_grid is not None:
             self.position_grid = to_2tuple(self.position_grid)
+        if self.resize_size is not None:
+            self.resize_size = to_2tuple(self.resize_size)
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if self.num_labels != len(self.id2label):
@@ -138,6 +143,10 @@ class ViTConfig:
         if self.crop_pct is not None and not 0.5 <= self.crop_pct <= 1.0:  # preprocess.CROP_PCT_RANGE
             raise ConfigError(f"ViTConfig.crop_pct must be within 0.5..1 (the crops image models are trained "
                               f"with), got {self.crop_pct!r}")
+        if self.resize_size is not None and not all(
+                s <= r <= 2 * s for r, s in zip(self.resize_size, self.image_hw, strict=True)):
+            raise ConfigError(f"ViTConfig.resize_size {self.resize_size} must lie between image_size "
+                              f"{self.image_hw} and twice it (a resize before a centre crop)")
         if self.interpolation not in _RESAMPLE_PIL:
             raise ConfigError(
                 f"ViTConfig.interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE_PIL)}"
@@ -314,7 +323,21 @@ class ViTConfig:
             changes["crop_pct"] = float(d["crop_pct"])
         elif "size" in d:
             changes["crop_pct"] = _hf_crop_pct(d)
+            changes["resize_size"] = self._hf_resize_size(d) if changes["crop_pct"] is not None else None
         return self.replace(**changes) if changes else self
+
+    def _hf_resize_size(self, d: dict[str, Any]) -> tuple[int, int] | None:
+        """A resize to height x width before the crop (DeiTImageProcessor), scaled from its crop to the model's
+        input; None for a shortest-edge resize."""
+        size, crop = d.get("size"), d.get("crop_size")
+        if not (isinstance(size, dict) and "height" in size and "shortest_edge" not in size):
+            return None
+        pairs = [(size.get(k), crop if isinstance(crop, int) else (crop or {}).get(k)) for k in ("height", "width")]
+        if not all(type(s) is int and type(c) is int and 0 < c <= s for s, c in pairs):
+            raise ConfigError(f"preprocessor_config.json's size {str(size)[:60]} and crop_size {str(crop)[:60]} "
+                              "are not a resize then a smaller centre crop")
+        height, width = (round(side * s / c) for side, (s, c) in zip(self.image_hw, pairs, strict=True))
+        return height, width
 
 
 def _hf_crop_pct(d: dict[str, Any]) -> float | None:

@@ -45,11 +45,14 @@ class Preprocessing:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     crop_pct: float | None = None
     interpolation: str = "bilinear"
+    # (height, width) every image is resized to, its aspect ratio not kept, before the centre crop
+    # (DeiTImageProcessor's 256x256); None: crop_pct's rule. Within image_size..image_size / 0.5.
+    resize_size: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, config: ViTConfig) -> Preprocessing:
         return cls(config.image_hw, tuple(config.image_mean), tuple(config.image_std), config.crop_pct,
-                   config.interpolation)
+                   config.interpolation, config.resize_size)
 
     @classmethod
     def from_dict(cls, d: Any) -> Preprocessing:
@@ -77,11 +80,20 @@ class Preprocessing:
         interpolation = d.get("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
             raise bad(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
-        return cls((size[0], size[1]), mean, std, None if crop is None else float(crop), interpolation)
+        resize = d.get("resize_size")  # absent in artifacts written before it: crop_pct's rule
+        if resize is not None and not (isinstance(resize, list) and len(resize) == 2 and all(
+                type(r) is int and s <= r <= s / CROP_PCT_RANGE[0] for r, s in zip(resize, size, strict=True))):
+            raise bad(f"resize_size {str(resize)[:40]} is not [height, width] from image_size {size} to "
+                      f"{1 / CROP_PCT_RANGE[0]:g} times it")
+        return cls((size[0], size[1]), mean, std, None if crop is None else float(crop), interpolation,
+                   None if resize is None else (resize[0], resize[1]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
-                "crop_pct": self.crop_pct, "interpolation": self.interpolation}
+        d = {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
+             "crop_pct": self.crop_pct, "interpolation": self.interpolation}
+        if self.resize_size is not None:  # written only where set: older readers see what they know
+            d["resize_size"] = list(self.resize_size)
+        return d
 
     def __call__(self, image: PILImage.Image) -> np.ndarray:
         """One PIL image -> [3, H, W] float32: :meth:`pixels`, then :meth:`normalize`."""
@@ -100,7 +112,7 @@ class Preprocessing:
         nw, nh = self.resized_size(*image.size)
         if max_pixels is not None and nw * nh > max_pixels:
             raise ImageError(f"an image of {image.size[0]}x{image.size[1]} pixels would be resized to {nw}x{nh} "
-                             f"before its centre crop (crop_pct {self.crop_pct}), over {max_pixels} pixels: "
+                             f"before its centre crop ({self.crop_rule}), over {max_pixels} pixels: "
                              "crop it nearer to the model's aspect ratio first")
         image = image.resize((nw, nh), resample)
         if (nw, nh) != (tw, th):  # a centre crop (timm's eval transform)
@@ -108,11 +120,21 @@ class Preprocessing:
             image = image.crop((left, top, left + tw, top + th))
         return np.asarray(image, dtype=np.uint8)
 
+    @property
+    def crop_rule(self) -> str:
+        """The resize before the crop, in words (for messages)."""
+        if self.resize_size is not None:
+            return f"resize to {self.resize_size[1]}x{self.resize_size[0]}"
+        return f"crop_pct {self.crop_pct}"
+
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) an image of ``width`` x ``height`` is resized to before the centre crop: the
-        model's size without ``crop_pct``, else the shorter side scaled to size / crop_pct (so a thin image's
-        long side grows with its aspect ratio). Known before any pixel is touched, to be charged or refused."""
+        """The (width, height) an image of ``width`` x ``height`` is resized to before the centre crop:
+        ``resize_size`` where set, whatever the image; the model's size without ``crop_pct``; else the shorter
+        side scaled to size / crop_pct (so a thin image's long side grows with its aspect ratio). Known before
+        any pixel is touched, to be charged or refused."""
         th, tw = self.image_size
+        if self.resize_size is not None:
+            return self.resize_size[1], self.resize_size[0]
         if self.crop_pct is None:
             return tw, th
         if th == tw:  # torchvision's and HF's shortest-edge resize (timm, CLIP, DINOv2): the long side truncated
