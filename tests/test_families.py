@@ -564,3 +564,32 @@ def test_export_cli_of_clip_and_siglip_classifiers_equals_hf_logits(tmp_path, na
     got = session.run(["logits"], {"pixel_values": x})[0]
     expected = _their_output(theirs, read, torch.from_numpy(x)).numpy()
     assert np.abs(got - expected).max() <= 1e-4 and np.abs(expected).max() > 0.1
+
+
+def test_timm_key_map_names_without_timm():
+    """The timm key map's conversions (checked against timm itself in tests/test_timm_families.py, where timm
+    imports): fused qkv and kv split in timm's order, SwiGLU's fc1_g/fc1_x stacked gate first, LayerScale,
+    DeiT's and SigLIP's extra names, and a no_embed_class position table given zero rows for [CLS]."""
+    import torch
+
+    from vitdeploy.families.base import timm_keys
+
+    t = {name: torch.randn(*shape) for name, shape in {
+        "cls_token": (1, 1, 4), "reg_token": (1, 4, 4), "pos_embed": (1, 9, 4), "norm_pre.weight": (4,),
+        "blocks.0.attn.qkv.weight": (12, 4), "blocks.0.ls1.gamma": (4,), "blocks.0.mlp.fc1_g.weight": (6, 4),
+        "blocks.0.mlp.fc1_x.weight": (6, 4), "attn_pool.kv.bias": (8,), "attn_pool.latent": (1, 1, 4),
+        "head_dist.weight": (3, 4), "dist_token": (1, 1, 4)}.items()}
+    ours = timm_keys(t)
+    layer = "vit.encoder.layer.0."
+    _, k, v = t["blocks.0.attn.qkv.weight"].chunk(3)
+    assert torch.equal(ours[layer + "attention.attention.key.weight"], k)
+    assert torch.equal(ours[layer + "attention.attention.value.weight"], v)
+    assert torch.equal(ours[layer + "intermediate.dense.weight"],
+                       torch.cat([t["blocks.0.mlp.fc1_g.weight"], t["blocks.0.mlp.fc1_x.weight"]]))
+    assert torch.equal(ours["head.attention.attention.value.bias"], t["attn_pool.kv.bias"][4:])
+    assert torch.equal(ours[layer + "layer_scale1.lambda1"], t["blocks.0.ls1.gamma"])
+    positions = ours["vit.embeddings.position_embeddings"]
+    assert positions.shape == (1, 11, 4) and not positions[:, :2].any()  # [CLS] and the distillation token
+    assert {"head.probe", "vit.pre_layernorm.weight", "distillation_classifier.weight",
+            "vit.embeddings.register_tokens", "vit.embeddings.distillation_token"} <= set(ours)
+    assert len(ours) == len(t) + 2 + 1 - 1  # qkv -> 3, kv -> 2, fc1_g + fc1_x -> 1

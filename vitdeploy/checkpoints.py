@@ -2,7 +2,8 @@
 
 Every family of vitdeploy.families loads from its HF folders (a ``clip``/``siglip`` folder: its vision
 half), Hub ids in the local cache, bare safetensors beside a config.json, and presets; each family's key
-map puts its HF names into ours. timm weights: the plain ViT.
+map puts its HF names into ours. timm weights: every family's (timm's VisionTransformer names) with a
+config given (``--config``/``--preset``); a timm folder's config.json names the plain ViT only.
 
 Only safetensors and ``torch.load(weights_only=True)`` are used: nothing is unpickled.
 """
@@ -43,44 +44,11 @@ class LoadedCheckpoint:
 
 # -- state-dict conversion (plain functions) -----------------------------------------------
 def timm_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm ``VisionTransformer`` keys -> HF ``ViTForImageClassification`` keys (fused qkv split)."""
-    out: dict[str, torch.Tensor] = {}
-    simple = {
-        "cls_token": "vit.embeddings.cls_token",
-        "pos_embed": "vit.embeddings.position_embeddings",
-        "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
-        "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
-        "norm.weight": "vit.layernorm.weight",
-        "norm.bias": "vit.layernorm.bias",
-        "head.weight": "classifier.weight",
-        "head.bias": "classifier.bias",
-    }
-    block = {
-        "norm1": "layernorm_before",
-        "norm2": "layernorm_after",
-        "attn.proj": "attention.output.dense",
-        "mlp.fc1": "intermediate.dense",
-        "mlp.fc2": "output.dense",
-    }
-    for key, value in state.items():
-        if key in simple:
-            out[simple[key]] = value
-            continue
-        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if not m:
-            out[key] = value  # left as is: reported as unexpected by the strict load
-            continue
-        i, name, kind = m.groups()
-        prefix = f"vit.encoder.layer.{i}."
-        if name == "attn.qkv":
-            q, k, v = value.chunk(3, dim=0)
-            for part, tensor in zip(("query", "key", "value"), (q, k, v), strict=True):
-                out[f"{prefix}attention.attention.{part}.{kind}"] = tensor
-        elif name in block:
-            out[f"{prefix}{block[name]}.{kind}"] = value
-        else:
-            out[key] = value
-    return out
+    """timm ``VisionTransformer`` keys -> HF ``ViTForImageClassification`` keys (fused qkv split): our names,
+    which are HF ViT's (vitdeploy.families.base.timm_keys, every family's)."""
+    from vitdeploy.families.base import timm_keys
+
+    return timm_keys(state)
 
 
 def _unwrap(state: Any) -> dict[str, torch.Tensor]:
@@ -117,14 +85,12 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
 def to_our_names(state: dict[str, torch.Tensor], layout: str, config: ViTConfig,
                  source: str) -> tuple[dict[str, torch.Tensor], ViTConfig]:
     """A checkpoint's state dict in our names (its family's key map), and the config it loads with."""
-    from vitdeploy.families import hf_to_ours
+    from vitdeploy.families import hf_to_ours, timm_to_ours
 
-    if layout == "timm":
-        if config.model_type != "vit":
-            raise CheckpointError(f"{source}: timm weights of a {config.model_type} model are not supported yet; "
-                                  "load its Hugging Face checkpoint instead")
-        return hf_to_ours(timm_to_hf(state), config), config.replace(layer_norm_eps=1e-6)
-    state = hf_to_ours(state, config)
+    if layout == "timm":  # every family's timm names (vitdeploy.families.base.timm_keys), with timm's eps etc.
+        state, config = timm_to_ours(state, config)
+    else:
+        state = hf_to_ours(state, config)
     if config.task == "classification" and "classifier.weight" not in state:
         raise CheckpointError(f"{source} has no classifier head (a base model): use it for embeddings "
                               "(--task embedding)")

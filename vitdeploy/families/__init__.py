@@ -35,9 +35,22 @@ def config_from_hf(d: dict[str, Any]) -> ViTConfig:
 def hf_to_ours(state: StateDict, config: ViTConfig) -> StateDict:
     """An HF checkpoint's state dict in our names, for ``config``'s family and task (an embedding model
     reads past a classifier checkpoint's heads; a classifier past SigLIP's pooling head, as HF's does)."""
-    out = family_for(config.model_type).hf_keys(state)
+    return _for_task(family_for(config.model_type).hf_keys(state), config)
+
+
+def timm_to_ours(state: StateDict, config: ViTConfig) -> tuple[StateDict, ViTConfig]:
+    """timm weights of ``config``'s family in our names, and the config with what timm's variants of the
+    family set differently from HF's (its LayerNorm eps, activation, classifier input)."""
+    family = family_for(config.model_type)
+    if family.timm_keys is None:
+        raise ConfigError(f"timm weights of a {config.model_type} model are not supported: load its Hugging Face "
+                          "checkpoint instead")
+    return _for_task(family.timm_keys(state), config), config.replace(**family.timm_config)
+
+
+def _for_task(state: StateDict, config: ViTConfig) -> StateDict:
     unused = HEAD_KEYS if config.task == "embedding" else EMBEDDING_KEYS
-    return {k: v for k, v in out.items() if not unused.match(k)}
+    return {k: v for k, v in state.items() if not unused.match(k)}
 
 
 def detect_family(state: StateDict) -> Family | None:

@@ -9,6 +9,7 @@ maps only call methods of the tensors they are given.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ class Family:
     tasks: tuple[str, ...] = ("classification", "embedding")  # the first is a preset's default
     resizes_positions: bool = False  # position embeddings interpolated to another input size (DINOv2)
     detect: Callable[[StateDict], bool] = lambda state: False  # is this an HF state dict of the family?
+    # timm's VisionTransformer names -> ours (None: timm weights of the family are not read), and what timm's
+    # variants of the family set differently from HF's config (LayerNorm eps, activation, classifier input)
+    timm_keys: Callable[[StateDict], StateDict] | None = None
+    timm_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 def rename(state: StateDict, rules: list[tuple[str, str]], drop: tuple[str, ...] = ()) -> StateDict:
@@ -129,3 +134,69 @@ def build(d: dict[str, Any], **fields: Any) -> ViTConfig:
     except TypeError as e:
         raise ConfigError(f"config.json of a {fields.get('model_type')} model has a field of the wrong type: {e}") \
             from None
+
+
+# timm's VisionTransformer (vision_transformer.py) names -> ours; the same for every family, as timm builds
+# them all from one class (DeiT's VisionTransformerDistilled adds dist_token and head_dist)
+TIMM_RULES = [
+    (r"^cls_token$", "vit.embeddings.cls_token"),
+    (r"^dist_token$", "vit.embeddings.distillation_token"),
+    (r"^reg_token$", "vit.embeddings.register_tokens"),
+    (r"^pos_embed$", "vit.embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "vit.embeddings.patch_embeddings.projection."),
+    (r"^norm_pre\.", "vit.pre_layernorm."),
+    (r"^norm\.", "vit.layernorm."),
+    (r"^head\.", "classifier."),
+    (r"^head_dist\.", "distillation_classifier."),
+    (r"^blocks\.(\d+)\.norm1\.", r"vit.encoder.layer.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"vit.encoder.layer.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+    (r"^blocks\.(\d+)\.ls([12])\.gamma$", r"vit.encoder.layer.\1.layer_scale\2.lambda1"),
+    # SigLIP's attention pooling (timm AttentionPoolLatent): latent probe, q, fused kv, proj, norm, mlp
+    (r"^attn_pool\.latent$", "head.probe"),
+    (r"^attn_pool\.q\.", "head.attention.attention.query."),
+    (r"^attn_pool\.k\.", "head.attention.attention.key."),
+    (r"^attn_pool\.v\.", "head.attention.attention.value."),
+    (r"^attn_pool\.proj\.", "head.attention.output.dense."),
+    (r"^attn_pool\.norm\.", "head.layernorm."),
+    (r"^attn_pool\.mlp\.", "head.mlp."),
+]
+
+
+def timm_keys(state: StateDict) -> StateDict:
+    """timm ``VisionTransformer`` keys -> ours: the fused ``qkv`` split into query, key and value; the pooling
+    head's ``kv`` into key and value; SwiGLU's ``fc1_g``/``fc1_x`` (gate, then up) stacked into one Linear, as
+    our SwiGLU (and timm's packed one) reads it; and a position table without the prefix tokens' rows
+    (timm's ``no_embed_class``: DINOv2 with registers) given zero rows for them, which adds nothing."""
+    state = split_qkv(state, r"^blocks\.(?P<i>\d+)\.attn\.qkv\.(?P<kind>weight|bias)$",
+                      "vit.encoder.layer.{i}.attention.attention.{part}")
+    out: StateDict = {}
+    for key, value in state.items():
+        if m := re.match(r"^attn_pool\.kv\.(weight|bias)$", key):
+            k, v = value.chunk(2, dim=0)  # timm's order: key, then value
+            out[f"attn_pool.k.{m.group(1)}"], out[f"attn_pool.v.{m.group(1)}"] = k, v  # renamed below
+        elif re.match(r"^blocks\.\d+\.mlp\.fc1_x\.", key) and key.replace("fc1_x", "fc1_g") in state:
+            continue  # stacked under its fc1_g below
+        elif m := re.match(r"^blocks\.(\d+)\.mlp\.fc1_g\.(weight|bias)$", key):
+            up = state.get(key.replace("fc1_g", "fc1_x"))
+            if up is None:  # left as is: the strict load names it
+                out[key] = value
+                continue
+            out[f"vit.encoder.layer.{m.group(1)}.intermediate.dense.{m.group(2)}"] = _cat(value, up)
+        else:
+            out[key] = value
+    out = rename(out, TIMM_RULES)
+    prefix = sum(k in state for k in ("cls_token", "dist_token"))
+    positions = out.get("vit.embeddings.position_embeddings")
+    if prefix and positions is not None and math.isqrt(positions.shape[1]) ** 2 == positions.shape[1]:
+        zeros = positions.new_zeros((positions.shape[0], prefix, positions.shape[2]))
+        out["vit.embeddings.position_embeddings"] = _cat(zeros, positions, dim=1)
+    return out
+
+
+def _cat(first: Any, second: Any, dim: int = 0) -> Any:
+    import torch  # only when a key map runs (the registry imports without torch)
+
+    return torch.cat([first, second], dim=dim)

@@ -21,6 +21,7 @@ from vitdeploy.families.base import (
     hf_labels,
     hf_task,
     rename,
+    timm_keys,
 )
 
 DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -72,4 +73,6 @@ FAMILY = Family(
              "clip-vit-large-patch14": lambda: _preset(1024, 24, 16, 14, 768),
              "clip-test": lambda: _preset(32, 2, 2, 32, 16)},
     detect=lambda state: any(k.endswith("pre_layrnorm.weight") for k in state),
+    # timm's vit_*_clip_*: [CLS] after the final norm to its head (HF's classifier reads the patches' mean)
+    timm_keys=timm_keys, timm_config={"classifier_input": "cls"},
 )

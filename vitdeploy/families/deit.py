@@ -16,6 +16,7 @@ from vitdeploy.families.base import (
     hf_labels,
     hf_task,
     rename,
+    timm_keys,
 )
 
 DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -62,4 +63,5 @@ FAMILY = Family(
              "deit-base-distilled-patch16-224": lambda: _preset(768, 12, 12),
              "deit-test": lambda: _preset(32, 2, 2, patch=32)},  # a tiny one, for trying the tools
     detect=lambda state: any(k.startswith("deit.") for k in state),
+    timm_keys=timm_keys, timm_config={"layer_norm_eps": 1e-6},  # timm's DeiT: eps 1e-6, HF's 1e-12
 )

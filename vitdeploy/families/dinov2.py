@@ -20,6 +20,7 @@ from vitdeploy.families.base import (
     hf_labels,
     hf_task,
     rename,
+    timm_keys,
 )
 
 DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "gelu",
@@ -89,4 +90,5 @@ FAMILY = Family(
              "dinov2-with-registers-large": lambda: _preset(1024, 24, 16, 4),
              "dinov2-test": lambda: _preset(32, 2, 2), "dinov2-with-registers-test": lambda: _preset(32, 2, 2, 4)},
     detect=lambda state: any(".layer_scale1." in k or k.startswith("dinov2") for k in state),
+    timm_keys=timm_keys,  # timm's vit_*_patch14_dinov2 and *_reg4_dinov2: HF's eps, GELU and SwiGLU
 )

@@ -21,6 +21,7 @@ from vitdeploy.families.base import (
     hf_task,
     rename,
     split_qkv,
+    timm_keys,
 )
 
 DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -69,4 +70,5 @@ FAMILY = Family(
              "siglip-large-patch16-256": lambda: _preset(1024, 24, 16, 4096, 16, 256),
              "siglip-test": lambda: _preset(32, 2, 2, 64, 32, 224)},
     detect=lambda state: any(k.endswith("head.probe") for k in state),
+    timm_keys=timm_keys, timm_config={"hidden_act": "gelu"},  # timm's vit_*_siglip_*: exact GELU, not tanh
 )

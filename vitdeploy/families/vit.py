@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vitdeploy.config import ViTConfig
-from vitdeploy.families.base import Family, StateDict
+from vitdeploy.families.base import Family, StateDict, timm_keys
 
 
 def config_from_hf(d: dict[str, Any]) -> ViTConfig:
@@ -19,4 +19,5 @@ def hf_keys(state: StateDict) -> StateDict:
 FAMILY = Family(
     name="vit", model_types=("vit",), config_from_hf=config_from_hf, hf_keys=hf_keys,
     detect=lambda state: any(k.startswith("vit.") for k in state),
+    timm_keys=timm_keys, timm_config={"layer_norm_eps": 1e-6},
 )
