@@ -87,9 +87,24 @@ def test_cancelled_build_leaves_no_file(digits_onnx, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupt_onnx_lists_parser_errors(tmp_path):
+def test_corrupt_onnx_is_one_line_before_tensorrt_runs(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage-not-a-protobuf" * 10)
+    with pytest.raises(VitDeployError, match=r"bad\.onnx is not a readable ONNX file \(DecodeError\)"):
+        build_engine(bad, tmp_path / "bad.engine", SM89)
+    assert not (tmp_path / "bad.engine").exists()
+
+
+def test_onnx_the_parser_rejects_lists_its_errors(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # valid ONNX (build reads its metadata and precision first), with an op TensorRT has no importer for
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    bad = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), bad)
     with pytest.raises(BuildError, match=r"TensorRT's ONNX parser rejected .*bad\.onnx \(\d+ errors\): "):
         build_engine(bad, tmp_path / "bad.engine", SM89)
     assert not (tmp_path / "bad.engine").exists()
