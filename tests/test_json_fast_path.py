@@ -247,3 +247,19 @@ def test_v1_and_v2_answers_do_not_change(data: Any, dtype: str, rows: int) -> No
     v2 = v2.replace('"data": 0', f'"data": {flat}').encode()
     _both_ways(lambda lease, intake: parsing.parse_v2_request(parsing.Body([v2]), {}, model, lease, intake),
                monkeypatch)
+
+
+@pytest.mark.parametrize("leaf", ['"12"', "true", "false", '"nan"', "null", "[1]", "1" + "0" * 30])
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_a_json_tensor_holds_numbers_only(leaf: str, dtype: str) -> None:
+    """A string, a boolean, a null, a nested list or an integer beyond int64 among the values is a 400 on both
+    routes: numpy alone read "12" and true as 12.0 and 1.0 (the fast path leaves these bodies to json.loads)."""
+    model = _model(dtype)
+    values = ",".join([leaf, "1", "2", "3"])
+    v1 = f'{{"inputs": [[[{leaf}, 1], [2, 3]]]}}'.encode()
+    assert _answer(lambda lease, intake: parsing.decode_tensor(parsing.Body([v1]), None, model, lease,
+                                                              intake))[0] == 400
+    v2 = json.dumps({"inputs": [{"name": "x", "datatype": model.datatype, "shape": [1, 2, 2], "data": 0}]})
+    v2 = v2.replace('"data": 0', f'"data": [{values}]').encode()
+    assert _answer(lambda lease, intake: parsing.parse_v2_request(parsing.Body([v2]), {}, model, lease,
+                                                                 intake))[0] == 400

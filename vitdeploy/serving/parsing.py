@@ -641,9 +641,20 @@ def _json_read_type(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype.kind in "iu" else dtype
 
 
+def json_numbers(data: Any, dtype: np.dtype) -> np.ndarray:
+    """JSON ``data`` as an array of ``dtype`` when it holds numbers only: numpy would read the strings "12" and
+    "nan" and the booleans true/false as numbers (a ValueError for anything else, a ragged list included)."""
+    x = np.asarray(data)
+    if x.dtype.kind not in "iuf":  # str, bool, object (ragged, or an integer beyond int64)
+        raise ValueError(f"not numbers ({x.dtype})")
+    if not isinstance(data, np.ndarray) and bool in set(map(type, np.asarray(data, dtype=object).ravel())):
+        raise ValueError("true/false among the numbers")  # numpy reads them as 1 and 0 beside numbers
+    return x.astype(dtype, copy=False)
+
+
 def _json_array(data: Any, dtype: np.dtype, shape: list[int], model: ModelIO) -> np.ndarray:
     try:
-        x = np.asarray(data, dtype=_json_read_type(dtype))
+        x = json_numbers(data, _json_read_type(dtype))
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise bad_input(f"input {model.input_name!r}: data is not a list of {model.datatype} numbers") from None
     if x.size != math.prod(shape):
@@ -760,7 +771,7 @@ def decode_tensor(chunks: Body, dims: tuple[int, ...] | None, model: ModelIO, le
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise bad_input('send JSON {"inputs": [...]} shaped [n, C, H, W], or float32 bytes with X-Shape')
         try:
-            x = np.asarray(payload["inputs"], dtype=np.float32)
+            x = json_numbers(payload["inputs"], np.dtype(np.float32))
         except (TypeError, ValueError, OverflowError, RecursionError):
             raise bad_input('"inputs" is not a list of numbers shaped [n, C, H, W]') from None
     if x.ndim == len(shape):
