@@ -335,8 +335,21 @@ def test_digits_accuracy_with_quantized_attention(digits, digits_onnx, digits_at
     from vitdeploy.engines import open_runtime
     from vitdeploy.evaluate import evaluate_folder
 
+    import onnxruntime
+    from packaging.version import Version
+
+    from vitdeploy.errors import VitDeployError
+
     fp32 = evaluate_folder(open_runtime(digits_onnx["fp32"]), digits["test"])
-    quantized = evaluate_folder(open_runtime(digits_attention[precision]), digits["test"])
+    try:
+        runtime = open_runtime(digits_attention[precision])
+    except VitDeployError as e:
+        # ONNX Runtime 1.21 (the floor) refuses the FP16 graph with FP8 Q/DQ around attention as an invalid model;
+        # 1.32 runs it. The issue asks for FP8 accuracy "where ONNX Runtime runs it".
+        if precision == "fp8" and Version(onnxruntime.__version__) < Version("1.32"):
+            pytest.skip(f"onnxruntime {onnxruntime.__version__} cannot load FP8 attention: {e}")
+        raise
+    quantized = evaluate_folder(runtime, digits["test"])
     agreement = float(np.mean(np.array(quantized.predictions) == np.array(fp32.predictions)))
     assert abs(quantized.accuracy - fp32.accuracy) <= 0.005 and agreement >= 0.99, (fp32, quantized, agreement)
     assert check_attention_fusion(onnx.load(str(digits_attention[precision]))).passed == 2
