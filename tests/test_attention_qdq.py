@@ -332,13 +332,12 @@ def digits_attention(digits, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_digits_accuracy_with_quantized_attention(digits, digits_onnx, digits_attention, precision):
     """Within 0.5 points of FP32's top-1 and at least 99% top-1 agreement with it, on the held-out digits."""
-    from vitdeploy.engines import open_runtime
-    from vitdeploy.evaluate import evaluate_folder
-
     import onnxruntime
     from packaging.version import Version
 
+    from vitdeploy.engines import open_runtime
     from vitdeploy.errors import VitDeployError
+    from vitdeploy.evaluate import evaluate_folder
 
     fp32 = evaluate_folder(open_runtime(digits_onnx["fp32"]), digits["test"])
     try:
