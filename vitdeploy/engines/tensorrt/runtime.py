@@ -25,7 +25,7 @@ captured, as trtexec does). The slot's plain context (any shape; :meth:`run_devi
 sizes without a graph) is never captured. If a capture fails in any way (begin, TensorRT's enqueue,
 ``cudaErrorStreamCaptureInvalidated``, instantiation) the runtime does what trtexec does: ends the
 capture, clears CUDA's error, runs that size without a graph from then on, and warns once. A graph
-runs only from a host call, which ends with a stream sync, so a free slot's graphs are idle.
+runs only from a host call, which ends by synchronizing its stream, so a free slot's graphs are idle.
 With TensorRT-RTX the runtime does not capture streams itself: RTX engines take part in stream
 capture only when built with ``REQUIRE_USER_ALLOCATION`` (TensorRT-RTX 1.2 release notes), and RTX
 has built-in CUDA graphs that re-capture per shape by themselves. ``cuda_graph=True`` sets its
