@@ -1395,7 +1395,24 @@ def test_devices_an_engine_cannot_run_on_are_refused(fake, device, message):
     assert fake.cuda.allocs == {}
 
 
-class FakeCudart:
+class OwnContexts:
+    """``create_context`` for the fake cuda-python layers: each keeps ``device_of`` (context handle -> device)
+    and ``cuCtxSetCurrent``."""
+
+    device_of: dict[int, int]
+
+    def cuCtxSetCurrent(self, ctx: int) -> tuple:
+        raise NotImplementedError
+
+    def create_context(self, device: int) -> int:
+        """A non-primary context on ``device``, current on this thread (cuCtxCreate; pycuda.autoinit)."""
+        ctx = 0x1000 + len(self.device_of)
+        self.device_of[ctx] = device
+        self.cuCtxSetCurrent(ctx)
+        return ctx
+
+
+class FakeCudart(OwnContexts):
     """cuda-python's runtime and driver modules over CUDA's per-thread rules: a thread has no current
     context until ``cudaSetDevice`` (which creates, once, the device's primary context, handle device + 1:
     each is recorded in ``contexts``) or ``cuCtxSetCurrent``; :meth:`create_context` makes a non-primary one
@@ -1449,13 +1466,6 @@ class FakeCudart:
         elif hasattr(self.tls, "device"):
             del self.tls.device
         return (0,)
-
-    def create_context(self, device: int) -> int:
-        """A non-primary context on ``device``, current on this thread (cuCtxCreate; pycuda.autoinit)."""
-        ctx = 0x1000 + next(self.handles)
-        self.device_of[ctx] = device
-        self.cuCtxSetCurrent(ctx)
-        return ctx
 
     def cudaStreamCreate(self) -> tuple:
         return self.cudaStreamCreateWithFlags(0)
@@ -1589,7 +1599,7 @@ def test_cuda_python_layer_reports_an_invalidated_capture_and_clears_the_error(m
     assert last["error"] == 0
 
 
-class CudartOverFake:
+class CudartOverFake(OwnContexts):
     """cuda-python's runtime and driver modules over the computing fake device: the real CudaPython layer's
     calls (cudaMemcpyAsync from pinned host memory, cudaStreamSynchronize, cudaEventRecord,
     cudaStreamWaitEvent, capture, ...) become FakeCuda's queued ops, so a sync or a wait the layer leaves out
@@ -1625,13 +1635,6 @@ class CudartOverFake:
                 if hasattr(tls, name):
                     delattr(tls, name)
         return (0,)
-
-    def create_context(self, device: int) -> int:
-        """A non-primary context on ``device``, current on this thread (cuCtxCreate; pycuda.autoinit)."""
-        ctx = 0x1000 + len(self.device_of)
-        self.device_of[ctx] = device
-        self.cuCtxSetCurrent(ctx)
-        return ctx
 
     def install(self, monkeypatch) -> None:
         bindings = types.ModuleType("cuda.bindings")
