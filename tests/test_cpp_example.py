@@ -172,7 +172,7 @@ def test_tensorrt_build_runs_to_create_infer_runtime(build, request, tmp_path):
     done = _run(exe, engine)
     # the sidecar was read with a JSON parser: names, types, labels (quotes, comma, bracket, UTF-8) all counted
     title = "TensorRT (lean runtime)" if build == "lean" else "TensorRT"
-    assert (f"{title} 11.1.0, fp16, input pixel_values (float32), output logits (float32), 3 labels"
+    assert (f"{title} 11.1.0, fp16, classification, input pixel_values (float32), output logits (float32), 3 labels"
             in done.stderr), done.stderr
     _at_the_cuda_boundary(done)
 
