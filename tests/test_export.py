@@ -150,6 +150,43 @@ def test_fp8_exports_e4m3_qdq(digits, tmp_path):
     assert any(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in model.graph.initializer)
 
 
+def test_fp8_scales_are_amax_over_448(digits, tmp_path):
+    """TensorRT's and ModelOpt's FP8 recipe: per-tensor scale max|x| / 448, weights and activations alike.
+    ONNX Runtime's own FP8 scale matches E4M3's standard deviation and saturates beyond 4.5 of the
+    tensor's: this model's weights were cut at 0.70 of their range, its LayerNorm outputs too."""
+    from onnx import numpy_helper
+
+    from vitdeploy.checkpoints import load_model
+    from vitdeploy.preprocess import Preprocessing, find_images, open_image
+
+    files = find_images(digits["train"])[:32]
+    export_onnx(digits["checkpoint"], tmp_path / "f8.onnx", options=ExportOptions(
+        precision="fp8", calib_dir=digits["train"], calib_samples=len(files), attention="float", verify=False))
+    export_onnx(digits["checkpoint"], tmp_path / "f32.onnx", options=ExportOptions(verify=False))  # same names
+    f8, fp32 = onnx.load(str(tmp_path / "f8.onnx")), onnx.load(str(tmp_path / "f32.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in f8.graph.initializer}
+    weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    q_weights = [(n.input[0].removesuffix("_quantized"), float(inits[n.input[1]])) for n in f8.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0].removesuffix("_quantized") in weights]
+    assert len(q_weights) >= 10
+    for name, scale in q_weights:
+        assert scale * 448 == pytest.approx(float(np.abs(weights[name]).max()), rel=1e-6), name
+    produced = {o for n in fp32.graph.node for o in n.output}
+    q_acts = {n.input[0]: float(inits[n.input[1]]) for n in f8.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[0] in produced}
+    fp32.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in q_acts)
+    session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
+    prep = Preprocessing.from_config(load_model(digits["checkpoint"]).config)
+    amax = dict.fromkeys(q_acts, 0.0)
+    for f in files:
+        values = session.run(list(q_acts), {"pixel_values": prep(open_image(f))[None]})
+        for name, value in zip(q_acts, values, strict=True):
+            amax[name] = max(amax[name], float(np.abs(value).max()))
+    assert len(q_acts) >= 5
+    for name, scale in q_acts.items():
+        assert scale * 448 == pytest.approx(amax[name], rel=1e-4), name
+
+
 def test_digits_accuracy_per_precision(digits, digits_onnx):
     from vitdeploy.engines import open_runtime
     from vitdeploy.evaluate import evaluate_folder

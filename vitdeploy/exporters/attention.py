@@ -150,17 +150,19 @@ def resolve_attention(precision: str, attention: str, verify: bool) -> tuple[lis
 
 
 class AmaxObserver:
-    """max |x| of the attention inputs (Q after its scale, K, V) over calibration batches, read on ONNX
-    Runtime from the FP32 graph at ``fp32_path`` with those tensors added as outputs."""
+    """max |x| of the attention inputs (Q after its scale, K, V), and of the ``extra`` tensors, over
+    calibration batches, read on ONNX Runtime from the FP32 graph at ``fp32_path`` with those tensors added
+    as outputs."""
 
-    def __init__(self, fp32_path: Path, input_name: str) -> None:
+    def __init__(self, fp32_path: Path, input_name: str, extra: tuple[str, ...] = ()) -> None:
         import onnx
 
         model = onnx.load(str(fp32_path), load_external_data=False)
         self.blocks = find_attention(model)
         self.input_name = input_name
         g = Graph(model.graph)
-        self.tensors = sorted({t for b in self.blocks for t in (b.q, b.k, b.v) if g.constant(t) is None})
+        attention = {t for b in self.blocks for t in (b.q, b.k, b.v) if g.constant(t) is None}
+        self.tensors = sorted(attention | set(extra))
         self.amax = dict.fromkeys(self.tensors, 0.0)
         known = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)

@@ -6,7 +6,12 @@
 - INT8 / FP8: onnxruntime.quantization ``quantize_static`` in QDQ format: symmetric per-channel
   weights, symmetric per-tensor activations, the linear MatMul/Gemm layers quantized (see
   :func:`float_nodes` for what stays float), biases left float
-  (an INT32 bias DequantizeLinear is refused by TensorRT's parser), one Q/DQ pair per consumer.
+  (an INT32 bias DequantizeLinear is refused by TensorRT's parser), one Q/DQ pair per consumer, none
+  on a linear layer's output.
+  FP8 scales are amax / 448 (per tensor, weights and activations; TensorRT's and ModelOpt's FP8 recipe),
+  not ONNX Runtime's own, which matches the tensor's standard deviation to E4M3's and so saturates
+  everything beyond 4.5 standard deviations: the outlier channels of a trained transformer's
+  activations (:func:`fp8_weight_scales`, :func:`rescale_fp8_activations`).
   Chosen over NVIDIA ModelOpt because it is already a dependency (ONNX Runtime verifies every
   artifact), runs on the CPU without pulling onnxruntime-gpu, and its output is the Q/DQ layout
   TensorRT's explicit-quantization path consumes (checked by building it with TensorRT-RTX).
@@ -145,11 +150,16 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
         "WeightSymmetric": True,
         "DedicatedQDQPair": True,
         "CalibMovingAverage": False,
+        # Q/DQ on the inputs of a linear layer only, as ModelOpt places them: no Q/DQ between the
+        # MatMul and its bias Add (nor on the logits), which costs accuracy and TensorRT's bias fusion
+        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
     }
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     model = onnx.load(str(model_path), load_external_data=False)
     exclude = float_nodes(model)
+    if precision == "fp8":
+        extra["TensorQuantOverrides"] = fp8_weight_scales(model_path, exclude)
     # what the quantizer logs or prints goes where the caller's logging and stdout send it
     try:
         quantize_static(
@@ -160,6 +170,62 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
         )
     except ImportError as e:
         raise VitDeployError(mismatched_quantizer(e)) from e
+
+
+def quantized_linear(model: Any, exclude: list[str]) -> list[Any]:
+    """The MatMul/Gemm nodes :func:`quantize` quantizes: a weight as their second input, not in ``exclude``."""
+    weights = {i.name for i in model.graph.initializer}
+    skip = set(exclude)
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in skip
+            and len(n.input) > 1 and n.input[1] in weights and n.input[0] not in weights]
+
+
+def linear_inputs(model_path: Path) -> tuple[str, ...]:
+    """The activations that the quantized linear layers of the FP32 graph at ``model_path`` read."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return tuple(sorted({n.input[0] for n in quantized_linear(model, float_nodes(model))}))
+
+
+def fp8_weight_scales(model_path: Path, exclude: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """ONNX Runtime ``TensorQuantOverrides`` giving each quantized weight the FP8 scale max |w| / 448."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=True)
+    wanted = {n.input[1] for n in quantized_linear(model, exclude)}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for init in model.graph.initializer:
+        if init.name in wanted:
+            amax = float(np.max(np.abs(numpy_helper.to_array(init))))
+            scale = np.array(amax / 448.0 if amax > 0 else 1.0, dtype=np.float32)
+            overrides[init.name] = [{"scale": scale, "zero_point": np.array(0, dtype=np.float32)}]
+    return overrides
+
+
+def rescale_fp8_activations(model: Any, amax: dict[str, float]) -> int:
+    """Give every FP8 QuantizeLinear of an activation in ``amax`` (and its DequantizeLinear) the scale
+    amax / 448, in place; -> how many scales changed."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    changed: set[str] = set()
+    for q in model.graph.node:
+        if q.op_type != "QuantizeLinear" or amax.get(q.input[0], 0.0) <= 0 or q.input[1] not in inits:
+            continue
+        scale_names = {q.input[1]} | {d.input[1] for d in consumers.get(q.output[0], [])
+                                      if d.op_type == "DequantizeLinear"}
+        for name in scale_names & inits.keys():
+            old = numpy_helper.to_array(inits[name])
+            new = numpy_helper.from_array(np.array(amax[q.input[0]] / 448.0, dtype=old.dtype), name)
+            inits[name].CopyFrom(new)
+            changed.add(name)
+    return len(changed)
 
 
 def mismatched_quantizer(error: ImportError) -> str:
@@ -271,14 +337,18 @@ def _qdq(job: PrecisionJob) -> PrecisionResult:
     if job.proto is not None:
         onnx.save_model(job.proto, str(job.fp32_path))
     batches, observer = job.calibration, None
-    if job.attention != "float":
-        observer = AmaxObserver(job.fp32_path, job.input_name)
+    fp8 = job.precision == "fp8"
+    if job.attention != "float" or fp8:
+        observer = AmaxObserver(job.fp32_path, job.input_name, linear_inputs(job.fp32_path) if fp8 else ())
         batches = observer.observe(batches)
     quantize(job.fp32_path, job.output, job.input_name, batches, job.precision, job.calib_method,
              external_data=job.large)
     proto = onnx.load(str(job.output), load_external_data=not job.large)
     notes: list[str] = []
-    if observer is not None:
+    if fp8 and observer is not None:
+        rescale_fp8_activations(proto, observer.amax)
+        notes.append("fp8 scales: amax / 448 per tensor (weights, and activations over the calibration images)")
+    if observer is not None and job.attention != "float":
         blocks = quantize_attention(proto, job.attention, observer.amax)
         plural = "" if len(blocks) == 1 else "s"
         notes.append(f"attention: {job.attention} Q/DQ on {len(blocks)} block{plural} (Q·Kᵀ, Softmax output, P·V; "
