@@ -4,9 +4,14 @@ loaded by vitdeploy from the files HF's save_pretrained writes, against HF trans
 Per model: the largest difference of vitdeploy's torch model and of its FP32 ONNX (ONNX Runtime) to HF
 transformers' output (logits or embedding) on the same inputs, and the cosine to HF of the FP16, INT8 and
 FP8 exports (INT8/FP8 calibrated on the digits images: random weights, so only the graph's agreement is
-measured here, not accuracy). The machine and library versions are printed with the table.
+measured here, not accuracy). ``--rtx`` builds a TensorRT-RTX engine (for SM 8.9) of each FP16/INT8/FP8
+export; ``--serve`` serves the FP32 export with `vitdeploy serve` and with a real tritonserver (the
+Python-backend repository `vitdeploy triton` writes) and compares both answers, over KServe v2 with the
+same tritonclient code, to ONNX Runtime's in-process output. The machine and library versions are printed
+with the table.
 
-    python benchmarks/models.py [--models vit-b16,dinov2-b14] [--precisions fp32,fp16] [--out bench-results]
+    python benchmarks/models.py [--models vit-b16,dinov2-b14] [--precisions fp32,fp16] [--rtx] [--serve]
+                                [--out bench-results]
 """
 
 from __future__ import annotations
@@ -64,7 +69,92 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def measure_model(name: str, root: Path, precisions: list[str], calib: Path) -> dict[str, Any]:
+def rtx_builds(name: str, root: Path, precisions: list[str]) -> dict[str, Any]:
+    """A TensorRT-RTX engine (SM 8.9, batch 2) of each kept FP16/INT8/FP8 export: seconds and MiB, or why not."""
+    from vitdeploy.engines.tensorrt.build import BuildOptions, build_engine
+
+    out: dict[str, Any] = {}
+    for precision in [p for p in precisions if p in ("fp16", "int8", "fp8")]:
+        onnx_path = root / f"{name}-{precision}.onnx"
+        if not onnx_path.is_file():
+            continue
+        try:
+            report = build_engine(onnx_path, root / f"{name}-{precision}.engine",
+                                  BuildOptions(flavour="rtx", compute_capabilities=["sm89"], batch=2))
+            out[precision] = {"seconds": round(report.seconds, 1), "mib": round(report.engine_bytes / 2**20, 1)}
+        except Exception as e:  # a cell per failure
+            out[precision] = f"failed: {str(e).splitlines()[0][:120]}"
+    return out
+
+
+def kserve_infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
+    """One KServe v2 request with tritonclient.http (binary tensors), the same against either server."""
+    import tritonclient.http as th
+
+    with th.InferenceServerClient(url, network_timeout=300) as client:
+        meta = client.get_model_metadata(model)
+        inp = th.InferInput(meta["inputs"][0]["name"], list(x.shape), meta["inputs"][0]["datatype"])
+        inp.set_data_from_numpy(x)
+        name = meta["outputs"][0]["name"]
+        return client.infer(model, [inp], outputs=[th.InferRequestedOutput(name)]).as_numpy(name)
+
+
+def vitdeploy_serve(onnx_path: Path) -> tuple[Any, str]:
+    """`vitdeploy serve` of ``onnx_path`` in its own process; -> (the process, its host:port) once ready."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from vitdeploy.io import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vitdeploy.cli", "serve", "--model", str(onnx_path), "--name", "m",
+                             "--drain-grace", "0", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2):
+                return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("vitdeploy serve did not become ready")
+
+
+def served_answers(onnx_path: Path, x: np.ndarray, expected: np.ndarray, root: Path) -> dict[str, Any]:
+    """max |answer - ONNX Runtime's| from `vitdeploy serve` and from a real tritonserver, or why not."""
+    import os
+
+    import local_triton as harness  # beside this script
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    out: dict[str, Any] = {}
+    proc, url = vitdeploy_serve(onnx_path)
+    try:
+        out["serve"] = float(np.abs(kserve_infer(url, "m", x) - expected).max())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    cache = Path(os.environ.get("VITDEPLOY_TEST_CACHE", Path(__file__).parent.parent / ".cache"))
+    local = harness.prepare_local_triton(cache)
+    repo = root / f"triton-{onnx_path.stem}"
+    r = CliRunner().invoke(main, ["triton", str(onnx_path), "--repo", str(repo), "--name", "m", "--triton-backend",
+                                  "python", "--execution-env", str(local.env), "--max-batch", "2", "--threads", "2"])
+    if r.exit_code:
+        return {**out, "triton": f"failed: {r.output.strip().splitlines()[-1][:120]}"}
+    server = harness.start_tritonserver(local, repo, log_dir=root, timeout=600)
+    try:
+        out["triton"] = float(np.abs(kserve_infer(server.http_url, "m", x) - expected).max())
+    finally:
+        server.stop()
+    return out
+
+
+def measure_model(name: str, root: Path, precisions: list[str], calib: Path, rtx: bool = False,
+                  serve: bool = False) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
@@ -96,9 +186,30 @@ def measure_model(name: str, root: Path, precisions: list[str], calib: Path) -> 
         row[precision] = {"max_abs": float(np.abs(got - ref).max()), "cosine": cosine(got, ref),
                           "export_s": round(time.perf_counter() - t0, 1),
                           "golden": report.golden.passed if report.golden else None}
-        for f in root.glob(f"{name}-{precision}.onnx*"):
+        if serve and precision == "fp32":
+            row["served"] = served_answers(out, x, got, root)
+    if rtx:
+        row["rtx"] = rtx_builds(name, root, precisions)
+    for f in root.glob(f"{name}-*"):
+        if f.is_file():
             f.unlink()
     return row
+
+
+def _cell(v: Any, fmt: str) -> str:
+    return "-" if v is None else v if isinstance(v, str) else fmt.format(**v) if isinstance(v, dict) else fmt.format(v)
+
+
+def render_deploy(rows: list[dict[str, Any]]) -> str:
+    """The TensorRT-RTX builds and the served answers, one row per model."""
+    lines = ["| model | TensorRT-RTX FP16 | INT8 | FP8 | `vitdeploy serve` vs ONNX Runtime | Triton vs ONNX Runtime |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        rtx, served = r.get("rtx", {}), r.get("served", {})
+        cells = [_cell(rtx.get(p), "built, {seconds} s, {mib} MiB") for p in ("fp16", "int8", "fp8")]
+        cells += [_cell(served.get(k), "max abs {:.2g}") for k in ("serve", "triton")]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict[str, Any]], precisions: list[str]) -> str:
@@ -120,6 +231,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--precisions", default="fp32,fp16,int8,fp8")
+    ap.add_argument("--rtx", action="store_true", help="build TensorRT-RTX engines of the FP16/INT8/FP8 exports")
+    ap.add_argument("--serve", action="store_true", help="serve the FP32 export with vitdeploy serve and Triton")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args()
     from vitdeploy.datasets import write_digits
@@ -131,13 +244,14 @@ def main() -> None:
     train, _ = write_digits(root / "digits")
     rows = []
     for name in args.models.split(","):
-        rows.append(measure_model(name, root, precisions, train))
+        rows.append(measure_model(name, root, precisions, train, args.rtx, args.serve))
         print(json.dumps(rows[-1]), flush=True)
     import onnxruntime
     import torch
     import transformers
 
-    print(f"\n{render(rows, precisions)}\n\nCPU: {cpu_model()}; torch {torch.__version__}, transformers "
+    deploy = f"\n\n{render_deploy(rows)}" if args.rtx or args.serve else ""
+    print(f"\n{render(rows, precisions)}{deploy}\n\nCPU: {cpu_model()}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, onnxruntime {onnxruntime.__version__}")
     (args.out / "models.json").write_text(json.dumps(rows, indent=2))
 
