@@ -2,8 +2,10 @@
 
 Every family of vitdeploy.families loads from its HF folders (a ``clip``/``siglip`` folder: its vision
 half), Hub ids in the local cache, bare safetensors beside a config.json, and presets; each family's key
-map puts its HF names into ours. timm weights: every family's (timm's VisionTransformer names) with a
-config given (``--config``/``--preset``); a timm folder's config.json names the plain ViT only.
+map puts its HF names into ours. timm weights (timm's VisionTransformer names) of every family load from a
+timm folder (timm's ``save_for_hf``/``push_to_hf_hub``: config.json and model.safetensors) with no config
+given: its ``architecture`` names the family (vitdeploy.families.timm_folder), its tensors' shapes the sizes,
+its ``pretrained_cfg`` the preprocessing; bare timm weights load with ``--config``/``--preset``.
 
 Only safetensors and ``torch.load(weights_only=True)`` are used: nothing is unpickled.
 """
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 _OWN_FORMAT = "vitdeploy"
-_TIMM_ARCH_RE = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(16|32)_224")
 
 
 @dataclass
@@ -245,32 +246,20 @@ def _read_folder_weights(weights: Path) -> tuple[dict[str, torch.Tensor], dict[s
     return read_state_dict(weights)
 
 
-def _timm_config(d: dict[str, Any]) -> ViTConfig:
-    arch = d.get("architecture", "")
-    m = _TIMM_ARCH_RE.match(arch)
-    if not m:
-        raise CheckpointError(
-            f"timm architecture {arch!r} is not a plain ViT vitdeploy knows; pass --config or --preset"
-        )
-    pcfg = d.get("pretrained_cfg", {})
-    labels = d.get("label_names")
-    kwargs: dict[str, Any] = {"layer_norm_eps": 1e-6, "num_labels": int(d.get("num_classes", 1000))}
-    if labels and len(labels) == kwargs["num_labels"]:
-        kwargs["id2label"] = dict(enumerate(labels))
-    for key, field in (("mean", "image_mean"), ("std", "image_std")):
-        if key in pcfg:
-            if not (isinstance(pcfg[key], list) and all(type(v) in (int, float) for v in pcfg[key])):
-                raise CheckpointError(f"timm config's pretrained_cfg {key} {str(pcfg[key])[:40]} is not a list of "
-                                      "numbers")
-            kwargs[field] = tuple(pcfg[key])
-    if pcfg.get("crop_pct"):
-        if type(pcfg["crop_pct"]) not in (int, float):
-            raise CheckpointError(f"timm config's pretrained_cfg crop_pct {str(pcfg['crop_pct'])[:40]!r} is not a "
-                                  "number")
-        kwargs["crop_pct"] = float(pcfg["crop_pct"])
-    if pcfg.get("interpolation") in ("bilinear", "bicubic", "nearest"):
-        kwargs["interpolation"] = pcfg["interpolation"]
-    return preset(f"vit-{m.group(1)}-patch{m.group(2)}-224", **kwargs)
+def _timm_config(d: dict[str, Any], state: dict[str, torch.Tensor]) -> ViTConfig:
+    """A timm folder's config.json with its weights (vitdeploy.families.timm_folder), errors as CheckpointError."""
+    from vitdeploy.errors import ConfigError
+    from vitdeploy.families.timm_folder import timm_folder_config
+
+    try:
+        return timm_folder_config(d, state)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _is_timm_config(raw: Any) -> bool:
+    """timm's config.json (``save_for_hf``) names an ``architecture``; HF's names ``architectures``."""
+    return isinstance(raw, dict) and "architecture" in raw
 
 
 def _json_file(path: Path) -> Any:
@@ -288,15 +277,21 @@ def _load_folder(folder: Path, config: ViTConfig | None,
     cfg_file = folder / "config.json"
     raw = _json_file(cfg_file) if cfg_file.is_file() else {}
     weights = _weights_in(folder)
+    state = None
     if config is None:
         if not raw:
             raise CheckpointError(f"model folder {folder} has no config.json: pass --config or --preset")
-        config = _timm_config(raw) if "architecture" in raw else ViTConfig.from_dict(raw)
+        if _is_timm_config(raw):  # read with its weights' shapes
+            state, _ = _read_folder_weights(weights)
+            config = _timm_config(raw, state)
+        else:  # an HF config.json is checked before the weights are read
+            config = ViTConfig.from_dict(raw)
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
             config = config.apply_preprocessor_config(_json_file(pre))
     config = with_options(config, **options)
-    state, _ = _read_folder_weights(weights)
+    if state is None:
+        state, _ = _read_folder_weights(weights)
     layout = detect_layout(state)
     state, config = to_our_names(state, layout, config, str(folder))
     return build_model(config, state), layout, weights
@@ -348,7 +343,10 @@ def _load_file(path: Path, cfg: ViTConfig | None, options: dict[str, Any]) -> Lo
     layout = detect_layout(state)
     if cfg is None:
         sibling = path.parent / "config.json"
-        if sibling.is_file() and layout == "hf":
+        raw = _json_file(sibling) if sibling.is_file() and layout == "timm" else None
+        if _is_timm_config(raw):
+            cfg = _timm_config(raw, state)
+        elif sibling.is_file() and layout == "hf":
             cfg = ViTConfig.from_json_file(sibling)
         else:
             raise CheckpointError(

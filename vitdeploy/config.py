@@ -18,7 +18,7 @@ from vitdeploy.errors import ConfigError
 
 IntOrPair = int | tuple[int, int]
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
-CLASSIFIER_INPUTS = ("cls", "cls_distilled", "cls_patch_mean", "patch_mean", "patch_mean_before_norm")
+CLASSIFIER_INPUTS = ("cls", "cls_distilled", "cls_patch_mean", "patch_mean", "patch_mean_before_norm", "map")
 POOLINGS = ("cls", "map")
 TASKS = ("classification", "embedding")
 HF_NUM_LABELS = 2  # transformers' default, which its config.json leaves out
@@ -82,6 +82,7 @@ class ViTConfig:
     patch_bias: bool = True  # the patch convolution has a bias (not CLIP's)
     # what the classifier reads: cls | cls_distilled (DeiT's two heads) | cls_patch_mean (DINOv2) | patch_mean
     # (SigLIP: the patch tokens' mean) | patch_mean_before_norm (CLIP: that mean before the final LayerNorm)
+    # | map (timm's SigLIP classifier: the attention-pooling head's output)
     classifier_input: str = "cls"
     pooling: str = "cls"  # the embedding: cls (the [CLS] row) | map (SigLIP's attention-pooling head)
     projection_dim: int = 0  # a projection without bias on the embedding (CLIP's image_embeds); 0: none
@@ -171,7 +172,10 @@ class ViTConfig:
             raise ConfigError("a model without a class token (SigLIP) pools its embedding with pooling='map'")
         if not self.class_token and self.task == "classification" and self.classifier_input.startswith("cls"):
             raise ConfigError("a classifier without a class token (SigLIP) reads the mean of its patch tokens: "
-                              "classifier_input='patch_mean'")
+                              "classifier_input='patch_mean' (or its pooling head's output: 'map')")
+        if self.classifier_input == "map" and self.pooling != "map":
+            raise ConfigError("ViTConfig.classifier_input 'map' reads the attention-pooling head: it needs "
+                              "pooling='map'")
         if self.classifier_input == "cls_distilled" and not self.distillation_token:
             raise ConfigError("ViTConfig.classifier_input 'cls_distilled' needs distillation_token")
         if self.normalize and self.task != "embedding":
@@ -190,6 +194,11 @@ class ViTConfig:
     def num_patches(self) -> int:
         (ih, iw), (ph, pw) = self.image_hw, self.patch_hw
         return (ih // ph) * (iw // pw)
+
+    @property
+    def pooling_head(self) -> bool:
+        """Whether the output passes the attention-pooling head (SigLIP's embedding; timm's SigLIP classifier)."""
+        return self.pooling == "map" and (self.task == "embedding" or self.classifier_input == "map")
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -233,7 +242,7 @@ class ViTConfig:
         if self.task == "classification" and self.classifier_input in ("cls_distilled", "cls_patch_mean"):
             head *= 2
         probe = 0
-        if self.task == "embedding" and self.pooling == "map":  # SigLIP's probe: its Q once per batch,
+        if self.pooling_head:  # SigLIP's probe: its Q once per batch,
             head += h * h + 2 * s * h * h + 2 * s * h + 2 * h * i  # K and V of every row, output, MLP
             probe = h * h
         return 2 * batch * (patch + (self.num_hidden_layers - 1) * layer + last + head) + 2 * probe

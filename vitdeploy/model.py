@@ -1,9 +1,9 @@
 """A ViT in torch, with HF ``ViTForImageClassification``'s parameter names, and the ViT family's block
 options (vitdeploy.families sets them in ViTConfig: DeiT's distillation token, DINOv2's LayerScale,
 SwiGLU, registers and interpolated positions, CLIP's pre-norm, QuickGELU and projection, SigLIP's
-attention-pooling head). Names a family adds: ``distillation_token``, ``register_tokens``,
-``layer_scale{1,2}.lambda1``, ``vit.pre_layernorm``, ``distillation_classifier``, ``visual_projection``,
-``head.*`` (SigLIP's pooling head).
+attention-pooling head, which timm's SigLIP classifier reads too). Names a family adds:
+``distillation_token``, ``register_tokens``, ``layer_scale{1,2}.lambda1``, ``vit.pre_layernorm``,
+``distillation_classifier``, ``visual_projection``, ``head.*`` (SigLIP's pooling head).
 
 Two choices here are for the exported graph, not for torch:
 - attention scales Q before Q·Kᵀ and is plain MatMul-Softmax-MatMul (the shape TensorRT fuses);
@@ -343,7 +343,7 @@ class ViTForImageClassification(nn.Module):
             self.classifier = nn.Linear(width, config.num_labels)
             if config.classifier_input == "cls_distilled":
                 self.distillation_classifier = nn.Linear(hidden, config.num_labels)
-        elif config.pooling == "map":
+        if config.pooling_head:
             self.head = AttentionPoolingHead(config)
         if config.task == "embedding" and config.projection_dim:
             self.visual_projection = nn.Linear(hidden, config.projection_dim, bias=False)
@@ -413,6 +413,8 @@ class ViTForImageClassification(nn.Module):
                 return self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=1))
             if c.classifier_input in ("patch_mean", "patch_mean_before_norm"):  # SigLIP, CLIP: the patches' mean
                 return self.classifier(sequence[:, c.num_prefix_tokens:].mean(dim=1))
+            if c.classifier_input == "map":  # timm's SigLIP: the pooling head's output
+                return self.classifier(self.head(sequence))
             return self.classifier(sequence[:, 0])
         pooled = self.head(sequence) if c.pooling == "map" else sequence[:, 0]
         if c.projection_dim:

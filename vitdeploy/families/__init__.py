@@ -6,12 +6,13 @@ preprocessing defaults (see ``base.Family``); the model's blocks take the option
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from vitdeploy.config import ViTConfig
 from vitdeploy.errors import ConfigError
 from vitdeploy.families import clip, deit, dinov2, siglip, vit
-from vitdeploy.families.base import EMBEDDING_KEYS, HEAD_KEYS, Family, StateDict
+from vitdeploy.families.base import EMBEDDING_KEYS, HEAD_KEYS, Family, StateDict, timm_projection
 
 FAMILIES: tuple[Family, ...] = (vit.FAMILY, deit.FAMILY, dinov2.FAMILY, clip.FAMILY, siglip.FAMILY)
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -40,16 +41,42 @@ def hf_to_ours(state: StateDict, config: ViTConfig) -> StateDict:
 
 def timm_to_ours(state: StateDict, config: ViTConfig) -> tuple[StateDict, ViTConfig]:
     """timm weights of ``config``'s family in our names, and the config with what timm's variants of the
-    family set differently from HF's (its LayerNorm eps, activation, classifier input)."""
+    family set differently from HF's (its LayerNorm eps, activation, classifier input: a timm classifier with
+    an attention-pooling head reads its output). With a projection (CLIP), timm's ``head`` is that projection."""
     family = family_for(config.model_type)
     if family.timm_keys is None:
         raise ConfigError(f"timm weights of a {config.model_type} model are not supported: load its Hugging Face "
                           "checkpoint instead")
-    return _for_task(family.timm_keys(state), config), config.replace(**family.timm_config)
+    config = config.replace(**family.timm_config)
+    if config.task == "classification" and "attn_pool.latent" in state:
+        config = config.replace(classifier_input="map")
+    ours = family.timm_keys(state)
+    if config.task == "embedding" and config.projection_dim:
+        ours = timm_projection(ours)
+    return _for_task(ours, config), config
+
+
+def family_for_timm(architecture: str) -> tuple[Family, str] | None:
+    """The family of a timm architecture name (``vit_base_patch14_dinov2``, a ``.tag`` dropped) and its size
+    name (``base``); None for a name no family registers."""
+    for family in reversed(FAMILIES):  # the most specific first (ViT's plain names last)
+        for pattern in family.timm_architectures:
+            regex = re.escape(pattern).replace(r"\{size\}", "(?P<size>[a-z0-9]+)").replace(r"\{n\}", r"\d+")
+            if m := re.fullmatch(regex, architecture.split(".")[0]):
+                return family, m.group("size")
+    return None
+
+
+def timm_architectures() -> str:
+    """The timm architecture names vitdeploy reads, for an error message."""
+    return ", ".join(p.replace("{size}", "*").replace("{n}", "N") for f in FAMILIES for p in f.timm_architectures)
 
 
 def _for_task(state: StateDict, config: ViTConfig) -> StateDict:
-    unused = HEAD_KEYS if config.task == "embedding" else EMBEDDING_KEYS
+    if config.task == "embedding":
+        unused = HEAD_KEYS
+    else:  # a classifier reading the attention-pooling head keeps it
+        unused = re.compile(r"^visual_projection\.") if config.pooling_head else EMBEDDING_KEYS
     return {k: v for k, v in state.items() if not unused.match(k)}
 
 

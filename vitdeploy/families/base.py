@@ -45,6 +45,10 @@ class Family:
     # variants of the family set differently from HF's config (LayerNorm eps, activation, classifier input)
     timm_keys: Callable[[StateDict], StateDict] | None = None
     timm_config: Mapping[str, Any] = field(default_factory=dict)
+    # timm architecture names of the family (a timm folder's config.json): ``{size}`` is timm's size name,
+    # ``{n}`` a number; the heads of a size where the family's differ from TIMM_HEADS (DINOv2's giant)
+    timm_architectures: tuple[str, ...] = ()
+    timm_heads: Mapping[str, int] = field(default_factory=dict)
 
 
 def rename(state: StateDict, rules: list[tuple[str, str]], drop: tuple[str, ...] = ()) -> StateDict:
@@ -163,6 +167,25 @@ TIMM_RULES = [
     (r"^attn_pool\.norm\.", "head.layernorm."),
     (r"^attn_pool\.mlp\.", "head.mlp."),
 ]
+
+
+# timm's heads for each size name of its VisionTransformer variants (vision_transformer.py, deit.py)
+TIMM_HEADS = {"xsmall": 4, "tiny": 3, "small": 6, "medium": 8, "betwixt": 10, "base": 12, "large": 16, "huge": 16,
+              "giant": 16, "gigantic": 16, "so400m": 16}
+
+
+def timm_projection(state: StateDict) -> StateDict:
+    """timm's image-text CLIP keeps the projection as its ``head`` (our ``classifier`` after timm_keys) with a
+    zero bias (timm's conversion writes zeros): ours is ``visual_projection``, without bias."""
+    if "classifier.weight" not in state:
+        return state
+    out = dict(state)
+    bias = out.pop("classifier.bias", None)
+    if bias is not None and bool(bias.any()):
+        raise ConfigError("the timm CLIP's head has a nonzero bias, so it is a classifier, not CLIP's projection "
+                          "(which has none): load it with --task classification")
+    out["visual_projection.weight"] = out.pop("classifier.weight")
+    return out
 
 
 def timm_keys(state: StateDict) -> StateDict:

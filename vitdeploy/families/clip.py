@@ -75,4 +75,5 @@ FAMILY = Family(
     detect=lambda state: any(k.endswith("pre_layrnorm.weight") for k in state),
     # timm's vit_*_clip_*: [CLS] after the final norm to its head (HF's classifier reads the patches' mean)
     timm_keys=timm_keys, timm_config={"classifier_input": "cls"},
+    timm_architectures=("vit_{size}_patch{n}_clip_{n}", "vit_{size}_patch{n}_clip_quickgelu_{n}"),
 )

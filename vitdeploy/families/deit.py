@@ -64,4 +64,5 @@ FAMILY = Family(
              "deit-test": lambda: _preset(32, 2, 2, patch=32)},  # a tiny one, for trying the tools
     detect=lambda state: any(k.startswith("deit.") for k in state),
     timm_keys=timm_keys, timm_config={"layer_norm_eps": 1e-6},  # timm's DeiT: eps 1e-6, HF's 1e-12
+    timm_architectures=("deit_{size}_distilled_patch{n}_{n}",),
 )

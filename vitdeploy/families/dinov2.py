@@ -91,4 +91,5 @@ FAMILY = Family(
              "dinov2-test": lambda: _preset(32, 2, 2), "dinov2-with-registers-test": lambda: _preset(32, 2, 2, 4)},
     detect=lambda state: any(".layer_scale1." in k or k.startswith("dinov2") for k in state),
     timm_keys=timm_keys,  # timm's vit_*_patch14_dinov2 and *_reg4_dinov2: HF's eps, GELU and SwiGLU
+    timm_architectures=("vit_{size}_patch{n}_dinov2", "vit_{size}_patch{n}_reg{n}_dinov2"), timm_heads={"giant": 24},
 )

@@ -71,4 +71,5 @@ FAMILY = Family(
              "siglip-test": lambda: _preset(32, 2, 2, 64, 32, 224)},
     detect=lambda state: any(k.endswith("head.probe") for k in state),
     timm_keys=timm_keys, timm_config={"hidden_act": "gelu"},  # timm's vit_*_siglip_*: exact GELU, not tanh
+    timm_architectures=("vit_{size}_patch{n}_siglip_{n}",),  # not *_siglip_gap_* (no pooling head)
 )

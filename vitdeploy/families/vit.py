@@ -20,4 +20,5 @@ FAMILY = Family(
     name="vit", model_types=("vit",), config_from_hf=config_from_hf, hf_keys=hf_keys,
     detect=lambda state: any(k.startswith("vit.") for k in state),
     timm_keys=timm_keys, timm_config={"layer_norm_eps": 1e-6},
+    timm_architectures=("vit_{size}_patch{n}_{n}", "deit_{size}_patch{n}_{n}"),  # DeiT without its token: a ViT
 )
