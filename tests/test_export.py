@@ -187,6 +187,49 @@ def test_fp8_scales_are_amax_over_448(digits, tmp_path):
         assert scale * 448 == pytest.approx(amax[name], rel=1e-4), name
 
 
+def _count_calibration(monkeypatch) -> list[int]:
+    """Images ONNX Runtime's calibrator is handed by the real quantize, counted on the way."""
+    from vitdeploy.exporters import precision
+
+    seen: list[int] = []
+    real = precision.quantize
+
+    def counting(model_path, output_path, input_name, batches, *args, **kw):
+        def counted():
+            for x in batches:
+                seen.append(len(x))
+                yield x
+        return real(model_path, output_path, input_name, counted(), *args, **kw)
+
+    monkeypatch.setattr(precision, "quantize", counting)
+    return seen
+
+
+def test_fp8_calibration_holds_one_batch_in_onnx_runtime(digits, tmp_path, monkeypatch):
+    """ONNX Runtime's FP8 (distribution) calibrator keeps every tensor of every image until the end: at
+    ViT-B's 160 MiB per image, 512 images would need 80 GiB. Every FP8 scale is amax / 448 from vitdeploy's
+    own running max, so the calibrator gets one batch; the scales still cover all images."""
+    seen = _count_calibration(monkeypatch)
+    report = export_onnx(digits["checkpoint"], tmp_path / "f8.onnx", options=ExportOptions(
+        precision="fp8", calib_dir=digits["train"], calib_samples=24, attention="float"))
+    assert seen == [1] and report.golden.passed
+    assert any("calibrated on 24 images" in n for n in report.notes)
+
+
+def test_histogram_calibration_is_capped_by_memory(digits, tmp_path, monkeypatch):
+    from vitdeploy.exporters import precision
+
+    export_onnx(digits["checkpoint"], tmp_path / "f32.onnx", options=ExportOptions(verify=False))
+    per_image = precision.histogram_bytes_per_image(tmp_path / "f32.onnx")
+    assert per_image > 100_000  # the digits ViT: about 1 MiB of MatMul inputs and outputs per image
+    monkeypatch.setattr(precision, "HISTOGRAM_BUDGET_BYTES", 10 * per_image)
+    seen = _count_calibration(monkeypatch)
+    report = export_onnx(digits["checkpoint"], tmp_path / "e.onnx", options=ExportOptions(
+        precision="int8", calib_dir=digits["train"], calib_samples=32, calib_method="entropy", attention="float"))
+    assert sum(seen) == 10 and report.golden.passed
+    assert any(n.startswith("calibration histograms on the first 10 of 32 images") for n in report.notes), report.notes
+
+
 def test_digits_accuracy_per_precision(digits, digits_onnx):
     from vitdeploy.engines import open_runtime
     from vitdeploy.evaluate import evaluate_folder

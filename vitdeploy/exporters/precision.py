@@ -34,6 +34,9 @@ import numpy as np
 from vitdeploy.errors import VitDeployError
 
 FP16_KEEP_FP32 = ("LayerNormalization",)
+# ONNX Runtime's histogram calibrators (entropy, percentile) keep every calibrated tensor of every image
+# in memory until the end: their images are capped so that this stays under this many bytes
+HISTOGRAM_BUDGET_BYTES = 6 << 30
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -170,6 +173,25 @@ def quantize(model_path: Path, output_path: Path, input_name: str, batches: Iter
         )
     except ImportError as e:
         raise VitDeployError(mismatched_quantizer(e)) from e
+
+
+def histogram_bytes_per_image(model_path: Path) -> int:
+    """What ONNX Runtime's histogram calibrators keep per image of the graph at ``model_path``: every float
+    input and output of its MatMul/Gemm/Conv nodes (shapes from ONNX shape inference; batch taken as 1)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    shapes = {v.name: v.type.tensor_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    weights = {i.name for i in model.graph.initializer}
+    names = {t for n in model.graph.node if n.op_type in QUANTIZED_OPS for t in [*n.input, *n.output]} - weights
+    total = 0
+    for name in names:
+        tt = shapes.get(name)
+        if tt is None or tt.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        total += 4 * int(np.prod(dims[1:] if dims else [1]))
+    return total
 
 
 def quantized_linear(model: Any, exclude: list[str]) -> list[Any]:
@@ -336,15 +358,19 @@ def _qdq(job: PrecisionJob) -> PrecisionResult:
         raise VitDeployError(f"--precision {job.precision} needs calibration images: give --calib-dir DIR")
     if job.proto is not None:
         onnx.save_model(job.proto, str(job.fp32_path))
-    batches, observer = job.calibration, None
+    batches, observer, notes = job.calibration, None, []
     fp8 = job.precision == "fp8"
     if job.attention != "float" or fp8:
         observer = AmaxObserver(job.fp32_path, job.input_name, linear_inputs(job.fp32_path) if fp8 else ())
         batches = observer.observe(batches)
+    if fp8:  # every FP8 scale is amax / 448 from the observer: ONNX Runtime's own calibration needs one batch
+        batches = _first_of(batches)
+    elif job.calib_method != "minmax":
+        batches, note = _capped(batches, job.fp32_path)
+        notes += [note] if note else []
     quantize(job.fp32_path, job.output, job.input_name, batches, job.precision, job.calib_method,
              external_data=job.large)
     proto = onnx.load(str(job.output), load_external_data=not job.large)
-    notes: list[str] = []
     if fp8 and observer is not None:
         rescale_fp8_activations(proto, observer.amax)
         notes.append("fp8 scales: amax / 448 per tensor (weights, and activations over the calibration images)")
@@ -354,6 +380,33 @@ def _qdq(job: PrecisionJob) -> PrecisionResult:
         notes.append(f"attention: {job.attention} Q/DQ on {len(blocks)} block{plural} (Q·Kᵀ, Softmax output, P·V; "
                      f"TensorRT's fused-attention layout, see `vitdeploy inspect`)")
     return PrecisionResult(proto, job.large, qdq_coverage(proto), notes)
+
+
+def _first_of(batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Run ``batches`` to their end (an observer reads every one) and give only the first."""
+    first = None
+    for x in batches:
+        first = x if first is None else first
+    if first is not None:
+        yield first
+
+
+def _capped(batches: Iterator[np.ndarray], fp32_path: Path) -> tuple[Iterator[np.ndarray], str]:
+    """At most as many images as ONNX Runtime's histogram calibrators hold in HISTOGRAM_BUDGET_BYTES."""
+    per_image = max(histogram_bytes_per_image(fp32_path), 1)
+    cap = max(1, HISTOGRAM_BUDGET_BYTES // per_image)
+    kept: list[np.ndarray] = []
+    seen = 0
+    for x in batches:
+        seen += len(x)
+        if sum(len(k) for k in kept) + len(x) <= cap or not kept:
+            kept.append(x)
+    used = sum(len(k) for k in kept)
+    if used >= seen:
+        return iter(kept), ""
+    return iter(kept), (f"calibration histograms on the first {used} of {seen} images: ONNX Runtime keeps every "
+                        f"calibrated tensor of every image ({per_image / 2**20:.0f} MiB each here) in memory "
+                        f"until the end; --calib-method minmax has no such limit")
 
 
 PRECISION_STEPS: dict[str, PrecisionStep] = {
