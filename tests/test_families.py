@@ -436,8 +436,9 @@ def test_deit_pixels_equal_deit_image_processor_resizing_to_height_by_width(tmp_
 @pytest.mark.parametrize("family", ["deit", "dinov2", "dinov2-registers", "clip", "siglip"])
 def test_the_digits_model_trains_in_each_family_shape(tmp_path, family):
     """Trained weights for INT8/FP8 measurements: a classifier's held-out top-1 (at least 90%), an embedding
-    model's 1-nearest-neighbour top-1 (at least 85%: it is trained through a linear head that it returns
-    without; the SigLIP shape gave 87.5% on this machine's AMD EPYC)."""
+    model's 1-nearest-neighbour top-1 (at least 85%: it is trained through a cosine head,
+    vitdeploy.datasets.cosine_head, that it returns without; the SigLIP shape gave 87.5% on this machine's AMD
+    EPYC)."""
     from vitdeploy import save_model
     from vitdeploy.datasets import knn_top1, train_digits_vit, write_digits
     from vitdeploy.engines.torch_backend import TorchRuntime
