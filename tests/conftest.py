@@ -156,3 +156,19 @@ def serving_onnx(hf_folders, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("serving") / "small.onnx"
     return export_onnx(hf_folders["p16-w48"], out, options=ExportOptions(dynamic_batch=True)).path
+
+
+@pytest.fixture(scope="session")
+def clip_embedding(tmp_path_factory) -> Path:
+    """CLIP's image tower at its test size (preset clip-test, random init, seed 0) exported by `vitdeploy export
+    --task embedding --dynamic-batch`: FP32, its golden set of embeddings, vectors of the projection's size (16)
+    from a hidden state of 32."""
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    out = tmp_path_factory.mktemp("clip_embedding") / "clip.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", "clip-test", "--seed", "0", "--task", "embedding",
+                                  "--dynamic-batch", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    return out

@@ -7,7 +7,9 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,116 @@ def test_a_tampered_artifact_fails_verify_naming_the_image(golden_onnx, tmp_path
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("Error: drift: bad.onnx on onnxruntime")
     assert "golden image 'synthetic-" in r.output and "DRIFT" in r.output
+
+
+# --- an embedding artifact: its golden set checks the cosine and the relative error, not a top-1 --------------
+def _ort_against_golden(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Each golden image's cosine and max abs error relative to the stored vector's largest value, from a plain
+    ONNX Runtime session on the golden batch (the reference for what verify reports)."""
+    import onnxruntime as ort
+
+    from vitdeploy.verify import golden_batch
+
+    meta = read_onnx_metadata(path)
+    ref = np.stack([im.logits for im in meta.golden.images]).astype(np.float64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"pixel_values": golden_batch(meta, meta.golden)})[0].astype(np.float64)
+    cosine = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    return cosine, np.abs(out - ref).max(1) / np.abs(ref).max(1)
+
+
+def _table_header(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("┃ image"))
+
+
+def test_verify_of_an_embedding_export_shows_cosine_and_relative_error_per_image(clip_embedding, golden_onnx,
+                                                                                 tmp_path):
+    """`vitdeploy verify` on CLIP's image tower exported as an embedding model shows what its golden set checks:
+    the cosine to the stored vector, the max abs error relative to its largest value, and pass or fail, per
+    image. Old code: the classifier's top-1 expected / got / match columns, filled with each vector's argmax."""
+    r = CliRunner().invoke(main, ["verify", str(clip_embedding), "--backend", "onnxruntime", "--wide",
+                                  "--json", str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+    header = _table_header(r.output)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["image", "cosine to golden",
+                                                                 "max abs / largest value", "status"], header
+    assert "top-1" not in r.output and "match" not in r.output and "PASSED" in r.output
+    (result,) = json.loads((tmp_path / "v.json").read_text())[0]["results"]
+    assert result["task"] == "embedding" and result["passed"] and len(result["rows"]) == 4
+    cosine, error = _ort_against_golden(clip_embedding)
+    for i, row in enumerate(result["rows"]):
+        assert row["cosine"] == pytest.approx(cosine[i], abs=1e-6)
+        assert row["max_abs"] / row["scale"] == pytest.approx(error[i], abs=2e-5) and error[i] <= 1e-4
+        cells = [c.strip() for c in next(line for line in r.output.splitlines()
+                                         if line.startswith(f"│ {row['image']} ")).strip("│ ").split("│")]
+        assert cells == [row["image"], f"{row['cosine']:.6f}", f"{row['max_abs'] / row['scale']:.3g}", "ok"], cells
+    # a classifier keeps its table
+    r = CliRunner().invoke(main, ["verify", str(golden_onnx), "--backend", "onnxruntime", "--wide"])
+    assert r.exit_code == 0, r.output
+    assert [c.strip() for c in _table_header(r.output).strip("┃ ").split("┃")] == [
+        "image", "top-1 expected", "top-1 got", "match", "max abs / scale", "cosine", "status"]
+
+
+def _turn_the_projection(src: Path, dst: Path) -> Path:
+    """A copy of an embedding export whose last weight matrix (CLIP's projection, told from the hidden-to-output
+    matrices by its output size) has the first half of its output columns scaled by 1.5: the vectors turn, so
+    their cosine to the golden ones falls (a uniform scale would keep it). The metadata is kept as it was."""
+    import onnx
+    from onnx import numpy_helper
+
+    size = read_onnx_metadata(src).output_size
+    model = onnx.load(str(src))
+    weights = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
+    node = next(n for n in reversed(model.graph.node) if n.op_type in ("MatMul", "Gemm") and
+                set(n.input) & set(weights))
+    init = weights[next(i for i in node.input if i in weights)]
+    w = numpy_helper.to_array(init).copy()
+    assert size in w.shape and w.shape[0] != w.shape[1], w.shape  # the projection: hidden 32 -> 16
+    half = (slice(None), slice(0, size // 2)) if w.shape[1] == size else (slice(0, size // 2), slice(None))
+    w[half] *= 1.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_an_embedding_golden_set_catches_drift_in_verify_and_on_first_load(clip_embedding, images, tmp_path):
+    """The CLIP embedding export with its projection turned (metadata and golden set unchanged): verify fails in
+    one line naming the image and its cosine, and every first load refuses it (open_verified, predict even with
+    --require-verified, serve's readiness), unless --allow-drift."""
+    import httpx
+
+    from tests.http_server import Server
+    from vitdeploy.serving.readiness import warm_and_verify
+
+    bad = _turn_the_projection(clip_embedding, tmp_path / "turned.onnx")
+    meta = read_onnx_metadata(bad)
+    assert meta == read_onnx_metadata(clip_embedding) and (meta.output_size, meta.config["hidden_size"]) == (16, 32)
+    cosine, _ = _ort_against_golden(bad)
+    assert cosine.max() < 0.999  # turned well past FP32's 0.99999 on every image
+    r = CliRunner().invoke(main, ["verify", str(bad), "--backend", "onnxruntime"])
+    line = re.fullmatch(r"Error: drift: turned\.onnx on onnxruntime.*: golden image 'synthetic-0' drifted: cosine "
+                        r"(0\.\d{6}) < 0\.99999; max abs error .* x its largest value > 0\.0001 "
+                        r"\(and 3 more of 4 images\)", r.output.strip().splitlines()[-1])
+    assert r.exit_code == 1 and line, r.output
+    assert float(line[1]) == pytest.approx(cosine[0], abs=2e-6) and r.output.count("DRIFT: cosine") == 4
+    with pytest.raises(DriftError, match=r"turned\.onnx fails its golden set on onnxruntime.*drifted: cosine "
+                                         r"0\.\d{6} < 0\.99999.*checked on first load"):
+        open_verified(bad, backend="onnxruntime")
+    png = next(images.rglob("*.png"))
+    img = str(png)
+    r = CliRunner().invoke(main, ["predict", "-m", str(bad), "--require-verified", img])
+    assert r.exit_code == 1 and "drifted: cosine" in r.output and "--allow-drift" in r.output, r.output
+    r = CliRunner().invoke(main, ["predict", "-m", str(bad), "--allow-drift", img])
+    assert r.exit_code == 0 and "embedding of 16" in r.output, r.output
+    prepare = warm_and_verify(bad, 2)  # as `vitdeploy serve` does, before the runtime opens the file
+    with open_runtime(bad, threads=1) as rt, Server(rt, prepare=prepare, max_batch=2) as srv:
+        deadline = time.perf_counter() + 60
+        while (ready := httpx.get(srv.url + "/readyz", timeout=5)).json()["status"] == "preparing":
+            assert time.perf_counter() < deadline, ready.text
+            time.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["status"] == "failed", ready.text
+        assert "drifted: cosine" in ready.json()["reason"], ready.text
+        assert httpx.post(srv.url + "/v1/embed", content=png.read_bytes(), timeout=5).status_code == 503
 
 
 # --- the tolerance comes from the artifact's real precision (issue 29, item 4) --------------------------------

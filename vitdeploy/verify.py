@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitdeploy.artifacts.golden import GoldenSet, GoldenVerdict
+from vitdeploy.artifacts.golden import GoldenRow, GoldenSet, GoldenVerdict
 from vitdeploy.engines import Runtime, artifact_kind, open_runtime
 from vitdeploy.errors import VitDeployError
 
@@ -236,28 +236,54 @@ class VerifyReport:
         return f"{i} {self.labels[i]}" if 0 <= i < len(self.labels) else str(i)
 
     def table(self, width: int | None = None, wide: bool = False) -> Any:
-        """One rich Table per runtime checked, with the columns that fit ``width`` (all with ``wide``)."""
-        from vitdeploy.tables import Column, fit_table
+        """One rich Table per runtime checked, with the columns that fit ``width`` (all with ``wide``): a
+        classifier's top-1 per image, an embedding's cosine and relative max error (what its check measures)."""
+        from vitdeploy.tables import fit_table
+
+        tables = []
+        for r in self.results:
+            columns, rows = _embedding_rows(r.verdict) if r.verdict.is_embedding else self._classifier_rows(r.verdict)
+            tables.append(fit_table(self._title(r), columns, rows, width, wide))
+        return tables
+
+    def _title(self, r: PathResult) -> str:
+        tol, v = r.verdict.tolerance, r.verdict
+        if v.is_embedding:
+            return (f"{self.artifact.name} on {r.runtime}: golden set (embeddings), {v.precision} tolerance (cosine >= "
+                    f"{tol['min_cosine']:g}, max abs <= {tol['max_abs_rel']:g} x the vector's largest value)")
+        return (f"{self.artifact.name} on {r.runtime}: golden set, {v.precision} tolerance "
+                f"(max abs <= {tol['max_abs_rel']:g} x scale, cosine >= {tol['min_cosine']:g})")
+
+    def _classifier_rows(self, verdict: GoldenVerdict) -> tuple[list[Any], list[list[str]]]:
+        from vitdeploy.tables import Column
 
         columns = [Column("image", 0, "left", True), Column("top-1 expected", 2, "left", True),
                    Column("top-1 got", 0, "left", True), Column("match", 1, "left"),
                    Column("max abs / scale", 0), Column("cosine", 1), Column("status", 0, "left", True)]
-        tables = []
-        for r in self.results:
-            rows = []
-            for row in r.verdict.rows:
-                match = ("yes" if row.got == row.expected else "no") + ("" if row.top1_checked else " (near-tie)")
-                rows.append([row.image, self._label(row.expected), self._label(row.got), match, f"{row.error:.3g}",
-                             f"{row.cosine:.6f}", "ok" if row.ok else f"DRIFT: {row.problem}"])
-            title = (f"{self.artifact.name} on {r.runtime}: golden set, {r.verdict.precision} tolerance "
-                     f"(max abs <= {r.verdict.tolerance['max_abs_rel']:g} x scale, cosine >= "
-                     f"{r.verdict.tolerance['min_cosine']:g})")
-            tables.append(fit_table(title, columns, rows, width, wide))
-        return tables
+        rows = []
+        for row in verdict.rows:
+            match = ("yes" if row.got == row.expected else "no") + ("" if row.top1_checked else " (near-tie)")
+            rows.append([row.image, self._label(row.expected), self._label(row.got), match, f"{row.error:.3g}",
+                         f"{row.cosine:.6f}", _status(row)])
+        return columns, rows
 
     def to_dict(self) -> dict[str, Any]:
         return {"artifact": str(self.artifact), "backend": self.backend, "passed": self.passed,
                 "skipped": self.skipped, "results": [r.to_dict() for r in self.results]}
+
+
+def _status(row: GoldenRow) -> str:
+    return "ok" if row.ok else f"DRIFT: {row.problem}"
+
+
+def _embedding_rows(verdict: GoldenVerdict) -> tuple[list[Any], list[list[str]]]:
+    """An embedding's check per image: its cosine to the stored vector, the max abs error relative to that
+    vector's largest value, and the verdict (an embedding has no top-1)."""
+    from vitdeploy.tables import Column
+
+    columns = [Column("image", 0, "left", True), Column("cosine to golden", 0),
+               Column("max abs / largest value", 0), Column("status", 0, "left", True)]
+    return columns, [[row.image, f"{row.cosine:.6f}", f"{row.error:.3g}", _status(row)] for row in verdict.rows]
 
 
 def verify_artifact(path: str | Path, backend: str = "auto", device: str = "auto", **options: Any) -> VerifyReport:

@@ -117,10 +117,15 @@ class GoldenVerdict:
     precision: str
     tolerance: dict[str, float]
     rows: list[GoldenRow]
+    task: str = "classification"  # embedding: rows checked by cosine and relative max error, no top-1
 
     @property
     def passed(self) -> bool:
         return all(r.ok for r in self.rows)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.task == "embedding"
 
     @property
     def failures(self) -> list[GoldenRow]:
@@ -142,13 +147,16 @@ class GoldenVerdict:
                 f"min cosine {min(r.cosine for r in self.rows):.6f}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "precision": self.precision, "tolerance": self.tolerance,
+        return {"passed": self.passed, "task": self.task, "precision": self.precision, "tolerance": self.tolerance,
                 "rows": [r.to_dict() for r in self.rows]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GoldenVerdict:
+        task = str(d.get("task", "classification"))  # verdicts cached before the field: classifiers' and embeddings'
+        if task not in ("classification", "embedding"):
+            raise ValueError(f"task {task!r} is not classification or embedding")
         return cls(str(d["precision"]), {str(k): float(v) for k, v in dict(d["tolerance"]).items()},
-                   [GoldenRow.from_dict(r) for r in d["rows"]])
+                   [GoldenRow.from_dict(r) for r in d["rows"]], task)
 
 
 def _row(name: str, ref: np.ndarray, out: np.ndarray, tol: Mapping[str, float], embedding: bool = False) -> GoldenRow:
@@ -163,14 +171,16 @@ def _row(name: str, ref: np.ndarray, out: np.ndarray, tol: Mapping[str, float], 
     got = int(np.argmax(out))
     lead = float(np.diff(np.sort(ref)[-2:])[0]) if ref.size > 1 and not embedding else math.inf
     checked = not embedding and lead > tol["top1_margin"] * c.scale
-    problems = []
+    error = cosine = ""
     if c.max_abs > tol["max_abs_rel"] * c.scale:
-        problems.append(f"max abs error {c.max_abs / c.scale:.3g} x scale > {tol['max_abs_rel']:g}")
+        error = (f"max abs error {c.max_abs / c.scale:.3g} x {'its largest value' if embedding else 'scale'} > "
+                 f"{tol['max_abs_rel']:g}")
     if not c.cosine >= tol["min_cosine"]:
-        problems.append(f"cosine {c.cosine:.6f} < {tol['min_cosine']:g}")
+        cosine = f"cosine {c.cosine:.6f} < {tol['min_cosine']:g}"
+    problems = [cosine, error] if embedding else [error, cosine]  # an embedding's first measure is its cosine
     if checked and got != expected:
         problems.append(f"top-1 class {got} where the reference gives {expected}")
-    return GoldenRow(name, expected, got, checked, c.max_abs, c.scale, c.cosine, "; ".join(problems))
+    return GoldenRow(name, expected, got, checked, c.max_abs, c.scale, c.cosine, "; ".join(p for p in problems if p))
 
 
 # --- the set ------------------------------------------------------------------------------------------
@@ -221,7 +231,7 @@ class GoldenSet:
         tol = tolerance_for(effective) if effective != real else tightened(self.tolerance, tolerance_for(real))
         embedding = self.task == "embedding"
         rows = [_row(im.name, im.logits, out[i], tol, embedding) for i, im in enumerate(self.images)]
-        return GoldenVerdict(effective, dict(tol), rows)
+        return GoldenVerdict(effective, dict(tol), rows, self.task)
 
     # -- (de)serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
