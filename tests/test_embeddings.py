@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -460,6 +461,89 @@ def test_compare_refuses_two_tasks_in_one_line(embed, tmp_path):
                                                               output_size=3, labels=[]), output_name="embeddings")
     r = CliRunner().invoke(main, ["compare", str(clf), str(emb)])
     assert r.exit_code == 1 and "A is a classifier and B an embedding model" in r.output, r.output
+
+
+# -- a family's own embedding export (CLIP's and SigLIP's image towers) through predict, serve and compare ------
+FAMILY_PRESETS = {"clip-test": 16, "siglip-test": 32}  # their output size: CLIP's projection's (hidden 32), SigLIP's
+
+
+def _export_preset(name: str, out: Path, *args: str) -> Path:
+    from click.testing import CliRunner
+
+    from vitdeploy.cli import main
+
+    r = CliRunner().invoke(main, ["export", "--model", name, "--seed", "0", "--task", "embedding", "--dynamic-batch",
+                                  "--output", str(out), *args])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_PRESETS))
+def family_embed(request, tmp_path_factory) -> dict[str, Any]:
+    """A tiny family preset exported by `vitdeploy export --task embedding`, in FP32 and FP16 (the same weights:
+    random init, seed 0); clip-test's FP32 is the session's :func:`clip_embedding`."""
+    root = tmp_path_factory.mktemp(request.param)
+    fp32 = (request.getfixturevalue("clip_embedding") if request.param == "clip-test" else
+            _export_preset(request.param, root / "fp32.onnx"))
+    return {"name": request.param, "fp32": fp32,
+            "fp16": _export_preset(request.param, root / "fp16.onnx", "--precision", "fp16")}
+
+
+def _ort(path: Path, x: np.ndarray) -> np.ndarray:
+    """A plain ONNX Runtime session's output for ``x`` (the reference)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+
+
+def test_a_family_embedding_export_through_predict_serve_and_compare(family_embed, images, tmp_path):
+    """CLIP's and SigLIP's image towers as `vitdeploy export` writes them: predict's .npy holds ONNX Runtime's
+    vectors for the same images (their norms printed), /v1/embed answers the same vector at the artifact's width
+    (CLIP's 16 is its projection's, not its hidden 32), and compare holds the FP16 export to FP32 by cosine."""
+    import httpx
+    from click.testing import CliRunner
+
+    from tests.http_server import Server
+    from vitdeploy.artifacts.metadata import read_onnx_metadata
+    from vitdeploy.cli import main
+    from vitdeploy.engines import open_runtime
+    from vitdeploy.preprocess import Preprocessing, find_images, load_images
+    from vitdeploy.verify import golden_batch
+
+    fp32, fp16 = family_embed["fp32"], family_embed["fp16"]
+    meta = read_onnx_metadata(fp32)
+    size = meta.output_size
+    assert (meta.task, meta.output_name, meta.config["hidden_size"], size) == (
+        "embedding", "embeddings", 32, FAMILY_PRESETS[family_embed["name"]])
+    files = find_images(images)[:3]
+    want = _ort(fp32, load_images(files, Preprocessing.from_dict(meta.preprocessing)))
+    r = CliRunner().invoke(main, ["predict", *map(str, files), "-m", str(fp32), "--output", str(tmp_path / "v.npy")])
+    assert r.exit_code == 0, r.output
+    got = np.load(tmp_path / "v.npy")
+    assert got.shape == (3, size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for f, v in zip(files, want, strict=True):
+        assert f"{f}: embedding of {size}, norm {np.linalg.norm(v):.4f}" in r.output, r.output
+    png = next(f for f in files if f.suffix == ".png")
+    with open_runtime(fp32) as rt, Server(rt, model_name="emb") as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/embed", content=png.read_bytes())
+        assert r.status_code == 200, r.text
+        assert r.json()["size"] == size == len(r.json()["embedding"]) and r.json()["normalized"] is False
+        np.testing.assert_allclose(r.json()["embedding"], want[files.index(png)], atol=1e-5)
+        assert c.get("/v2/models/emb").json()["outputs"] == [{"name": "embeddings", "datatype": "FP32",
+                                                              "shape": [-1, size]}]
+    r = CliRunner().invoke(main, ["compare", str(fp32), str(fp16), "--inputs", "3", "--atol", "0.05",
+                                  "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert "cosine per input" in r.output and "top-1" not in r.output
+    doc = json.loads((tmp_path / "c.json").read_text())
+    h, w = meta.preprocessing["image_size"]  # compare's inputs: 3 random ones (seed 0), then the golden images
+    x = np.concatenate([np.random.default_rng(0).standard_normal((3, 3, h, w), dtype=np.float32),
+                        golden_batch(meta, meta.golden)])
+    ya, yb = _ort(fp32, x).astype(np.float64), _ort(fp16, x).astype(np.float64)
+    cos = (ya * yb).sum(1) / np.linalg.norm(ya, axis=1) / np.linalg.norm(yb, axis=1)
+    assert doc["task"] == "embedding" and doc["pass"] and doc["samples"] == len(x)
+    assert doc["cosine_lowest"] == pytest.approx(cos.min(), abs=1e-5) and cos.min() >= 0.999
 
 
 class _OneRowTurned:
